@@ -1,0 +1,473 @@
+//! The effective configuration: seed defaults, overridden by a TOML file, overridden
+//! by environment variables, then validated.
+//!
+//! Environment overrides are named `ROLLOUT_<SECTION>__<KEY>` (two underscores
+//! between section and key), e.g. `ROLLOUT_HEALTH__HEARTBEAT_INTERVAL=750ms`. A value
+//! that parses as a TOML scalar (`10`, `true`) is taken as one; anything else is a
+//! string. Unknown sections and keys, in the file or the environment, are errors that
+//! name the key and where it came from.
+
+pub mod duration_text;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The prefix of environment overrides.
+pub const ENV_PREFIX: &str = "ROLLOUT_";
+/// Separates section and key in an environment override.
+pub const ENV_SEPARATOR: &str = "__";
+
+/// Everything that can be configured. Each section has the seed defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Heartbeats, failure detection and self-fencing.
+    pub health: HealthConfig,
+    /// Addresses, certificates, reconnects.
+    pub transport: TransportConfig,
+    /// Where durable state lives.
+    pub storage: StorageConfig,
+    /// Retries and backoff of failed tasks.
+    pub tasks: TasksConfig,
+    /// Bounds on sizes and counts; every queue and message is bounded.
+    pub limits: LimitsConfig,
+}
+
+/// Failure detection. See DESIGN.md, "Health, leases, fencing".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// How often a worker beats. Its `due_at` is `wall_now + 2 × heartbeat_interval`.
+    #[serde(with = "duration_text")]
+    pub heartbeat_interval: Duration,
+    /// A worker that has had no beat acknowledged for this long (monotonic clock)
+    /// stops its tasks and withholds their results. Must be below
+    /// `coordinator_failure_timeout`, so it stops before its leases are handed out again.
+    #[serde(with = "duration_text")]
+    pub worker_self_fence_timeout: Duration,
+    /// How far past `due_at` (and past `clock_skew_budget`) a worker must be before
+    /// the coordinator declares it failed and revokes its leases.
+    #[serde(with = "duration_text")]
+    pub coordinator_failure_timeout: Duration,
+    /// The wall-clock disagreement between nodes the protocol tolerates without false
+    /// failures or overlapping execution. Must be below `2 × heartbeat_interval`.
+    #[serde(with = "duration_text")]
+    pub clock_skew_budget: Duration,
+    /// How often the coordinator scans heartbeat deadlines.
+    #[serde(with = "duration_text")]
+    pub failure_scan_interval: Duration,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            heartbeat_interval: Duration::from_millis(500),
+            worker_self_fence_timeout: Duration::from_secs(4),
+            coordinator_failure_timeout: Duration::from_secs(5),
+            clock_skew_budget: Duration::from_millis(250),
+            failure_scan_interval: Duration::from_millis(250),
+        }
+    }
+}
+
+/// Network and certificates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransportConfig {
+    /// Where the coordinator listens (`host:port`).
+    pub listen_addr: String,
+    /// Where workers and operators reach the coordinator (`host:port`).
+    pub coordinator_addr: String,
+    /// Directory of the CA and issued certificates.
+    pub tls_dir: PathBuf,
+    /// First reconnect delay of a worker; doubles per failed attempt, with jitter.
+    #[serde(with = "duration_text")]
+    pub reconnect_backoff_initial: Duration,
+    /// Upper bound of the reconnect delay.
+    #[serde(with = "duration_text")]
+    pub reconnect_backoff_max: Duration,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            listen_addr: "127.0.0.1:7450".to_owned(),
+            coordinator_addr: "127.0.0.1:7450".to_owned(),
+            tls_dir: PathBuf::from("./data/tls"),
+            reconnect_backoff_initial: Duration::from_millis(100),
+            reconnect_backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Durable state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Root of the database file and the object store.
+    pub data_dir: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig { data_dir: PathBuf::from("./data") }
+    }
+}
+
+/// What happens to a task whose attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TasksConfig {
+    /// Attempts before a task is dead-lettered with its error history.
+    pub max_attempts: u32,
+    /// Delay before the second attempt; doubles per attempt.
+    #[serde(with = "duration_text")]
+    pub retry_backoff_initial: Duration,
+    /// Upper bound of the retry delay.
+    #[serde(with = "duration_text")]
+    pub retry_backoff_max: Duration,
+}
+
+impl Default for TasksConfig {
+    fn default() -> Self {
+        TasksConfig {
+            max_attempts: 3,
+            retry_backoff_initial: Duration::from_millis(200),
+            retry_backoff_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Bounds on everything that could otherwise grow without limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest encoded gRPC message accepted or sent.
+    pub max_message_bytes: u32,
+    /// Largest task payload.
+    pub max_payload_bytes: u32,
+    /// Largest task result.
+    pub max_result_bytes: u32,
+    /// Most tasks in one job.
+    pub max_tasks_per_job: u32,
+    /// Most tasks a worker may ask for in one Pull.
+    pub max_credits_per_pull: u32,
+    /// Most slots (concurrent tasks) one worker may declare.
+    pub max_slots_per_worker: u32,
+    /// Most workers registered at once.
+    pub max_workers: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_message_bytes: 4 * 1024 * 1024,
+            max_payload_bytes: 1024 * 1024,
+            max_result_bytes: 1024 * 1024,
+            max_tasks_per_job: 1_000_000,
+            max_credits_per_pull: 1024,
+            max_slots_per_worker: 1024,
+            max_workers: 10_000,
+        }
+    }
+}
+
+/// Where a config value came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Origin {
+    File(PathBuf),
+    Env(String),
+}
+
+impl Config {
+    /// Loads the effective config: defaults, then the file at `path` (if any), then
+    /// the `ROLLOUT_<SECTION>__<KEY>` entries of `env`, then [`Config::validate`].
+    ///
+    /// Errors are [`crate::Fatal::ConfigInvalid`] naming the file, the key (and the
+    /// environment variable it came from) or the field that failed validation.
+    pub fn load<I, K, V>(path: Option<&Path>, env: I) -> Result<Config>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let mut merged = toml::Table::new();
+        let mut origins = BTreeMap::new();
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                Error::config_invalid(path.display().to_string(), format!("cannot read config file: {e}"))
+            })?;
+            let table: toml::Table = toml::from_str(&text).map_err(|e| {
+                Error::config_invalid(path.display().to_string(), format!("not valid TOML: {}", e.message()))
+            })?;
+            merge(&mut merged, &mut origins, table, &Origin::File(path.to_owned()))?;
+        }
+        let mut env_table = toml::Table::new();
+        let mut env_origins = BTreeMap::new();
+        for (name, value) in env {
+            let (name, value) = (name.into(), value.into());
+            if let Some((section, key)) = env_override_path(&name) {
+                let section_table =
+                    env_table.entry(section.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                if let toml::Value::Table(t) = section_table {
+                    t.insert(key.clone(), env_value(&value));
+                }
+                env_origins.insert(format!("{section}.{key}"), name);
+            }
+        }
+        for (path, name) in env_origins {
+            origins.insert(path, Origin::Env(name));
+        }
+        merge(&mut merged, &mut BTreeMap::new(), env_table, &Origin::Env(String::new()))?;
+        check_known_keys(&merged, &origins)?;
+
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(merged)).map_err(|e| {
+            let path = e.path().to_string();
+            let origin = origins.get(&path).map(describe_origin).unwrap_or_default();
+            Error::config_invalid(format!("{path}{origin}"), e.into_inner().message().trim().to_owned())
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a config from TOML text alone (no environment), and validates it.
+    pub fn from_toml_str(text: &str) -> Result<Config> {
+        let table: toml::Table = toml::from_str(text)
+            .map_err(|e| Error::config_invalid("<config text>", format!("not valid TOML: {}", e.message())))?;
+        check_known_keys(&table, &BTreeMap::new())?;
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| Error::config_invalid(e.path().to_string(), e.into_inner().message().trim().to_owned()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The config as TOML, every field spelled out: what `rollout plan` prints.
+    pub fn to_toml_string(&self) -> String {
+        toml::to_string(self).expect("a Config always serializes to TOML")
+    }
+
+    /// Every check: single fields first, then [`Config::validate_cross_fields`].
+    pub fn validate(&self) -> Result<()> {
+        let h = &self.health;
+        non_zero("health.heartbeat_interval", h.heartbeat_interval)?;
+        non_zero("health.worker_self_fence_timeout", h.worker_self_fence_timeout)?;
+        non_zero("health.coordinator_failure_timeout", h.coordinator_failure_timeout)?;
+        non_zero("health.failure_scan_interval", h.failure_scan_interval)?;
+        let t = &self.transport;
+        non_empty("transport.listen_addr", &t.listen_addr)?;
+        non_empty("transport.coordinator_addr", &t.coordinator_addr)?;
+        non_zero("transport.reconnect_backoff_initial", t.reconnect_backoff_initial)?;
+        at_most(
+            "transport.reconnect_backoff_initial",
+            t.reconnect_backoff_initial,
+            "transport.reconnect_backoff_max",
+            t.reconnect_backoff_max,
+        )?;
+        if self.storage.data_dir.as_os_str().is_empty() {
+            return Err(Error::config_invalid("storage.data_dir", "must not be empty"));
+        }
+        let k = &self.tasks;
+        if k.max_attempts == 0 {
+            return Err(Error::config_invalid("tasks.max_attempts", "must be at least 1"));
+        }
+        at_most(
+            "tasks.retry_backoff_initial",
+            k.retry_backoff_initial,
+            "tasks.retry_backoff_max",
+            k.retry_backoff_max,
+        )?;
+        let l = &self.limits;
+        for (field, value) in [
+            ("limits.max_message_bytes", l.max_message_bytes),
+            ("limits.max_payload_bytes", l.max_payload_bytes),
+            ("limits.max_result_bytes", l.max_result_bytes),
+            ("limits.max_tasks_per_job", l.max_tasks_per_job),
+            ("limits.max_credits_per_pull", l.max_credits_per_pull),
+            ("limits.max_slots_per_worker", l.max_slots_per_worker),
+            ("limits.max_workers", l.max_workers),
+        ] {
+            if value == 0 {
+                return Err(Error::config_invalid(field, "must be at least 1"));
+            }
+        }
+        for (field, value) in
+            [("limits.max_payload_bytes", l.max_payload_bytes), ("limits.max_result_bytes", l.max_result_bytes)]
+        {
+            if value > l.max_message_bytes {
+                return Err(Error::config_invalid(
+                    field,
+                    format!("{value} does not fit in limits.max_message_bytes ({})", l.max_message_bytes),
+                ));
+            }
+        }
+        self.validate_cross_fields()
+    }
+
+    /// The two rules the health protocol's safety rests on:
+    ///
+    /// - `worker_self_fence_timeout < coordinator_failure_timeout`: a cut-off worker
+    ///   stops running a task before the coordinator can lease it to another worker.
+    /// - `clock_skew_budget < 2 × heartbeat_interval`: within the budget, a healthy
+    ///   worker's next beat always lands before its `due_at` is judged.
+    ///
+    /// Accepts exactly the configs that satisfy both; the error names the field.
+    pub fn validate_cross_fields(&self) -> Result<()> {
+        let h = &self.health;
+        if h.worker_self_fence_timeout >= h.coordinator_failure_timeout {
+            return Err(Error::config_invalid(
+                "health.worker_self_fence_timeout",
+                format!(
+                    "{} must be less than health.coordinator_failure_timeout ({}), so that a cut-off worker \
+                     stops its tasks before the coordinator leases them to another worker",
+                    duration_text::format(h.worker_self_fence_timeout),
+                    duration_text::format(h.coordinator_failure_timeout)
+                ),
+            ));
+        }
+        let two_beats = h.heartbeat_interval.saturating_mul(2);
+        if h.clock_skew_budget >= two_beats {
+            return Err(Error::config_invalid(
+                "health.clock_skew_budget",
+                format!(
+                    "{} must be less than 2 × health.heartbeat_interval ({}), or a healthy worker's clock skew \
+                     could exceed the slack its due_at gives",
+                    duration_text::format(h.clock_skew_budget),
+                    duration_text::format(two_beats)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn non_zero(field: &str, d: Duration) -> Result<()> {
+    if d.is_zero() { Err(Error::config_invalid(field, "must be greater than 0s")) } else { Ok(()) }
+}
+
+fn non_empty(field: &str, s: &str) -> Result<()> {
+    if s.trim().is_empty() { Err(Error::config_invalid(field, "must not be empty")) } else { Ok(()) }
+}
+
+fn at_most(field: &str, value: Duration, bound_field: &str, bound: Duration) -> Result<()> {
+    if value > bound {
+        Err(Error::config_invalid(
+            field,
+            format!(
+                "{} must not exceed {bound_field} ({})",
+                duration_text::format(value),
+                duration_text::format(bound)
+            ),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
+/// `ROLLOUT_HEALTH__HEARTBEAT_INTERVAL` → `("health", "heartbeat_interval")`.
+fn env_override_path(name: &str) -> Option<(String, String)> {
+    let rest = name.strip_prefix(ENV_PREFIX)?;
+    let (section, key) = rest.split_once(ENV_SEPARATOR)?;
+    Some((section.to_ascii_lowercase(), key.to_ascii_lowercase()))
+}
+
+/// An environment value as TOML: scalars as themselves, everything else as a string.
+fn env_value(text: &str) -> toml::Value {
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {text}")).ok().and_then(|mut t| t.remove("v"));
+    match parsed {
+        Some(v @ (toml::Value::Integer(_) | toml::Value::Boolean(_) | toml::Value::Float(_))) => v,
+        _ => toml::Value::String(text.to_owned()),
+    }
+}
+
+/// Overlays `layer` onto `merged`, one level of sections deep.
+fn merge(
+    merged: &mut toml::Table,
+    origins: &mut BTreeMap<String, Origin>,
+    layer: toml::Table,
+    origin: &Origin,
+) -> Result<()> {
+    for (section, value) in layer {
+        let toml::Value::Table(entries) = value else {
+            return Err(Error::config_invalid(
+                format!("{section}{}", describe_origin(origin)),
+                "expected a [section] table of settings",
+            ));
+        };
+        let target = merged.entry(section.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let toml::Value::Table(target) = target else { unreachable!("merged holds only tables") };
+        for (key, v) in entries {
+            origins.insert(format!("{section}.{key}"), origin.clone());
+            target.insert(key, v);
+        }
+    }
+    Ok(())
+}
+
+/// Rejects any section or key the defaults do not have, naming it and its origin and
+/// suggesting the closest known key.
+fn check_known_keys(table: &toml::Table, origins: &BTreeMap<String, Origin>) -> Result<()> {
+    let known: toml::Table = toml::Table::try_from(Config::default()).expect("defaults serialize");
+    for (section, value) in table {
+        let Some(toml::Value::Table(known_keys)) = known.get(section) else {
+            let origin = origins
+                .iter()
+                .find(|(path, _)| path.starts_with(&format!("{section}.")))
+                .map(|(_, o)| describe_origin(o))
+                .unwrap_or_default();
+            let sections: Vec<&str> = known.keys().map(String::as_str).collect();
+            return Err(Error::config_invalid(
+                format!("{section}{origin}"),
+                format!("unknown section; known sections are {}", sections.join(", ")),
+            ));
+        };
+        let toml::Value::Table(entries) = value else { continue };
+        for key in entries.keys() {
+            if !known_keys.contains_key(key) {
+                let path = format!("{section}.{key}");
+                let origin = origins.get(&path).map(describe_origin).unwrap_or_default();
+                let hint = closest(key, known_keys.keys().map(String::as_str))
+                    .map(|k| format!("; did you mean {section}.{k}?"))
+                    .unwrap_or_default();
+                return Err(Error::config_invalid(format!("{path}{origin}"), format!("unknown key{hint}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn describe_origin(origin: &Origin) -> String {
+    match origin {
+        Origin::File(path) => format!(" (in {})", path.display()),
+        Origin::Env(name) if name.is_empty() => " (from the environment)".to_owned(),
+        Origin::Env(name) => format!(" (from environment variable {name})"),
+    }
+}
+
+/// The candidate within edit distance 3 of `word`, if any.
+fn closest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    candidates.map(|c| (edit_distance(word, c), c)).filter(|(d, _)| *d <= 3).min().map(|(_, c)| c)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev_diag = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            let next = (row[j + 1] + 1).min(row[j] + 1).min(prev_diag + cost);
+            prev_diag = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests;
