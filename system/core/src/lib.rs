@@ -7,6 +7,8 @@
 //! - [`health`]: the heartbeat deadline formulas shared by coordinator, worker and checker.
 //! - [`traits`]: the seams to the outside world (storage, objects, queue, secrets,
 //!   compute inventory, plugins, events), implemented in later crates.
+//! - [`protocol`]: the messages the coordinator and worker machines exchange.
+//! - [`rng`]: the seeded generator machines draw jitter from.
 //! - [`history`]: the events that make up a run's history, judged by the invariant checker.
 //!
 //! Architecture invariant: this crate performs no I/O of its own except reading a
@@ -17,6 +19,8 @@ pub mod error;
 pub mod health;
 pub mod history;
 pub mod ids;
+pub mod protocol;
+pub mod rng;
 pub mod time;
 pub mod traits;
 

@@ -1,0 +1,211 @@
+//! The messages the coordinator and worker state machines exchange, independent of
+//! how they travel. `rollout-transport` maps them to and from the gRPC messages of
+//! `proto/transport.proto`; the simulator carries them as they are.
+//!
+//! Identity is not part of a message: the sender's [`WorkerId`] comes from the
+//! channel (its certificate in the real transport), so a worker cannot speak for
+//! another.
+//!
+//! Loss tolerance: every message may be lost when a connection resets. The protocol
+//! recovers without timeouts on individual messages:
+//! - Assignments carry a per-incarnation sequence number `seq`; heartbeats and pulls
+//!   report `assigns_through` (the highest `seq` received). A lease whose assignment
+//!   is at or below it but which the worker does not report as running was lost, and
+//!   the coordinator re-queues the task.
+//! - Pulls carry the worker's absolute number of free slots; the coordinator
+//!   subtracts the assignments still in flight (`seq > assigns_through`). Re-sending a
+//!   pull is harmless.
+//! - Submits are re-sent until acknowledged; the coordinator answers a repeat
+//!   `Duplicate` and an outdated one `Stale`.
+
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{Attempt, ContentId, FencingToken, Incarnation, JobId, TaskId};
+use crate::traits::Inventory;
+
+/// What a worker sends the coordinator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToCoordinator {
+    /// Announces the worker; answered with [`ToWorker::Registered`] or [`ToWorker::RegisterRejected`].
+    Register(Register),
+    /// Proves liveness and announces the next deadline.
+    Heartbeat(Heartbeat),
+    /// Asks for work.
+    Pull(Pull),
+    /// Reports a task's outcome under its lease's fencing token.
+    Submit(Submit),
+}
+
+/// A worker's registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Register {
+    /// The worker's protocol version; must equal the coordinator's.
+    pub protocol_version: u32,
+    /// Plugins the worker can run, by name.
+    pub plugins: Vec<String>,
+    /// How many tasks it runs at once.
+    pub slots: u32,
+    /// Its CPUs, memory and GPUs.
+    pub inventory: Inventory,
+}
+
+/// One heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// The incarnation the worker believes it is.
+    pub incarnation: Incarnation,
+    /// Per-incarnation sequence number, echoed in the acknowledgement.
+    pub beat_seq: u64,
+    /// `wall_now + 2 × heartbeat_interval` on the worker's clock.
+    pub due_at: SystemTime,
+    /// Tasks the worker runs, or has finished but not had acknowledged.
+    pub running: Vec<(TaskId, FencingToken)>,
+    /// The highest assignment `seq` received in this incarnation (0: none).
+    pub assigns_through: u64,
+    /// Metric deltas since the last shipment, if any are due.
+    pub metrics: Option<MetricDeltas>,
+}
+
+/// A request for work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pull {
+    /// The incarnation the worker believes it is.
+    pub incarnation: Incarnation,
+    /// Free slots right now, counting every assignment received.
+    pub free_slots: u32,
+    /// The highest assignment `seq` received in this incarnation.
+    pub assigns_through: u64,
+}
+
+/// A task's outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Submit {
+    /// The incarnation the worker believes it is.
+    pub incarnation: Incarnation,
+    /// The task.
+    pub task: TaskId,
+    /// The fencing token of the lease the task ran under.
+    pub token: FencingToken,
+    /// What happened.
+    pub outcome: Outcome,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// The task produced a result, already stored in the object store under `result`.
+    Succeeded {
+        /// The result's content id.
+        result: ContentId,
+        /// Its length.
+        size_bytes: u64,
+    },
+    /// The attempt failed; the task may be retried.
+    Failed {
+        /// What went wrong (bounded by the sender).
+        message: String,
+    },
+}
+
+/// Counter and histogram deltas of one worker, per plugin.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct MetricDeltas {
+    /// `(counter name, plugin, delta)`.
+    pub counters: Vec<(String, String, u64)>,
+    /// `(histogram name, plugin, HdrHistogram V2 bytes)`.
+    pub histograms: Vec<(String, String, Vec<u8>)>,
+}
+
+/// What the coordinator sends a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ToWorker {
+    /// Registration accepted.
+    Registered {
+        /// The worker's new incarnation.
+        incarnation: Incarnation,
+    },
+    /// Registration refused; retrying the same registration will not help.
+    RegisterRejected {
+        /// Why, naming the field or versions at fault.
+        reason: String,
+    },
+    /// A heartbeat was recorded (or, with `reregister`, not).
+    HeartbeatAck {
+        /// The incarnation the beat named.
+        incarnation: Incarnation,
+        /// The beat acknowledged.
+        beat_seq: u64,
+        /// The coordinator no longer knows that incarnation: stop everything and register again.
+        reregister: bool,
+    },
+    /// A task to run.
+    Assign(Assignment),
+    /// The verdict on a submit.
+    SubmitAck {
+        /// The task.
+        task: TaskId,
+        /// The token submitted.
+        token: FencingToken,
+        /// Accepted, duplicate or stale.
+        verdict: SubmitVerdict,
+    },
+    /// A command from the control channel.
+    Control(Control),
+}
+
+/// A lease handed to a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// The incarnation this assignment is for.
+    pub incarnation: Incarnation,
+    /// Per-incarnation sequence number, from 1.
+    pub seq: u64,
+    /// The task.
+    pub task: TaskId,
+    /// The lease's fencing token.
+    pub token: FencingToken,
+    /// Which lease of the task this is.
+    pub attempt: Attempt,
+    /// Plugin to run.
+    pub plugin: String,
+    /// Method within the plugin.
+    pub method: String,
+    /// Input bytes.
+    pub payload: Vec<u8>,
+    /// How long the attempt may run.
+    pub deadline: Duration,
+}
+
+/// The coordinator's verdict on a submit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SubmitVerdict {
+    /// Recorded under the task's current token.
+    Accepted,
+    /// Already recorded; nothing changed.
+    Duplicate,
+    /// Not the task's current token (or no such lease); nothing changed.
+    Stale,
+}
+
+/// Control-channel commands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Control {
+    /// Finish running tasks, take no new ones.
+    Drain,
+    /// Stop one task (only the run under this token).
+    CancelTask {
+        /// The task.
+        task: TaskId,
+        /// The lease to stop.
+        token: FencingToken,
+    },
+    /// Stop every task of a job.
+    CancelJob {
+        /// The job.
+        job: JobId,
+    },
+    /// Beat now, reporting everything that runs.
+    Snapshot,
+}
