@@ -21,4 +21,6 @@ pub use machine::{
 pub use records::{TaskSpec, TaskState, WorkerState};
 
 #[cfg(test)]
+mod prop_tests;
+#[cfg(test)]
 mod tests;
