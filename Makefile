@@ -29,10 +29,10 @@ sans-io:
 	scripts/check-sans-io.sh
 
 clippy:
-	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --all-features --locked -- -D warnings
 
 unit:
-	$(CARGO) test --workspace --locked
+	$(CARGO) test --workspace --all-features --locked
 
 ## bench-storage: committed single-put transactions/s vs puts/s batched 1000 per transaction (file backend)
 bench-storage:

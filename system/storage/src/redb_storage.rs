@@ -1,0 +1,450 @@
+//! [`RedbStorage`]: the [`Storage`] implementation on redb, over a file or a [`MemDisk`].
+
+#[cfg(feature = "watch")]
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableError, WriteTransaction};
+use rollout_core::error::{Error, Fatal, Result};
+use rollout_core::traits::{KeyValue, Storage, StorageTxn};
+
+use crate::mem_disk::{MemDisk, MemDiskError};
+#[cfg(feature = "watch")]
+use crate::watch::{WatchEvent, Watchers};
+
+/// Where the coordinator and workers keep their database unless configured otherwise.
+pub const DEFAULT_PATH: &str = "./data/rollout.db";
+
+/// How errors name a database that lives on a [`MemDisk`].
+const IN_MEMORY_LOCATION: &str = "<in-memory disk>";
+
+/// redb's page cache over a [`MemDisk`]. The disk already is memory, so a large cache would only
+/// multiply a simulated node's footprint; a small one also makes large transactions spill pages
+/// to the disk before their commit, so crashes exercise that path too.
+const IN_MEMORY_CACHE_BYTES: usize = 4 << 20;
+
+/// The one table: byte keys to opaque byte values. The name is part of the file format.
+const KV_TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("rollout_kv");
+
+/// Durable key/value storage on redb.
+///
+/// A caller may rely on the [`Storage`] contract: a transaction's writes become visible and
+/// durable exactly when its commit returns `Ok`, all of them or none. Every commit fsyncs, once
+/// however many writes it holds (redb adds one when the file has to grow), so batching writes in
+/// one transaction is how to write fast. Values are opaque
+/// bytes; [`crate::StorageExt`] and [`crate::StorageTxnExt`] add postcard-typed access.
+///
+/// Errors are `Fatal` and name the file: a corrupt or foreign file is `Fatal::Corrupt`, a file
+/// another process or handle holds is `Fatal::ConfigInvalid`, and an I/O error while running is
+/// `Fatal::Internal` (redb refuses every later call, so the process must reopen the database).
+pub struct RedbStorage {
+    db: Database,
+    location: PathBuf,
+    #[cfg(feature = "watch")]
+    watchers: Watchers,
+}
+
+impl fmt::Debug for RedbStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedbStorage").field("location", &self.location).finish_non_exhaustive()
+    }
+}
+
+impl RedbStorage {
+    /// Opens the database file at `path`, creating it (and its parent directories) when absent.
+    ///
+    /// Fails with `Fatal::Corrupt` naming the path when the file is not a redb database (e.g.
+    /// text, random bytes) or is damaged beyond redb's repair, and with `Fatal::ConfigInvalid`
+    /// naming the path when another process or handle has it open.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|err| {
+                Error::config_invalid(
+                    path.display().to_string(),
+                    format!("cannot create the directory {}: {err}", parent.display()),
+                )
+            })?;
+        }
+        let db = database_builder().create(path).map_err(|err| open_error(path, err))?;
+        RedbStorage::from_database(db, path.to_path_buf())
+    }
+
+    /// Opens (or creates) a database on `disk`, as a simulated node does at every start.
+    ///
+    /// After [`MemDisk::crash`], this sees exactly the transactions whose commit returned `Ok`
+    /// before the crash. Fails with `Fatal::ConfigInvalid` while another database is open on the
+    /// same disk (drop it, or crash the disk, first).
+    pub fn open_in_memory(disk: &MemDisk) -> Result<Self> {
+        let location = PathBuf::from(IN_MEMORY_LOCATION);
+        let backend = disk.attach().map_err(|err| match err {
+            MemDiskError::AlreadyAttached => already_open(&location),
+            other => Error::internal(format!("{}: {other}", location.display())),
+        })?;
+        let db = database_builder()
+            .set_cache_size(IN_MEMORY_CACHE_BYTES)
+            .create_with_backend(backend)
+            .map_err(|err| open_error(&location, err))?;
+        RedbStorage::from_database(db, location)
+    }
+
+    fn from_database(db: Database, location: PathBuf) -> Result<Self> {
+        let storage = RedbStorage {
+            db,
+            location,
+            #[cfg(feature = "watch")]
+            watchers: Watchers::default(),
+        };
+        storage.create_table_if_absent()?;
+        Ok(storage)
+    }
+
+    /// Creates the table once, so that every later read finds it (a fresh database has none).
+    fn create_table_if_absent(&self) -> Result<()> {
+        let read = self.db.begin_read().map_err(|err| self.error(err))?;
+        match read.open_table(KV_TABLE) {
+            Ok(_) => return Ok(()),
+            Err(TableError::TableDoesNotExist(_)) => {}
+            Err(err) => return Err(self.error(err)),
+        }
+        drop(read);
+        let txn = self.db.begin_write().map_err(|err| self.error(err))?;
+        txn.open_table(KV_TABLE).map_err(|err| self.error(err))?;
+        txn.commit().map_err(|err| self.error(err))
+    }
+
+    /// The file this storage lives in (`<in-memory disk>` for a [`MemDisk`]), as errors name it.
+    pub fn location(&self) -> &Path {
+        &self.location
+    }
+
+    /// Subscribes to the keys under `prefix` (all keys for an empty prefix).
+    ///
+    /// After a transaction commits, the receiver gets one [`WatchEvent`] for each key under
+    /// `prefix` the transaction wrote, carrying its committed value (`None`: deleted), in key
+    /// order; transactions arrive in commit order, and only committed ones. A key written and
+    /// restored within one transaction may yield an event that repeats the previous state.
+    ///
+    /// To follow a prefix without missing changes, subscribe first and then scan. A receiver
+    /// more than [`crate::WATCH_CHANNEL_CAPACITY`] events behind gets `RecvError::Lagged` and
+    /// should scan again.
+    #[cfg(feature = "watch")]
+    pub fn watch(&self, prefix: &[u8]) -> tokio::sync::broadcast::Receiver<WatchEvent> {
+        self.watchers.subscribe(prefix)
+    }
+
+    fn error(&self, err: impl Into<redb::Error>) -> Error {
+        storage_error(&self.location, err.into())
+    }
+}
+
+/// redb trusts a cleanly closed file and may panic reading one damaged outside it; the check on
+/// open verifies every page's checksum first, turning damage into `Corrupted`. It costs one walk
+/// of the file per open, which for rollout's state (megabytes) is milliseconds.
+fn database_builder() -> redb::Builder {
+    let mut builder = Database::builder();
+    builder.set_check_integrity_on_open(true);
+    builder
+}
+
+fn already_open(location: &Path) -> Error {
+    Error::config_invalid(
+        location.display().to_string(),
+        "the database is already open in another process or handle; stop that process or give this one its own \
+         data directory",
+    )
+}
+
+/// Classifies an error opening the database: an I/O error there (a directory where the file
+/// should be, a missing mount) is a wrong path, not a runtime failure.
+fn open_error(location: &Path, err: redb::DatabaseError) -> Error {
+    match redb::Error::from(err) {
+        redb::Error::Io(io) if !matches!(io.kind(), io::ErrorKind::InvalidData | io::ErrorKind::PermissionDenied) => {
+            Error::config_invalid(location.display().to_string(), format!("cannot open the database file: {io}"))
+        }
+        other => storage_error(location, other),
+    }
+}
+
+fn storage_error(location: &Path, err: redb::Error) -> Error {
+    let path = location.to_path_buf();
+    let place = location.display();
+    match err {
+        redb::Error::DatabaseAlreadyOpen => already_open(location),
+        redb::Error::Corrupted(reason) => Fatal::Corrupt { path, reason }.into(),
+        // redb reports a file without its magic number (not a database at all) as InvalidData.
+        redb::Error::Io(io) if io.kind() == io::ErrorKind::InvalidData => {
+            Fatal::Corrupt { path, reason: format!("not a rollout database ({io})") }.into()
+        }
+        redb::Error::UpgradeRequired(version) => Fatal::Corrupt {
+            path,
+            reason: format!("written in redb file format {version}, which this build cannot read"),
+        }
+        .into(),
+        redb::Error::Io(io) if io.kind() == io::ErrorKind::PermissionDenied => {
+            Fatal::PermissionDenied(format!("{place}: {io}")).into()
+        }
+        redb::Error::Io(io) => Error::internal(format!(
+            "{place}: I/O error: {io}; the database refuses further use until it is reopened (restart the process \
+             once the cause is fixed)"
+        )),
+        redb::Error::PreviousIo => Error::internal(format!(
+            "{place}: an earlier I/O error left the database unusable until it is reopened (restart the process)"
+        )),
+        redb::Error::ValueTooLarge(len) => {
+            Error::invalid_input(format!("{place}: a value of {len} bytes exceeds redb's limit of 3 GiB"))
+        }
+        other => Error::internal(format!("{place}: redb: {other}")),
+    }
+}
+
+fn scan_table(
+    location: &Path,
+    table: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    prefix: &[u8],
+) -> Result<Vec<KeyValue>> {
+    let error = |err: redb::StorageError| storage_error(location, err.into());
+    let mut pairs = Vec::new();
+    // Keys sort by bytes, so the keys under `prefix` are one contiguous run starting at it.
+    for entry in table.range::<&[u8]>(prefix..).map_err(error)? {
+        let (key, value) = entry.map_err(error)?;
+        let key = key.value();
+        if !key.starts_with(prefix) {
+            break;
+        }
+        pairs.push((key.to_vec(), value.value().to_vec()));
+    }
+    Ok(pairs)
+}
+
+impl Storage for RedbStorage {
+    fn begin_write(&self) -> Result<Box<dyn StorageTxn + '_>> {
+        let mut txn = self.db.begin_write().map_err(|err| self.error(err))?;
+        // Immediate is redb's default; saying it keeps the contract visible here.
+        txn.set_durability(Durability::Immediate).map_err(|err| self.error(err))?;
+        Ok(Box::new(RedbTxn {
+            txn,
+            storage: self,
+            #[cfg(feature = "watch")]
+            changes: BTreeMap::new(),
+        }))
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let read = self.db.begin_read().map_err(|err| self.error(err))?;
+        let table = read.open_table(KV_TABLE).map_err(|err| self.error(err))?;
+        let value = table.get(key).map_err(|err| self.error(err))?;
+        Ok(value.map(|guard| guard.value().to_vec()))
+    }
+
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<KeyValue>> {
+        let read = self.db.begin_read().map_err(|err| self.error(err))?;
+        let table = read.open_table(KV_TABLE).map_err(|err| self.error(err))?;
+        scan_table(&self.location, &table, prefix)
+    }
+}
+
+/// A write transaction of a [`RedbStorage`]. Dropping it aborts it (redb discards its pages).
+struct RedbTxn<'s> {
+    txn: WriteTransaction,
+    storage: &'s RedbStorage,
+    /// Each written key's latest value, sent to watchers once the commit succeeds.
+    #[cfg(feature = "watch")]
+    changes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl RedbTxn<'_> {
+    fn error(&self, err: impl Into<redb::Error>) -> Error {
+        self.storage.error(err)
+    }
+}
+
+impl StorageTxn for RedbTxn<'_> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let table = self.txn.open_table(KV_TABLE).map_err(|err| self.error(err))?;
+        let value = table.get(key).map_err(|err| self.error(err))?;
+        Ok(value.map(|guard| guard.value().to_vec()))
+    }
+
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+        let mut table = self.txn.open_table(KV_TABLE).map_err(|err| self.error(err))?;
+        table.insert(key, value).map_err(|err| self.error(err))?;
+        drop(table);
+        #[cfg(feature = "watch")]
+        self.changes.insert(key.to_vec(), Some(value.to_vec()));
+        Ok(())
+    }
+
+    fn delete(&mut self, key: &[u8]) -> Result<bool> {
+        let mut table = self.txn.open_table(KV_TABLE).map_err(|err| self.error(err))?;
+        let existed = table.remove(key).map_err(|err| self.error(err))?.is_some();
+        drop(table);
+        #[cfg(feature = "watch")]
+        if existed {
+            self.changes.insert(key.to_vec(), None);
+        }
+        Ok(existed)
+    }
+
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<KeyValue>> {
+        let table = self.txn.open_table(KV_TABLE).map_err(|err| self.error(err))?;
+        scan_table(&self.storage.location, &table, prefix)
+    }
+
+    fn commit(self: Box<Self>) -> Result<()> {
+        let RedbTxn {
+            txn,
+            storage,
+            #[cfg(feature = "watch")]
+            changes,
+        } = *self;
+        #[cfg(feature = "watch")]
+        let _commit_order = storage.watchers.order_commit();
+        txn.commit().map_err(|err| storage.error(err))?;
+        #[cfg(feature = "watch")]
+        storage.watchers.publish(changes);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{StorageExt, StorageTxnExt};
+
+    fn put_all(storage: &RedbStorage, pairs: &[(&[u8], &[u8])]) {
+        let mut txn = storage.begin_write().expect("begin");
+        for (key, value) in pairs {
+            txn.put(key, value).expect("put");
+        }
+        txn.commit().expect("commit");
+    }
+
+    #[test]
+    fn a_committed_value_round_trips_through_a_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("nested/dirs/rollout.db");
+        {
+            let storage = RedbStorage::open(&path).expect("open creates parent directories");
+            assert_eq!(storage.location(), path);
+            put_all(&storage, &[(b"k", b"v")]);
+            assert_eq!(storage.get(b"k").expect("get"), Some(b"v".to_vec()));
+            assert_eq!(storage.get(b"absent").expect("get"), None);
+        }
+        let reopened = RedbStorage::open(&path).expect("reopen");
+        assert_eq!(reopened.get(b"k").expect("get"), Some(b"v".to_vec()));
+    }
+
+    #[test]
+    fn scan_returns_exactly_the_prefix_in_key_order() {
+        let storage = RedbStorage::open_in_memory(&MemDisk::new()).expect("open");
+        put_all(
+            &storage,
+            &[
+                (b"task/\xff", b"4"),
+                (b"task/b", b"2"),
+                (b"task", b"before the prefix"),
+                (b"task/a", b"1"),
+                (b"task0", b"after the prefix"),
+                (b"task/", b"0"),
+                (b"tas", b"shorter"),
+                (b"worker/a", b"other prefix"),
+            ],
+        );
+        let keys: Vec<Vec<u8>> = storage.scan(b"task/").expect("scan").into_iter().map(|(key, _)| key).collect();
+        assert_eq!(keys, vec![b"task/".to_vec(), b"task/a".to_vec(), b"task/b".to_vec(), b"task/\xff".to_vec()]);
+        assert_eq!(storage.scan(b"").expect("scan all").len(), 8);
+        assert!(storage.scan(b"zzz").expect("scan past the end").is_empty());
+        assert_eq!(storage.scan(b"\xff").expect("scan from the top byte"), Vec::<KeyValue>::new());
+    }
+
+    #[test]
+    fn delete_removes_and_reports_whether_the_key_existed() {
+        let storage = RedbStorage::open_in_memory(&MemDisk::new()).expect("open");
+        put_all(&storage, &[(b"a", b"1"), (b"b", b"2")]);
+        let mut txn = storage.begin_write().expect("begin");
+        assert!(txn.delete(b"a").expect("delete"));
+        assert!(!txn.delete(b"a").expect("delete twice"));
+        assert!(!txn.delete(b"never").expect("delete absent"));
+        txn.commit().expect("commit");
+        assert_eq!(storage.get(b"a").expect("get"), None);
+        assert_eq!(storage.scan(b"").expect("scan"), vec![(b"b".to_vec(), b"2".to_vec())]);
+    }
+
+    #[test]
+    fn a_transaction_sees_its_own_writes_and_others_see_them_only_after_commit() {
+        let storage = RedbStorage::open_in_memory(&MemDisk::new()).expect("open");
+        put_all(&storage, &[(b"x/1", b"old"), (b"x/2", b"doomed")]);
+        let mut txn = storage.begin_write().expect("begin");
+        txn.put(b"x/1", b"new").expect("put");
+        txn.put(b"x/3", b"added").expect("put");
+        txn.delete(b"x/2").expect("delete");
+        assert_eq!(txn.get(b"x/1").expect("get"), Some(b"new".to_vec()));
+        assert_eq!(txn.get(b"x/2").expect("get"), None);
+        assert_eq!(
+            txn.scan(b"x/").expect("scan"),
+            vec![(b"x/1".to_vec(), b"new".to_vec()), (b"x/3".to_vec(), b"added".to_vec())]
+        );
+        // Readers see the last commit until this one lands.
+        assert_eq!(storage.get(b"x/1").expect("get"), Some(b"old".to_vec()));
+        assert_eq!(storage.scan(b"x/").expect("scan").len(), 2);
+        txn.commit().expect("commit");
+        assert_eq!(storage.get(b"x/1").expect("get"), Some(b"new".to_vec()));
+        assert_eq!(storage.get(b"x/2").expect("get"), None);
+    }
+
+    #[test]
+    fn a_dropped_transaction_discards_its_writes() {
+        let storage = RedbStorage::open_in_memory(&MemDisk::new()).expect("open");
+        put_all(&storage, &[(b"kept", b"1")]);
+        {
+            let mut txn = storage.begin_write().expect("begin");
+            txn.put(b"discarded", b"2").expect("put");
+            txn.delete(b"kept").expect("delete");
+        }
+        assert_eq!(storage.scan(b"").expect("scan"), vec![(b"kept".to_vec(), b"1".to_vec())]);
+        // The next transaction starts from the committed state, not the dropped one.
+        let txn = storage.begin_write().expect("begin");
+        assert_eq!(txn.get(b"discarded").expect("get"), None);
+    }
+
+    #[test]
+    fn many_puts_in_one_transaction_cost_one_sync() {
+        let disk = MemDisk::new();
+        let storage = RedbStorage::open_in_memory(&disk).expect("open");
+        let write_batch = |fill: u8| {
+            let mut txn = storage.begin_write().expect("begin");
+            for index in 0..500u32 {
+                txn.put(&index.to_be_bytes(), &[fill; 100]).expect("put");
+            }
+            txn.commit().expect("commit");
+        };
+        // The first batches grow the file, and redb syncs each growth; later ones reuse its pages.
+        for fill in 0..3 {
+            write_batch(fill);
+        }
+        let syncs_before = disk.syncs_completed();
+        write_batch(9);
+        assert_eq!(disk.syncs_completed() - syncs_before, 1);
+    }
+
+    #[test]
+    fn typed_values_round_trip_and_bad_bytes_are_fatal_errors_naming_the_key() {
+        let storage = RedbStorage::open_in_memory(&MemDisk::new()).expect("open");
+        let mut txn = storage.begin_write().expect("begin");
+        txn.put_value(b"jobs/1", &("train".to_string(), 3u64)).expect("put_value");
+        txn.put(b"jobs/2", &[0xff; 3]).expect("put raw");
+        assert_eq!(txn.get_value::<(String, u64)>(b"jobs/1").expect("get_value"), Some(("train".to_string(), 3)));
+        txn.commit().expect("commit");
+
+        assert_eq!(storage.get_value::<(String, u64)>(b"jobs/1").expect("get_value"), Some(("train".to_string(), 3)));
+        assert_eq!(storage.get_value::<u64>(b"jobs/none").expect("get_value"), None);
+        let err = storage.get_value::<(String, u64)>(b"jobs/2").expect_err("undecodable");
+        assert!(err.is_fatal());
+        assert!(err.to_string().contains("jobs/2"), "{err}");
+        let err = storage.scan_values::<(String, u64)>(b"jobs/").expect_err("one value is undecodable");
+        assert!(err.to_string().contains("jobs/2"), "{err}");
+    }
+}
