@@ -1,0 +1,72 @@
+//! The machine's inputs and outputs.
+
+use rollout_core::history::HistoryEvent;
+use rollout_core::protocol::{Assignment, ToCoordinator, ToWorker};
+use rollout_core::{ContentId, FencingToken, TaskId};
+
+/// Something that happened to the worker, handed to [`crate::Worker::handle`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerInput {
+    /// The worker process started: register. Inputs before it are ignored; a second
+    /// `Start` is ignored too.
+    Start,
+    /// A timer fired. The driver delivers it at [`crate::Worker::poll_timeout`]; an early
+    /// or extra tick is harmless, a late one only delays what was due.
+    Tick,
+    /// A message from the coordinator, as received (possibly duplicated, late or forged:
+    /// never a reason to panic).
+    Message(ToWorker),
+    /// The plugin host reports that a task it was told to start has stopped.
+    TaskFinished {
+        /// The task.
+        task: TaskId,
+        /// The token of the `StartTask` it answers.
+        token: FencingToken,
+        /// How it ended.
+        outcome: TaskOutcome,
+    },
+}
+
+/// How a task's run ended, as the plugin host saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskOutcome {
+    /// The result is stored in the object store.
+    Succeeded {
+        /// Its content id.
+        result: ContentId,
+        /// Its length.
+        size_bytes: u64,
+    },
+    /// The user code failed (error, crash, deadline).
+    Failed {
+        /// What went wrong; the worker truncates it before submitting.
+        message: String,
+    },
+    /// The run was cancelled. If the worker asked for it, nothing is submitted;
+    /// otherwise it counts as a failure.
+    Cancelled,
+}
+
+/// What the driver must do, in the order given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerOutput {
+    /// Send this message to the coordinator (best effort: the protocol survives loss).
+    Send(ToCoordinator),
+    /// Start running this assignment on the plugin host; report its end with
+    /// [`WorkerInput::TaskFinished`] carrying the same task and token.
+    StartTask(Assignment),
+    /// Stop this run. The driver still reports [`WorkerInput::TaskFinished`] for it
+    /// (whatever the outcome); its result is never submitted.
+    CancelTask {
+        /// The task.
+        task: TaskId,
+        /// The run's token.
+        token: FencingToken,
+    },
+    /// A worker-side history event (`TaskStarted`, `TaskStopped`, `Fenced`); the
+    /// driver stamps node, sequence number and wall time.
+    Event(HistoryEvent),
+    /// Registration was refused for good (e.g. protocol version mismatch): the worker
+    /// process should exit with this message. The machine does nothing more.
+    Fatal(String),
+}
