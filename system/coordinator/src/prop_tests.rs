@@ -7,7 +7,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use rollout_core::history::HistoryEvent;
 use rollout_core::protocol::{Assignment, Outcome, Submit, ToCoordinator};
-use rollout_core::traits::Storage;
+use rollout_core::traits::{KeyValue, Storage};
 use rollout_core::{ContentId, FencingToken, Incarnation, JobId, TaskId};
 use rollout_storage::RedbStorage;
 
@@ -131,7 +131,7 @@ impl Checker {
     }
 }
 
-fn run(ops: &[Op]) -> (Vec<String>, Vec<(Vec<u8>, Vec<u8>)>) {
+fn run(ops: &[Op]) -> (Vec<String>, Vec<KeyValue>) {
     let mut h = Harness::new();
     let mut fleet = Fleet::default();
     let mut checker = Checker::default();
@@ -160,15 +160,14 @@ fn run(ops: &[Op]) -> (Vec<String>, Vec<(Vec<u8>, Vec<u8>)>) {
             Op::Pull { worker, free } => {
                 let Some(inc) = fleet.incarnation.get(&worker).copied() else { continue };
                 let through = fleet.received.get(&worker).and_then(|g| g.iter().map(|a| a.seq).max()).unwrap_or(0);
-                let out = h.from(
+                h.from(
                     WORKERS[worker],
                     ToCoordinator::Pull(rollout_core::protocol::Pull {
                         incarnation: inc,
                         free_slots: free,
                         assigns_through: through,
                     }),
-                );
-                out
+                )
             }
             Op::Submit { worker, pick, fail, result, forge_token } => {
                 let Some(got) = fleet.received.get(&worker).filter(|g| !g.is_empty()) else { continue };
