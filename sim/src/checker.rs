@@ -1,0 +1,314 @@
+//! The invariant checker. It judges a recorded history ([`HistoryRecord`]s in their
+//! total order) plus, at the end, the acknowledged jobs and the tasks the coordinator
+//! holds, and nothing else, so it can later judge histories from real binaries too.
+//!
+//! Invariants (names as in DESIGN.md):
+//! - `single_commit`: at most one `Committed` per task, and nothing leases or commits a
+//!   task after it reached a terminal state.
+//! - `fenced_commit`: a commit carries the task's latest leased token; leased tokens
+//!   strictly increase per task.
+//! - `self_fence`: after a worker's `Fenced`, it starts no task until the coordinator
+//!   has registered it again. (The simulator additionally checks, against the worker's
+//!   own deadline, that no Submit or start leaves at or after it.)
+//! - `no_overlap`: no task runs on two workers at once (strict only when clocks stay
+//!   within the skew budget).
+//! - `no_lost_task` (end): every task of every acknowledged job is held by the
+//!   coordinator exactly once.
+//! - `progress` (end, after faults heal): every such task is terminal.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use rollout_core::history::{HistoryEvent, HistoryRecord};
+use rollout_core::{FencingToken, JobId, TaskId, WorkerId};
+
+/// A broken invariant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    /// The invariant's name, e.g. `fenced_commit`.
+    pub invariant: &'static str,
+    /// The history position at which it broke (`None` for end-of-run checks).
+    pub seq: Option<u64>,
+    /// What happened, naming the task, worker and tokens.
+    pub message: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.seq {
+            Some(seq) => write!(f, "{} violated at event #{seq}: {}", self.invariant, self.message),
+            None => write!(f, "{} violated at end of run: {}", self.invariant, self.message),
+        }
+    }
+}
+
+/// A task's terminal-or-not state as the end-of-run checks need it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinalState {
+    /// Queued or leased.
+    Pending,
+    /// Committed, dead-lettered or cancelled.
+    Terminal,
+}
+
+#[derive(Debug, Default)]
+struct TaskTrack {
+    latest_token: Option<FencingToken>,
+    committed: bool,
+    terminal: bool,
+    /// Runs in progress: (worker, token).
+    running: BTreeSet<(WorkerId, FencingToken)>,
+}
+
+/// Incremental checker: feed records in order with [`Checker::observe`].
+#[derive(Debug)]
+pub struct Checker {
+    strict_overlap: bool,
+    tasks: BTreeMap<TaskId, TaskTrack>,
+    /// Workers fenced and not yet registered again.
+    fenced: BTreeSet<WorkerId>,
+    /// Overlaps seen while `no_overlap` is not strict (reported, not failed).
+    pub overlaps: u64,
+    /// Committed results seen.
+    pub commits: u64,
+}
+
+impl Checker {
+    /// A checker; `strict_overlap` makes `no_overlap` fail the run.
+    pub fn new(strict_overlap: bool) -> Self {
+        Checker { strict_overlap, tasks: BTreeMap::new(), fenced: BTreeSet::new(), overlaps: 0, commits: 0 }
+    }
+
+    /// Judges one record; the first violation it finds.
+    pub fn observe(&mut self, record: &HistoryRecord) -> Result<(), Violation> {
+        let seq = Some(record.seq);
+        let fail = |invariant, message: String| Err(Violation { invariant, seq, message });
+        match &record.event {
+            HistoryEvent::Registered { worker, .. } => {
+                self.fenced.remove(worker);
+            }
+            HistoryEvent::Fenced { worker, .. } => {
+                self.fenced.insert(worker.clone());
+            }
+            HistoryEvent::Leased { task, worker, token, .. } => {
+                let t = self.tasks.entry(*task).or_default();
+                if t.terminal {
+                    return fail("single_commit", format!("{task} leased to {worker} (token {token}) after it ended"));
+                }
+                if let Some(prev) = t.latest_token
+                    && *token <= prev
+                {
+                    return fail(
+                        "fenced_commit",
+                        format!("{task} leased to {worker} with token {token}, not above previous token {prev}"),
+                    );
+                }
+                t.latest_token = Some(*token);
+            }
+            HistoryEvent::Committed { task, worker, token, .. } => {
+                let t = self.tasks.entry(*task).or_default();
+                if t.committed || t.terminal {
+                    return fail("single_commit", format!("{task} committed again by {worker} (token {token})"));
+                }
+                if t.latest_token != Some(*token) {
+                    return fail(
+                        "fenced_commit",
+                        format!(
+                            "{task} committed by {worker} with token {token}; latest lease token is {:?}",
+                            t.latest_token
+                        ),
+                    );
+                }
+                t.committed = true;
+                t.terminal = true;
+                self.commits += 1;
+            }
+            HistoryEvent::DeadLettered { task, .. } | HistoryEvent::Cancelled { task } => {
+                let t = self.tasks.entry(*task).or_default();
+                if t.committed {
+                    return fail("single_commit", format!("{task} ended again after its commit"));
+                }
+                t.terminal = true;
+            }
+            HistoryEvent::TaskStarted { task, worker, token } => {
+                if self.fenced.contains(worker) {
+                    return fail("self_fence", format!("{worker} started {task} (token {token}) while fenced"));
+                }
+                let t = self.tasks.entry(*task).or_default();
+                if let Some((other, other_token)) = t.running.iter().find(|(w, _)| w != worker) {
+                    self.overlaps += 1;
+                    if self.strict_overlap {
+                        return fail(
+                            "no_overlap",
+                            format!(
+                                "{task} started on {worker} (token {token}) while running on {other} (token {other_token})"
+                            ),
+                        );
+                    }
+                }
+                t.running.insert((worker.clone(), *token));
+            }
+            HistoryEvent::TaskStopped { task, worker, token } => {
+                if let Some(t) = self.tasks.get_mut(task) {
+                    t.running.remove(&(worker.clone(), *token));
+                }
+            }
+            HistoryEvent::JobAccepted { .. }
+            | HistoryEvent::DeclaredFailed { .. }
+            | HistoryEvent::DuplicateSubmit { .. }
+            | HistoryEvent::StaleRejected { .. }
+            | HistoryEvent::Requeued { .. }
+            | HistoryEvent::Drained { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// End of run: `no_lost_task` over the coordinator's tasks, and `progress` when
+    /// `check_progress`. `acked` lists acknowledged jobs with their task counts;
+    /// `held` every task the coordinator holds (a task listed twice is a violation).
+    pub fn finish(
+        &self,
+        acked: &[(JobId, u32)],
+        held: impl IntoIterator<Item = (TaskId, FinalState)>,
+        check_progress: bool,
+    ) -> Result<(), Violation> {
+        let mut states: BTreeMap<TaskId, FinalState> = BTreeMap::new();
+        for (task, state) in held {
+            if states.insert(task, state).is_some() {
+                return Err(end("no_lost_task", format!("{task} is held in more than one state")));
+            }
+        }
+        for (job, tasks) in acked {
+            for index in 0..*tasks {
+                let task = TaskId::new(*job, index);
+                match states.get(&task) {
+                    None => return Err(end("no_lost_task", format!("{task} of acknowledged {job} is missing"))),
+                    Some(FinalState::Pending) if check_progress => {
+                        return Err(end("progress", format!("{task} is not terminal at the end of the run")));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn end(invariant: &'static str, message: String) -> Violation {
+    Violation { invariant, seq: None, message }
+}
+
+/// Judges a whole recorded history; the first violation.
+pub fn check_history(records: &[HistoryRecord], strict_overlap: bool) -> Result<Checker, Violation> {
+    let mut checker = Checker::new(strict_overlap);
+    for record in records {
+        checker.observe(record)?;
+    }
+    Ok(checker)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rollout_core::{Attempt, ContentId, Incarnation};
+
+    fn w(n: &str) -> WorkerId {
+        WorkerId::new(n).expect("valid")
+    }
+    fn t() -> TaskId {
+        TaskId::new(JobId(1), 0)
+    }
+    fn history(events: Vec<(&str, HistoryEvent)>) -> Vec<HistoryRecord> {
+        events
+            .into_iter()
+            .enumerate()
+            .map(|(i, (node, event))| HistoryRecord { seq: i as u64, node: node.into(), wall_unix_ms: 0, event })
+            .collect()
+    }
+    fn leased(worker: &str, token: u64) -> (&'static str, HistoryEvent) {
+        (
+            "coordinator",
+            HistoryEvent::Leased { task: t(), worker: w(worker), token: FencingToken(token), attempt: Attempt(1) },
+        )
+    }
+    fn committed(worker: &str, token: u64) -> (&'static str, HistoryEvent) {
+        (
+            "coordinator",
+            HistoryEvent::Committed {
+                task: t(),
+                worker: w(worker),
+                token: FencingToken(token),
+                result: ContentId::of(b"r"),
+            },
+        )
+    }
+    fn started(worker: &'static str, token: u64) -> (&'static str, HistoryEvent) {
+        (worker, HistoryEvent::TaskStarted { task: t(), worker: w(worker), token: FencingToken(token) })
+    }
+    fn stopped(worker: &'static str, token: u64) -> (&'static str, HistoryEvent) {
+        (worker, HistoryEvent::TaskStopped { task: t(), worker: w(worker), token: FencingToken(token) })
+    }
+
+    #[test]
+    fn clean_history_passes() {
+        let h = history(vec![leased("w1", 1), started("w1", 1), stopped("w1", 1), committed("w1", 1)]);
+        let c = check_history(&h, true).expect("clean");
+        assert_eq!(c.commits, 1);
+    }
+
+    #[test]
+    fn double_commit_is_caught() {
+        let h = history(vec![leased("w1", 1), committed("w1", 1), leased("w2", 2), committed("w2", 2)]);
+        let v = check_history(&h, true).expect_err("violation");
+        assert_eq!((v.invariant, v.seq), ("single_commit", Some(2)));
+        let h = history(vec![leased("w1", 1), committed("w1", 1), committed("w1", 1)]);
+        assert_eq!(check_history(&h, true).expect_err("violation").invariant, "single_commit");
+    }
+
+    #[test]
+    fn stale_token_commit_is_caught() {
+        let h = history(vec![leased("w1", 1), leased("w2", 2), committed("w1", 1)]);
+        let v = check_history(&h, true).expect_err("violation");
+        assert_eq!((v.invariant, v.seq), ("fenced_commit", Some(2)));
+    }
+
+    #[test]
+    fn non_increasing_lease_token_is_caught() {
+        let h = history(vec![leased("w1", 5), leased("w2", 5)]);
+        assert_eq!(check_history(&h, true).expect_err("violation").invariant, "fenced_commit");
+    }
+
+    #[test]
+    fn overlap_is_caught_when_strict_and_counted_otherwise() {
+        let h = history(vec![leased("w1", 1), started("w1", 1), leased("w2", 2), started("w2", 2)]);
+        let v = check_history(&h, true).expect_err("violation");
+        assert_eq!((v.invariant, v.seq), ("no_overlap", Some(3)));
+        assert_eq!(check_history(&h, false).expect("lenient").overlaps, 1);
+        let sequential = history(vec![started("w1", 1), stopped("w1", 1), started("w2", 2)]);
+        assert!(check_history(&sequential, true).is_ok());
+    }
+
+    #[test]
+    fn start_while_fenced_is_caught() {
+        let fenced = ("w1", HistoryEvent::Fenced { worker: w("w1"), incarnation: Incarnation(1) });
+        let h = history(vec![fenced.clone(), started("w1", 3)]);
+        assert_eq!(check_history(&h, true).expect_err("violation").invariant, "self_fence");
+        let registered = ("coordinator", HistoryEvent::Registered { worker: w("w1"), incarnation: Incarnation(2) });
+        let h = history(vec![fenced, registered, started("w1", 3)]);
+        assert!(check_history(&h, true).is_ok());
+    }
+
+    #[test]
+    fn lost_and_unfinished_tasks_are_caught() {
+        let c = Checker::new(true);
+        let acked = [(JobId(1), 2)];
+        let one = [(TaskId::new(JobId(1), 0), FinalState::Terminal)];
+        assert_eq!(c.finish(&acked, one, false).expect_err("lost").invariant, "no_lost_task");
+        let both = [(TaskId::new(JobId(1), 0), FinalState::Terminal), (TaskId::new(JobId(1), 1), FinalState::Pending)];
+        assert!(c.finish(&acked, both, false).is_ok());
+        assert_eq!(c.finish(&acked, both, true).expect_err("unfinished").invariant, "progress");
+        let twice =
+            [(TaskId::new(JobId(1), 0), FinalState::Terminal), (TaskId::new(JobId(1), 0), FinalState::Terminal)];
+        assert_eq!(c.finish(&acked, twice, false).expect_err("twice").invariant, "no_lost_task");
+    }
+}
