@@ -478,10 +478,10 @@ impl Coordinator {
             CoordinatorInput::FromWorker { worker, message } => match message {
                 ToCoordinator::Register(r) => self.on_register(now, worker, r, batch),
                 ToCoordinator::Heartbeat(h) => self.on_heartbeat(now, &worker, h, batch),
-                ToCoordinator::Pull(p) => self.on_pull(now, &worker, p, batch),
+                ToCoordinator::Pull(p) => self.on_pull(&worker, p, batch),
                 ToCoordinator::Submit(s) => self.on_submit(now, &worker, s, batch),
             },
-            CoordinatorInput::SubmitJob { request, job } => self.on_submit_job(now, request, job, batch),
+            CoordinatorInput::SubmitJob { request, job } => self.on_submit_job(request, job, batch),
             CoordinatorInput::CancelJob { request, job } => {
                 let tasks: Vec<TaskId> = self.job_tasks(job).collect();
                 if !self.jobs.contains_key(&job) {
@@ -645,7 +645,7 @@ impl Coordinator {
         })
     }
 
-    fn on_pull(&mut self, now: Now, id: &WorkerId, pull: Pull, batch: &mut Batch<'_>) -> Result<()> {
+    fn on_pull(&mut self, id: &WorkerId, pull: Pull, batch: &mut Batch<'_>) -> Result<()> {
         if !self.current_worker(id, pull.incarnation) {
             return Ok(());
         }
@@ -658,7 +658,7 @@ impl Coordinator {
         let in_flight = u32::try_from(in_flight).unwrap_or(u32::MAX);
         let unleased = worker.record.slots.saturating_sub(worker.leases.len() as u32);
         worker.credits = pull.free_slots.saturating_sub(in_flight).min(unleased).min(max_credits);
-        self.dispatch_to(now, id, batch)
+        self.dispatch_to(id, batch)
     }
 
     fn on_drain(&mut self, request: RequestId, id: &WorkerId, batch: &mut Batch<'_>) -> Result<()> {
@@ -708,7 +708,7 @@ impl Coordinator {
             }
         }
         if promoted {
-            self.dispatch_all(now, batch)?;
+            self.dispatch_all(batch)?;
         }
         Ok(())
     }
@@ -726,12 +726,12 @@ impl Coordinator {
         for task in leases {
             self.end_lease(now, task, reason.clone(), true, batch)?;
         }
-        self.dispatch_all(now, batch)
+        self.dispatch_all(batch)
     }
 
     // ------------------------------------------------------------------ jobs and tasks
 
-    fn on_submit_job(&mut self, now: Now, request: RequestId, job: JobSubmission, batch: &mut Batch<'_>) -> Result<()> {
+    fn on_submit_job(&mut self, request: RequestId, job: JobSubmission, batch: &mut Batch<'_>) -> Result<()> {
         if let Some(key) = &job.idempotency_key
             && let Some(bytes) = batch.get(&idempotency_key(key))?
         {
@@ -766,7 +766,7 @@ impl Coordinator {
         }
         self.record(HistoryEvent::JobAccepted { job: id, tasks: count }, batch)?;
         batch.reply(request, OperatorReply::JobAccepted { job: id, tasks: count, existing: false });
-        self.dispatch_all(now, batch)
+        self.dispatch_all(batch)
     }
 
     fn validate_job(&self, job: &JobSubmission) -> Result<()> {
@@ -832,7 +832,7 @@ impl Coordinator {
         }
         batch.send(id, ToWorker::SubmitAck { task, token, verdict });
         if verdict == SubmitVerdict::Accepted {
-            self.dispatch_all(now, batch)?;
+            self.dispatch_all(batch)?;
         }
         Ok(())
     }
@@ -957,7 +957,7 @@ impl Coordinator {
 
     /// Offers ready tasks to every worker with credits, one task per worker per round,
     /// so a burst of work spreads across the cluster.
-    fn dispatch_all(&mut self, now: Now, batch: &mut Batch<'_>) -> Result<()> {
+    fn dispatch_all(&mut self, batch: &mut Batch<'_>) -> Result<()> {
         loop {
             let hungry: Vec<WorkerId> = self
                 .workers
@@ -968,7 +968,7 @@ impl Coordinator {
             let mut progressed = false;
             for id in hungry {
                 if let Some(task) = self.pick_task(&id) {
-                    self.lease(now, task, &id, batch)?;
+                    self.lease(task, &id, batch)?;
                     progressed = true;
                 }
             }
@@ -978,10 +978,10 @@ impl Coordinator {
         }
     }
 
-    fn dispatch_to(&mut self, now: Now, id: &WorkerId, batch: &mut Batch<'_>) -> Result<()> {
+    fn dispatch_to(&mut self, id: &WorkerId, batch: &mut Batch<'_>) -> Result<()> {
         while self.workers.get(id).is_some_and(|w| w.credits > 0) {
             let Some(task) = self.pick_task(id) else { break };
-            self.lease(now, task, id, batch)?;
+            self.lease(task, id, batch)?;
         }
         Ok(())
     }
@@ -1015,8 +1015,7 @@ impl Coordinator {
         }
     }
 
-    fn lease(&mut self, now: Now, task: TaskId, id: &WorkerId, batch: &mut Batch<'_>) -> Result<()> {
-        let _ = now;
+    fn lease(&mut self, task: TaskId, id: &WorkerId, batch: &mut Batch<'_>) -> Result<()> {
         self.counters.last_token = self.counters.last_token.next();
         self.counters_dirty = true;
         let token = self.counters.last_token;
