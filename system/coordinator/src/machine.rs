@@ -864,15 +864,7 @@ impl Coordinator {
     }
 
     fn truncate(&self, message: &str) -> String {
-        let max = self.settings.max_error_message_bytes;
-        if message.len() <= max {
-            return message.to_owned();
-        }
-        let mut end = max;
-        while !message.is_char_boundary(end) {
-            end -= 1;
-        }
-        format!("{}…", &message[..end])
+        rollout_core::text::truncate_at_char_boundary(message.to_owned(), self.settings.max_error_message_bytes)
     }
 
     /// Removes a task's lease from its worker's books (slots and GPUs).

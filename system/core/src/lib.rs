@@ -21,6 +21,7 @@ pub mod history;
 pub mod ids;
 pub mod protocol;
 pub mod rng;
+pub mod text;
 pub mod time;
 pub mod traits;
 

@@ -9,6 +9,7 @@ use rollout_core::protocol::{
     Assignment, Control, Heartbeat, Outcome, Pull, Register, Submit, ToCoordinator, ToWorker,
 };
 use rollout_core::rng::SplitMix64;
+use rollout_core::text::truncate_at_char_boundary;
 use rollout_core::{FencingToken, Incarnation, JobId, Mono, Now, PROTOCOL_VERSION, TaskId};
 
 use crate::backoff::Backoff;
@@ -621,29 +622,9 @@ fn forget_old_beats(beats: &mut BTreeMap<u64, Mono>, now: Mono, fence_timeout: D
     }
 }
 
-/// `text` cut to at most `max_bytes` bytes, at a character boundary.
-fn truncate_at_char_boundary(mut text: String, max_bytes: usize) -> String {
-    if text.len() > max_bytes {
-        let mut end = max_bytes;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn truncation_respects_char_boundaries() {
-        assert_eq!(truncate_at_char_boundary("héllo".to_owned(), 2), "h", "é is two bytes; never split it");
-        assert_eq!(truncate_at_char_boundary("héllo".to_owned(), 3), "hé");
-        assert_eq!(truncate_at_char_boundary("short".to_owned(), 100), "short");
-        assert_eq!(truncate_at_char_boundary("abc".to_owned(), 0), "");
-    }
 
     #[test]
     fn job_range_covers_exactly_the_job() {
