@@ -8,9 +8,14 @@
 
 pub mod checker;
 mod engine;
+pub mod liveness;
+pub mod model_store;
 pub mod scenario;
+pub mod shrink;
+mod swarm;
+pub mod timeline;
 
-pub use engine::{RunReport, run};
+pub use engine::{FaultSpan, MessageRecord, Options, RunReport, run, run_with};
 pub use scenario::Scenario;
 
 /// The shipped scenarios' folder (`<workspace>/scenarios`).

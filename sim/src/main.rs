@@ -4,7 +4,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
-use sim::{RunReport, Scenario, run, scenarios_dir};
+use std::path::PathBuf;
+
+use sim::{Options, RunReport, Scenario, run, run_with, scenarios_dir};
 
 /// rollout's deterministic simulator.
 #[derive(Parser)]
@@ -26,6 +28,21 @@ enum Command {
         /// Prints the whole history as JSON lines (with true time) after the summary.
         #[arg(long)]
         trace: bool,
+        /// Writes a self-contained HTML space-time diagram of the run to this file.
+        #[arg(long, value_name = "FILE.html")]
+        timeline: Option<PathBuf>,
+    },
+    /// Delta-debugs a failing seed to a minimal scenario that fails the same way and
+    /// writes it (with its seed) where `cargo test -p sim` runs it forever after.
+    Shrink {
+        /// A scenario name in scenarios/ or a path to a TOML file.
+        scenario: String,
+        /// The failing seed.
+        #[arg(long)]
+        seed: u64,
+        /// Where to write the minimal scenario.
+        #[arg(long, default_value_os_t = scenarios_dir().join("regressions"))]
+        out: PathBuf,
     },
     /// Runs a scenario over many seeds and prints the failing ones.
     Explore {
@@ -43,14 +60,23 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { scenario, seed, trace } => {
+        Command::Run { scenario, seed, trace, timeline } => {
             // Seed and scenario first, so even a crash leaves what is needed to reproduce.
             println!("seed {seed} scenario {scenario}");
             let Some(loaded) = load(&scenario) else { return ExitCode::from(2) };
             let started = Instant::now();
-            let report = run(&loaded, seed);
+            let report = run_with(&loaded, seed, &Options { record: timeline.is_some() });
             let wall = started.elapsed().as_secs_f64();
             print_summary(&report, wall);
+            if let Some(path) = &timeline {
+                match std::fs::write(path, sim::timeline::render(&loaded, &report)) {
+                    Ok(()) => println!("timeline          {}", path.display()),
+                    Err(e) => {
+                        eprintln!("error: cannot write timeline {}: {e}", path.display());
+                        return ExitCode::from(2);
+                    }
+                }
+            }
             if trace {
                 for (t, record) in &report.history {
                     let json = serde_json::to_string(record).unwrap_or_default();
@@ -83,6 +109,43 @@ fn main() -> ExitCode {
             println!("{failing} of {seeds} seeds failed; {:.0} simulated s in {wall:.2} wall s", sim_ns as f64 / 1e9);
             if failing == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
+        Command::Shrink { scenario, seed, out } => {
+            println!("seed {seed} scenario {scenario}");
+            let Some(loaded) = load(&scenario) else { return ExitCode::from(2) };
+            let started = Instant::now();
+            let mut progress = |step: &str| println!("  {step}");
+            let shrunk = match sim::shrink::shrink(&loaded, seed, &mut progress) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let path = match shrunk.write(&out) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("error: cannot write to {}: {e}", out.display());
+                    return ExitCode::from(2);
+                }
+            };
+            let s = &shrunk.scenario;
+            println!(
+                "shrunk in {} runs ({:.1} s): {} fault(s), {} job(s) of {} task(s), {} worker(s), {} s",
+                shrunk.runs,
+                started.elapsed().as_secs_f64(),
+                s.faults.len(),
+                s.workload.jobs,
+                s.workload.tasks_per_job,
+                s.cluster.workers,
+                s.duration_s
+            );
+            if let Some(v) = &shrunk.report.violation {
+                println!("still fails: {v}");
+            }
+            println!("wrote {}", path.display());
+            println!("reproduce: {}", repro(&path.display().to_string(), seed));
+            ExitCode::SUCCESS
+        }
     }
 }
 
@@ -111,6 +174,9 @@ fn print_summary(r: &RunReport, wall_s: f64) {
     println!("messages          {} sent, {} dropped", r.messages.0, r.messages.1);
     println!("batches           {} ({} inputs)", r.batches.0, r.batches.1);
     println!("overlaps          {} (non-strict)", r.overlaps);
+    println!("stale submits     {} rejected", r.stale_rejected);
+    println!("faults            {}", r.faults.len());
+    println!("audit entries     {} verified", r.audit_entries);
     println!("history           {} events", r.history.len());
     println!("trace hash        {}", r.trace_hash);
     println!("result            {}", if r.violation.is_none() { "ok" } else { "VIOLATION" });

@@ -6,7 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use rollout_core::Config;
+use serde::{Deserialize, Serialize};
 
 /// Why a scenario could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -43,7 +44,7 @@ pub enum ScenarioError {
 }
 
 /// A whole scenario.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Scenario {
     /// Short name, shown in reports (defaults to the file stem).
@@ -52,8 +53,20 @@ pub struct Scenario {
     /// What the scenario exercises, for humans.
     #[serde(default)]
     pub description: String,
+    /// The seeds `cargo test -p sim` runs (regressions name the seed that failed);
+    /// empty: the test's fixed set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seeds: Vec<u64>,
     /// Simulated run length, in seconds.
     pub duration_s: u64,
+    /// A deliberately planted coordinator bug (test builds with the `planted-bugs`
+    /// feature only), e.g. `skip_fencing_check`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub planted_bug: Option<String>,
+    /// Overrides of the effective rollout config, in the config file's shape, e.g.
+    /// `[config.tasks] retry_backoff_initial = "1ms"`. Validated like a config file.
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub config: toml::Table,
     /// Nodes.
     pub cluster: Cluster,
     /// Jobs submitted by the simulated operator.
@@ -73,10 +86,48 @@ pub struct Scenario {
     /// The fault schedule, in any order.
     #[serde(default)]
     pub faults: Vec<Fault>,
+    /// Random faults drawn per seed on top of the schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub swarm: Option<Swarm>,
+}
+
+/// A per-seed random fault mix: `faults` faults of the listed kinds at random times in
+/// `[0, heal_by_ms)`, each healing itself within `max_for_ms`, on random nodes.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Swarm {
+    /// How many faults at most (each seed draws 0..=faults).
+    pub faults: u32,
+    /// The kinds to draw from (default: crash, power_cut, partition, slow, reset,
+    /// flap, clock_jump within the skew budget, disk_latency).
+    #[serde(default = "default_swarm_kinds")]
+    pub kinds: Vec<FaultKind>,
+    /// Every drawn fault has begun and ended by then (ms).
+    pub heal_by_ms: u64,
+    /// Longest drawn outage (crash, partition, slow link), ms.
+    #[serde(default = "default_max_for_ms")]
+    pub max_for_ms: u64,
+}
+
+fn default_swarm_kinds() -> Vec<FaultKind> {
+    vec![
+        FaultKind::Crash,
+        FaultKind::PowerCut,
+        FaultKind::Partition,
+        FaultKind::Slow,
+        FaultKind::Reset,
+        FaultKind::Flap,
+        FaultKind::ClockJump,
+        FaultKind::DiskLatency,
+    ]
+}
+
+fn default_max_for_ms() -> u64 {
+    15_000
 }
 
 /// The cluster: one coordinator and `workers` workers named `w1..wN`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Cluster {
     /// Number of workers.
@@ -86,7 +137,7 @@ pub struct Cluster {
 }
 
 /// The operator's workload.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Workload {
     /// Number of jobs.
@@ -104,6 +155,13 @@ pub struct Workload {
     /// Chance that an attempt fails, in `[0, 1]`.
     #[serde(default)]
     pub failure_probability: f64,
+    /// Chance that an attempt hangs (never returns by itself), in `[0, 1]`; the plugin
+    /// host stops it at its deadline.
+    #[serde(default)]
+    pub hang_probability: f64,
+    /// Each task's deadline (ms); none: the coordinator's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_deadline_ms: Option<u64>,
 }
 
 fn default_submit_start_ms() -> u64 {
@@ -114,22 +172,44 @@ fn default_submit_every_ms() -> u64 {
 }
 
 /// Network timing: one-way latency uniform in `[min, max]` microseconds.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Network {
     /// `[min, max]` one-way latency in µs.
     pub latency_us: [u64; 2],
+    /// Chance that a unary call (Register, Heartbeat) or its answer is lost, in `[0, 1]`.
+    /// Stream messages (Pull, Submit, Assign, acks, control) are lost only by resets.
+    #[serde(default)]
+    pub unary_loss: f64,
+    /// Chance that a unary call is delivered twice (a client retry after a lost
+    /// answer), in `[0, 1]`.
+    #[serde(default)]
+    pub unary_duplicate: f64,
+    /// How long a connection may be blocked before the transport's keepalive declares
+    /// it dead and resets it (ms). Until then a partition holds stream messages back
+    /// (TCP retransmits) rather than losing them.
+    #[serde(default = "default_keepalive_ms")]
+    pub keepalive_ms: u64,
+}
+
+fn default_keepalive_ms() -> u64 {
+    2_000
 }
 
 impl Default for Network {
     fn default() -> Self {
-        Network { latency_us: [200, 2_000] }
+        Network {
+            latency_us: [200, 2_000],
+            unary_loss: 0.0,
+            unary_duplicate: 0.0,
+            keepalive_ms: default_keepalive_ms(),
+        }
     }
 }
 
 /// Clocks: every node draws a wall offset uniform in `±max_offset_ms` and a drift
 /// uniform in `±max_drift_ppm` (the drift applies to both its clocks).
-#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Clocks {
     /// Largest wall-clock offset from true time, in ms.
@@ -141,23 +221,43 @@ pub struct Clocks {
 }
 
 /// Coordinator disk timing.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CoordinatorSim {
     /// How long a batch's commit (fsync) takes; inputs arriving meanwhile form the
     /// next batch (group commit).
+    #[serde(default = "default_commit_latency_us")]
     pub commit_latency_us: u64,
+    /// `redb` (default: the real store on a crash-faithful disk) or `model` (an atomic
+    /// in-memory map: much faster, but no torn writes, so no `power_cut`).
+    #[serde(default)]
+    pub storage: StorageKind,
+}
+
+fn default_commit_latency_us() -> u64 {
+    500
+}
+
+/// The coordinator's storage in the simulator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageKind {
+    /// redb on `MemDisk`.
+    #[default]
+    Redb,
+    /// [`crate::model_store::ModelStorage`].
+    Model,
 }
 
 impl Default for CoordinatorSim {
     fn default() -> Self {
-        CoordinatorSim { commit_latency_us: 500 }
+        CoordinatorSim { commit_latency_us: default_commit_latency_us(), storage: StorageKind::Redb }
     }
 }
 
 /// Which invariants fail the run. The core safety invariants (`single_commit`,
 /// `fenced_commit`, `self_fence`, `no_lost_task`) are always strict.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Strictness {
     /// `no_overlap` fails the run (set false when clocks leave the skew budget).
@@ -166,6 +266,12 @@ pub struct Strictness {
     /// `progress` is checked at the end (set false when faults do not heal).
     #[serde(default = "yes")]
     pub progress: bool,
+    /// `no_false_failure` fails the run (set false when clocks leave the skew budget).
+    #[serde(default = "yes")]
+    pub no_false_failure: bool,
+    /// `detect` and `rejoin` (the liveness bounds of DESIGN.md) fail the run.
+    #[serde(default = "yes")]
+    pub liveness: bool,
 }
 
 fn yes() -> bool {
@@ -174,12 +280,12 @@ fn yes() -> bool {
 
 impl Default for Strictness {
     fn default() -> Self {
-        Strictness { no_overlap: true, progress: true }
+        Strictness { no_overlap: true, progress: true, no_false_failure: true, liveness: true }
     }
 }
 
 /// One scheduled fault.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Fault {
     /// When, in simulated ms since the start.
@@ -188,18 +294,34 @@ pub struct Fault {
     pub kind: FaultKind,
     /// `coordinator` or a worker `wN`; for `partition`, `heal` and `reset` the worker
     /// whose link to the coordinator is affected (`heal` without a node heals all).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
     /// For `partition`: `both` (default), `to_coordinator` or `to_worker`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub direction: Option<Direction>,
     /// For `clock_jump`: the wall-clock step in ms (negative: backwards).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by_ms: Option<i64>,
+    /// For `crash`, `power_cut`, `partition`, `slow`, `flap`, `disk_latency`: undo the
+    /// fault (restart, heal, restore) this long after it began, in ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub for_ms: Option<u64>,
+    /// For `slow`: extra one-way latency in ms; for `disk_latency`: the commit latency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<u64>,
+    /// For `flap`: the link toggles between cut and healed every `period_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period_ms: Option<u64>,
+    /// For `cancel_job` and `cancel_task`: the workload's job number (0-based).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<u32>,
+    /// For `cancel_task`: the task's index within the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<u32>,
 }
 
 /// Fault kinds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FaultKind {
     /// The node's process dies (coordinator: its unsynced disk writes are lost).
@@ -214,10 +336,25 @@ pub enum FaultKind {
     Reset,
     /// The node's wall clock steps by `by_ms`.
     ClockJump,
+    /// The link's latency grows by `latency_ms` each way (a slow link).
+    Slow,
+    /// The link is cut and healed every `period_ms`, for `for_ms`.
+    Flap,
+    /// The coordinator's commits (fsync) take `latency_ms`.
+    DiskLatency,
+    /// The coordinator loses power during its next commit: the commit fails, and the
+    /// unsynced writes are torn or reordered (drawn from the seed) before it restarts.
+    PowerCut,
+    /// The operator drains worker `node`: it finishes what it runs and takes nothing new.
+    Drain,
+    /// The operator cancels workload job number `job` (0-based; if acknowledged by then).
+    CancelJob,
+    /// The operator cancels task `task` of workload job number `job`.
+    CancelTask,
 }
 
 /// Which way a partition drops messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
     /// Both ways.
@@ -265,6 +402,19 @@ impl Scenario {
         Scenario::parse(&text, &path)
     }
 
+    /// The effective rollout config: defaults plus `[config]`, validated.
+    pub fn effective_config(&self) -> Result<Config, String> {
+        let text = toml::to_string(&self.config).map_err(|e| e.to_string())?;
+        let config = Config::from_toml_str(&text).map_err(|e| e.to_string())?;
+        config.validate_cross_fields().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+
+    /// The scenario as TOML (what the shrinker writes).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot serialize scenario: {e}\n"))
+    }
+
     /// Resolves a node name (`coordinator`, `w1`..`wN`).
     pub fn node(&self, name: &str) -> Option<NodeRef> {
         if name == "coordinator" {
@@ -290,8 +440,50 @@ impl Scenario {
         if lo > hi || hi == 0 {
             return Err(bad("workload.task_duration_ms".into(), "must be [min, max] with 0 <= min <= max, max > 0"));
         }
-        if !(0.0..=1.0).contains(&self.workload.failure_probability) {
-            return Err(bad("workload.failure_probability".into(), "must be in [0, 1]"));
+        for (key, p) in [
+            ("workload.failure_probability", self.workload.failure_probability),
+            ("workload.hang_probability", self.workload.hang_probability),
+            ("network.unary_loss", self.network.unary_loss),
+            ("network.unary_duplicate", self.network.unary_duplicate),
+        ] {
+            if !(0.0..=1.0).contains(&p) {
+                return Err(bad(key.into(), "must be in [0, 1]"));
+            }
+        }
+        if self.network.keepalive_ms == 0 {
+            return Err(bad("network.keepalive_ms".into(), "must be positive"));
+        }
+        if self.workload.task_deadline_ms == Some(0) {
+            return Err(bad("workload.task_deadline_ms".into(), "must be positive"));
+        }
+        if let Err(message) = self.effective_config() {
+            return Err(bad("config".into(), &message));
+        }
+        if self.coordinator.storage == StorageKind::Model {
+            let cut_scheduled = self.faults.iter().any(|f| f.kind == FaultKind::PowerCut);
+            let cut_drawn = self.swarm.as_ref().is_some_and(|s| s.kinds.contains(&FaultKind::PowerCut));
+            if cut_scheduled || cut_drawn {
+                return Err(bad(
+                    "coordinator.storage".into(),
+                    "power_cut needs storage = \"redb\" (the model store cannot tear a commit)",
+                ));
+            }
+        }
+        if let Some(swarm) = &self.swarm {
+            if swarm.heal_by_ms == 0 || swarm.heal_by_ms > self.duration_s * 1_000 {
+                return Err(bad("swarm.heal_by_ms".into(), "must be in 1..=duration_s * 1000"));
+            }
+            if swarm.kinds.is_empty() && swarm.faults > 0 {
+                return Err(bad("swarm.kinds".into(), "must name at least one fault kind"));
+            }
+            if swarm.kinds.iter().any(|k| {
+                matches!(k, FaultKind::Heal | FaultKind::Restart | FaultKind::CancelJob | FaultKind::CancelTask)
+            }) {
+                return Err(bad(
+                    "swarm.kinds".into(),
+                    "heal and restart are implied (every drawn fault undoes itself); cancels are not drawn",
+                ));
+            }
         }
         let [lo, hi] = self.network.latency_us;
         if lo > hi {
@@ -308,14 +500,85 @@ impl Scenario {
                 ),
                 None => None,
             };
-            let needs_worker = matches!(fault.kind, FaultKind::Partition | FaultKind::Reset);
+            let needs_worker = matches!(
+                fault.kind,
+                FaultKind::Partition | FaultKind::Reset | FaultKind::Slow | FaultKind::Flap | FaultKind::Drain
+            );
+            let needs_coordinator = matches!(fault.kind, FaultKind::DiskLatency | FaultKind::PowerCut);
+            let operator = matches!(fault.kind, FaultKind::CancelJob | FaultKind::CancelTask);
             match (fault.kind, node) {
                 (FaultKind::Heal, None | Some(NodeRef::Worker(_))) => {}
+                (_, None) if operator => {}
+                (_, Some(_)) if operator => {
+                    return Err(bad(format!("faults[{i}].node"), "cancel names a job, not a node"));
+                }
                 (_, None) => return Err(bad(format!("faults[{i}].node"), "required for this kind")),
                 (_, Some(NodeRef::Coordinator)) if needs_worker || fault.kind == FaultKind::Heal => {
                     return Err(bad(format!("faults[{i}].node"), "names a link: must be a worker"));
                 }
+                (_, Some(NodeRef::Worker(_))) if needs_coordinator => {
+                    return Err(bad(format!("faults[{i}].node"), "must be \"coordinator\""));
+                }
                 _ => {}
+            }
+            let allowed = |field: &str| match field {
+                "for_ms" => matches!(
+                    fault.kind,
+                    FaultKind::Crash
+                        | FaultKind::PowerCut
+                        | FaultKind::Partition
+                        | FaultKind::Slow
+                        | FaultKind::Flap
+                        | FaultKind::DiskLatency
+                ),
+                "latency_ms" => matches!(fault.kind, FaultKind::Slow | FaultKind::DiskLatency),
+                "period_ms" => fault.kind == FaultKind::Flap,
+                _ => false,
+            };
+            for (field, present) in [
+                ("for_ms", fault.for_ms.is_some()),
+                ("latency_ms", fault.latency_ms.is_some()),
+                ("period_ms", fault.period_ms.is_some()),
+            ] {
+                if present && !allowed(field) {
+                    return Err(bad(format!("faults[{i}].{field}"), "not used by this kind"));
+                }
+            }
+            let required: &[(&str, bool)] = match fault.kind {
+                FaultKind::Slow | FaultKind::DiskLatency => &[("latency_ms", fault.latency_ms.is_some())],
+                FaultKind::Flap => &[("period_ms", fault.period_ms.is_some()), ("for_ms", fault.for_ms.is_some())],
+                _ => &[],
+            };
+            for (field, present) in required {
+                if !present {
+                    return Err(bad(format!("faults[{i}].{field}"), "required for this kind"));
+                }
+            }
+            let (job_ok, task_ok) = match fault.kind {
+                FaultKind::CancelJob => (true, false),
+                FaultKind::CancelTask => (true, true),
+                _ => (false, false),
+            };
+            if fault.job.is_some() != job_ok {
+                let why = if job_ok { "required for this kind" } else { "only for cancel_job and cancel_task" };
+                return Err(bad(format!("faults[{i}].job"), why));
+            }
+            if fault.task.is_some() != task_ok {
+                let why = if task_ok { "required for cancel_task" } else { "only for cancel_task" };
+                return Err(bad(format!("faults[{i}].task"), why));
+            }
+            if let Some(job) = fault.job
+                && job >= self.workload.jobs
+            {
+                return Err(bad(format!("faults[{i}].job"), "no such job in the workload (0-based)"));
+            }
+            if let Some(task) = fault.task
+                && task >= self.workload.tasks_per_job
+            {
+                return Err(bad(format!("faults[{i}].task"), "no such task in the job (0-based)"));
+            }
+            if fault.period_ms == Some(0) {
+                return Err(bad(format!("faults[{i}].period_ms"), "must be positive"));
             }
             if fault.direction.is_some() && fault.kind != FaultKind::Partition {
                 return Err(bad(format!("faults[{i}].direction"), "only for kind = \"partition\""));

@@ -1,33 +1,63 @@
-//! Every shipped scenario passes its strict invariants over a few fixed seeds, and a
-//! run is a pure function of (scenario, seed): the trace-hash meta-test.
+//! Every shipped scenario and every regression passes its strict invariants over fixed
+//! seeds, and a run is a pure function of (scenario, seed): the trace-hash meta-test.
 
-use sim::{Scenario, run, scenarios_dir};
+use std::path::Path;
 
-/// Every `scenarios/*.toml`, sorted by name.
-fn shipped() -> Vec<Scenario> {
-    let mut paths: Vec<_> = std::fs::read_dir(scenarios_dir())
-        .expect("scenarios/ exists")
+use sim::scenario::StorageKind;
+use sim::{Options, Scenario, run, run_with, scenarios_dir};
+
+/// The TOML files of `dir`, sorted by name, parsed.
+fn load_dir(dir: &Path) -> Vec<Scenario> {
+    let mut paths: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.expect("readable entry").path())
         .filter(|p| p.extension().is_some_and(|e| e == "toml"))
         .collect();
     paths.sort();
-    paths.iter().map(|p| Scenario::load(p.to_str().expect("utf-8 path"), &scenarios_dir()).expect("parses")).collect()
+    paths
+        .iter()
+        .map(|p| Scenario::load(p.to_str().expect("utf-8 path"), &scenarios_dir()).unwrap_or_else(|e| panic!("{e}")))
+        .collect()
 }
+
+fn shipped() -> Vec<Scenario> {
+    load_dir(&scenarios_dir())
+}
+
+fn regressions() -> Vec<Scenario> {
+    load_dir(&scenarios_dir().join("regressions"))
+}
+
+/// The seeds every scenario runs with unless it names its own.
+const SEEDS: [u64; 3] = [1, 2, 3];
 
 #[test]
 fn the_required_scenarios_ship() {
     let names: Vec<String> = shipped().into_iter().map(|s| s.name).collect();
-    for required in
-        ["steady_state", "worker_crash", "coordinator_crash_restart", "partition_heal", "clock_skew_beyond_budget"]
-    {
+    for required in [
+        "steady_state",
+        "worker_crash",
+        "coordinator_crash_restart",
+        "partition_heal",
+        "one_way_partition",
+        "flapping_link",
+        "duplicate_and_reorder",
+        "clock_skew_within_budget",
+        "clock_skew_beyond_budget",
+        "slow_disk_fsync",
+        "drain_and_cancel",
+        "swarm",
+    ] {
         assert!(names.iter().any(|n| n == required), "missing scenario {required}; have {names:?}");
     }
+    assert!(!regressions().is_empty(), "scenarios/regressions/ holds the shrunk failures found so far");
 }
 
 #[test]
-fn every_scenario_passes_its_strict_invariants() {
-    for scenario in shipped() {
-        for seed in [1, 2, 3] {
+fn every_scenario_and_regression_passes_its_strict_invariants() {
+    for scenario in shipped().into_iter().chain(regressions()) {
+        let seeds = if scenario.seeds.is_empty() { SEEDS.to_vec() } else { scenario.seeds.clone() };
+        for seed in seeds {
             let report = run(&scenario, seed);
             assert!(
                 report.violation.is_none(),
@@ -37,6 +67,7 @@ fn every_scenario_passes_its_strict_invariants() {
                 report.tail()
             );
             assert!(report.committed > 0, "{} seed {seed}: nothing committed", scenario.name);
+            assert!(report.audit_entries > 0, "{} seed {seed}: the audit chain was not checked", scenario.name);
         }
     }
 }
@@ -51,4 +82,51 @@ fn same_seed_same_trace_hash_different_seed_different_hash() {
         let c = run(&scenario, 43);
         assert_ne!(a.trace_hash, c.trace_hash, "{}: seeds 42 and 43 gave the same run", scenario.name);
     }
+}
+
+#[test]
+fn beyond_the_skew_budget_overlap_happens_and_fencing_still_holds() {
+    let scenario = Scenario::load("clock_skew_beyond_budget", &scenarios_dir()).expect("ships");
+    let (mut overlaps, mut stale) = (0, 0);
+    for seed in 0..6 {
+        let report = run(&scenario, seed);
+        assert!(report.violation.is_none(), "seed {seed}: {:?}", report.violation);
+        overlaps += report.overlaps;
+        stale += report.stale_rejected;
+    }
+    assert!(overlaps > 0, "split brain never produced overlapping runs in 6 seeds");
+    assert!(stale > 0, "no stale submit was ever rejected in 6 seeds");
+}
+
+#[test]
+fn the_swarm_draws_a_different_fault_mix_per_seed_and_writing_it_out_is_the_same_run() {
+    let swarm = Scenario::load("swarm", &scenarios_dir()).expect("ships");
+    let a = run(&swarm, 5);
+    let b = run(&swarm, 6);
+    assert_ne!(a.faults, b.faults, "two seeds drew the same faults");
+    let mut written_out = swarm.clone();
+    written_out.faults = a.faults.clone();
+    written_out.swarm = None;
+    assert_eq!(run(&written_out, 5).trace_hash, a.trace_hash, "the shrinker relies on this equivalence");
+}
+
+#[test]
+fn the_model_store_gives_the_same_run_as_redb_on_the_crash_faithful_disk() {
+    for name in ["steady_state", "coordinator_crash_restart"] {
+        let redb = Scenario::load(name, &scenarios_dir()).expect("ships");
+        assert_eq!(redb.coordinator.storage, StorageKind::Redb);
+        let mut model = redb.clone();
+        model.coordinator.storage = StorageKind::Model;
+        assert_eq!(run(&redb, 7).trace_hash, run(&model, 7).trace_hash, "{name}");
+    }
+}
+
+#[test]
+fn recording_for_a_timeline_does_not_change_the_run() {
+    let scenario = Scenario::load("partition_heal", &scenarios_dir()).expect("ships");
+    let plain = run(&scenario, 9);
+    let recorded = run_with(&scenario, 9, &Options { record: true });
+    assert_eq!(plain.trace_hash, recorded.trace_hash);
+    assert!(!recorded.message_log.is_empty() && !recorded.fault_log.is_empty());
+    assert!(plain.message_log.is_empty());
 }

@@ -14,9 +14,11 @@ mod machine;
 pub mod metrics;
 mod records;
 
+#[cfg(feature = "planted-bugs")]
+pub use machine::PlantedBugs;
 pub use machine::{
     Coordinator, CoordinatorInput, CoordinatorOutput, CoordinatorSettings, JobStatus, JobSubmission, OperatorReply,
-    RequestId, TaskReport, WorkerStatus,
+    PLANTED_BUGS, RequestId, TaskReport, WorkerStatus,
 };
 pub use records::{TaskSpec, TaskState, WorkerState};
 

@@ -37,7 +37,22 @@ pub struct CoordinatorSettings {
     pub default_task_deadline: Duration,
     /// Error messages longer than this are truncated before they are stored.
     pub max_error_message_bytes: usize,
+    /// Deliberately planted bugs (test builds only; see [`CoordinatorSettings::plant_bug`]).
+    #[cfg(feature = "planted-bugs")]
+    pub planted: PlantedBugs,
 }
+
+/// Bugs a test may plant to prove that the simulator finds and shrinks them.
+#[cfg(feature = "planted-bugs")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PlantedBugs {
+    /// `skip_fencing_check`: a submit for a leased task is accepted whatever its token
+    /// and sender, so a stale lease holder can commit.
+    pub skip_fencing_check: bool,
+}
+
+/// The names [`CoordinatorSettings::plant_bug`] knows.
+pub const PLANTED_BUGS: &[&str] = &["skip_fencing_check"];
 
 impl CoordinatorSettings {
     /// The settings of a validated config.
@@ -48,7 +63,28 @@ impl CoordinatorSettings {
             limits: config.limits,
             default_task_deadline: Duration::from_secs(600),
             max_error_message_bytes: 4096,
+            #[cfg(feature = "planted-bugs")]
+            planted: PlantedBugs::default(),
         }
+    }
+
+    /// Switches on the planted bug `name` (one of [`PLANTED_BUGS`]). Only a build with
+    /// the `planted-bugs` feature has them; any other build answers with an error that
+    /// says so, so no shipped binary can run a planted bug.
+    pub fn plant_bug(&mut self, name: &str) -> std::result::Result<(), String> {
+        if !PLANTED_BUGS.contains(&name) {
+            return Err(format!("unknown planted bug {name:?} (known: {})", PLANTED_BUGS.join(", ")));
+        }
+        #[cfg(feature = "planted-bugs")]
+        {
+            self.planted.skip_fencing_check = true;
+            Ok(())
+        }
+        #[cfg(not(feature = "planted-bugs"))]
+        Err(format!(
+            "planted bug {name:?} needs a build with the `planted-bugs` feature of rollout-coordinator \
+             (e.g. cargo run -p sim --features planted-bugs)"
+        ))
     }
 }
 
@@ -269,6 +305,8 @@ pub struct Coordinator {
     dirty_tasks: BTreeSet<TaskId>,
     counters_dirty: bool,
     poisoned: Option<String>,
+    /// Whether the last batch wrote (and so committed and synced) anything.
+    last_batch_wrote: bool,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -322,12 +360,14 @@ impl<'s> Batch<'s> {
         self.outputs.push(CoordinatorOutput::Reply { request, reply });
     }
 
-    /// Commits (when anything was written) and hands back the outputs.
-    fn commit(self) -> Result<Vec<CoordinatorOutput>> {
+    /// Commits (when anything was written) and hands back the outputs, and whether
+    /// there was a commit.
+    fn commit(self) -> Result<(Vec<CoordinatorOutput>, bool)> {
+        let wrote = self.txn.is_some();
         if let Some(txn) = self.txn {
             txn.commit()?;
         }
-        Ok(self.outputs)
+        Ok((self.outputs, wrote))
     }
 }
 
@@ -343,11 +383,10 @@ impl Coordinator {
         let mut workers = BTreeMap::new();
         for (key, bytes) in storage.scan(WORKER_PREFIX)? {
             let record: WorkerRecord = decode(&key, &bytes)?;
-            let beat: Option<BeatRecord> = load(&*storage, &beat_key(&record.id))?;
             let entry = WorkerEntry {
                 record,
                 due_at: now.wall,
-                last_beat: beat.map(|b| rollout_core::time::from_unix_millis(b.last_beat_unix_ms)),
+                last_beat: None,
                 leases: BTreeSet::new(),
                 credits: 0,
                 gpus_in_use: 0,
@@ -383,6 +422,7 @@ impl Coordinator {
             dirty_tasks: BTreeSet::new(),
             counters_dirty: false,
             poisoned: None,
+            last_batch_wrote: false,
         };
         let mut orphans = Vec::new();
         for (key, bytes) in storage.scan(TASK_PREFIX)? {
@@ -446,7 +486,8 @@ impl Coordinator {
         let mut batch = Batch::new(&*storage, now);
         let applied = self.apply_all(now, inputs, &mut batch);
         match applied.and_then(|()| batch.commit()) {
-            Ok(outputs) => {
+            Ok((outputs, wrote)) => {
+                self.last_batch_wrote = wrote;
                 out.extend(outputs);
                 Ok(())
             }
@@ -465,6 +506,13 @@ impl Coordinator {
             self.apply(now, input, batch)?;
         }
         self.finish_batch(batch)
+    }
+
+    /// Whether the last successful batch wrote anything. A batch that wrote nothing
+    /// (heartbeats only, say) did not commit or sync, so a driver may release its
+    /// outputs at once instead of after a disk flush.
+    pub fn last_batch_wrote(&self) -> bool {
+        self.last_batch_wrote
     }
 
     /// When the driver must deliver the next [`CoordinatorInput::Tick`].
@@ -600,11 +648,9 @@ impl Coordinator {
         }
         let worker = self.workers.get_mut(id).expect("checked by current_worker");
         worker.due_at = beat.due_at;
+        // The heartbeat ledger lives in memory only: a beat costs no write and no
+        // fsync, and a restarted coordinator gives every worker a fresh deadline anyway.
         worker.last_beat = Some(now.wall);
-        batch.put(
-            &beat_key(id),
-            &BeatRecord { last_beat_unix_ms: unix_millis(now.wall), due_at_unix_ms: unix_millis(beat.due_at) },
-        )?;
 
         // Leases whose assignment the worker has had time to receive (seq at or below
         // what it reports) but which it does not run were lost in transit.
@@ -841,6 +887,10 @@ impl Coordinator {
     /// of what was recorded is a duplicate; anything else is stale and changes nothing.
     fn judge_submit(&self, id: &WorkerId, task: TaskId, token: FencingToken, outcome: &Outcome) -> SubmitVerdict {
         let Some(entry) = self.tasks.get(&task) else { return SubmitVerdict::Stale };
+        #[cfg(feature = "planted-bugs")]
+        if self.settings.planted.skip_fencing_check && matches!(entry.record.state, TaskState::Leased { .. }) {
+            return SubmitVerdict::Accepted;
+        }
         if entry.record.token != Some(token) {
             return SubmitVerdict::Stale;
         }

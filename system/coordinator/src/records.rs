@@ -6,7 +6,6 @@
 //! |---|---|
 //! | `c/counters` | [`Counters`] |
 //! | `c/w/<worker id>` | [`WorkerRecord`] |
-//! | `c/hb/<worker id>` | [`BeatRecord`] (the heartbeat ledger) |
 //! | `c/j/<job u64>` | [`JobRecord`] |
 //! | `c/idem/<key>` | [`JobId`] of the job submitted with that idempotency key |
 //! | `c/ts/<job u64><index u32>` | [`TaskSpec`] (written once) |
@@ -23,7 +22,6 @@ use rollout_core::{Attempt, ContentId, Error, FencingToken, Incarnation, JobId, 
 
 pub(crate) const COUNTERS: &[u8] = b"c/counters";
 pub(crate) const WORKER_PREFIX: &[u8] = b"c/w/";
-pub(crate) const BEAT_PREFIX: &[u8] = b"c/hb/";
 pub(crate) const JOB_PREFIX: &[u8] = b"c/j/";
 pub(crate) const IDEMPOTENCY_PREFIX: &[u8] = b"c/idem/";
 pub(crate) const TASK_SPEC_PREFIX: &[u8] = b"c/ts/";
@@ -63,14 +61,6 @@ pub(crate) struct WorkerRecord {
     pub state: WorkerState,
     /// Assignments sent to this incarnation (the last `seq` used).
     pub assigns_sent: u64,
-}
-
-/// The heartbeat ledger entry of a worker (informational: a restarted coordinator
-/// gives every worker a fresh deadline instead of trusting old ones).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct BeatRecord {
-    pub last_beat_unix_ms: u64,
-    pub due_at_unix_ms: u64,
 }
 
 /// A submitted job.
@@ -145,10 +135,6 @@ pub(crate) struct TaskRecord {
 
 pub(crate) fn worker_key(id: &WorkerId) -> Vec<u8> {
     [WORKER_PREFIX, id.as_str().as_bytes()].concat()
-}
-
-pub(crate) fn beat_key(id: &WorkerId) -> Vec<u8> {
-    [BEAT_PREFIX, id.as_str().as_bytes()].concat()
 }
 
 pub(crate) fn job_key(job: JobId) -> Vec<u8> {

@@ -38,6 +38,19 @@ pub enum ToCoordinator {
     Submit(Submit),
 }
 
+impl ToCoordinator {
+    /// The message's kind in snake case (`register`, `heartbeat`, `pull`, `submit`),
+    /// for logs, traces and metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ToCoordinator::Register(_) => "register",
+            ToCoordinator::Heartbeat(_) => "heartbeat",
+            ToCoordinator::Pull(_) => "pull",
+            ToCoordinator::Submit(_) => "submit",
+        }
+    }
+}
+
 /// A worker's registration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Register {
@@ -153,6 +166,21 @@ pub enum ToWorker {
     },
     /// A command from the control channel.
     Control(Control),
+}
+
+impl ToWorker {
+    /// The message's kind in snake case (`registered`, `heartbeat_ack`, `assign`, ...),
+    /// for logs, traces and metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ToWorker::Registered { .. } => "registered",
+            ToWorker::RegisterRejected { .. } => "register_rejected",
+            ToWorker::HeartbeatAck { .. } => "heartbeat_ack",
+            ToWorker::Assign(_) => "assign",
+            ToWorker::SubmitAck { .. } => "submit_ack",
+            ToWorker::Control(_) => "control",
+        }
+    }
 }
 
 /// A lease handed to a worker.

@@ -16,6 +16,11 @@ pub enum WorkerInput {
     /// A message from the coordinator, as received (possibly duplicated, late or forged:
     /// never a reason to panic).
     Message(ToWorker),
+    /// The connection to the coordinator broke (a stream ended, a keepalive timed
+    /// out). Messages in flight on it may be lost, and the coordinator cannot tell
+    /// which, so the worker ends its incarnation, as on a self-fence: it stops its
+    /// tasks, withholds their results and registers again (with backoff).
+    Disconnected,
     /// The plugin host reports that a task it was told to start has stopped.
     TaskFinished {
         /// The task.

@@ -169,6 +169,7 @@ impl Worker {
         self.fire_timers(now, out);
         match input {
             WorkerInput::Start | WorkerInput::Tick => {}
+            WorkerInput::Disconnected => self.fence(now, true, out),
             WorkerInput::Message(message) => self.on_message(now, message, out),
             WorkerInput::TaskFinished { task, token, outcome } => {
                 self.on_task_finished(now, (task, token), outcome, out)

@@ -6,8 +6,10 @@ use rollout_core::config::HealthConfig;
 use rollout_core::traits::Inventory;
 use rollout_core::{Config, WorkerId};
 
-/// How often metric deltas ride along with a heartbeat, by default.
-pub const METRICS_INTERVAL_DEFAULT: Duration = Duration::from_secs(1);
+/// How often metric deltas ride along with a heartbeat, by default. Every shipment
+/// encodes (and the coordinator decodes and merges) one HDR histogram per plugin,
+/// which is not free; ten seconds is the usual scrape interval of metric systems.
+pub const METRICS_INTERVAL_DEFAULT: Duration = Duration::from_secs(10);
 /// The longest failure message a worker submits, by default (longer ones are truncated).
 pub const MAX_ERROR_MESSAGE_BYTES_DEFAULT: usize = 4096;
 
@@ -82,7 +84,7 @@ mod tests {
         assert_eq!(s.register_timeout, config.health.heartbeat_interval * 2);
         assert_eq!(s.reconnect_backoff_initial, config.transport.reconnect_backoff_initial);
         assert_eq!(s.reconnect_backoff_max, config.transport.reconnect_backoff_max);
-        assert_eq!(s.metrics_interval, Duration::from_secs(1));
+        assert_eq!(s.metrics_interval, METRICS_INTERVAL_DEFAULT);
         assert_eq!(s.max_error_message_bytes, 4096);
     }
 }

@@ -631,3 +631,22 @@ fn the_same_inputs_give_the_same_outputs() {
     assert_eq!(scripted_run(3), scripted_run(3));
     assert_ne!(scripted_run(3), scripted_run(4), "the seed drives the jitter");
 }
+
+#[test]
+fn a_broken_connection_ends_the_incarnation_like_a_self_fence() {
+    let mut h = Harness::registered(2, 1);
+    h.at(100);
+    h.message(ToWorker::Assign(assignment(1, 1, task(1, 0), 10)));
+    h.at(200);
+    let out = h.input(WorkerInput::Disconnected);
+    assert!(out.iter().any(|o| matches!(o, WorkerOutput::Event(HistoryEvent::Fenced { .. }))), "{out:?}");
+    assert_eq!(cancelled(&out), [(task(1, 0), FencingToken(10))], "assignments in flight may be lost: start over");
+    assert!(h.worker.is_fenced());
+    // An assignment of the old incarnation arriving late is not started.
+    let out = h.message(ToWorker::Assign(assignment(1, 2, task(1, 1), 11)));
+    assert!(!out.iter().any(|o| matches!(o, WorkerOutput::StartTask(_))), "{out:?}");
+    let out = h.tick_at_timeout();
+    assert_eq!(registers(&out).len(), 1, "registers again after its backoff");
+    // Disconnected while unregistered changes nothing.
+    assert!(h.input(WorkerInput::Disconnected).is_empty());
+}
