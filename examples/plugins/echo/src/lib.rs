@@ -1,0 +1,30 @@
+//! Example cdylib plugin. Methods:
+//! - `echo`: returns the payload;
+//! - `upper`: returns the payload with ASCII letters upper-cased;
+//! - `fail`: returns an error (the task attempt fails);
+//! - `panic`: panics (caught by the SDK, reported as an error);
+//! - `sleep`: sleeps for the payload, read as decimal milliseconds, then returns it.
+
+use std::time::Duration;
+
+/// Longest `sleep` honoured, so a typo cannot park a thread for days.
+const SLEEP_MS_MAX: u64 = 60_000;
+
+fn handle(method: &str, payload: &[u8]) -> Result<Vec<u8>, String> {
+    match method {
+        "echo" => Ok(payload.to_vec()),
+        "upper" => Ok(payload.to_ascii_uppercase()),
+        "fail" => Err(format!("fail was called with {} bytes", payload.len())),
+        "panic" => panic!("the panic method was called"),
+        "sleep" => {
+            let text = std::str::from_utf8(payload).map_err(|_| "sleep: payload is not UTF-8".to_owned())?;
+            let ms: u64 =
+                text.trim().parse().map_err(|_| format!("sleep: {text:?} is not a number of milliseconds"))?;
+            std::thread::sleep(Duration::from_millis(ms.min(SLEEP_MS_MAX)));
+            Ok(payload.to_vec())
+        }
+        other => Err(format!("unknown method {other:?}; this plugin has echo, upper, fail, panic, sleep")),
+    }
+}
+
+rollout_plugin_sdk::export_plugin!("echo", handle);

@@ -1,0 +1,35 @@
+"""Example sidecar plugin. Methods:
+
+- echo:  returns the payload
+- upper: returns the payload upper-cased
+- fail:  raises ValueError (the call fails with the traceback)
+- sleep: sleeps for the payload, read as milliseconds, then returns it
+- crash: exits the process at once (the worker restarts it)
+- pid:   returns this process's pid (tests use it to see a restart)
+"""
+
+import os
+import time
+
+from rollout_plugin import serve
+
+
+def handle(method: str, payload: bytes) -> bytes:
+    if method == "echo":
+        return payload
+    if method == "upper":
+        return payload.upper()
+    if method == "fail":
+        raise ValueError(f"fail was called with {len(payload)} bytes")
+    if method == "sleep":
+        time.sleep(int(payload.decode()) / 1000)
+        return payload
+    if method == "crash":
+        os._exit(3)
+    if method == "pid":
+        return str(os.getpid()).encode()
+    raise ValueError(f"unknown method {method!r}")
+
+
+if __name__ == "__main__":
+    serve(handle, name="echo", methods=["echo", "upper", "fail", "sleep", "crash", "pid"])

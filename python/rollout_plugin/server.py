@@ -1,0 +1,113 @@
+"""The gRPC server side of plugin.proto, on a Unix socket."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import traceback
+from concurrent import futures
+from typing import Callable, Iterable, Optional
+
+import grpc
+
+from . import _schema
+
+# Must equal rollout_plugin_host::SIDECAR_ABI_VERSION; the worker refuses anything else.
+ABI_VERSION = 1
+# Must equal rollout_plugin_host::SIDECAR_MESSAGE_BYTES_MAX.
+MESSAGE_BYTES_MAX = 64 * 1024 * 1024
+SOCKET_ENV = "ROLLOUT_PLUGIN_SOCKET"
+
+Handler = Callable[[str, bytes], bytes]
+
+
+def socket_path(argv: Optional[list] = None) -> str:
+    """The socket to serve on: ``--socket PATH`` in argv, else $ROLLOUT_PLUGIN_SOCKET."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--socket")
+    known, _ = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    path = known.socket or os.environ.get(SOCKET_ENV)
+    if not path:
+        raise SystemExit(f"rollout_plugin: no socket given; pass --socket PATH or set {SOCKET_ENV}")
+    return path
+
+
+def _call(handler: Handler, request, context):
+    try:
+        result = handler(request.method, bytes(request.payload))
+        if isinstance(result, str):
+            result = result.encode()
+        if not isinstance(result, (bytes, bytearray, memoryview)):
+            raise TypeError(f"handle returned {type(result).__name__}, expected bytes")
+        return _schema.CallResponse(result=bytes(result))
+    except Exception as e:  # noqa: BLE001 - every plugin error becomes a failed call
+        return _schema.CallResponse(
+            failure=_schema.CallFailure(message=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
+        )
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A sidecar must not outlive its worker: exit when re-parented."""
+    while True:
+        if os.getppid() != parent:
+            os._exit(0)
+        threading.Event().wait(0.5)
+
+
+def serve(
+    handler: Handler,
+    *,
+    name: str = "",
+    methods: Iterable[str] = (),
+    socket: Optional[str] = None,
+    max_workers: int = 4,
+) -> None:
+    """Serves ``handler(method, payload) -> bytes`` until SIGTERM/SIGINT or the worker dies.
+
+    ``max_workers`` bounds how many calls run at once (the worker may send several).
+    """
+    path = socket or socket_path()
+    if os.path.exists(path):
+        os.unlink(path)
+    options = [
+        ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
+        ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
+    ]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
+    methods = list(methods)
+
+    def describe(_request, _context):
+        return _schema.DescribeResponse(name=name, abi_version=ABI_VERSION, methods=methods)
+
+    def health(_request, _context):
+        return _schema.HealthResponse(serving=True)
+
+    def unary(fn, request, response):
+        return grpc.unary_unary_rpc_method_handler(
+            fn, request_deserializer=request.FromString, response_serializer=response.SerializeToString
+        )
+
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                _schema.SERVICE,
+                {
+                    "Describe": unary(describe, _schema.DescribeRequest, _schema.DescribeResponse),
+                    "Call": unary(lambda r, c: _call(handler, r, c), _schema.CallRequest, _schema.CallResponse),
+                    "Health": unary(health, _schema.HealthRequest, _schema.HealthResponse),
+                },
+            ),
+        )
+    )
+    if server.add_insecure_port("unix:" + path) == 0:
+        raise SystemExit(f"rollout_plugin: cannot listen on unix:{path}")
+    server.start()
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    stopped = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopped.set())
+    stopped.wait()
+    server.stop(grace=1).wait()

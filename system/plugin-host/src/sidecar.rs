@@ -1,0 +1,415 @@
+//! Python sidecars: one child process per plugin, serving `plugin.proto` over gRPC on
+//! a Unix socket, driven by a tonic client on a small tokio runtime of our own.
+//!
+//! Lifecycle: started and health-checked (Health, then Describe for the ABI version)
+//! by [`SidecarPlugin::start`]; a call that times out, is cancelled, or loses its
+//! connection kills the process (the Python code cannot be stopped any other way), and
+//! the next call starts a fresh one first. A generation number ties each failure to
+//! the process it happened on, so a late failure never kills a newer process.
+
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use rollout_core::traits::{CancelToken, PluginError};
+use rollout_proto::plugin::call_response::Outcome;
+use rollout_proto::plugin::plugin_client::PluginClient;
+use rollout_proto::plugin::{CallRequest, DescribeRequest, HealthRequest};
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::LoadError;
+use crate::spec::{SidecarSpec, check_socket};
+
+/// The sidecar protocol version (`DescribeResponse.abi_version`); the Python SDK
+/// (`rollout_plugin.ABI_VERSION`) must report the same.
+pub const SIDECAR_ABI_VERSION: u32 = 1;
+/// Largest request or response on a sidecar connection (both directions).
+pub const SIDECAR_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// Pause between health checks while a sidecar starts.
+const HEALTH_RETRY_INTERVAL: Duration = Duration::from_millis(50);
+/// Limit on one health check or describe RPC.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long to wait for a dying sidecar to be reaped before reporting it as alive.
+const EXIT_WAIT: Duration = Duration::from_millis(200);
+/// How often a running call looks at its cancel token.
+const CANCEL_POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The tokio runtime that drives every sidecar client of one host.
+pub(crate) struct SidecarRuntime(tokio::runtime::Runtime);
+
+impl SidecarRuntime {
+    pub(crate) fn new() -> Result<Self, String> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("plugin-sidecar-io")
+            .enable_all()
+            .build()
+            .map(SidecarRuntime)
+            .map_err(|e| format!("cannot start the sidecar I/O runtime: {e}"))
+    }
+
+    /// Runs `future` to completion from blocking code. Inside another runtime's task
+    /// (where `block_on` would panic) it runs on a short-lived thread instead.
+    fn block_on<F>(&self, future: F) -> F::Output
+    where
+        F: Future + Send,
+        F::Output: Send,
+    {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return self.0.block_on(future);
+        }
+        std::thread::scope(|scope| {
+            scope.spawn(|| self.0.block_on(future)).join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+}
+
+/// Why a sidecar did not come up.
+enum StartError {
+    Abi { theirs: u32 },
+    Other(String),
+}
+
+struct Running {
+    child: Child,
+    client: PluginClient<Channel>,
+    generation: u64,
+}
+
+/// One sidecar plugin and its (current) process.
+pub(crate) struct SidecarPlugin {
+    name: String,
+    spec: SidecarSpec,
+    socket: PathBuf,
+    runtime: Arc<SidecarRuntime>,
+    running: Mutex<Option<Running>>,
+    starts: AtomicU64,
+}
+
+impl SidecarPlugin {
+    /// Starts the process and waits until it is healthy and speaks our ABI version.
+    pub(crate) fn start(name: &str, spec: &SidecarSpec, runtime: Arc<SidecarRuntime>) -> Result<Self, LoadError> {
+        let socket = match &spec.socket {
+            Some(socket) => socket.clone(),
+            None => std::env::temp_dir().join(format!("rollout-{}-{name}.sock", std::process::id())),
+        };
+        check_socket(&socket).map_err(|reason| LoadError::SidecarStart { plugin: name.to_owned(), reason })?;
+        let plugin = SidecarPlugin {
+            name: name.to_owned(),
+            spec: spec.clone(),
+            socket,
+            runtime,
+            running: Mutex::new(None),
+            starts: AtomicU64::new(0),
+        };
+        match plugin.launch() {
+            Ok(running) => *plugin.lock() = Some(running),
+            Err(StartError::Abi { theirs }) => {
+                return Err(LoadError::AbiMismatch {
+                    plugin: name.to_owned(),
+                    path: spec.program.clone(),
+                    ours: SIDECAR_ABI_VERSION,
+                    theirs,
+                });
+            }
+            Err(StartError::Other(reason)) => return Err(LoadError::SidecarStart { plugin: name.to_owned(), reason }),
+        }
+        Ok(plugin)
+    }
+
+    /// How many processes were started so far (1 after a clean start).
+    pub(crate) fn starts(&self) -> u64 {
+        self.starts.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn call(
+        &self,
+        method: &str,
+        payload: &[u8],
+        deadline: Duration,
+        cancel: &CancelToken,
+    ) -> Result<Vec<u8>, PluginError> {
+        if payload.len() > SIDECAR_MESSAGE_BYTES_MAX {
+            return Err(PluginError::Failed {
+                message: format!(
+                    "payload of {} bytes exceeds the sidecar message limit of {SIDECAR_MESSAGE_BYTES_MAX} bytes",
+                    payload.len()
+                ),
+                detail: None,
+            });
+        }
+        let (mut client, generation) = self.ensure_running()?;
+        // No gRPC timeout on the request: the select below is the one deadline, so the
+        // outcome does not depend on which of two timers fires first.
+        let request = tonic::Request::new(CallRequest {
+            method: method.to_owned(),
+            payload: payload.to_vec(),
+            deadline_ms: u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
+            task_id: String::new(),
+            attempt: 0,
+        });
+        enum Ended {
+            Rpc(Result<tonic::Response<rollout_proto::plugin::CallResponse>, tonic::Status>),
+            Deadline,
+            Cancelled,
+        }
+        let ended = self.runtime.block_on(async {
+            tokio::select! {
+                reply = client.call(request) => Ended::Rpc(reply),
+                () = tokio::time::sleep(deadline) => Ended::Deadline,
+                () = cancelled(cancel) => Ended::Cancelled,
+            }
+        });
+        match ended {
+            Ended::Rpc(Ok(reply)) => match reply.into_inner().outcome {
+                Some(Outcome::Result(bytes)) => Ok(bytes),
+                Some(Outcome::Failure(failure)) => Err(PluginError::Failed {
+                    message: failure.message,
+                    detail: Some(failure.traceback).filter(|t| !t.is_empty()),
+                }),
+                None => {
+                    self.stop(generation, "sent a reply with no outcome", false);
+                    Err(PluginError::Crashed(format!("sidecar {:?} sent a reply with no outcome", self.name)))
+                }
+            },
+            Ended::Rpc(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => {
+                self.stop(generation, "call ran past its deadline", false);
+                Err(PluginError::DeadlineExceeded(deadline))
+            }
+            Ended::Rpc(Err(status)) => {
+                let what = self.stop(generation, "call failed", true);
+                Err(PluginError::Crashed(format!(
+                    "sidecar {:?} {what} during the call ({}: {})",
+                    self.name,
+                    status.code(),
+                    status.message()
+                )))
+            }
+            Ended::Deadline => {
+                self.stop(generation, "call ran past its deadline", false);
+                Err(PluginError::DeadlineExceeded(deadline))
+            }
+            Ended::Cancelled => {
+                self.stop(generation, "call was cancelled", false);
+                Err(PluginError::Cancelled)
+            }
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Running>> {
+        // A panic while holding the lock leaves at worst a dead process recorded, which
+        // the next call notices and replaces.
+        self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The client of a live process, restarting the sidecar first if it is gone.
+    fn ensure_running(&self) -> Result<(PluginClient<Channel>, u64), PluginError> {
+        let mut running = self.lock();
+        if let Some(current) = running.as_mut() {
+            match current.child.try_wait() {
+                Ok(None) => return Ok((current.client.clone(), current.generation)),
+                Ok(Some(status)) => tracing::warn!(plugin = self.name, %status, "sidecar_exited"),
+                Err(e) => tracing::warn!(plugin = self.name, error = %e, "sidecar_wait_failed"),
+            }
+            if let Some(mut old) = running.take() {
+                reap(&mut old.child);
+            }
+        }
+        tracing::info!(plugin = self.name, "sidecar_restarting");
+        match self.launch() {
+            Ok(fresh) => {
+                let handle = (fresh.client.clone(), fresh.generation);
+                *running = Some(fresh);
+                Ok(handle)
+            }
+            Err(StartError::Abi { theirs }) => {
+                Err(PluginError::AbiMismatch { plugin: self.name.clone(), ours: SIDECAR_ABI_VERSION, theirs })
+            }
+            Err(StartError::Other(reason)) => {
+                Err(PluginError::Crashed(format!("sidecar {:?} could not be restarted: {reason}", self.name)))
+            }
+        }
+    }
+
+    /// Kills the process of `generation` (if it is still the current one) and says
+    /// how it ended, for the error message.
+    fn stop(&self, generation: u64, why: &str, may_be_exiting: bool) -> String {
+        let mut running = self.lock();
+        if running.as_ref().is_none_or(|r| r.generation != generation) {
+            return "was already replaced".to_owned();
+        }
+        // The lock stays held until the socket is removed below, so a restart by another
+        // call cannot create its socket before we delete the old one.
+        let Some(mut old) = running.take() else { return "was already replaced".to_owned() };
+        // Give a process that is dying by itself a moment to be reaped, so the error
+        // says "exited with status" rather than "was killed".
+        let until = Instant::now() + EXIT_WAIT;
+        let exited = loop {
+            match old.child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if may_be_exiting && Instant::now() < until => std::thread::sleep(Duration::from_millis(5)),
+                _ => break None,
+            }
+        };
+        let what = match exited {
+            Some(status) => format!("exited ({status})"),
+            None => {
+                reap(&mut old.child);
+                "was killed".to_owned()
+            }
+        };
+        tracing::warn!(plugin = self.name, pid = old.child.id(), why, what, "sidecar_stopped");
+        remove_socket(&self.socket);
+        what
+    }
+
+    /// Spawns a process and waits for it to pass Health and Describe.
+    fn launch(&self) -> Result<Running, StartError> {
+        remove_socket(&self.socket);
+        let mut command = Command::new(&self.spec.program);
+        command
+            .args(&self.spec.args)
+            .arg("--socket")
+            .arg(&self.socket)
+            .env("ROLLOUT_PLUGIN_SOCKET", &self.socket)
+            .env("ROLLOUT_PLUGIN_NAME", &self.name)
+            .env("PYTHONUNBUFFERED", "1")
+            .stdin(Stdio::null());
+        if let Some(dir) = &self.spec.python_path {
+            let mut joined = dir.as_os_str().to_owned();
+            if let Some(existing) = std::env::var_os("PYTHONPATH").filter(|p| !p.is_empty()) {
+                joined.push(":");
+                joined.push(existing);
+            }
+            command.env("PYTHONPATH", joined);
+        }
+        let mut child = command
+            .spawn()
+            .map_err(|e| StartError::Other(format!("cannot run {}: {e}", self.spec.program.display())))?;
+        let generation = self.starts.fetch_add(1, Ordering::AcqRel) + 1;
+        match self.runtime.block_on(wait_healthy(&mut child, &self.socket, self.spec.startup_timeout)) {
+            Ok(client) => {
+                tracing::info!(plugin = self.name, pid = child.id(), generation, "sidecar_started");
+                Ok(Running { child, client, generation })
+            }
+            Err(e) => {
+                reap(&mut child);
+                remove_socket(&self.socket);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for SidecarPlugin {
+    fn drop(&mut self) {
+        if let Some(mut running) = self.lock().take() {
+            reap(&mut running.child);
+        }
+        remove_socket(&self.socket);
+    }
+}
+
+/// Polls Health until it answers `serving` (or the process exits, or `timeout`
+/// passes), then checks Describe's ABI version.
+async fn wait_healthy(
+    child: &mut Child,
+    socket: &Path,
+    timeout: Duration,
+) -> Result<PluginClient<Channel>, StartError> {
+    let started = Instant::now();
+    let mut last_error = String::from("the socket never appeared");
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(StartError::Other(format!("the process exited during startup ({status})")));
+        }
+        if started.elapsed() >= timeout {
+            return Err(StartError::Other(format!(
+                "not healthy within {timeout:?} on {} (last error: {last_error})",
+                socket.display()
+            )));
+        }
+        if socket.exists() {
+            match probe(socket).await {
+                Ok((client, abi_version)) if abi_version == SIDECAR_ABI_VERSION => return Ok(client),
+                Ok((_, theirs)) => return Err(StartError::Abi { theirs }),
+                Err(e) => last_error = e,
+            }
+        }
+        tokio::time::sleep(HEALTH_RETRY_INTERVAL).await;
+    }
+}
+
+/// One Health + Describe round; the client and the sidecar's ABI version.
+async fn probe(socket: &Path) -> Result<(PluginClient<Channel>, u32), String> {
+    // The URI only fills HTTP/2's :authority; the connector ignores it.
+    let channel = Endpoint::from_static("http://plugin.sidecar")
+        .connect_timeout(PROBE_TIMEOUT)
+        .connect_with_connector(UnixConnector(Arc::from(socket)))
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let mut client = PluginClient::new(channel)
+        .max_decoding_message_size(SIDECAR_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(SIDECAR_MESSAGE_BYTES_MAX);
+    let mut health = tonic::Request::new(HealthRequest {});
+    health.set_timeout(PROBE_TIMEOUT);
+    let serving = client.health(health).await.map_err(|s| format!("health: {}", s.message()))?.into_inner().serving;
+    if !serving {
+        return Err("health: not serving yet".to_owned());
+    }
+    let mut describe = tonic::Request::new(DescribeRequest {});
+    describe.set_timeout(PROBE_TIMEOUT);
+    let described = client.describe(describe).await.map_err(|s| format!("describe: {}", s.message()))?.into_inner();
+    Ok((client, described.abi_version))
+}
+
+async fn cancelled(cancel: &CancelToken) {
+    while !cancel.is_cancelled() {
+        tokio::time::sleep(CANCEL_POLL_INTERVAL).await;
+    }
+}
+
+/// Kills (if still running) and waits for a child, so no zombie is left.
+fn reap(child: &mut Child) {
+    if let Ok(None) = child.try_wait() {
+        // An error here means it already exited; wait() below reaps it either way.
+        let _ = child.kill();
+    }
+    let _ = child.wait();
+}
+
+fn remove_socket(socket: &Path) {
+    if let Err(e) = std::fs::remove_file(socket)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(socket = %socket.display(), error = %e, "sidecar_socket_not_removed");
+    }
+}
+
+/// Connects tonic to a Unix socket instead of TCP.
+#[derive(Clone)]
+struct UnixConnector(Arc<Path>);
+
+impl tower_service::Service<Uri> for UnixConnector {
+    type Response = TokioIo<UnixStream>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let path = Arc::clone(&self.0);
+        Box::pin(async move { Ok(TokioIo::new(UnixStream::connect(&*path).await?)) })
+    }
+}

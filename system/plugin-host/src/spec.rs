@@ -1,0 +1,470 @@
+//! The `[[plugins]]` section of a worker config: which plugins a worker runs, and how.
+//!
+//! ```toml
+//! [[plugins]]
+//! name = "echo"
+//! mode = "cdylib"
+//! path = "target/debug/librollout_example_echo.so"
+//!
+//! [[plugins]]
+//! name = "score"
+//! mode = "python"              # in-process (needs the `python` feature)
+//! module = "score"             # imported as `import score`; it defines handle(...)
+//! path = "plugins/python"      # optional: prepended to sys.path
+//!
+//! [[plugins]]
+//! name = "echo-py"
+//! mode = "sidecar"             # a separate Python process, gRPC over a Unix socket
+//! script = "python/examples/echo_plugin.py"   # or module = "pkg.mod", or command = [..]
+//! python = ".venv/bin/python"  # optional, default "python3"; ignored with `command`
+//! path = "python/examples"     # optional: prepended to PYTHONPATH
+//! socket = "/run/rollout/echo-py.sock"   # optional, default in the temp dir
+//! startup_timeout = "10s"      # optional, default 10s
+//! ```
+//!
+//! Unknown keys are errors, and every error names the field (`plugins[1].path`).
+//! Relative paths are taken as given (relative to the worker's working directory).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rollout_core::config::duration_text;
+use rollout_core::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// Longest plugin name; names travel in Register and in every Assign.
+pub const PLUGIN_NAME_BYTES_MAX: usize = 64;
+/// Most plugins one worker may load.
+pub const PLUGINS_MAX: usize = 64;
+/// Longest Unix socket path (`sun_path` is 108 bytes including the NUL on Linux).
+pub const SOCKET_PATH_BYTES_MAX: usize = 107;
+/// How long a sidecar may take to answer its first health check, unless configured.
+pub const SIDECAR_STARTUP_TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
+/// Longest `startup_timeout` accepted.
+pub const SIDECAR_STARTUP_TIMEOUT_MAX: Duration = Duration::from_secs(600);
+
+/// One validated plugin entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginSpec {
+    /// The name the coordinator assigns tasks to (unique within a worker).
+    pub name: String,
+    /// How the plugin runs.
+    pub mode: PluginMode,
+}
+
+/// How a plugin runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PluginMode {
+    /// A Rust cdylib built with `rollout-plugin-sdk`, loaded into the worker.
+    Cdylib {
+        /// The shared library file.
+        path: PathBuf,
+    },
+    /// A Python module run inside the worker through PyO3.
+    Python {
+        /// The module to import (dotted name); it defines `handle`.
+        module: String,
+        /// A directory prepended to `sys.path`, if any.
+        path: Option<PathBuf>,
+    },
+    /// A Python process serving plugin.proto on a Unix socket.
+    Sidecar(SidecarSpec),
+}
+
+/// How to start and reach a sidecar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SidecarSpec {
+    /// The program to run (the interpreter, or `command[0]`).
+    pub program: PathBuf,
+    /// Its arguments; the host appends `--socket <path>`.
+    pub args: Vec<String>,
+    /// A directory prepended to `PYTHONPATH`, if any.
+    pub python_path: Option<PathBuf>,
+    /// The socket, or `None` for one in the temp dir named after the worker's pid and
+    /// the plugin.
+    pub socket: Option<PathBuf>,
+    /// How long the sidecar may take to start answering health checks.
+    pub startup_timeout: Duration,
+}
+
+/// The shape of one `[[plugins]]` table as written in TOML, before validation.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginSpecToml {
+    /// See [`PluginSpec::name`].
+    pub name: String,
+    /// `"cdylib"`, `"python"` or `"sidecar"`.
+    pub mode: String,
+    /// cdylib: the library; python: a `sys.path` entry; sidecar: a `PYTHONPATH` entry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// python, sidecar: the module to import / run with `-m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+    /// sidecar: a script to run with the interpreter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script: Option<PathBuf>,
+    /// sidecar: the whole command line (program and arguments).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// sidecar: the interpreter for `script` or `module` (default `python3`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub python: Option<PathBuf>,
+    /// sidecar: the Unix socket path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+    /// sidecar: e.g. `"10s"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup_timeout: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PluginsSection {
+    #[serde(default)]
+    plugins: Vec<PluginSpecToml>,
+}
+
+/// Reads the `[[plugins]]` tables of a config document (other sections are ignored:
+/// they belong to the core config) and validates them with [`validate_plugin_specs`].
+pub fn plugin_specs_from_toml_str(text: &str) -> Result<Vec<PluginSpec>> {
+    let value: toml::Value = toml::from_str(text)
+        .map_err(|e| Error::config_invalid("plugins", format!("not valid TOML: {}", e.message().trim())))?;
+    let section: PluginsSection = serde_path_to_error::deserialize(value)
+        .map_err(|e| Error::config_invalid(e.path().to_string(), e.into_inner().message().trim().to_owned()))?;
+    validate_plugin_specs(&section.plugins)
+}
+
+/// Validates every entry (errors name `plugins[i].<field>`), then the set: at most
+/// [`PLUGINS_MAX`] entries, unique names, unique sockets.
+pub fn validate_plugin_specs(raw: &[PluginSpecToml]) -> Result<Vec<PluginSpec>> {
+    if raw.len() > PLUGINS_MAX {
+        return Err(Error::config_invalid(
+            "plugins",
+            format!("{} plugins configured, at most {PLUGINS_MAX} are allowed", raw.len()),
+        ));
+    }
+    let mut names = BTreeSet::new();
+    let mut sockets = BTreeSet::new();
+    let mut specs = Vec::with_capacity(raw.len());
+    for (i, entry) in raw.iter().enumerate() {
+        let spec = entry.validate(&format!("plugins[{i}]"))?;
+        if !names.insert(spec.name.clone()) {
+            return Err(Error::config_invalid(
+                format!("plugins[{i}].name"),
+                format!("{:?} is used by an earlier plugin; names must be unique", spec.name),
+            ));
+        }
+        if let PluginMode::Sidecar(SidecarSpec { socket: Some(socket), .. }) = &spec.mode
+            && !sockets.insert(socket.clone())
+        {
+            return Err(Error::config_invalid(
+                format!("plugins[{i}].socket"),
+                format!("{} is used by an earlier plugin; sockets must be unique", socket.display()),
+            ));
+        }
+        specs.push(spec);
+    }
+    Ok(specs)
+}
+
+impl PluginSpecToml {
+    /// Checks this entry; `at` is its place in the config (e.g. `plugins[0]`), used as
+    /// the prefix of the field an error names.
+    pub fn validate(&self, at: &str) -> Result<PluginSpec> {
+        let field = |name: &str| format!("{at}.{name}");
+        check_name(&self.name).map_err(|reason| Error::config_invalid(field("name"), reason))?;
+        let allowed: &[&str] = match self.mode.as_str() {
+            "cdylib" => &["path"],
+            "python" => &["module", "path"],
+            "sidecar" => &["path", "module", "script", "command", "python", "socket", "startup_timeout"],
+            other => {
+                return Err(Error::config_invalid(
+                    field("mode"),
+                    format!("{other:?} is not a plugin mode; use \"cdylib\", \"python\" or \"sidecar\""),
+                ));
+            }
+        };
+        for (key, present) in self.present_fields() {
+            if present && !allowed.contains(&key) {
+                return Err(Error::config_invalid(
+                    field(key),
+                    format!("not used with mode = {:?} (it takes: {})", self.mode, allowed.join(", ")),
+                ));
+            }
+        }
+        let mode = match self.mode.as_str() {
+            "cdylib" => {
+                let path = self.path.clone().ok_or_else(|| {
+                    Error::config_invalid(field("path"), "required with mode = \"cdylib\": the plugin's .so file")
+                })?;
+                check_path(&path).map_err(|reason| Error::config_invalid(field("path"), reason))?;
+                PluginMode::Cdylib { path }
+            }
+            "python" => {
+                let module = self.module.clone().ok_or_else(|| {
+                    Error::config_invalid(field("module"), "required with mode = \"python\": the module to import")
+                })?;
+                check_module(&module).map_err(|reason| Error::config_invalid(field("module"), reason))?;
+                if let Some(path) = &self.path {
+                    check_path(path).map_err(|reason| Error::config_invalid(field("path"), reason))?;
+                }
+                PluginMode::Python { module, path: self.path.clone() }
+            }
+            _ => PluginMode::Sidecar(self.sidecar(&field)?),
+        };
+        Ok(PluginSpec { name: self.name.clone(), mode })
+    }
+
+    fn sidecar(&self, field: &dyn Fn(&str) -> String) -> Result<SidecarSpec> {
+        let python = self.python.clone().unwrap_or_else(|| PathBuf::from("python3"));
+        let (program, args) = match (&self.command, &self.script, &self.module) {
+            (Some(command), None, None) => {
+                let Some((program, args)) = command.split_first() else {
+                    return Err(Error::config_invalid(
+                        field("command"),
+                        "is empty: give the program and its arguments",
+                    ));
+                };
+                if program.is_empty() {
+                    return Err(Error::config_invalid(field("command"), "the program (first element) is empty"));
+                }
+                if self.python.is_some() {
+                    return Err(Error::config_invalid(
+                        field("python"),
+                        "not used with `command` (the command names its own program)",
+                    ));
+                }
+                (PathBuf::from(program), args.to_vec())
+            }
+            (None, Some(script), None) => {
+                check_path(script).map_err(|reason| Error::config_invalid(field("script"), reason))?;
+                (python, vec![script.display().to_string()])
+            }
+            (None, None, Some(module)) => {
+                check_module(module).map_err(|reason| Error::config_invalid(field("module"), reason))?;
+                (python, vec!["-m".to_owned(), module.clone()])
+            }
+            (None, None, None) => {
+                return Err(Error::config_invalid(
+                    field("script"),
+                    "mode = \"sidecar\" needs one of `script`, `module` or `command`",
+                ));
+            }
+            _ => {
+                return Err(Error::config_invalid(
+                    field("command"),
+                    "give only one of `script`, `module` or `command`",
+                ));
+            }
+        };
+        if let Some(path) = &self.path {
+            check_path(path).map_err(|reason| Error::config_invalid(field("path"), reason))?;
+        }
+        if let Some(socket) = &self.socket {
+            check_socket(socket).map_err(|reason| Error::config_invalid(field("socket"), reason))?;
+        }
+        let startup_timeout = match &self.startup_timeout {
+            None => SIDECAR_STARTUP_TIMEOUT_DEFAULT,
+            Some(text) => {
+                let timeout = duration_text::parse(text)
+                    .map_err(|reason| Error::config_invalid(field("startup_timeout"), reason))?;
+                if timeout.is_zero() || timeout > SIDECAR_STARTUP_TIMEOUT_MAX {
+                    return Err(Error::config_invalid(
+                        field("startup_timeout"),
+                        format!(
+                            "{text:?} is out of range: use more than 0s and at most {SIDECAR_STARTUP_TIMEOUT_MAX:?}"
+                        ),
+                    ));
+                }
+                timeout
+            }
+        };
+        Ok(SidecarSpec { program, args, python_path: self.path.clone(), socket: self.socket.clone(), startup_timeout })
+    }
+
+    fn present_fields(&self) -> [(&'static str, bool); 7] {
+        [
+            ("path", self.path.is_some()),
+            ("module", self.module.is_some()),
+            ("script", self.script.is_some()),
+            ("command", self.command.is_some()),
+            ("python", self.python.is_some()),
+            ("socket", self.socket.is_some()),
+            ("startup_timeout", self.startup_timeout.is_some()),
+        ]
+    }
+}
+
+fn check_name(name: &str) -> std::result::Result<(), String> {
+    if name.is_empty() {
+        return Err("is empty: give the plugin a name (letters, digits, '-', '_', '.')".to_owned());
+    }
+    if name.len() > PLUGIN_NAME_BYTES_MAX {
+        return Err(format!("{name:?} is longer than {PLUGIN_NAME_BYTES_MAX} bytes"));
+    }
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
+        return Err(format!("{name:?} contains {c:?}; use letters, digits, '-', '_' and '.'"));
+    }
+    Ok(())
+}
+
+fn check_module(module: &str) -> std::result::Result<(), String> {
+    let valid_part = |part: &str| {
+        part.chars().next().is_some_and(|c| c.is_alphabetic() || c == '_')
+            && part.chars().all(|c| c.is_alphanumeric() || c == '_')
+    };
+    if module.split('.').all(valid_part) {
+        Ok(())
+    } else {
+        Err(format!("{module:?} is not a Python module name (dotted identifiers, e.g. \"pkg.plugin\")"))
+    }
+}
+
+fn check_path(path: &Path) -> std::result::Result<(), String> {
+    if path.as_os_str().is_empty() { Err("is empty".to_owned()) } else { Ok(()) }
+}
+
+/// Checks a socket path fits in `sun_path`.
+pub(crate) fn check_socket(path: &Path) -> std::result::Result<(), String> {
+    check_path(path)?;
+    let len = path.as_os_str().len();
+    if len > SOCKET_PATH_BYTES_MAX {
+        return Err(format!(
+            "{} is {len} bytes; Unix socket paths are limited to {SOCKET_PATH_BYTES_MAX}: use a shorter one",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Vec<PluginSpec>> {
+        plugin_specs_from_toml_str(text)
+    }
+
+    fn field_of(err: Error) -> String {
+        match err {
+            Error::Fatal(rollout_core::Fatal::ConfigInvalid { field, .. }) => field,
+            other => panic!("expected ConfigInvalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn all_three_modes_parse() -> Result<()> {
+        let specs = parse(
+            r#"
+            [health]
+            heartbeat_interval = "500ms"
+
+            [[plugins]]
+            name = "echo"
+            mode = "cdylib"
+            path = "lib/libecho.so"
+
+            [[plugins]]
+            name = "score"
+            mode = "python"
+            module = "pkg.score"
+            path = "plugins"
+
+            [[plugins]]
+            name = "echo-py"
+            mode = "sidecar"
+            script = "python/examples/echo_plugin.py"
+            python = ".venv/bin/python"
+            startup_timeout = "3s"
+            "#,
+        )?;
+        assert_eq!(specs.len(), 3);
+        assert_eq!(specs[0].mode, PluginMode::Cdylib { path: "lib/libecho.so".into() });
+        assert_eq!(specs[1].mode, PluginMode::Python { module: "pkg.score".into(), path: Some("plugins".into()) });
+        let PluginMode::Sidecar(sidecar) = &specs[2].mode else { panic!("expected a sidecar") };
+        assert_eq!(sidecar.program, PathBuf::from(".venv/bin/python"));
+        assert_eq!(sidecar.args, vec!["python/examples/echo_plugin.py".to_owned()]);
+        assert_eq!(sidecar.startup_timeout, Duration::from_secs(3));
+        Ok(())
+    }
+
+    #[test]
+    fn sidecar_module_and_command_forms() -> Result<()> {
+        let specs = parse(
+            r#"
+            [[plugins]]
+            name = "a"
+            mode = "sidecar"
+            module = "echo_plugin"
+            [[plugins]]
+            name = "b"
+            mode = "sidecar"
+            command = ["/opt/py/bin/python", "-u", "serve.py"]
+            socket = "/tmp/b.sock"
+            "#,
+        )?;
+        let PluginMode::Sidecar(a) = &specs[0].mode else { panic!("expected a sidecar") };
+        assert_eq!(
+            (a.program.as_path(), a.args.as_slice()),
+            (Path::new("python3"), &["-m".into(), "echo_plugin".into()][..])
+        );
+        assert_eq!(a.startup_timeout, SIDECAR_STARTUP_TIMEOUT_DEFAULT);
+        let PluginMode::Sidecar(b) = &specs[1].mode else { panic!("expected a sidecar") };
+        assert_eq!(b.program, PathBuf::from("/opt/py/bin/python"));
+        assert_eq!(b.socket.as_deref(), Some(Path::new("/tmp/b.sock")));
+        Ok(())
+    }
+
+    #[test]
+    fn no_plugins_section_is_no_plugins() -> Result<()> {
+        assert!(parse("[health]\nheartbeat_interval = \"1s\"\n")?.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            ("[[plugins]]\nname = \"x\"\nmode = \"cdylib\"\n", "plugins[0].path"),
+            ("[[plugins]]\nname = \"x\"\nmode = \"wasm\"\n", "plugins[0].mode"),
+            ("[[plugins]]\nname = \"a b\"\nmode = \"cdylib\"\npath = \"p\"\n", "plugins[0].name"),
+            ("[[plugins]]\nname = \"x\"\nmode = \"cdylib\"\npath = \"p\"\nmodule = \"m\"\n", "plugins[0].module"),
+            ("[[plugins]]\nname = \"x\"\nmode = \"python\"\nmodule = \"not-a-module\"\n", "plugins[0].module"),
+            ("[[plugins]]\nname = \"x\"\nmode = \"sidecar\"\n", "plugins[0].script"),
+            ("[[plugins]]\nname = \"x\"\nmode = \"sidecar\"\nscript = \"a\"\nmodule = \"b\"\n", "plugins[0].command"),
+            ("[[plugins]]\nname = \"x\"\nmode = \"sidecar\"\ncommand = []\n", "plugins[0].command"),
+            (
+                "[[plugins]]\nname = \"x\"\nmode = \"sidecar\"\nscript = \"a\"\nstartup_timeout = \"10\"\n",
+                "plugins[0].startup_timeout",
+            ),
+            (
+                "[[plugins]]\nname = \"x\"\nmode = \"sidecar\"\nscript = \"a\"\nstartup_timeout = \"0s\"\n",
+                "plugins[0].startup_timeout",
+            ),
+            (
+                "[[plugins]]\nname = \"x\"\nmode = \"cdylib\"\npath = \"a\"\n[[plugins]]\nname = \"x\"\nmode = \"cdylib\"\npath = \"b\"\n",
+                "plugins[1].name",
+            ),
+            ("[[plugins]]\nname = \"x\"\nmode = \"cdylib\"\npaht = \"a\"\n", "plugins[0].paht"),
+        ];
+        for (text, want) in cases {
+            let err = parse(text).expect_err(text);
+            assert_eq!(field_of(err), want, "for {text}");
+        }
+    }
+
+    #[test]
+    fn long_socket_paths_are_refused() {
+        let socket = format!("/tmp/{}.sock", "s".repeat(120));
+        let text = format!("[[plugins]]\nname = \"x\"\nmode = \"sidecar\"\nscript = \"a\"\nsocket = \"{socket}\"\n");
+        let err = parse(&text).expect_err("a 130-byte socket path");
+        assert_eq!(field_of(err), "plugins[0].socket");
+    }
+
+    #[test]
+    fn duplicate_sockets_are_refused() {
+        let text = "[[plugins]]\nname = \"a\"\nmode = \"sidecar\"\nscript = \"a\"\nsocket = \"/tmp/s\"\n\
+                    [[plugins]]\nname = \"b\"\nmode = \"sidecar\"\nscript = \"b\"\nsocket = \"/tmp/s\"\n";
+        assert_eq!(field_of(parse(text).expect_err("same socket twice")), "plugins[1].socket");
+    }
+}

@@ -1,0 +1,225 @@
+//! Python sidecars: the example echo plugin (python/examples/echo_plugin.py) served
+//! over gRPC on a Unix socket, from the venv made by scripts/python-venv.sh.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rollout_core::traits::{CancelToken, PluginCall, PluginError, PluginHost};
+use rollout_plugin_host::{LoadError, LocalPluginHost, PluginMode, PluginSpec, SIDECAR_ABI_VERSION, SidecarSpec};
+use tempfile::TempDir;
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// A host running one sidecar, `script`, on a socket in its own temp dir.
+struct Sidecar {
+    host: LocalPluginHost,
+    _dir: TempDir,
+}
+
+fn spec_for(script: &Path, dir: &TempDir) -> PluginSpec {
+    PluginSpec {
+        name: "echo-py".into(),
+        mode: PluginMode::Sidecar(SidecarSpec {
+            program: common::venv_python(),
+            args: vec![script.display().to_string()],
+            python_path: None,
+            socket: Some(dir.path().join("echo.sock")),
+            startup_timeout: Duration::from_secs(20),
+        }),
+    }
+}
+
+fn echo_script() -> PathBuf {
+    common::workspace_root().join("python/examples/echo_plugin.py")
+}
+
+fn start_echo() -> Sidecar {
+    let dir = TempDir::new().unwrap();
+    let host = LocalPluginHost::start(&[spec_for(&echo_script(), &dir)]).expect("start the echo sidecar");
+    Sidecar { host, _dir: dir }
+}
+
+fn call(method: &str, payload: &[u8], deadline: Duration) -> PluginCall {
+    PluginCall { plugin: "echo-py".into(), method: method.into(), payload: payload.to_vec(), deadline }
+}
+
+impl Sidecar {
+    fn call(&self, method: &str, payload: &[u8], deadline: Duration) -> Result<Vec<u8>, PluginError> {
+        self.host.call(&call(method, payload, deadline), &CancelToken::new())
+    }
+
+    fn pid(&self) -> u32 {
+        let bytes = self.call("pid", b"", SECOND * 5).expect("pid");
+        String::from_utf8(bytes).unwrap().parse().unwrap()
+    }
+
+    fn starts(&self) -> u64 {
+        self.host.sidecar_starts("echo-py").unwrap()
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
+}
+
+#[test]
+fn round_trip() {
+    let sidecar = start_echo();
+    assert_eq!(sidecar.host.plugins(), vec!["echo-py".to_owned()]);
+    assert_eq!(sidecar.call("echo", b"hello", SECOND * 5), Ok(b"hello".to_vec()));
+    assert_eq!(sidecar.call("upper", b"hello", SECOND * 5), Ok(b"HELLO".to_vec()));
+    let big = vec![3u8; 8 << 20];
+    assert_eq!(sidecar.call("echo", &big, SECOND * 20), Ok(big));
+    assert_eq!(sidecar.starts(), 1);
+}
+
+#[test]
+fn an_exception_is_a_failed_call_with_its_traceback() {
+    let sidecar = start_echo();
+    let err = sidecar.call("fail", b"abc", SECOND * 5).unwrap_err();
+    let PluginError::Failed { message, detail } = err else { panic!("expected Failed, got {err:?}") };
+    assert_eq!(message, "ValueError: fail was called with 3 bytes");
+    let traceback = detail.expect("a traceback");
+    assert!(traceback.contains("Traceback") && traceback.contains("echo_plugin.py"), "{traceback}");
+    // An exception costs the call, not the process.
+    assert_eq!(sidecar.call("echo", b"x", SECOND * 5), Ok(b"x".to_vec()));
+    assert_eq!(sidecar.starts(), 1);
+}
+
+#[test]
+fn a_crash_fails_the_call_and_the_next_call_restarts_the_sidecar() {
+    let sidecar = start_echo();
+    let first = sidecar.pid();
+    let err = sidecar.call("crash", b"", SECOND * 5).unwrap_err();
+    assert!(matches!(err, PluginError::Crashed(ref m) if m.contains("exited")), "{err:?}");
+    assert!(!alive(first), "the crashed sidecar is reaped");
+    assert_eq!(sidecar.call("echo", b"again", SECOND * 10), Ok(b"again".to_vec()));
+    assert_ne!(sidecar.pid(), first);
+    assert_eq!(sidecar.starts(), 2);
+}
+
+#[test]
+fn a_sidecar_killed_mid_call_fails_that_call_and_the_retry_succeeds() {
+    let sidecar = Arc::new(start_echo());
+    let victim = sidecar.pid();
+    let in_flight = {
+        let sidecar = Arc::clone(&sidecar);
+        std::thread::spawn(move || sidecar.call("sleep", b"10000", SECOND * 30))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let killed = Command::new("kill").args(["-KILL", &victim.to_string()]).status().unwrap();
+    assert!(killed.success());
+    let started = Instant::now();
+    let err = in_flight.join().unwrap().unwrap_err();
+    assert!(matches!(err, PluginError::Crashed(_)), "{err:?}");
+    assert!(started.elapsed() < SECOND * 5, "the call noticed the crash after {:?}", started.elapsed());
+    // The retry (the next attempt) runs on a fresh sidecar.
+    assert_eq!(sidecar.call("echo", b"retry", SECOND * 10), Ok(b"retry".to_vec()));
+    assert_ne!(sidecar.pid(), victim);
+    assert_eq!(sidecar.starts(), 2);
+}
+
+#[test]
+fn a_call_past_its_deadline_kills_the_sidecar_and_the_next_call_gets_a_new_one() {
+    let sidecar = start_echo();
+    let hung = sidecar.pid();
+    let deadline = Duration::from_millis(300);
+    let started = Instant::now();
+    assert_eq!(sidecar.call("sleep", b"10000", deadline), Err(PluginError::DeadlineExceeded(deadline)));
+    assert!(started.elapsed() < SECOND * 3, "gave up after {:?}", started.elapsed());
+    assert!(!alive(hung), "the hung sidecar was killed");
+    assert_eq!(sidecar.call("echo", b"fresh", SECOND * 10), Ok(b"fresh".to_vec()));
+    assert_eq!(sidecar.starts(), 2);
+}
+
+#[test]
+fn a_cancelled_call_returns_cancelled() {
+    let sidecar = start_echo();
+    let cancel = CancelToken::new();
+    let canceller = cancel.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        canceller.cancel();
+    });
+    assert_eq!(sidecar.host.call(&call("sleep", b"10000", SECOND * 30), &cancel), Err(PluginError::Cancelled));
+    assert_eq!(sidecar.call("echo", b"after", SECOND * 10), Ok(b"after".to_vec()));
+}
+
+fn write_script(dir: &TempDir, name: &str, body: &str) -> PathBuf {
+    let path = dir.path().join(name);
+    std::fs::write(&path, body).unwrap();
+    path
+}
+
+#[test]
+fn a_sidecar_that_exits_at_startup_is_a_load_error_naming_the_plugin() {
+    let dir = TempDir::new().unwrap();
+    let script = write_script(&dir, "dies.py", "import sys\nsys.exit(7)\n");
+    let err = LocalPluginHost::start(&[spec_for(&script, &dir)]).unwrap_err();
+    let LoadError::SidecarStart { plugin, reason } = &err else { panic!("expected SidecarStart, got {err:?}") };
+    assert_eq!(plugin, "echo-py");
+    assert!(reason.contains("exited during startup") && reason.contains('7'), "{reason}");
+}
+
+#[test]
+fn a_sidecar_that_never_listens_times_out_at_startup() {
+    let dir = TempDir::new().unwrap();
+    let script = write_script(&dir, "mute.py", "import time\ntime.sleep(60)\n");
+    let mut spec = spec_for(&script, &dir);
+    let PluginMode::Sidecar(sidecar) = &mut spec.mode else { unreachable!() };
+    sidecar.startup_timeout = Duration::from_millis(500);
+    let started = Instant::now();
+    let err = LocalPluginHost::start(&[spec]).unwrap_err();
+    assert!(
+        matches!(err, LoadError::SidecarStart { ref reason, .. } if reason.contains("not healthy within")),
+        "{err}"
+    );
+    assert!(started.elapsed() < SECOND * 5);
+}
+
+#[test]
+fn a_sidecar_speaking_another_abi_version_is_refused_naming_both() {
+    let dir = TempDir::new().unwrap();
+    let echo_dir = echo_script().parent().unwrap().display().to_string();
+    let script = write_script(
+        &dir,
+        "future.py",
+        &format!(
+            "import sys\nsys.path.insert(0, {echo_dir:?})\nimport rollout_plugin.server as s\n\
+             s.ABI_VERSION = {}\nimport echo_plugin\ns.serve(echo_plugin.handle)\n",
+            SIDECAR_ABI_VERSION + 1
+        ),
+    );
+    let err = LocalPluginHost::start(&[spec_for(&script, &dir)]).unwrap_err();
+    assert!(
+        matches!(err, LoadError::AbiMismatch { ours, theirs, .. } if ours == SIDECAR_ABI_VERSION && theirs == SIDECAR_ABI_VERSION + 1),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn stopping_the_host_stops_the_sidecar() {
+    let sidecar = start_echo();
+    let pid = sidecar.pid();
+    drop(sidecar);
+    assert!(!alive(pid), "sidecar {pid} outlived its host");
+}
+
+/// The Python SDK's own tests, including the check that its hand-written descriptor
+/// matches proto/plugin.proto.
+#[test]
+fn python_sdk_unit_tests_pass() {
+    let output = Command::new(common::venv_python())
+        .args(["-m", "unittest", "discover", "-s"])
+        .arg(common::workspace_root().join("python/tests"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "python unittest failed:\n{}", String::from_utf8_lossy(&output.stderr));
+}
