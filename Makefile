@@ -6,14 +6,15 @@ export CARGO_TERM_COLOR ?= never
 CARGO ?= cargo
 ROLLOUT = $(CARGO_TARGET_DIR)/debug/rollout
 
-.PHONY: run test build fmt fmt-check clippy sans-io unit bench-storage
+.PHONY: run test build fmt fmt-check clippy sans-io no-openssl unit bench-storage bench-sim sim-soak
 
-## run: build, then print the validated plan of the local cluster (CONFIG=file.toml to use your own)
+## run: build, print the plan, then run a local cluster (coordinator + 2 workers over mTLS) through a demo job
 run: build
 	$(ROLLOUT) plan $(if $(CONFIG),--config $(CONFIG))
+	ROLLOUT=$(ROLLOUT) scripts/run-local.sh
 
 ## test: formatting, lints and every test of the workspace
-test: fmt-check clippy sans-io unit
+test: fmt-check clippy sans-io no-openssl unit
 
 build:
 	$(CARGO) build --workspace --locked
@@ -28,6 +29,10 @@ fmt-check:
 sans-io:
 	scripts/check-sans-io.sh
 
+## no-openssl: TLS is rustls + ring only; fails if OpenSSL or native-tls enters the dependency graph
+no-openssl:
+	scripts/check-no-openssl.sh
+
 clippy:
 	$(CARGO) clippy --workspace --all-targets --all-features --locked -- -D warnings
 
@@ -37,3 +42,15 @@ unit:
 ## bench-storage: committed single-put transactions/s vs puts/s batched 1000 per transaction (file backend)
 bench-storage:
 	$(CARGO) bench -p rollout-storage --bench storage
+
+## bench-sim: simulated seconds per wall second (1 coordinator + 16 workers) and swarm seeds per minute
+bench-sim:
+	$(CARGO) bench -p sim --bench sim
+
+## sim-soak: every scenario over SEEDS seeds (default 500) in a release build; prints any failing seed's repro command
+SEEDS ?= 500
+sim-soak:
+	$(CARGO) build --release -p sim --locked
+	@fail=0; for f in scenarios/*.toml; do \
+		$(CARGO_TARGET_DIR)/release/sim explore "$$f" --seeds $(SEEDS) | tail -n 12 || fail=1; \
+	done; exit $$fail

@@ -5,6 +5,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod certs;
+mod ops;
+mod run;
+
 use clap::{Parser, Subcommand};
 use rollout_core::config::duration_text;
 use rollout_core::{Config, Error, health};
@@ -40,13 +44,223 @@ enum Command {
         #[arg(long, short, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Run the coordinator until Ctrl-C.
+    ///
+    /// Opens (or creates) the database <storage.data_dir>/rollout.db and the object
+    /// store <storage.data_dir>/object-store, recovers every job and worker, and serves
+    /// workers and operators over mutual TLS on transport.listen_addr. Needs
+    /// ca.pem and coordinator.pem in transport.tls_dir (`rollout certs init`). History
+    /// events are written as JSON lines to --history (default: standard output); logs
+    /// go to standard error (RUST_LOG=debug for more).
+    Coordinator {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Listen here instead of transport.listen_addr (host:port).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+        /// Append history events (JSON lines) to this file instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        history: Option<PathBuf>,
+    },
+    /// Run a worker until Ctrl-C: register, beat, pull and run tasks.
+    ///
+    /// Connects to transport.coordinator_addr with the client certificate
+    /// worker.<ID>.pem from transport.tls_dir (`rollout certs issue --worker ID`), runs
+    /// tasks with the built-in `echo` and `sleep` plugins, and re-registers with
+    /// jittered exponential backoff after losing the coordinator. Exits 1 if the
+    /// coordinator refuses it for good (e.g. a protocol version mismatch).
+    Worker {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// The worker's id (its certificate's name).
+        #[arg(long, value_name = "ID")]
+        id: String,
+        /// Tasks run at once.
+        #[arg(long, default_value_t = 4)]
+        slots: u32,
+        /// Connect here instead of transport.coordinator_addr (host:port).
+        #[arg(long, value_name = "ADDR")]
+        coordinator: Option<String>,
+        /// Append worker-side history events (JSON lines) to this file instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        history: Option<PathBuf>,
+    },
+    /// Create or issue certificates (development CA).
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+    /// Submit tasks from a JSONL file and, by default, wait for them with a progress bar.
+    ///
+    /// One task per line: {"plugin": "echo", "payload": "text"}, with optional "method"
+    /// (default "run"), "gpus", "deadline_ms" and "job" (lines with the same "job"
+    /// label form one job; without it, all lines form one job named after the file).
+    /// A hash of each job's lines is its idempotency key, so re-running the same
+    /// command does not queue the same tasks twice.
+    Submit {
+        #[command(flatten)]
+        op: OperatorArgs,
+        /// The JSONL file.
+        file: PathBuf,
+        /// Return once the jobs are queued instead of waiting for them to finish.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Show workers (state, last beat, due_at, inventory), jobs with progress, and latency percentiles.
+    Status {
+        #[command(flatten)]
+        op: OperatorArgs,
+        /// Print the raw status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print every task of a job (state, attempts, content id, errors) as JSON lines.
+    Results {
+        #[command(flatten)]
+        op: OperatorArgs,
+        /// The job id (as printed by submit, e.g. 3 or job-3).
+        job: String,
+        /// Include the result bytes (as UTF-8 text where possible, else hex).
+        #[arg(long)]
+        bytes: bool,
+    },
+    /// Cancel every task of a job that has not finished.
+    Cancel {
+        #[command(flatten)]
+        op: OperatorArgs,
+        /// The job id (e.g. 3 or job-3).
+        job: String,
+    },
+    /// Tell a worker to finish what it runs and take nothing new.
+    Drain {
+        #[command(flatten)]
+        op: OperatorArgs,
+        /// The worker's id.
+        worker: String,
+    },
+    /// Inspect the coordinator's hash-chained audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct CommonArgs {
+    /// TOML config file; without it, defaults and ROLLOUT_<SECTION>__<KEY> environment overrides only.
+    #[arg(long, short, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct OperatorArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Operator certificate to use: operator.<NAME>.pem in transport.tls_dir.
+    #[arg(long, value_name = "NAME", default_value = "admin", env = "ROLLOUT_OPERATOR")]
+    operator: String,
+    /// Coordinator address instead of transport.coordinator_addr (host:port).
+    #[arg(long, value_name = "ADDR")]
+    coordinator: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum CertsCommand {
+    /// Create the development CA (once; idempotent), the coordinator's server
+    /// certificate and the operator certificate "admin", in transport.tls_dir.
+    Init {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Extra names (DNS or IP) for the coordinator certificate; localhost and 127.0.0.1 are always included.
+        #[arg(long = "san", value_name = "NAME")]
+        sans: Vec<String>,
+    },
+    /// Issue a certificate signed by the CA in transport.tls_dir.
+    Issue {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// A worker client certificate named after this worker id.
+        #[arg(long, value_name = "ID", group = "kind")]
+        worker: Option<String>,
+        /// An operator client certificate with this name.
+        #[arg(long, value_name = "NAME", group = "kind")]
+        operator: Option<String>,
+        /// The coordinator's server certificate (with --san names).
+        #[arg(long, group = "kind")]
+        server: bool,
+        /// Extra names for --server.
+        #[arg(long = "san", value_name = "NAME", requires = "server")]
+        sans: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Walk the whole audit chain in <storage.data_dir>/rollout.db and report the first
+    /// entry that does not verify. Run it while the coordinator is stopped (the
+    /// database is locked while it runs).
+    Verify {
+        #[command(flatten)]
+        common: CommonArgs,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Plan { config } => plan(config),
+        Command::Certs { command } => report(certs::run(command)),
+        Command::Audit { command: AuditCommand::Verify { common } } => report(ops::audit_verify(&common)),
+        other => {
+            init_logging();
+            let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            report(runtime.block_on(run_async(other)))
+        }
     }
+}
+
+async fn run_async(command: Command) -> Result<(), Error> {
+    match command {
+        Command::Coordinator { common, listen, history } => run::coordinator(&common, listen, history).await,
+        Command::Worker { common, id, slots, coordinator, history } => {
+            run::worker(&common, &id, slots, coordinator, history).await
+        }
+        Command::Submit { op, file, no_wait } => ops::submit(&op, &file, !no_wait).await,
+        Command::Status { op, json } => ops::status(&op, json).await,
+        Command::Results { op, job, bytes } => ops::results(&op, &job, bytes).await,
+        Command::Cancel { op, job } => ops::cancel(&op, &job).await,
+        Command::Drain { op, worker } => ops::drain(&op, &worker).await,
+        Command::Plan { .. } | Command::Certs { .. } | Command::Audit { .. } => Ok(()),
+    }
+}
+
+fn report(result: Result<(), Error>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(exit_code_for(&e))
+        }
+    }
+}
+
+/// Logs to standard error; RUST_LOG overrides the default level (info).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
+}
+
+/// The effective config of a command.
+fn load_config(common: &CommonArgs) -> Result<Config, Error> {
+    Config::load(common.config.as_deref(), std::env::vars())
 }
 
 fn plan(config_path: Option<PathBuf>) -> ExitCode {

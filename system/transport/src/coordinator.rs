@@ -1,0 +1,419 @@
+//! The coordinator driver: one tokio task that owns the [`Coordinator`] machine.
+//!
+//! Every RPC handler talks to it through one bounded channel. The driver waits for the
+//! first message (or the machine's timer), then takes everything else already queued
+//! (up to [`BATCH_INPUTS_MAX`]) and applies it as one batch: one storage transaction,
+//! one fsync (group commit). Only after the commit does it release the batch's outputs:
+//! messages go to the right worker's streams, unary calls get their answers, operator
+//! requests their replies, and history events go to the emitter. While a batch commits
+//! (on the blocking pool), new inputs queue up and form the next batch.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use rollout_coordinator::metrics::LatencySummary;
+use rollout_coordinator::{
+    Coordinator, CoordinatorInput, CoordinatorOutput, CoordinatorSettings, JobStatus, JobSubmission, OperatorReply,
+    RequestId, TaskReport, WorkerStatus,
+};
+use rollout_core::protocol::{Heartbeat, Register, ToCoordinator, ToWorker};
+use rollout_core::traits::{EventEmitter, Storage};
+use rollout_core::{Error, Incarnation, JobId, Mono, Now, Result, TaskId, WorkerId};
+use rollout_proto::transport as pb;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::history::Stamper;
+use crate::wire;
+
+/// Most inputs applied in one batch (one transaction).
+pub const BATCH_INPUTS_MAX: usize = 8192;
+/// Capacity of the driver's inbox; handlers wait when it is full (back-pressure).
+pub const INBOX_CAPACITY: usize = 65_536;
+/// Frames queued towards one worker's Work stream before further ones are dropped
+/// (the protocol recovers lost assignments and acks).
+pub const WORK_FRAMES_QUEUED_MAX: usize = 1024;
+/// Control messages queued towards one worker before further ones are dropped.
+pub const CONTROL_QUEUED_MAX: usize = 256;
+
+/// The node's clocks: monotonic from tokio's clock (so a simulated runtime can drive
+/// it), wall from the system.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeClock {
+    origin: tokio::time::Instant,
+}
+
+impl NodeClock {
+    /// A clock whose monotonic origin is now.
+    pub fn start() -> Self {
+        NodeClock { origin: tokio::time::Instant::now() }
+    }
+
+    /// Both readings.
+    pub fn now(&self) -> Now {
+        Now::new(Mono::from_duration(self.origin.elapsed()), SystemTime::now())
+    }
+
+    /// The tokio instant of a monotonic reading.
+    pub fn instant_of(&self, at: Mono) -> tokio::time::Instant {
+        self.origin + at.as_duration()
+    }
+}
+
+/// An operator request, as the driver takes it.
+#[derive(Debug, Clone)]
+pub enum OperatorRequest {
+    /// Queue a job.
+    SubmitJob(JobSubmission),
+    /// Cancel a job's unfinished tasks.
+    CancelJob(JobId),
+    /// Cancel one task.
+    CancelTask(TaskId),
+    /// Drain a worker.
+    Drain(WorkerId),
+}
+
+/// A point-in-time view of the cluster.
+#[derive(Debug, Clone)]
+pub struct StatusSnapshot {
+    /// Workers, in id order.
+    pub workers: Vec<WorkerStatus>,
+    /// Jobs, in id order.
+    pub jobs: Vec<JobStatus>,
+    /// Latency percentiles from merged histograms.
+    pub latencies: Vec<LatencySummary>,
+}
+
+/// What flows down a Work stream: frames, or the error that ends it.
+pub(crate) type WorkItem = std::result::Result<pb::CoordinatorFrame, tonic::Status>;
+
+pub(crate) enum DriverMsg {
+    /// A worker message that needs no answer of its own (Pull, Submit).
+    FromWorker(WorkerId, ToCoordinator),
+    Register(WorkerId, Register, oneshot::Sender<ToWorker>),
+    Heartbeat(WorkerId, Heartbeat, oneshot::Sender<ToWorker>),
+    Operator(OperatorRequest, oneshot::Sender<OperatorReply>),
+    AttachWork {
+        worker: WorkerId,
+        incarnation: Incarnation,
+        conn: u64,
+        tx: mpsc::Sender<WorkItem>,
+    },
+    AttachControl {
+        worker: WorkerId,
+        incarnation: Incarnation,
+        conn: u64,
+        tx: mpsc::Sender<pb::ControlMessage>,
+    },
+    Detach {
+        worker: WorkerId,
+        conn: u64,
+    },
+    Status(oneshot::Sender<StatusSnapshot>),
+    Reports(JobId, oneshot::Sender<Option<Vec<TaskReport>>>),
+}
+
+/// A cheap, cloneable handle to the coordinator driver.
+#[derive(Clone, Debug)]
+pub struct CoordinatorHandle {
+    pub(crate) inbox: mpsc::Sender<DriverMsgBox>,
+}
+
+/// Wrapper so the handle can derive Debug without exposing the message type.
+pub(crate) struct DriverMsgBox(pub(crate) DriverMsg);
+
+impl std::fmt::Debug for DriverMsgBox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DriverMsg")
+    }
+}
+
+impl CoordinatorHandle {
+    pub(crate) async fn send(&self, msg: DriverMsg) -> Result<()> {
+        self.inbox.send(DriverMsgBox(msg)).await.map_err(|_| stopped())
+    }
+
+    /// Sends an operator request and waits for its reply (after its batch committed).
+    pub async fn operator(&self, request: OperatorRequest) -> Result<OperatorReply> {
+        let (tx, rx) = oneshot::channel();
+        self.send(DriverMsg::Operator(request, tx)).await?;
+        rx.await.map_err(|_| stopped())
+    }
+
+    /// The cluster's current state.
+    pub async fn status(&self) -> Result<StatusSnapshot> {
+        let (tx, rx) = oneshot::channel();
+        self.send(DriverMsg::Status(tx)).await?;
+        rx.await.map_err(|_| stopped())
+    }
+
+    /// Every task of `job` (`None`: no such job).
+    pub async fn task_reports(&self, job: JobId) -> Result<Option<Vec<TaskReport>>> {
+        let (tx, rx) = oneshot::channel();
+        self.send(DriverMsg::Reports(job, tx)).await?;
+        rx.await.map_err(|_| stopped())
+    }
+}
+
+fn stopped() -> Error {
+    Error::recoverable(
+        rollout_core::Recoverable::Unavailable("the coordinator driver stopped".into()),
+        rollout_core::RetryHint::Backoff,
+    )
+}
+
+/// What the driver needs.
+pub struct CoordinatorDriverOptions {
+    /// Durable state (opened by the caller; recovered at start).
+    pub storage: Arc<dyn Storage>,
+    /// Machine settings.
+    pub settings: CoordinatorSettings,
+    /// Where history events go.
+    pub emitter: Arc<dyn EventEmitter>,
+    /// Set to `true` to stop the driver.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for CoordinatorDriverOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoordinatorDriverOptions").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+/// Recovers the coordinator from storage and starts its driver on the current tokio
+/// runtime. Returns the handle the services use and the driver's task (which ends
+/// with an error only if storage fails beyond recovery).
+pub fn spawn_coordinator_driver(opts: CoordinatorDriverOptions) -> Result<(CoordinatorHandle, JoinHandle<Result<()>>)> {
+    let clock = NodeClock::start();
+    let machine = Coordinator::recover(Arc::clone(&opts.storage), opts.settings.clone(), clock.now())?;
+    let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
+    let driver = Driver {
+        machine: Some(machine),
+        storage: opts.storage,
+        settings: opts.settings,
+        emitter: opts.emitter,
+        stamper: Stamper::new("coordinator"),
+        clock,
+        inbox: rx,
+        links: BTreeMap::new(),
+        pending_registers: BTreeMap::new(),
+        pending_beats: BTreeMap::new(),
+        pending_requests: BTreeMap::new(),
+        next_request: 0,
+    };
+    let join = tokio::spawn(driver.run(opts.shutdown));
+    Ok((CoordinatorHandle { inbox: tx }, join))
+}
+
+#[derive(Default)]
+struct WorkerLink {
+    work: Option<(u64, Incarnation, mpsc::Sender<WorkItem>)>,
+    control: Option<(u64, Incarnation, mpsc::Sender<pb::ControlMessage>)>,
+}
+
+struct Driver {
+    machine: Option<Coordinator>,
+    storage: Arc<dyn Storage>,
+    settings: CoordinatorSettings,
+    emitter: Arc<dyn EventEmitter>,
+    stamper: Stamper,
+    clock: NodeClock,
+    inbox: mpsc::Receiver<DriverMsgBox>,
+    links: BTreeMap<WorkerId, WorkerLink>,
+    pending_registers: BTreeMap<WorkerId, VecDeque<oneshot::Sender<ToWorker>>>,
+    pending_beats: BTreeMap<(WorkerId, Incarnation, u64), Vec<oneshot::Sender<ToWorker>>>,
+    pending_requests: BTreeMap<RequestId, oneshot::Sender<OperatorReply>>,
+    next_request: RequestId,
+}
+
+impl Driver {
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+        let mut inputs: Vec<CoordinatorInput> = Vec::new();
+        loop {
+            let deadline = self
+                .machine
+                .as_ref()
+                .and_then(Coordinator::poll_timeout)
+                .map(|at| self.clock.instant_of(at))
+                .unwrap_or_else(|| tokio::time::Instant::now() + std::time::Duration::from_secs(1));
+            tokio::select! {
+                biased;
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        tracing::info!(channel = "coordinator", "coordinator driver stopping");
+                        return Ok(());
+                    }
+                    continue;
+                }
+                msg = self.inbox.recv() => match msg {
+                    Some(DriverMsgBox(msg)) => self.take(msg, &mut inputs),
+                    None => return Ok(()),
+                },
+                () = tokio::time::sleep_until(deadline) => inputs.push(CoordinatorInput::Tick),
+            }
+            // Group commit: everything already waiting joins this batch.
+            while inputs.len() < BATCH_INPUTS_MAX {
+                match self.inbox.try_recv() {
+                    Ok(DriverMsgBox(msg)) => self.take(msg, &mut inputs),
+                    Err(_) => break,
+                }
+            }
+            if tokio::time::Instant::now() >= deadline && !inputs.contains(&CoordinatorInput::Tick) {
+                inputs.push(CoordinatorInput::Tick);
+            }
+            if !inputs.is_empty() {
+                self.apply(std::mem::take(&mut inputs)).await?;
+            }
+        }
+    }
+
+    /// Turns a message into machine input, or answers it directly (queries, attaches).
+    fn take(&mut self, msg: DriverMsg, inputs: &mut Vec<CoordinatorInput>) {
+        match msg {
+            DriverMsg::FromWorker(worker, message) => inputs.push(CoordinatorInput::FromWorker { worker, message }),
+            DriverMsg::Register(worker, register, reply) => {
+                self.pending_registers.entry(worker.clone()).or_default().push_back(reply);
+                inputs.push(CoordinatorInput::FromWorker { worker, message: ToCoordinator::Register(register) });
+            }
+            DriverMsg::Heartbeat(worker, beat, reply) => {
+                self.pending_beats.entry((worker.clone(), beat.incarnation, beat.beat_seq)).or_default().push(reply);
+                inputs.push(CoordinatorInput::FromWorker { worker, message: ToCoordinator::Heartbeat(beat) });
+            }
+            DriverMsg::Operator(request, reply) => {
+                self.next_request += 1;
+                let id = self.next_request;
+                self.pending_requests.insert(id, reply);
+                inputs.push(match request {
+                    OperatorRequest::SubmitJob(job) => CoordinatorInput::SubmitJob { request: id, job },
+                    OperatorRequest::CancelJob(job) => CoordinatorInput::CancelJob { request: id, job },
+                    OperatorRequest::CancelTask(task) => CoordinatorInput::CancelTask { request: id, task },
+                    OperatorRequest::Drain(worker) => CoordinatorInput::Drain { request: id, worker },
+                });
+            }
+            DriverMsg::AttachWork { worker, incarnation, conn, tx } => {
+                let link = self.links.entry(worker).or_default();
+                if link.work.as_ref().is_none_or(|(_, inc, _)| *inc <= incarnation) {
+                    link.work = Some((conn, incarnation, tx));
+                }
+            }
+            DriverMsg::AttachControl { worker, incarnation, conn, tx } => {
+                let link = self.links.entry(worker).or_default();
+                if link.control.as_ref().is_none_or(|(_, inc, _)| *inc <= incarnation) {
+                    link.control = Some((conn, incarnation, tx));
+                }
+            }
+            DriverMsg::Detach { worker, conn } => {
+                if let Some(link) = self.links.get_mut(&worker) {
+                    if link.work.as_ref().is_some_and(|(c, _, _)| *c == conn) {
+                        link.work = None;
+                    }
+                    if link.control.as_ref().is_some_and(|(c, _, _)| *c == conn) {
+                        link.control = None;
+                    }
+                }
+            }
+            DriverMsg::Status(reply) => {
+                if let Some(m) = &self.machine {
+                    let _ =
+                        reply.send(StatusSnapshot { workers: m.workers(), jobs: m.jobs(), latencies: m.latencies() });
+                }
+            }
+            DriverMsg::Reports(job, reply) => {
+                if let Some(m) = &self.machine {
+                    let _ = reply.send(m.job(job).map(|_| m.task_reports(job)));
+                }
+            }
+        }
+    }
+
+    /// One batch: apply and commit on the blocking pool, then release the outputs.
+    async fn apply(&mut self, inputs: Vec<CoordinatorInput>) -> Result<()> {
+        let Some(mut machine) = self.machine.take() else { return Err(Error::internal("coordinator machine missing")) };
+        let now = self.clock.now();
+        let batch_len = inputs.len();
+        let joined = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            let result = machine.handle_batch(now, inputs, &mut out);
+            (machine, out, result)
+        })
+        .await;
+        let (machine, out, result) = joined.map_err(|e| Error::internal(format!("coordinator batch panicked: {e}")))?;
+        if let Err(e) = result {
+            // The machine is poisoned: its memory may be ahead of storage. Recover a
+            // fresh one from what was committed; the batch's callers see their calls
+            // fail and retry.
+            tracing::error!(channel = "coordinator", error = %e, batch_len, "batch failed; recovering from storage");
+            self.pending_registers.clear();
+            self.pending_beats.clear();
+            self.pending_requests.clear();
+            drop(machine);
+            self.machine =
+                Some(Coordinator::recover(Arc::clone(&self.storage), self.settings.clone(), self.clock.now())?);
+            return Ok(());
+        }
+        self.machine = Some(machine);
+        tracing::trace!(channel = "coordinator", batch_len, outputs = out.len(), "batch committed");
+        self.release(now, out);
+        Ok(())
+    }
+
+    fn release(&mut self, now: Now, out: Vec<CoordinatorOutput>) {
+        let mut frames: BTreeMap<WorkerId, pb::CoordinatorFrame> = BTreeMap::new();
+        for output in out {
+            match output {
+                CoordinatorOutput::Event(event) => self.stamper.emit(&*self.emitter, now.wall, event),
+                CoordinatorOutput::Reply { request, reply } => {
+                    if let Some(tx) = self.pending_requests.remove(&request) {
+                        let _ = tx.send(reply);
+                    }
+                }
+                CoordinatorOutput::Send { to, message } => match message {
+                    ToWorker::Registered { .. } | ToWorker::RegisterRejected { .. } => {
+                        let waiting = self.pending_registers.get_mut(&to);
+                        if let Some(tx) = waiting.and_then(VecDeque::pop_front) {
+                            let _ = tx.send(message);
+                        }
+                        if self.pending_registers.get(&to).is_some_and(VecDeque::is_empty) {
+                            self.pending_registers.remove(&to);
+                        }
+                    }
+                    ToWorker::HeartbeatAck { incarnation, beat_seq, .. } => {
+                        if let Some(waiting) = self.pending_beats.remove(&(to, incarnation, beat_seq)) {
+                            for tx in waiting {
+                                let _ = tx.send(message.clone());
+                            }
+                        }
+                    }
+                    ToWorker::Assign(a) => frames.entry(to).or_default().assigns.push(wire::assign_to_wire(a)),
+                    ToWorker::SubmitAck { task, token, verdict } => {
+                        frames.entry(to).or_default().acks.push(pb::SubmitAck {
+                            task: Some(task.into()),
+                            token: token.get(),
+                            verdict: wire::verdict_to_wire(verdict).into(),
+                        })
+                    }
+                    ToWorker::Control(c) => {
+                        let sent = self
+                            .links
+                            .get(&to)
+                            .and_then(|l| l.control.as_ref())
+                            .map(|(_, _, tx)| tx.try_send(wire::control_to_wire(c)).is_ok());
+                        if sent != Some(true) {
+                            tracing::debug!(channel = "control", worker = %to, "control message dropped: no open control stream");
+                        }
+                    }
+                },
+            }
+        }
+        for (to, frame) in frames {
+            let sent =
+                self.links.get(&to).and_then(|l| l.work.as_ref()).map(|(_, _, tx)| tx.try_send(Ok(frame)).is_ok());
+            if sent != Some(true) {
+                // Lost assignments are re-queued at the worker's next beat; lost acks
+                // are answered again when the worker re-sends its submit.
+                tracing::debug!(channel = "work", worker = %to, "work frame dropped: no open work stream or queue full");
+            }
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! History emitters: where the drivers send the events the invariant checker judges.
+//! Every emitter writes one JSON object per line ([`HistoryRecord`]'s JSON form), so a
+//! recorded history can be fed to `rollout check` or read with `jq`.
+
+use std::fs::{File, OpenOptions};
+use std::io::{LineWriter, Write};
+use std::path::Path;
+use std::sync::Mutex;
+
+use rollout_core::history::{HistoryEvent, HistoryRecord};
+use rollout_core::time::unix_millis;
+use rollout_core::traits::EventEmitter;
+use rollout_core::{Error, Result};
+
+/// Writes each record as one JSON line on standard output.
+#[derive(Debug, Default)]
+pub struct StdoutJsonEmitter {
+    lock: Mutex<()>,
+}
+
+impl StdoutJsonEmitter {
+    /// An emitter to stdout.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl EventEmitter for StdoutJsonEmitter {
+    fn emit(&self, record: &HistoryRecord) {
+        let Ok(line) = serde_json::to_string(record) else { return };
+        // The lock keeps lines whole when several drivers share one process.
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}");
+    }
+}
+
+/// Appends each record as one JSON line to a file, flushed line by line so that a
+/// killed process leaves every emitted event behind.
+#[derive(Debug)]
+pub struct FileJsonEmitter {
+    out: Mutex<LineWriter<File>>,
+}
+
+impl FileJsonEmitter {
+    /// Opens (creating, appending) the history file at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                Error::config_invalid(parent.display().to_string(), format!("creating the history directory: {e}"))
+            })?;
+        }
+        let file =
+            OpenOptions::new().create(true).append(true).open(path).map_err(|e| {
+                Error::config_invalid(path.display().to_string(), format!("opening the history file: {e}"))
+            })?;
+        Ok(FileJsonEmitter { out: Mutex::new(LineWriter::new(file)) })
+    }
+}
+
+impl EventEmitter for FileJsonEmitter {
+    fn emit(&self, record: &HistoryRecord) {
+        let Ok(line) = serde_json::to_string(record) else { return };
+        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = writeln!(out, "{line}") {
+            tracing::warn!(channel = "history", error = %e, "could not write a history event");
+        }
+    }
+}
+
+/// Keeps records in memory (tests, embedding).
+#[derive(Debug, Default)]
+pub struct MemoryEmitter {
+    records: Mutex<Vec<HistoryRecord>>,
+}
+
+impl MemoryEmitter {
+    /// An empty recorder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every record so far, in emission order.
+    pub fn records(&self) -> Vec<HistoryRecord> {
+        self.records.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl EventEmitter for MemoryEmitter {
+    fn emit(&self, record: &HistoryRecord) {
+        self.records.lock().unwrap_or_else(|e| e.into_inner()).push(record.clone());
+    }
+}
+
+/// Discards everything.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NullEmitter;
+
+impl EventEmitter for NullEmitter {
+    fn emit(&self, _record: &HistoryRecord) {}
+}
+
+/// Stamps a node's events with its name, its own sequence number and its wall clock.
+#[derive(Debug)]
+pub(crate) struct Stamper {
+    node: String,
+    seq: u64,
+}
+
+impl Stamper {
+    pub(crate) fn new(node: impl Into<String>) -> Self {
+        Stamper { node: node.into(), seq: 0 }
+    }
+
+    pub(crate) fn emit(&mut self, emitter: &dyn EventEmitter, wall: std::time::SystemTime, event: HistoryEvent) {
+        self.seq += 1;
+        emitter.emit(&HistoryRecord { seq: self.seq, node: self.node.clone(), wall_unix_ms: unix_millis(wall), event });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rollout_core::{Incarnation, WorkerId};
+
+    #[test]
+    fn file_emitter_writes_one_json_object_per_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("h/history.jsonl");
+        let emitter = FileJsonEmitter::open(&path).expect("opens");
+        let mut stamper = Stamper::new("coordinator");
+        let w = WorkerId::new("w1").expect("id");
+        for i in 1..=2 {
+            stamper.emit(
+                &emitter,
+                std::time::SystemTime::UNIX_EPOCH,
+                HistoryEvent::Registered { worker: w.clone(), incarnation: Incarnation(i) },
+            );
+        }
+        let text = std::fs::read_to_string(&path).expect("reads");
+        let records: Vec<HistoryRecord> =
+            text.lines().map(|l| serde_json::from_str(l).expect("one record per line")).collect();
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[1].seq, 2);
+        assert_eq!(records[0].node, "coordinator");
+    }
+}

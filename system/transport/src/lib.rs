@@ -1,0 +1,39 @@
+//! `rollout-transport`: the real runtime around the sans-IO machines.
+//!
+//! - [`tls`]: the development CA and certificates (rcgen), rustls configurations for
+//!   mutual TLS (ring provider; no OpenSSL), and peer roles read from certificates.
+//! - [`net`]: TLS over any byte stream: a verified-connection stream for tonic's
+//!   `serve_with_incoming` (with the peer's role as connect info) and a connector for
+//!   `Endpoint::connect_with_connector_lazy`, both generic so a simulated network can
+//!   stand in for TCP.
+//! - [`service`]: the `Coordinator` and `Operator` gRPC services (identity binding,
+//!   message checks, size limits).
+//! - [`coordinator`]: the coordinator driver (group commit, timers, routing).
+//! - [`worker`]: the worker driver (registration, beats, streams, reconnects, tasks).
+//! - [`plugins`]: the built-in `echo` and `sleep` plugins.
+//! - [`history`]: JSON-lines history emitters.
+//! - [`server`]: starting a coordinator or a worker from the effective config.
+//!
+//! Architecture invariant: all I/O, clocks and spawning of the system live here (and
+//! in the binaries); decisions stay in the machines. The drivers only translate, batch
+//! and route.
+
+pub mod coordinator;
+pub mod history;
+pub mod net;
+pub mod plugins;
+pub mod server;
+pub mod service;
+pub mod tls;
+pub mod wire;
+pub mod worker;
+
+pub use coordinator::{CoordinatorHandle, NodeClock, OperatorRequest, StatusSnapshot};
+pub use history::{FileJsonEmitter, MemoryEmitter, NullEmitter, StdoutJsonEmitter};
+pub use plugins::BuiltinPlugins;
+pub use server::{
+    CoordinatorOptions, RunningCoordinator, WorkerOptions, connect, operator_client, run_worker_process,
+    serve_coordinator, start_coordinator,
+};
+pub use service::CoordinatorApi;
+pub use tls::{CertFiles, PeerRole, ensure_dev_ca, issue_client_cert, issue_operator_cert, issue_server_cert};

@@ -1,0 +1,103 @@
+//! The built-in plugin host, until `rollout-plugin-host` provides real plugins:
+//! `echo` returns its payload, `sleep` sleeps the payload's milliseconds (decimal text)
+//! and returns the payload. Both honour the call's deadline and cancel token.
+
+use std::time::{Duration, Instant};
+
+use rollout_core::traits::{CancelToken, PluginCall, PluginError, PluginHost};
+
+/// How often a sleeping call looks at its cancel token.
+const CANCEL_POLL: Duration = Duration::from_millis(5);
+
+/// `echo` and `sleep`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BuiltinPlugins;
+
+impl PluginHost for BuiltinPlugins {
+    fn plugins(&self) -> Vec<String> {
+        vec!["echo".to_owned(), "sleep".to_owned()]
+    }
+
+    fn call(&self, call: &PluginCall, cancel: &CancelToken) -> Result<Vec<u8>, PluginError> {
+        if cancel.is_cancelled() {
+            return Err(PluginError::Cancelled);
+        }
+        match call.plugin.as_str() {
+            "echo" => Ok(call.payload.clone()),
+            "sleep" => {
+                let text = std::str::from_utf8(&call.payload).map_err(|_| failed("sleep: the payload is not UTF-8"))?;
+                let ms: u64 = text.trim().parse().map_err(|_| {
+                    failed(format!("sleep: the payload must be a number of milliseconds, got {:?}", truncate(text)))
+                })?;
+                sleep_cancellable(Duration::from_millis(ms), call.deadline, cancel)?;
+                Ok(call.payload.clone())
+            }
+            other => Err(PluginError::NotFound(other.to_owned())),
+        }
+    }
+}
+
+fn sleep_cancellable(duration: Duration, deadline: Duration, cancel: &CancelToken) -> Result<(), PluginError> {
+    let start = Instant::now();
+    loop {
+        if cancel.is_cancelled() {
+            return Err(PluginError::Cancelled);
+        }
+        let elapsed = start.elapsed();
+        if elapsed >= duration {
+            return Ok(());
+        }
+        if elapsed >= deadline {
+            return Err(PluginError::DeadlineExceeded(deadline));
+        }
+        let left = duration.min(deadline).saturating_sub(elapsed);
+        std::thread::sleep(left.min(CANCEL_POLL));
+    }
+}
+
+fn failed(message: impl Into<String>) -> PluginError {
+    PluginError::Failed { message: message.into(), detail: None }
+}
+
+fn truncate(text: &str) -> String {
+    rollout_core::text::truncate_at_char_boundary(text.to_owned(), 64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(plugin: &str, payload: &[u8], deadline_ms: u64) -> PluginCall {
+        PluginCall {
+            plugin: plugin.into(),
+            method: "run".into(),
+            payload: payload.to_vec(),
+            deadline: Duration::from_millis(deadline_ms),
+        }
+    }
+
+    #[test]
+    fn echo_returns_the_payload() {
+        assert_eq!(BuiltinPlugins.call(&call("echo", b"hi", 1000), &CancelToken::new()), Ok(b"hi".to_vec()));
+    }
+
+    #[test]
+    fn sleep_honours_deadline_and_cancel() {
+        assert_eq!(BuiltinPlugins.call(&call("sleep", b"5", 1000), &CancelToken::new()), Ok(b"5".to_vec()));
+        assert_eq!(
+            BuiltinPlugins.call(&call("sleep", b"5000", 20), &CancelToken::new()),
+            Err(PluginError::DeadlineExceeded(Duration::from_millis(20)))
+        );
+        let cancel = CancelToken::new();
+        cancel.cancel();
+        assert_eq!(BuiltinPlugins.call(&call("sleep", b"5000", 10_000), &cancel), Err(PluginError::Cancelled));
+        assert!(matches!(
+            BuiltinPlugins.call(&call("sleep", b"soon", 10), &CancelToken::new()),
+            Err(PluginError::Failed { .. })
+        ));
+        assert_eq!(
+            BuiltinPlugins.call(&call("nope", b"", 10), &CancelToken::new()),
+            Err(PluginError::NotFound("nope".into()))
+        );
+    }
+}

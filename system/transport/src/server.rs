@@ -1,0 +1,245 @@
+//! Putting it together: serve the coordinator over any stream of connections, or
+//! start a whole coordinator (storage, object store, driver, TCP listener) or worker
+//! from the effective [`Config`].
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::Stream;
+use rollout_cloud_local::FsObjectStore;
+use rollout_coordinator::CoordinatorSettings;
+use rollout_core::traits::{EventEmitter, ObjectStore, PluginHost, Storage};
+use rollout_core::{Config, Error, Result, WorkerId};
+use rollout_proto::transport::operator_client::OperatorClient;
+use rollout_storage::RedbStorage;
+use rollout_worker::WorkerSettings;
+use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Server};
+
+use crate::coordinator::{CoordinatorDriverOptions, CoordinatorHandle, spawn_coordinator_driver};
+use crate::net::{TcpDialer, TlsConnector, lazy_channel, tcp_incoming, tls_incoming};
+use crate::service::{CoordinatorApi, STREAMS_PER_CONNECTION_MAX};
+use crate::tls::{self, CertFiles};
+use crate::worker::{WorkerRuntimeOptions, run_worker};
+
+/// How long a graceful shutdown waits for open connections.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// The database file under the data directory.
+pub const DATABASE_FILE: &str = "rollout.db";
+
+/// Serves both gRPC services on `incoming` (any stream of accepted byte streams, each
+/// with a peer address for logs) under mutual TLS, until `shutdown` completes.
+pub async fn serve_coordinator<L, IO, E, F>(
+    api: CoordinatorApi,
+    incoming: L,
+    tls: Arc<ServerConfig>,
+    max_message_bytes: usize,
+    shutdown: F,
+) -> Result<()>
+where
+    L: Stream<Item = std::result::Result<(IO, String), E>> + Send + 'static,
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+    F: Future<Output = ()> + Send,
+{
+    let (coordinator, operator) = api.into_services(max_message_bytes);
+    Server::builder()
+        .max_concurrent_streams(Some(STREAMS_PER_CONNECTION_MAX))
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(coordinator)
+        .add_service(operator)
+        .serve_with_incoming_shutdown(tls_incoming(incoming, tls), shutdown)
+        .await
+        .map_err(|e| Error::internal(format!("gRPC server failed: {e}")))
+}
+
+/// Where a coordinator keeps things and what it tells.
+pub struct CoordinatorOptions {
+    /// The effective config (listen address, TLS directory, data directory, limits).
+    pub config: Config,
+    /// History events (the audit log has them too).
+    pub emitter: Arc<dyn EventEmitter>,
+    /// Overrides `config.transport.listen_addr` (tests bind port 0).
+    pub listen_addr: Option<String>,
+}
+
+impl std::fmt::Debug for CoordinatorOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoordinatorOptions").field("listen_addr", &self.listen_addr).finish_non_exhaustive()
+    }
+}
+
+/// A coordinator running on the current tokio runtime.
+#[derive(Debug)]
+pub struct RunningCoordinator {
+    /// The address it listens on.
+    pub local_addr: SocketAddr,
+    /// The driver's handle (for in-process operators and tests).
+    pub handle: CoordinatorHandle,
+    shutdown: watch::Sender<bool>,
+    driver: JoinHandle<Result<()>>,
+    server: JoinHandle<Result<()>>,
+}
+
+impl RunningCoordinator {
+    /// Stops accepting, ends every stream, stops the driver, and waits for both (the
+    /// server at most [`SHUTDOWN_GRACE`], then its connections are dropped).
+    pub async fn shutdown(mut self) -> Result<()> {
+        let _ = self.shutdown.send(true);
+        let server = match tokio::time::timeout(SHUTDOWN_GRACE, &mut self.server).await {
+            Ok(joined) => joined.map_err(|e| Error::internal(format!("server task: {e}")))?,
+            Err(_) => {
+                tracing::warn!(channel = "transport", "connections still open after the grace period; dropping them");
+                self.server.abort();
+                Ok(())
+            }
+        };
+        let driver = self.driver.await.map_err(|e| Error::internal(format!("driver task: {e}")))?;
+        server.and(driver)
+    }
+
+    /// Stops abruptly, like a crash: no grace for connections (storage keeps only
+    /// what was committed).
+    pub async fn abort(self) {
+        let _ = self.shutdown.send(true);
+        self.server.abort();
+        self.driver.abort();
+        let _ = self.server.await;
+        let _ = self.driver.await;
+    }
+
+    /// Waits until the server or the driver stops on its own (an error), or forever.
+    pub async fn wait(&mut self) -> Result<()> {
+        tokio::select! {
+            r = &mut self.server => r.map_err(|e| Error::internal(format!("server task: {e}")))?,
+            r = &mut self.driver => r.map_err(|e| Error::internal(format!("driver task: {e}")))?,
+        }
+    }
+}
+
+/// Opens storage (`<data_dir>/rollout.db`) and the object store
+/// (`<data_dir>/object-store`), recovers the coordinator, binds the listener and serves.
+/// The CA and the server certificate must exist in `transport.tls_dir` (see
+/// `rollout certs init`).
+pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordinator> {
+    let config = opts.config;
+    let data_dir = &config.storage.data_dir;
+    std::fs::create_dir_all(data_dir)
+        .map_err(|e| Error::config_invalid("storage.data_dir", format!("creating {}: {e}", data_dir.display())))?;
+    let storage: Arc<dyn Storage> = Arc::new(RedbStorage::open(data_dir.join(DATABASE_FILE))?);
+    let objects: Arc<dyn ObjectStore> = Arc::new(FsObjectStore::open_in_data_dir(data_dir)?);
+    let tls_dir = &config.transport.tls_dir;
+    let server_tls = tls::server_config(&CertFiles::ca(tls_dir).cert, &CertFiles::coordinator(tls_dir))?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (handle, driver) = spawn_coordinator_driver(CoordinatorDriverOptions {
+        storage,
+        settings: CoordinatorSettings::from_config(&config),
+        emitter: opts.emitter,
+        shutdown: shutdown_rx.clone(),
+    })?;
+    let addr = opts.listen_addr.unwrap_or_else(|| config.transport.listen_addr.clone());
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|e| Error::config_invalid("transport.listen_addr", format!("cannot listen on {addr}: {e}")))?;
+    let local_addr = listener.local_addr().map_err(|e| Error::internal(format!("listener address of {addr}: {e}")))?;
+    tracing::info!(channel = "transport", event = "transport_server_starting", addr = %local_addr,
+        data_dir = %data_dir.display(), tls_dir = %tls_dir.display(), "transport_server_starting");
+    let api = CoordinatorApi::new(handle.clone(), objects).with_shutdown(shutdown_rx.clone());
+    let max_message_bytes = config.limits.max_message_bytes as usize;
+    let mut stop = shutdown_rx;
+    let server = tokio::spawn(async move {
+        let shutdown = async move {
+            while !*stop.borrow() {
+                if stop.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        serve_coordinator(api, tcp_incoming(listener), server_tls, max_message_bytes, shutdown).await
+    });
+    Ok(RunningCoordinator { local_addr, handle, shutdown: shutdown_tx, driver, server })
+}
+
+/// The single HTTP/2 connection (opened lazily, re-opened on demand) from a client
+/// holding `client` to the coordinator at `addr`, trusting the CA at `ca_cert`.
+pub fn connect(addr: &str, ca_cert: &Path, client: &CertFiles) -> Result<Channel> {
+    let config = tls::client_config(ca_cert, client)?;
+    let connector = TlsConnector::new(TcpDialer::new(addr), config, tls::server_name_of(addr)?);
+    Ok(lazy_channel(connector))
+}
+
+/// An operator client using `operator.<name>.pem` from `transport.tls_dir`.
+pub fn operator_client(config: &Config, name: &str, addr: Option<&str>) -> Result<OperatorClient<Channel>> {
+    let dir = &config.transport.tls_dir;
+    let addr = addr.unwrap_or(&config.transport.coordinator_addr);
+    let channel = connect(addr, &CertFiles::ca(dir).cert, &CertFiles::operator(dir, name))?;
+    let max = config.limits.max_message_bytes as usize;
+    Ok(OperatorClient::new(channel).max_decoding_message_size(max).max_encoding_message_size(max))
+}
+
+/// What a worker process needs besides the config.
+pub struct WorkerOptions {
+    /// The effective config.
+    pub config: Config,
+    /// Its id (its certificate must be `worker.<id>.pem` in `transport.tls_dir`).
+    pub id: WorkerId,
+    /// Concurrent tasks.
+    pub slots: u32,
+    /// The plugin host.
+    pub plugins: Arc<dyn PluginHost>,
+    /// Worker-side history events.
+    pub emitter: Arc<dyn EventEmitter>,
+    /// Overrides `config.transport.coordinator_addr`.
+    pub coordinator_addr: Option<String>,
+    /// Overrides the certificate files (default: from `transport.tls_dir`).
+    pub cert: Option<CertFiles>,
+    /// Seeds jitter (default: derived from the clock and the id).
+    pub rng_seed: Option<u64>,
+}
+
+impl std::fmt::Debug for WorkerOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerOptions").field("id", &self.id).field("slots", &self.slots).finish_non_exhaustive()
+    }
+}
+
+/// Runs a worker until `shutdown` turns true (`Ok`) or the coordinator refuses it
+/// for good (`Err`). Inventory comes from `/proc` (and NVML when built in).
+pub async fn run_worker_process(opts: WorkerOptions, shutdown: watch::Receiver<bool>) -> Result<()> {
+    use rollout_core::traits::ComputeHint;
+    let config = opts.config;
+    let dir: PathBuf = config.transport.tls_dir.clone();
+    let cert = opts.cert.unwrap_or_else(|| CertFiles::worker(&dir, &opts.id));
+    let addr = opts.coordinator_addr.unwrap_or_else(|| config.transport.coordinator_addr.clone());
+    let channel = connect(&addr, &CertFiles::ca(&dir).cert, &cert)?;
+    let inventory = rollout_cloud_local::LocalComputeHint::new().inventory().unwrap_or_default();
+    let settings = WorkerSettings::from_config(opts.id.clone(), opts.slots, opts.plugins.plugins(), inventory, &config);
+    let rng_seed = opts.rng_seed.unwrap_or_else(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        nanos ^ rollout_core::ContentId::of(opts.id.as_str().as_bytes()).as_bytes()[0] as u64
+    });
+    run_worker(
+        WorkerRuntimeOptions {
+            settings,
+            plugins: opts.plugins,
+            emitter: opts.emitter,
+            rng_seed,
+            max_message_bytes: config.limits.max_message_bytes as usize,
+            max_result_bytes: config.limits.max_result_bytes as usize,
+            shutdown,
+        },
+        channel,
+    )
+    .await
+}

@@ -1,0 +1,517 @@
+//! The tonic services: `Coordinator` (what workers call) and `Operator` (what
+//! operators call), both thin: they check identity and the message, translate it, and
+//! hand it to the coordinator driver.
+//!
+//! Identity: every connection carries its peer's verified certificate role
+//! ([`PeerInfo`]). A worker may only speak for the worker id in its certificate; operator
+//! RPCs need an operator certificate. Anything else is `PERMISSION_DENIED`.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures_util::{Stream, StreamExt};
+use rollout_coordinator::{OperatorReply, TaskState, WorkerState};
+use rollout_core::protocol::{Outcome, Submit, ToCoordinator, ToWorker};
+use rollout_core::time::unix_millis;
+use rollout_core::traits::ObjectStore;
+use rollout_core::{ContentId, Error, Fatal, Incarnation, JobId, PROTOCOL_VERSION, WorkerId};
+use rollout_proto::transport as pb;
+use rollout_proto::{WireError, required_task_id};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::coordinator::{CONTROL_QUEUED_MAX, CoordinatorHandle, DriverMsg, OperatorRequest, WORK_FRAMES_QUEUED_MAX};
+use crate::net::PeerInfo;
+use crate::tls::PeerRole;
+use crate::wire::{self, WireOutcome};
+
+/// Concurrent HTTP/2 streams one connection may open (a worker needs three).
+pub const STREAMS_PER_CONNECTION_MAX: u32 = 64;
+
+/// The coordinator's gRPC face: implements both the `Coordinator` and the `Operator`
+/// services over a [`CoordinatorHandle`].
+#[derive(Clone)]
+pub struct CoordinatorApi {
+    driver: CoordinatorHandle,
+    objects: Arc<dyn ObjectStore>,
+    shutdown: Option<watch::Receiver<bool>>,
+    next_conn: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for CoordinatorApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoordinatorApi").finish_non_exhaustive()
+    }
+}
+
+impl CoordinatorApi {
+    /// Services over a running driver; results are stored in `objects`.
+    pub fn new(driver: CoordinatorHandle, objects: Arc<dyn ObjectStore>) -> Self {
+        CoordinatorApi { driver, objects, shutdown: None, next_conn: Arc::new(AtomicU64::new(1)) }
+    }
+
+    /// Ends every open stream once `shutdown` turns true, so a graceful server
+    /// shutdown does not wait for workers' long-lived streams.
+    pub fn with_shutdown(mut self, shutdown: watch::Receiver<bool>) -> Self {
+        self.shutdown = Some(shutdown);
+        self
+    }
+
+    /// A stream that ends at shutdown.
+    fn until_shutdown<T: Send + 'static>(
+        &self,
+        stream: impl Stream<Item = Result<T, Status>> + Send + 'static,
+    ) -> BoxStream<T> {
+        match self.shutdown.clone() {
+            None => Box::pin(stream),
+            Some(mut rx) => Box::pin(stream.take_until(async move {
+                while !*rx.borrow() {
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })),
+        }
+    }
+
+    /// Both services, with message size limits, ready for a tonic router.
+    pub fn into_services(
+        self,
+        max_message_bytes: usize,
+    ) -> (pb::coordinator_server::CoordinatorServer<CoordinatorApi>, pb::operator_server::OperatorServer<CoordinatorApi>)
+    {
+        let coordinator = pb::coordinator_server::CoordinatorServer::new(self.clone())
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes);
+        let operator = pb::operator_server::OperatorServer::new(self)
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes);
+        (coordinator, operator)
+    }
+}
+
+/// The worker id a request may speak for: the one in its certificate, if it matches
+/// the `claimed` one.
+fn authorize_worker<T>(req: &Request<T>, field: &'static str, claimed: &str) -> Result<WorkerId, Status> {
+    let claimed = rollout_proto::worker_id(field, claimed).map_err(invalid)?;
+    match req.extensions().get::<PeerInfo>().and_then(|p| p.role.clone()) {
+        Some(PeerRole::Worker(id)) if id == claimed => Ok(id),
+        Some(PeerRole::Worker(id)) => Err(Status::permission_denied(format!(
+            "the client certificate names worker {id}; it may not speak for worker {claimed} ({field})"
+        ))),
+        Some(PeerRole::Operator(name)) => Err(Status::permission_denied(format!(
+            "operator certificate {name:?} may not call worker RPCs (speaking for {claimed})"
+        ))),
+        None => Err(Status::permission_denied("the client certificate carries no rollout worker identity")),
+    }
+}
+
+fn authorize_operator<T>(req: &Request<T>) -> Result<String, Status> {
+    match req.extensions().get::<PeerInfo>().and_then(|p| p.role.clone()) {
+        Some(PeerRole::Operator(name)) => Ok(name),
+        Some(PeerRole::Worker(id)) => Err(Status::permission_denied(format!(
+            "worker certificate {id} may not call operator RPCs; use an operator certificate (rollout certs issue --operator NAME)"
+        ))),
+        None => Err(Status::permission_denied("operator RPCs need an operator certificate")),
+    }
+}
+
+fn invalid(e: WireError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn unavailable(e: Error) -> Status {
+    Status::unavailable(e.to_string())
+}
+
+fn rejected(e: Error) -> Status {
+    match e {
+        Error::Fatal(Fatal::InvalidInput(m)) => Status::invalid_argument(m),
+        Error::Fatal(Fatal::PermissionDenied(m)) => Status::permission_denied(m),
+        Error::Fatal(Fatal::ProtocolMismatch { .. }) => Status::failed_precondition(e.to_string()),
+        other => Status::failed_precondition(other.to_string()),
+    }
+}
+
+async fn answer<T>(rx: oneshot::Receiver<T>) -> Result<T, Status> {
+    rx.await.map_err(|_| Status::unavailable("the coordinator dropped the request (restarting); retry"))
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl pb::coordinator_server::Coordinator for CoordinatorApi {
+    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        let worker = authorize_worker(&req, "register.worker_id", &req.get_ref().worker_id)?;
+        let span = tracing::info_span!("rpc", channel = "register", worker = %worker);
+        async move {
+            let body = req.into_inner();
+            if body.protocol_version != PROTOCOL_VERSION {
+                // Checked here as well as in the machine, so the refusal is explicit even
+                // before the machine sees the request.
+                return Err(Status::failed_precondition(format!(
+                    "protocol version mismatch: coordinator speaks {PROTOCOL_VERSION}, worker {worker} speaks {}",
+                    body.protocol_version
+                )));
+            }
+            let register = wire::register_from_wire(&body).map_err(invalid)?;
+            let (tx, rx) = oneshot::channel();
+            self.driver.send(DriverMsg::Register(worker.clone(), register, tx)).await.map_err(unavailable)?;
+            match answer(rx).await? {
+                ToWorker::Registered { incarnation } => {
+                    tracing::info!(channel = "register", worker = %worker, %incarnation, "worker registered");
+                    Ok(Response::new(pb::RegisterResponse {
+                        protocol_version: PROTOCOL_VERSION,
+                        incarnation: incarnation.get(),
+                        settings: None,
+                    }))
+                }
+                ToWorker::RegisterRejected { reason } => Err(Status::failed_precondition(reason)),
+                other => Err(Status::internal(format!("unexpected answer to register: {other:?}"))),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let worker = authorize_worker(&req, "heartbeat.worker_id", &req.get_ref().worker_id)?;
+        let span = tracing::debug_span!("rpc", channel = "heartbeat", worker = %worker);
+        async move {
+            let beat = wire::heartbeat_from_wire(req.into_inner()).map_err(invalid)?;
+            tracing::debug!(channel = "heartbeat", event = "heartbeat_received", worker = %worker,
+                incarnation = %beat.incarnation, beat_seq = beat.beat_seq, "heartbeat_received");
+            let (tx, rx) = oneshot::channel();
+            self.driver.send(DriverMsg::Heartbeat(worker, beat, tx)).await.map_err(unavailable)?;
+            match answer(rx).await? {
+                ToWorker::HeartbeatAck { beat_seq, reregister, .. } => {
+                    Ok(Response::new(pb::HeartbeatResponse { beat_seq, reregister }))
+                }
+                other => Err(Status::internal(format!("unexpected answer to heartbeat: {other:?}"))),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    type ControlStream = BoxStream<pb::ControlMessage>;
+
+    async fn control(&self, req: Request<pb::ControlSubscribe>) -> Result<Response<Self::ControlStream>, Status> {
+        let worker = authorize_worker(&req, "control.worker_id", &req.get_ref().worker_id)?;
+        let incarnation = Incarnation(req.get_ref().incarnation);
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(CONTROL_QUEUED_MAX);
+        self.driver
+            .send(DriverMsg::AttachControl { worker: worker.clone(), incarnation, conn, tx })
+            .await
+            .map_err(unavailable)?;
+        tracing::info!(channel = "control", event = "control_subscribed", worker = %worker, %incarnation,
+            "control_subscribed");
+        let detach = DetachOnDrop { driver: self.driver.clone(), worker, conn };
+        let stream = ReceiverStream::new(rx).map(move |m| {
+            let _keep = &detach;
+            Ok(m)
+        });
+        Ok(Response::new(self.until_shutdown(stream)))
+    }
+
+    type WorkStream = BoxStream<pb::CoordinatorFrame>;
+
+    async fn work(&self, req: Request<Streaming<pb::WorkerFrame>>) -> Result<Response<Self::WorkStream>, Status> {
+        let role = req.extensions().get::<PeerInfo>().and_then(|p| p.role.clone());
+        let mut inbound = req.into_inner();
+        let first = match inbound.message().await? {
+            Some(frame) => frame,
+            None => {
+                return Err(Status::invalid_argument(
+                    "malformed message: field work.hello: the stream ended before it",
+                ));
+            }
+        };
+        let Some(hello) = first.hello.clone() else {
+            return Err(Status::invalid_argument("malformed message: field work.hello: missing on the first frame"));
+        };
+        let worker = {
+            // Reuse the unary check on a request carrying the same peer info.
+            let mut probe = Request::new(());
+            if let Some(role) = role {
+                probe.extensions_mut().insert(PeerInfo { role: Some(role), remote: String::new() });
+            }
+            authorize_worker(&probe, "work.hello.worker_id", &hello.worker_id)?
+        };
+        let incarnation = Incarnation(hello.incarnation);
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(WORK_FRAMES_QUEUED_MAX);
+        self.driver
+            .send(DriverMsg::AttachWork { worker: worker.clone(), incarnation, conn, tx: tx.clone() })
+            .await
+            .map_err(unavailable)?;
+        tracing::info!(channel = "work", event = "work_stream_opened", worker = %worker, %incarnation);
+        let pump = WorkPump {
+            driver: self.driver.clone(),
+            objects: Arc::clone(&self.objects),
+            worker: worker.clone(),
+            incarnation,
+        };
+        let span = tracing::debug_span!("rpc", channel = "work", worker = %worker);
+        let detach = DetachOnDrop { driver: self.driver.clone(), worker, conn };
+        tokio::spawn(
+            async move {
+                let _detach = detach;
+                if let Err(status) = pump.frame(first).await {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+                loop {
+                    match inbound.message().await {
+                        Ok(Some(frame)) => {
+                            if let Err(status) = pump.frame(frame).await {
+                                tracing::warn!(channel = "work", error = %status.message(), "refusing a malformed frame");
+                                let _ = tx.send(Err(status)).await;
+                                return;
+                            }
+                        }
+                        Ok(None) => return,
+                        Err(status) => {
+                            tracing::debug!(channel = "work", error = %status, "work stream ended");
+                            return;
+                        }
+                    }
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(self.until_shutdown(ReceiverStream::new(rx))))
+    }
+}
+
+/// Forwards one worker's inbound Work frames to the driver.
+struct WorkPump {
+    driver: CoordinatorHandle,
+    objects: Arc<dyn ObjectStore>,
+    worker: WorkerId,
+    incarnation: Incarnation,
+}
+
+impl WorkPump {
+    async fn frame(&self, frame: pb::WorkerFrame) -> Result<(), Status> {
+        if frame.pulls.len() > wire::REPEATED_MAX || frame.submits.len() > wire::REPEATED_MAX {
+            return Err(Status::invalid_argument("malformed message: field work.frame: too many pulls or submits"));
+        }
+        let mut submits = Vec::with_capacity(frame.submits.len());
+        for s in frame.submits {
+            submits.push(wire::submit_from_wire(s).map_err(invalid)?);
+        }
+        if !submits.is_empty() {
+            // Results are stored before their submit reaches the machine, so a committed
+            // result is always readable (write-ahead). Content addressing makes a repeat
+            // a no-op.
+            let objects = Arc::clone(&self.objects);
+            let incarnation = self.incarnation;
+            let messages = tokio::task::spawn_blocking(move || {
+                let mut out = Vec::with_capacity(submits.len());
+                for (task, token, outcome) in submits {
+                    let outcome = match outcome {
+                        WireOutcome::Result(bytes) => {
+                            let size_bytes = bytes.len() as u64;
+                            let result = match objects.put(&bytes) {
+                                Ok(id) => id,
+                                Err(e) => {
+                                    tracing::error!(channel = "work", error = %e, %task, "storing a result failed");
+                                    continue;
+                                }
+                            };
+                            Outcome::Succeeded { result, size_bytes }
+                        }
+                        WireOutcome::Failure(message) => Outcome::Failed { message },
+                    };
+                    out.push(ToCoordinator::Submit(Submit { incarnation, task, token, outcome }));
+                }
+                out
+            })
+            .await
+            .map_err(|e| Status::internal(format!("storing results: {e}")))?;
+            for message in messages {
+                self.driver.send(DriverMsg::FromWorker(self.worker.clone(), message)).await.map_err(unavailable)?;
+            }
+        }
+        // The latest pull of a frame wins.
+        if let Some(pull) = frame.pulls.last() {
+            let message = ToCoordinator::Pull(wire::pull_from_wire(self.incarnation, pull));
+            self.driver.send(DriverMsg::FromWorker(self.worker.clone(), message)).await.map_err(unavailable)?;
+        }
+        Ok(())
+    }
+}
+
+/// Tells the driver that a stream ended, so it stops routing to it.
+struct DetachOnDrop {
+    driver: CoordinatorHandle,
+    worker: WorkerId,
+    conn: u64,
+}
+
+impl Drop for DetachOnDrop {
+    fn drop(&mut self) {
+        let msg = DriverMsg::Detach { worker: self.worker.clone(), conn: self.conn };
+        let driver = self.driver.clone();
+        // try_send first; if the inbox is full, detach from a task (never block a drop).
+        if let Err(mpsc::error::TrySendError::Full(msg)) = driver.inbox.try_send(crate::coordinator::DriverMsgBox(msg))
+        {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = driver.inbox.send(msg).await;
+                });
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ operator
+
+#[tonic::async_trait]
+impl pb::operator_server::Operator for CoordinatorApi {
+    async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let operator = authorize_operator(&req)?;
+        let job = wire::job_from_wire(req.into_inner()).map_err(invalid)?;
+        let span = tracing::info_span!("rpc", channel = "operator", operator = %operator, op = "submit_job");
+        async move {
+            match self.driver.operator(OperatorRequest::SubmitJob(job)).await.map_err(unavailable)? {
+                OperatorReply::JobAccepted { job, tasks, existing } => {
+                    tracing::info!(channel = "operator", %job, tasks, existing, "job accepted");
+                    Ok(Response::new(pb::SubmitJobResponse { job: job.get(), tasks }))
+                }
+                OperatorReply::Rejected(e) => Err(rejected(e)),
+                other => Err(Status::internal(format!("unexpected reply: {other:?}"))),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::CancelJobResponse>, Status> {
+        authorize_operator(&req)?;
+        let job = JobId(req.get_ref().job);
+        match self.driver.operator(OperatorRequest::CancelJob(job)).await.map_err(unavailable)? {
+            OperatorReply::Cancelled { tasks } => Ok(Response::new(pb::CancelJobResponse { cancelled: tasks })),
+            OperatorReply::Rejected(e) => Err(rejected(e)),
+            other => Err(Status::internal(format!("unexpected reply: {other:?}"))),
+        }
+    }
+
+    async fn drain(&self, req: Request<pb::DrainRequest>) -> Result<Response<pb::DrainResponse>, Status> {
+        authorize_operator(&req)?;
+        let worker = rollout_proto::worker_id("drain.worker_id", &req.get_ref().worker_id).map_err(invalid)?;
+        match self.driver.operator(OperatorRequest::Drain(worker)).await.map_err(unavailable)? {
+            OperatorReply::Draining => Ok(Response::new(pb::DrainResponse {})),
+            OperatorReply::Rejected(e) => Err(rejected(e)),
+            other => Err(Status::internal(format!("unexpected reply: {other:?}"))),
+        }
+    }
+
+    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        authorize_operator(&req)?;
+        let snapshot = self.driver.status().await.map_err(unavailable)?;
+        let workers = snapshot
+            .workers
+            .into_iter()
+            .map(|w| pb::WorkerStatus {
+                worker_id: w.id.to_string(),
+                incarnation: w.incarnation.get(),
+                state: match w.state {
+                    WorkerState::Active => pb::WorkerState::Active,
+                    WorkerState::Draining => pb::WorkerState::Draining,
+                    WorkerState::Failed => pb::WorkerState::Failed,
+                }
+                .into(),
+                last_beat_unix_ms: w.last_beat.map(unix_millis).unwrap_or(0),
+                due_at_unix_ms: unix_millis(w.due_at),
+                slots: w.slots,
+                running: w.leased,
+                plugins: w.plugins,
+                inventory: Some(w.inventory.into()),
+            })
+            .collect();
+        let jobs = snapshot
+            .jobs
+            .into_iter()
+            .map(|j| pb::JobStatus {
+                job: j.job.get(),
+                name: j.name,
+                tasks: j.tasks,
+                queued: j.queued,
+                leased: j.leased,
+                committed: j.committed,
+                dead_lettered: j.dead_lettered,
+                cancelled: j.cancelled,
+            })
+            .collect();
+        let latencies = snapshot
+            .latencies
+            .into_iter()
+            .map(|l| pb::LatencySummary {
+                plugin: l.plugin,
+                count: l.count,
+                p50_us: l.p50_us,
+                p90_us: l.p90_us,
+                p99_us: l.p99_us,
+                max_us: l.max_us,
+            })
+            .collect();
+        Ok(Response::new(pb::StatusResponse { workers, jobs, latencies }))
+    }
+
+    type ResultsStream = BoxStream<pb::TaskResult>;
+
+    async fn results(&self, req: Request<pb::ResultsRequest>) -> Result<Response<Self::ResultsStream>, Status> {
+        authorize_operator(&req)?;
+        let pb::ResultsRequest { job, include_bytes } = req.into_inner();
+        let Some(reports) = self.driver.task_reports(JobId(job)).await.map_err(unavailable)? else {
+            return Err(Status::not_found(format!("no job job-{job}")));
+        };
+        let (tx, rx) = mpsc::channel(256);
+        let objects = Arc::clone(&self.objects);
+        // Read results on the blocking pool, streaming them out in task order.
+        tokio::task::spawn_blocking(move || {
+            for r in reports {
+                let (state, content_id) = match &r.state {
+                    TaskState::Queued => (pb::TaskState::Queued, None),
+                    TaskState::Leased { .. } => (pb::TaskState::Leased, None),
+                    TaskState::Committed { result, .. } => (pb::TaskState::Committed, Some(*result)),
+                    TaskState::DeadLettered => (pb::TaskState::DeadLettered, None),
+                    TaskState::Cancelled => (pb::TaskState::Cancelled, None),
+                };
+                let result = match (include_bytes, content_id) {
+                    (true, Some(id)) => match objects.get(&id) {
+                        Ok(bytes) => bytes,
+                        Err(e) => {
+                            let _ = tx.blocking_send(Err(Status::internal(format!("result of {}: {e}", r.task))));
+                            return;
+                        }
+                    },
+                    _ => Vec::new(),
+                };
+                let item = pb::TaskResult {
+                    task: Some(r.task.into()),
+                    state: state.into(),
+                    attempts: r.attempts.get(),
+                    content_id: content_id.map(|c: ContentId| c.as_bytes().to_vec()).unwrap_or_default(),
+                    result,
+                    errors: r.errors,
+                };
+                if tx.blocking_send(Ok(item)).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Checks a task id from the wire (used by clients reading results).
+pub fn task_of(result: &pb::TaskResult) -> Result<rollout_core::TaskId, WireError> {
+    required_task_id("task_result.task", result.task)
+}

@@ -1,0 +1,414 @@
+//! Certificates and TLS settings: a development CA (rcgen), server, worker and
+//! operator certificates signed by it, and the rustls configurations that enforce
+//! mutual TLS with the ring provider (no OpenSSL).
+//!
+//! Layout of a TLS directory (default `./data/tls`):
+//!
+//! | file | what |
+//! |---|---|
+//! | `ca.pem`, `ca.key.pem` | the CA (key mode 0600), created once by [`ensure_dev_ca`] |
+//! | `coordinator.pem`, `coordinator.key.pem` | the coordinator's server certificate |
+//! | `worker.<id>.pem`, `worker.<id>.key.pem` | a worker's client certificate (CN = worker id) |
+//! | `operator.<name>.pem`, `operator.<name>.key.pem` | an operator's client certificate |
+//!
+//! Roles: a client certificate's organizational unit says what it may do
+//! ([`WORKER_OU`] or [`OPERATOR_OU`]); server certificates carry EKU ServerAuth only,
+//! client certificates EKU ClientAuth only, so neither can stand in for the other.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rollout_core::{Error, Fatal, Result, WorkerId};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+/// The TLS directory when none is configured.
+pub const DEFAULT_TLS_DIR: &str = "./data/tls";
+/// Organizational unit of worker client certificates.
+pub const WORKER_OU: &str = "rollout-worker";
+/// Organizational unit of operator client certificates.
+pub const OPERATOR_OU: &str = "rollout-operator";
+/// Organizational unit of the coordinator's server certificate.
+pub const SERVER_OU: &str = "rollout-coordinator";
+/// Common-name prefix of operator certificates (a worker id cannot contain ':').
+pub const OPERATOR_CN_PREFIX: &str = "operator:";
+/// ALPN protocol spoken on every connection.
+pub const ALPN_H2: &[u8] = b"h2";
+
+/// A certificate and its private key, as files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    /// PEM certificate.
+    pub cert: PathBuf,
+    /// PEM PKCS#8 private key (mode 0600).
+    pub key: PathBuf,
+}
+
+impl CertFiles {
+    fn in_dir(dir: &Path, stem: &str) -> Self {
+        CertFiles { cert: dir.join(format!("{stem}.pem")), key: dir.join(format!("{stem}.key.pem")) }
+    }
+
+    /// The CA's files in `dir`.
+    pub fn ca(dir: &Path) -> Self {
+        Self::in_dir(dir, "ca")
+    }
+
+    /// The coordinator's server certificate in `dir`.
+    pub fn coordinator(dir: &Path) -> Self {
+        Self::in_dir(dir, "coordinator")
+    }
+
+    /// A worker's client certificate in `dir`.
+    pub fn worker(dir: &Path, worker: &WorkerId) -> Self {
+        Self::in_dir(dir, &format!("worker.{worker}"))
+    }
+
+    /// An operator's client certificate in `dir`.
+    pub fn operator(dir: &Path, name: &str) -> Self {
+        Self::in_dir(dir, &format!("operator.{name}"))
+    }
+
+    /// Whether both files exist.
+    pub fn exist(&self) -> bool {
+        self.cert.exists() && self.key.exists()
+    }
+}
+
+/// What [`ensure_dev_ca`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DevCa {
+    /// The CA's files.
+    pub files: CertFiles,
+    /// True when this call created them; false when they already existed.
+    pub created: bool,
+}
+
+/// Creates `dir/ca.pem` and `dir/ca.key.pem` (mode 0600) unless both exist.
+/// Idempotent: a second call changes nothing. A lone certificate or lone key is an
+/// error naming the file (it is never overwritten). Emits `mtls_handshake_bootstrap`.
+pub fn ensure_dev_ca(dir: &Path) -> Result<DevCa> {
+    let files = CertFiles::ca(dir);
+    match (files.cert.exists(), files.key.exists()) {
+        (true, true) => {
+            // Prove they load, so a broken CA is reported here rather than at first use.
+            load_issuer(dir)?;
+            tracing::info!(channel = "tls", event = "mtls_handshake_bootstrap", dir = %dir.display(), created = false,
+                "mtls_handshake_bootstrap: development CA already present");
+            return Ok(DevCa { files, created: false });
+        }
+        (true, false) => return Err(missing_pair(&files.key, &files.cert)),
+        (false, true) => return Err(missing_pair(&files.cert, &files.key)),
+        (false, false) => {}
+    }
+    fs::create_dir_all(dir).map_err(|e| io_err("creating TLS directory", dir, &e))?;
+    let key = KeyPair::generate().map_err(|e| rcgen_err("generating the CA key", &e))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name("rollout development CA", "rollout-ca");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let cert = params.self_signed(&key).map_err(|e| rcgen_err("self-signing the CA", &e))?;
+    write_private(&files.key, key.serialize_pem().as_bytes())?;
+    write_public(&files.cert, cert.pem().as_bytes())?;
+    tracing::info!(channel = "tls", event = "mtls_handshake_bootstrap", dir = %dir.display(), created = true,
+        "mtls_handshake_bootstrap: created development CA");
+    Ok(DevCa { files, created: true })
+}
+
+/// Issues the coordinator's server certificate (EKU ServerAuth) for `names` (DNS names
+/// or IP addresses; `localhost` and `127.0.0.1` are always included), signed by the CA
+/// in `dir`. Overwrites an earlier one.
+pub fn issue_server_cert(dir: &Path, names: &[String]) -> Result<CertFiles> {
+    let mut all: Vec<String> = vec!["localhost".into(), "127.0.0.1".into()];
+    for n in names {
+        if !all.contains(n) {
+            all.push(n.clone());
+        }
+    }
+    let mut params =
+        CertificateParams::new(all.clone()).map_err(|e| Error::invalid_input(format!("server names {all:?}: {e}")))?;
+    params.distinguished_name = name("rollout coordinator", SERVER_OU);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.use_authority_key_identifier_extension = true;
+    issue(dir, params, CertFiles::coordinator(dir))
+}
+
+/// Issues a worker's client certificate (EKU ClientAuth, CN and DNS SAN = the worker
+/// id, OU [`WORKER_OU`]), signed by the CA in `dir`.
+pub fn issue_client_cert(dir: &Path, worker: &WorkerId) -> Result<CertFiles> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name(worker.as_str(), WORKER_OU);
+    let san = worker.as_str().to_owned().try_into().map_err(|e| rcgen_err("worker id as a DNS name", &e))?;
+    params.subject_alt_names = vec![SanType::DnsName(san)];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.use_authority_key_identifier_extension = true;
+    issue(dir, params, CertFiles::worker(dir, worker))
+}
+
+/// Issues an operator's client certificate (EKU ClientAuth, CN `operator:<name>`, OU
+/// [`OPERATOR_OU`]). `name` follows the worker id rules (letters, digits, `._-`).
+pub fn issue_operator_cert(dir: &Path, operator: &str) -> Result<CertFiles> {
+    WorkerId::new(operator).map_err(|e| Error::invalid_input(format!("operator name: {e}")))?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name(&format!("{OPERATOR_CN_PREFIX}{operator}"), OPERATOR_OU);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.use_authority_key_identifier_extension = true;
+    issue(dir, params, CertFiles::operator(dir, operator))
+}
+
+fn issue(dir: &Path, params: CertificateParams, files: CertFiles) -> Result<CertFiles> {
+    let (ca_key, ca_pem) = load_issuer(dir)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)
+        .map_err(|e| Error::Fatal(Fatal::Corrupt { path: CertFiles::ca(dir).cert, reason: e.to_string() }))?;
+    let key = KeyPair::generate().map_err(|e| rcgen_err("generating a key", &e))?;
+    let cert = params.signed_by(&key, &issuer).map_err(|e| rcgen_err("signing a certificate", &e))?;
+    write_private(&files.key, key.serialize_pem().as_bytes())?;
+    write_public(&files.cert, cert.pem().as_bytes())?;
+    Ok(files)
+}
+
+fn load_issuer(dir: &Path) -> Result<(KeyPair, String)> {
+    let files = CertFiles::ca(dir);
+    let key_pem = read_text(&files.key)?;
+    let key = KeyPair::from_pem(&key_pem)
+        .map_err(|e| Error::Fatal(Fatal::Corrupt { path: files.key.clone(), reason: format!("not a key: {e}") }))?;
+    let cert_pem = read_text(&files.cert)?;
+    CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| {
+        Error::Fatal(Fatal::Corrupt { path: files.cert.clone(), reason: format!("not a PEM certificate: {e}") })
+    })?;
+    Ok((key, cert_pem))
+}
+
+fn name(common_name: &str, unit: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "rollout");
+    dn.push(DnType::OrganizationalUnitName, unit);
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+// ------------------------------------------------------------------ rustls configs
+
+/// The coordinator's rustls configuration: its certificate from `server`, client
+/// certificates required and verified against the CA at `ca_cert`, HTTP/2 only.
+pub fn server_config(ca_cert: &Path, server: &CertFiles) -> Result<Arc<ServerConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let roots = Arc::new(root_store(ca_cert)?);
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider))
+        .build()
+        .map_err(|e| tls_err(ca_cert, &format!("building the client verifier: {e}")))?;
+    let (chain, key) = load_pair(server)?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_err(&server.cert, &e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| tls_err(&server.cert, &format!("certificate and key do not fit: {e}")))?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A client's rustls configuration: trusts only the CA at `ca_cert`, presents the
+/// certificate in `client`, HTTP/2 only.
+pub fn client_config(ca_cert: &Path, client: &CertFiles) -> Result<Arc<ClientConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let roots = root_store(ca_cert)?;
+    let (chain, key) = load_pair(client)?;
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_err(&client.cert, &e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| tls_err(&client.cert, &format!("certificate and key do not fit: {e}")))?;
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The name a client checks the coordinator's certificate against: the host part of
+/// `addr` (`host:port`, `[v6]:port` or a bare host).
+pub fn server_name_of(addr: &str) -> Result<ServerName<'static>> {
+    let host = match addr.rsplit_once(':') {
+        Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) && !host.is_empty() => host,
+        _ => addr,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(host.to_owned())
+        .map_err(|e| Error::config_invalid("transport.coordinator_addr", format!("{addr:?}: not a host name: {e}")))
+}
+
+fn root_store(ca_cert: &Path) -> Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(ca_cert)? {
+        roots.add(cert).map_err(|e| tls_err(ca_cert, &format!("not a usable CA certificate: {e}")))?;
+    }
+    Ok(roots)
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let text = read_text(path)?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(text.as_bytes())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| tls_err(path, &format!("not a PEM certificate: {e}")))?;
+    if certs.is_empty() {
+        return Err(tls_err(path, "holds no certificate"));
+    }
+    Ok(certs)
+}
+
+fn load_pair(files: &CertFiles) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let chain = load_certs(&files.cert)?;
+    let text = read_text(&files.key)?;
+    let key = PrivateKeyDer::from_pem_slice(text.as_bytes())
+        .map_err(|e| tls_err(&files.key, &format!("not a PEM private key: {e}")))?;
+    Ok((chain, key))
+}
+
+// ------------------------------------------------------------------ peer identity
+
+/// Who is on the other end of a connection, by its client certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerRole {
+    /// A worker; it may only speak for this id.
+    Worker(WorkerId),
+    /// An operator, by name.
+    Operator(String),
+}
+
+/// Reads the role from a verified client certificate (DER). `None` when the
+/// certificate carries no rollout role or an invalid name.
+pub fn peer_role(cert_der: &[u8]) -> Option<PeerRole> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let subject = cert.subject();
+    let unit = subject.iter_organizational_unit().next()?.as_str().ok()?;
+    let common_name = subject.iter_common_name().next()?.as_str().ok()?;
+    match unit {
+        WORKER_OU => WorkerId::new(common_name).ok().map(PeerRole::Worker),
+        OPERATOR_OU => common_name.strip_prefix(OPERATOR_CN_PREFIX).map(|n| PeerRole::Operator(n.to_owned())),
+        _ => None,
+    }
+}
+
+// ------------------------------------------------------------------ files
+
+fn read_text(path: &Path) -> Result<String> {
+    fs::read_to_string(path).map_err(|e| io_err("reading", path, &e))
+}
+
+fn write_public(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic(path, bytes, 0o644)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic(path, bytes, 0o600)
+}
+
+/// Writes to a sibling temporary file created with `mode`, syncs, then renames, so a
+/// crash never leaves a half-written key and a key is never readable by others.
+fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(|e| io_err("creating directory", parent, &e))?;
+    }
+    let tmp = path.with_extension("tmp");
+    let _ = fs::remove_file(&tmp);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(|e| io_err("creating", &tmp, &e))?;
+    file.write_all(bytes).and_then(|()| file.sync_all()).map_err(|e| io_err("writing", &tmp, &e))?;
+    fs::rename(&tmp, path).map_err(|e| io_err("renaming into place", path, &e))
+}
+
+fn io_err(what: &str, path: &Path, e: &std::io::Error) -> Error {
+    Error::config_invalid(path.display().to_string(), format!("{what}: {e}"))
+}
+
+fn tls_err(path: &Path, reason: &str) -> Error {
+    Error::Fatal(Fatal::Corrupt { path: path.to_owned(), reason: reason.to_owned() })
+}
+
+fn rcgen_err(what: &str, e: &rcgen::Error) -> Error {
+    Error::internal(format!("{what}: {e}"))
+}
+
+fn missing_pair(missing: &Path, present: &Path) -> Error {
+    Error::config_invalid(
+        missing.display().to_string(),
+        format!(
+            "missing while {} exists; refusing to overwrite a half CA (restore the file or remove both)",
+            present.display()
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn dev_ca_is_created_once_with_a_private_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = ensure_dev_ca(dir.path()).expect("created");
+        assert!(first.created);
+        let mode = fs::metadata(&first.files.key).expect("key").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let before = fs::read(&first.files.cert).expect("cert");
+        let second = ensure_dev_ca(dir.path()).expect("idempotent");
+        assert!(!second.created);
+        assert_eq!(fs::read(&first.files.cert).expect("cert"), before);
+    }
+
+    #[test]
+    fn a_lone_ca_file_is_named_not_overwritten() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = ensure_dev_ca(dir.path()).expect("created");
+        fs::remove_file(&ca.files.key).expect("remove");
+        let err = ensure_dev_ca(dir.path()).expect_err("half a CA");
+        assert!(err.to_string().contains("ca.key.pem"), "{err}");
+    }
+
+    #[test]
+    fn issued_certificates_carry_their_role() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        ensure_dev_ca(dir.path()).expect("ca");
+        let w1 = WorkerId::new("w1").expect("id");
+        let worker = issue_client_cert(dir.path(), &w1).expect("worker");
+        let operator = issue_operator_cert(dir.path(), "alice").expect("operator");
+        let server = issue_server_cert(dir.path(), &["coord.example".into()]).expect("server");
+        let der = |p: &Path| load_certs(p).expect("loads").remove(0);
+        assert_eq!(peer_role(&der(&worker.cert)), Some(PeerRole::Worker(w1)));
+        assert_eq!(peer_role(&der(&operator.cert)), Some(PeerRole::Operator("alice".into())));
+        assert_eq!(peer_role(&der(&server.cert)), None);
+        let ca = CertFiles::ca(dir.path()).cert;
+        server_config(&ca, &server).expect("server config");
+        client_config(&ca, &worker).expect("client config");
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = issue_client_cert(dir.path(), &WorkerId::new("w1").expect("id")).expect_err("no CA");
+        assert!(err.to_string().contains("ca.key.pem"), "{err}");
+    }
+
+    #[test]
+    fn server_names_come_from_addresses() {
+        assert!(matches!(server_name_of("127.0.0.1:7450"), Ok(ServerName::IpAddress(_))));
+        assert!(matches!(server_name_of("localhost:7450"), Ok(ServerName::DnsName(_))));
+        assert!(matches!(server_name_of("[::1]:7450"), Ok(ServerName::IpAddress(_))));
+    }
+}

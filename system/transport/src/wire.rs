@@ -1,0 +1,307 @@
+//! Conversions between the machines' protocol messages (`rollout_core::protocol`) and
+//! the gRPC messages of `proto/transport.proto`. Everything that comes from the wire
+//! is checked: a malformed message is a [`WireError`] naming the field, which the
+//! services answer with `INVALID_ARGUMENT`; nothing here panics on input.
+
+use std::time::Duration;
+
+use rollout_coordinator::{JobSubmission, TaskSpec};
+use rollout_core::protocol::{Assignment, Control, Heartbeat, MetricDeltas, Pull, Register, SubmitVerdict, ToWorker};
+use rollout_core::time::{from_unix_millis, unix_millis};
+use rollout_core::{Attempt, FencingToken, Incarnation, JobId};
+use rollout_proto::transport as pb;
+use rollout_proto::{WireError, required_task_id};
+
+/// Most entries of any repeated field in one message (pulls, submits, running tasks,
+/// metric series, plugins). Together with the message size limit this bounds the work
+/// one message can cause.
+pub const REPEATED_MAX: usize = 65_536;
+/// Longest plugin or method name accepted.
+pub const NAME_BYTES_MAX: usize = 256;
+
+fn bounded<T>(field: &'static str, items: &[T]) -> Result<(), WireError> {
+    if items.len() > REPEATED_MAX {
+        return Err(WireError { field, reason: format!("{} entries exceed the limit of {REPEATED_MAX}", items.len()) });
+    }
+    Ok(())
+}
+
+fn name(field: &'static str, text: &str) -> Result<(), WireError> {
+    if text.len() > NAME_BYTES_MAX {
+        return Err(WireError { field, reason: format!("{} bytes exceed the limit of {NAME_BYTES_MAX}", text.len()) });
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------ worker -> coordinator
+
+/// A Register from the wire (the worker id is checked by the caller against the certificate).
+pub fn register_from_wire(req: &pb::RegisterRequest) -> Result<Register, WireError> {
+    bounded("register.plugins", &req.plugins)?;
+    for plugin in &req.plugins {
+        name("register.plugins", plugin)?;
+    }
+    let inventory = req.inventory.clone().unwrap_or_default();
+    bounded("register.inventory.gpus", &inventory.gpus)?;
+    Ok(Register {
+        protocol_version: req.protocol_version,
+        plugins: req.plugins.clone(),
+        slots: req.slots,
+        inventory: inventory.into(),
+    })
+}
+
+/// A Register for the wire.
+pub fn register_to_wire(worker: &str, reg: Register) -> pb::RegisterRequest {
+    pb::RegisterRequest {
+        protocol_version: reg.protocol_version,
+        worker_id: worker.to_owned(),
+        plugins: reg.plugins,
+        slots: reg.slots,
+        inventory: Some(reg.inventory.into()),
+    }
+}
+
+/// A Heartbeat from the wire.
+pub fn heartbeat_from_wire(req: pb::HeartbeatRequest) -> Result<Heartbeat, WireError> {
+    bounded("heartbeat.running", &req.running)?;
+    let mut running = Vec::with_capacity(req.running.len());
+    for r in req.running {
+        running.push((required_task_id("heartbeat.running.task", r.task)?, FencingToken(r.token)));
+    }
+    let metrics = match req.metrics {
+        None => None,
+        Some(m) => {
+            bounded("heartbeat.metrics.counters", &m.counters)?;
+            bounded("heartbeat.metrics.histograms", &m.histograms)?;
+            Some(MetricDeltas {
+                counters: m.counters.into_iter().map(|c| (c.name, c.plugin, c.delta)).collect(),
+                histograms: m.histograms.into_iter().map(|h| (h.name, h.plugin, h.hdr_v2)).collect(),
+            })
+        }
+    };
+    Ok(Heartbeat {
+        incarnation: Incarnation(req.incarnation),
+        beat_seq: req.beat_seq,
+        due_at: from_unix_millis(req.due_at_unix_ms),
+        running,
+        assigns_through: req.assigns_through,
+        metrics,
+    })
+}
+
+/// A Heartbeat for the wire.
+pub fn heartbeat_to_wire(worker: &str, beat: Heartbeat) -> pb::HeartbeatRequest {
+    pb::HeartbeatRequest {
+        worker_id: worker.to_owned(),
+        incarnation: beat.incarnation.get(),
+        beat_seq: beat.beat_seq,
+        due_at_unix_ms: unix_millis(beat.due_at),
+        running: beat
+            .running
+            .into_iter()
+            .map(|(t, token)| pb::RunningTask { task: Some(t.into()), token: token.get() })
+            .collect(),
+        metrics: beat.metrics.map(|m| pb::MetricDeltas {
+            counters: m
+                .counters
+                .into_iter()
+                .map(|(name, plugin, delta)| pb::CounterDelta { name, plugin, delta })
+                .collect(),
+            histograms: m
+                .histograms
+                .into_iter()
+                .map(|(name, plugin, hdr_v2)| pb::HistogramDelta { name, plugin, hdr_v2 })
+                .collect(),
+        }),
+        assigns_through: beat.assigns_through,
+    }
+}
+
+/// A Pull from the wire, for the incarnation named by the stream's hello.
+pub fn pull_from_wire(incarnation: Incarnation, pull: &pb::Pull) -> Pull {
+    Pull { incarnation, free_slots: pull.free_slots, assigns_through: pull.assigns_through }
+}
+
+/// What a submit's outcome carries on the wire, before the result is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WireOutcome {
+    /// The result bytes.
+    Result(Vec<u8>),
+    /// The failure message (with its detail appended, if any).
+    Failure(String),
+}
+
+/// A Submit from the wire: task, token and raw outcome.
+pub fn submit_from_wire(s: pb::Submit) -> Result<(rollout_core::TaskId, FencingToken, WireOutcome), WireError> {
+    let task = required_task_id("submit.task", s.task)?;
+    let outcome = match s.outcome {
+        Some(pb::submit::Outcome::Result(bytes)) => WireOutcome::Result(bytes),
+        Some(pb::submit::Outcome::Failure(f)) if f.detail.is_empty() => WireOutcome::Failure(f.message),
+        Some(pb::submit::Outcome::Failure(f)) => WireOutcome::Failure(format!("{}\n{}", f.message, f.detail)),
+        None => return Err(WireError { field: "submit.outcome", reason: "missing".into() }),
+    };
+    Ok((task, FencingToken(s.token), outcome))
+}
+
+// ------------------------------------------------------------------ coordinator -> worker
+
+/// An assignment for the wire.
+pub fn assign_to_wire(a: Assignment) -> pb::Assign {
+    pb::Assign {
+        seq: a.seq,
+        task: Some(a.task.into()),
+        token: a.token.get(),
+        attempt: a.attempt.get(),
+        plugin: a.plugin,
+        method: a.method,
+        payload: a.payload,
+        deadline_ms: u64::try_from(a.deadline.as_millis()).unwrap_or(u64::MAX),
+    }
+}
+
+/// An assignment from the wire, for the incarnation the stream was opened for.
+pub fn assign_from_wire(incarnation: Incarnation, a: pb::Assign) -> Result<Assignment, WireError> {
+    name("assign.plugin", &a.plugin)?;
+    name("assign.method", &a.method)?;
+    Ok(Assignment {
+        incarnation,
+        seq: a.seq,
+        task: required_task_id("assign.task", a.task)?,
+        token: FencingToken(a.token),
+        attempt: Attempt(a.attempt),
+        plugin: a.plugin,
+        method: a.method,
+        payload: a.payload,
+        deadline: Duration::from_millis(a.deadline_ms),
+    })
+}
+
+/// A submit verdict for the wire.
+pub fn verdict_to_wire(v: SubmitVerdict) -> pb::SubmitVerdict {
+    match v {
+        SubmitVerdict::Accepted => pb::SubmitVerdict::Accepted,
+        SubmitVerdict::Duplicate => pb::SubmitVerdict::Duplicate,
+        SubmitVerdict::Stale => pb::SubmitVerdict::Stale,
+    }
+}
+
+/// A submit acknowledgement from the wire.
+pub fn submit_ack_from_wire(ack: pb::SubmitAck) -> Result<ToWorker, WireError> {
+    let verdict = match pb::SubmitVerdict::try_from(ack.verdict) {
+        Ok(pb::SubmitVerdict::Accepted) => SubmitVerdict::Accepted,
+        Ok(pb::SubmitVerdict::Duplicate) => SubmitVerdict::Duplicate,
+        Ok(pb::SubmitVerdict::Stale) => SubmitVerdict::Stale,
+        _ => return Err(WireError { field: "submit_ack.verdict", reason: format!("unknown value {}", ack.verdict) }),
+    };
+    Ok(ToWorker::SubmitAck {
+        task: required_task_id("submit_ack.task", ack.task)?,
+        token: FencingToken(ack.token),
+        verdict,
+    })
+}
+
+/// A control command for the wire.
+pub fn control_to_wire(c: Control) -> pb::ControlMessage {
+    use pb::control_message::Command;
+    let command = match c {
+        Control::Drain => Command::Drain(pb::Drain {}),
+        Control::CancelTask { task, token } => {
+            Command::CancelTask(pb::CancelTask { task: Some(task.into()), token: token.get() })
+        }
+        Control::CancelJob { job } => Command::CancelJob(pb::CancelJob { job: job.get() }),
+        Control::Snapshot => Command::Snapshot(pb::Snapshot {}),
+    };
+    pb::ControlMessage { command: Some(command) }
+}
+
+/// A control command from the wire.
+pub fn control_from_wire(m: pb::ControlMessage) -> Result<Control, WireError> {
+    use pb::control_message::Command;
+    match m.command {
+        Some(Command::Drain(_)) => Ok(Control::Drain),
+        Some(Command::CancelTask(c)) => Ok(Control::CancelTask {
+            task: required_task_id("control.cancel_task.task", c.task)?,
+            token: FencingToken(c.token),
+        }),
+        Some(Command::CancelJob(c)) => Ok(Control::CancelJob { job: JobId(c.job) }),
+        Some(Command::Snapshot(_)) => Ok(Control::Snapshot),
+        None => Err(WireError { field: "control.command", reason: "missing".into() }),
+    }
+}
+
+// ------------------------------------------------------------------ operator
+
+/// A job submission from the wire.
+pub fn job_from_wire(req: pb::SubmitJobRequest) -> Result<JobSubmission, WireError> {
+    bounded("submit_job.tasks", &req.tasks)?;
+    let mut tasks = Vec::with_capacity(req.tasks.len());
+    for t in req.tasks {
+        name("submit_job.tasks.plugin", &t.plugin)?;
+        name("submit_job.tasks.method", &t.method)?;
+        tasks.push(TaskSpec {
+            plugin: t.plugin,
+            method: t.method,
+            payload: t.payload,
+            gpus: t.gpus,
+            deadline: (t.deadline_ms > 0).then(|| Duration::from_millis(t.deadline_ms)),
+        });
+    }
+    name("submit_job.name", &req.name)?;
+    name("submit_job.idempotency_key", &req.idempotency_key)?;
+    Ok(JobSubmission {
+        name: req.name,
+        tasks,
+        idempotency_key: (!req.idempotency_key.is_empty()).then_some(req.idempotency_key),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rollout_core::{JobId, TaskId};
+
+    #[test]
+    fn a_submit_without_task_or_outcome_names_the_field() {
+        let err = submit_from_wire(pb::Submit::default()).expect_err("no task");
+        assert_eq!(err.field, "submit.task");
+        let s = pb::Submit { task: Some(TaskId::new(JobId(1), 0).into()), ..Default::default() };
+        assert_eq!(submit_from_wire(s).expect_err("no outcome").field, "submit.outcome");
+    }
+
+    #[test]
+    fn assignments_round_trip() {
+        let a = Assignment {
+            incarnation: Incarnation(3),
+            seq: 9,
+            task: TaskId::new(JobId(2), 7),
+            token: FencingToken(11),
+            attempt: Attempt(1),
+            plugin: "echo".into(),
+            method: "run".into(),
+            payload: b"hi".to_vec(),
+            deadline: Duration::from_millis(1500),
+        };
+        assert_eq!(assign_from_wire(Incarnation(3), assign_to_wire(a.clone())), Ok(a));
+    }
+
+    #[test]
+    fn control_round_trips_and_empty_is_refused() {
+        for c in [
+            Control::Drain,
+            Control::Snapshot,
+            Control::CancelJob { job: JobId(4) },
+            Control::CancelTask { task: TaskId::new(JobId(4), 1), token: FencingToken(8) },
+        ] {
+            assert_eq!(control_from_wire(control_to_wire(c.clone())), Ok(c));
+        }
+        assert_eq!(control_from_wire(pb::ControlMessage::default()).expect_err("empty").field, "control.command");
+    }
+
+    #[test]
+    fn oversized_repeated_fields_are_refused() {
+        let req =
+            pb::HeartbeatRequest { running: vec![pb::RunningTask::default(); REPEATED_MAX + 1], ..Default::default() };
+        assert_eq!(heartbeat_from_wire(req).expect_err("too many").field, "heartbeat.running");
+    }
+}

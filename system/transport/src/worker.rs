@@ -1,0 +1,502 @@
+//! The worker driver: one tokio task that owns the [`Worker`] machine.
+//!
+//! It feeds the machine `Start`, then every answer, stream frame and task end as they
+//! arrive, and a `Tick` at [`Worker::poll_timeout`], whether or not the coordinator is
+//! reachable (so a cut-off worker self-fences on time: the machine decides). Outputs:
+//! Register and Heartbeat become unary calls (each on its own task, answers fed back);
+//! Pulls and Submits are batched into one frame of the Work stream; tasks run on the
+//! plugin host on the blocking pool.
+//!
+//! Streams: after each registration the driver opens the Control and Work streams for
+//! that incarnation on the worker's single HTTP/2 connection. If a stream breaks while
+//! the incarnation is still current, it is re-opened after a jittered exponential
+//! backoff; registration retries are the machine's own (also jittered, exponential).
+//!
+//! Results travel with the Submit (the wire carries the bytes); the driver keeps the
+//! bytes of each unacknowledged submit and the coordinator stores them,
+//! content-addressed, before the submit reaches its machine.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rollout_core::protocol::{Outcome, ToCoordinator, ToWorker};
+use rollout_core::rng::SplitMix64;
+use rollout_core::traits::{CancelToken, EventEmitter, PluginCall, PluginError, PluginHost};
+use rollout_core::{ContentId, Error, FencingToken, Incarnation, Result, TaskId};
+use rollout_proto::transport as pb;
+use rollout_proto::transport::coordinator_client::CoordinatorClient;
+use rollout_worker::{TaskOutcome, Worker, WorkerInput, WorkerOutput, WorkerSettings};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::coordinator::NodeClock;
+use crate::history::Stamper;
+use crate::wire;
+
+/// Frames queued towards the coordinator on the Work stream.
+const WORK_FRAMES_QUEUED_MAX: usize = 1024;
+/// Events queued towards the driver.
+const EVENTS_QUEUED_MAX: usize = 65_536;
+
+/// What the worker driver needs.
+pub struct WorkerRuntimeOptions {
+    /// The machine's settings (id, slots, plugins, inventory, timing).
+    pub settings: WorkerSettings,
+    /// Runs the tasks.
+    pub plugins: Arc<dyn PluginHost>,
+    /// Where worker-side history events go.
+    pub emitter: Arc<dyn EventEmitter>,
+    /// Seeds the machine's jitter and the stream reconnect jitter.
+    pub rng_seed: u64,
+    /// Largest gRPC message sent or accepted.
+    pub max_message_bytes: usize,
+    /// Results larger than this are submitted as failures instead (they would be
+    /// refused by the coordinator anyway).
+    pub max_result_bytes: usize,
+    /// Set to `true` to stop.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for WorkerRuntimeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerRuntimeOptions").field("settings", &self.settings).finish_non_exhaustive()
+    }
+}
+
+type RunKey = (TaskId, FencingToken);
+
+enum Event {
+    RegisterAnswer(std::result::Result<pb::RegisterResponse, tonic::Status>),
+    BeatAnswer(Incarnation, std::result::Result<pb::HeartbeatResponse, tonic::Status>),
+    Frame(u64, Incarnation, pb::CoordinatorFrame),
+    Control(u64, pb::ControlMessage),
+    StreamEnded(u64, &'static str, String),
+    Reopen(u64),
+    TaskFinished(RunKey, TaskOutcome, Option<Vec<u8>>),
+}
+
+struct Streams {
+    session: u64,
+    work_tx: mpsc::Sender<pb::WorkerFrame>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Streams {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Runs a worker until shutdown (`Ok`) or until the coordinator refuses it for good
+/// (`Err`, e.g. a protocol version mismatch), over `channel` (see
+/// [`crate::net::lazy_channel`]).
+pub async fn run_worker(opts: WorkerRuntimeOptions, channel: Channel) -> Result<()> {
+    let WorkerRuntimeOptions {
+        settings,
+        plugins,
+        emitter,
+        rng_seed,
+        max_message_bytes,
+        max_result_bytes,
+        mut shutdown,
+    } = opts;
+    let client = CoordinatorClient::new(channel)
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes);
+    let (events_tx, mut events) = mpsc::channel(EVENTS_QUEUED_MAX);
+    let mut driver = WorkerDriver {
+        id: settings.id.to_string(),
+        register_timeout: settings.register_timeout,
+        beat_timeout: settings.health.heartbeat_interval.saturating_mul(2),
+        backoff_initial: settings.reconnect_backoff_initial,
+        backoff_max: settings.reconnect_backoff_max,
+        stamper: Stamper::new(settings.id.as_str()),
+        machine: Worker::new(settings, rng_seed),
+        rng: SplitMix64::new(rng_seed ^ 0x5eed_0f57_2ea3),
+        clock: NodeClock::start(),
+        client,
+        plugins,
+        emitter,
+        events: events_tx,
+        streams: None,
+        streams_incarnation: None,
+        next_session: 0,
+        reopen_failures: 0,
+        runs: BTreeMap::new(),
+        results: BTreeMap::new(),
+        max_result_bytes,
+    };
+    driver.input(WorkerInput::Start)?;
+    loop {
+        let deadline = driver
+            .machine
+            .poll_timeout()
+            .map(|at| driver.clock.instant_of(at))
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(1));
+        tokio::select! {
+            biased;
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    driver.stop();
+                    return Ok(());
+                }
+            }
+            event = events.recv() => {
+                let Some(event) = event else { return Ok(()) };
+                driver.event(event)?;
+            }
+            () = tokio::time::sleep_until(deadline) => driver.input(WorkerInput::Tick)?,
+        }
+    }
+}
+
+struct WorkerDriver {
+    id: String,
+    register_timeout: Duration,
+    beat_timeout: Duration,
+    backoff_initial: Duration,
+    backoff_max: Duration,
+    machine: Worker,
+    stamper: Stamper,
+    rng: SplitMix64,
+    clock: NodeClock,
+    client: CoordinatorClient<Channel>,
+    plugins: Arc<dyn PluginHost>,
+    emitter: Arc<dyn EventEmitter>,
+    events: mpsc::Sender<Event>,
+    streams: Option<Streams>,
+    /// The incarnation the streams belong to (they may be down, awaiting re-open).
+    streams_incarnation: Option<Incarnation>,
+    next_session: u64,
+    reopen_failures: u32,
+    runs: BTreeMap<RunKey, CancelToken>,
+    /// Result bytes of finished runs, kept until their submit is acknowledged.
+    results: BTreeMap<RunKey, Vec<u8>>,
+    max_result_bytes: usize,
+}
+
+impl WorkerDriver {
+    fn event(&mut self, event: Event) -> Result<()> {
+        match event {
+            Event::RegisterAnswer(Ok(resp)) => {
+                self.input(WorkerInput::Message(ToWorker::Registered { incarnation: Incarnation(resp.incarnation) }))
+            }
+            Event::RegisterAnswer(Err(status)) => match status.code() {
+                // The coordinator judged the registration and refused it: final.
+                Code::FailedPrecondition | Code::PermissionDenied | Code::InvalidArgument => {
+                    self.input(WorkerInput::Message(ToWorker::RegisterRejected { reason: status.message().to_owned() }))
+                }
+                _ => {
+                    // Unreachable or restarting: the machine retries with its backoff.
+                    tracing::debug!(channel = "register", code = ?status.code(), error = %status.message(), "register failed");
+                    Ok(())
+                }
+            },
+            Event::BeatAnswer(incarnation, Ok(resp)) => self.input(WorkerInput::Message(ToWorker::HeartbeatAck {
+                incarnation,
+                beat_seq: resp.beat_seq,
+                reregister: resp.reregister,
+            })),
+            Event::BeatAnswer(_, Err(status)) => {
+                tracing::debug!(channel = "heartbeat", code = ?status.code(), error = %status.message(), "heartbeat failed");
+                Ok(())
+            }
+            Event::Frame(session, incarnation, frame) => {
+                if !self.is_current(session) {
+                    return Ok(());
+                }
+                for ack in frame.acks {
+                    match wire::submit_ack_from_wire(ack) {
+                        Ok(message) => self.input(WorkerInput::Message(message))?,
+                        Err(e) => tracing::warn!(channel = "work", error = %e, "ignoring a malformed ack"),
+                    }
+                }
+                for assign in frame.assigns {
+                    match wire::assign_from_wire(incarnation, assign) {
+                        Ok(a) => self.input(WorkerInput::Message(ToWorker::Assign(a)))?,
+                        Err(e) => tracing::warn!(channel = "work", error = %e, "ignoring a malformed assignment"),
+                    }
+                }
+                Ok(())
+            }
+            Event::Control(session, message) => {
+                if !self.is_current(session) {
+                    return Ok(());
+                }
+                match wire::control_from_wire(message) {
+                    Ok(c) => self.input(WorkerInput::Message(ToWorker::Control(c))),
+                    Err(e) => {
+                        tracing::warn!(channel = "control", error = %e, "ignoring a malformed control message");
+                        Ok(())
+                    }
+                }
+            }
+            Event::StreamEnded(session, which, why) => {
+                if self.is_current(session) {
+                    tracing::info!(channel = which, error = %why, "stream to the coordinator ended; re-opening after backoff");
+                    self.streams = None;
+                    let delay = self.reopen_delay();
+                    let tx = self.events.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let _ = tx.send(Event::Reopen(session)).await;
+                    });
+                }
+                Ok(())
+            }
+            Event::Reopen(session) => {
+                // Only if nothing replaced the broken session meanwhile.
+                if self.streams.is_none() && session + 1 == self.next_session {
+                    if let Some(incarnation) =
+                        self.machine.incarnation().filter(|i| Some(*i) == self.streams_incarnation)
+                    {
+                        self.open_streams(incarnation);
+                        // Report what runs right away, so nothing waits for the next beat.
+                        self.input(WorkerInput::Tick)?;
+                    }
+                }
+                Ok(())
+            }
+            Event::TaskFinished(key, outcome, bytes) => {
+                if self.runs.remove(&key).is_none() {
+                    return Ok(());
+                }
+                if let Some(bytes) = bytes {
+                    self.results.insert(key, bytes);
+                }
+                self.input(WorkerInput::TaskFinished { task: key.0, token: key.1, outcome })
+            }
+        }
+    }
+
+    fn is_current(&self, session: u64) -> bool {
+        self.streams.as_ref().is_some_and(|s| s.session == session)
+    }
+
+    fn reopen_delay(&mut self) -> Duration {
+        let doublings = self.reopen_failures.min(16);
+        self.reopen_failures = self.reopen_failures.saturating_add(1);
+        let full = self.backoff_initial.saturating_mul(1u32 << doublings).min(self.backoff_max);
+        // Equal jitter: half fixed, half drawn.
+        let half = full / 2;
+        let jitter_ns = self.rng.below(u64::try_from(half.as_nanos()).unwrap_or(u64::MAX).max(1));
+        half + Duration::from_nanos(jitter_ns)
+    }
+
+    /// Feeds one input, then carries out the outputs in order.
+    fn input(&mut self, input: WorkerInput) -> Result<()> {
+        let now = self.clock.now();
+        let mut out = Vec::new();
+        self.machine.handle(now, input, &mut out);
+        // Streams follow the registration: open them for a new incarnation before any
+        // output (the first Pull) needs them; close them once the worker fenced.
+        // (A broken stream of the current incarnation is re-opened by `Event::Reopen`,
+        // after its backoff, not here.)
+        let incarnation = self.machine.incarnation();
+        if incarnation != self.streams_incarnation {
+            self.streams_incarnation = incarnation;
+            self.streams = None;
+            if let Some(inc) = incarnation {
+                self.reopen_failures = 0;
+                self.open_streams(inc);
+            }
+        }
+        let mut frame = pb::WorkerFrame::default();
+        for output in out {
+            match output {
+                WorkerOutput::Send(ToCoordinator::Register(reg)) => {
+                    let mut request = tonic::Request::new(wire::register_to_wire(&self.id, reg));
+                    request.set_timeout(self.register_timeout);
+                    let (mut client, tx) = (self.client.clone(), self.events.clone());
+                    tokio::spawn(async move {
+                        let answer = client.register(request).await.map(tonic::Response::into_inner);
+                        let _ = tx.send(Event::RegisterAnswer(answer)).await;
+                    });
+                }
+                WorkerOutput::Send(ToCoordinator::Heartbeat(beat)) => {
+                    let incarnation = beat.incarnation;
+                    let mut request = tonic::Request::new(wire::heartbeat_to_wire(&self.id, beat));
+                    request.set_timeout(self.beat_timeout);
+                    let (mut client, tx) = (self.client.clone(), self.events.clone());
+                    tokio::spawn(async move {
+                        let answer = client.heartbeat(request).await.map(tonic::Response::into_inner);
+                        let _ = tx.send(Event::BeatAnswer(incarnation, answer)).await;
+                    });
+                }
+                WorkerOutput::Send(ToCoordinator::Pull(pull)) => {
+                    frame.pulls.push(pb::Pull { free_slots: pull.free_slots, assigns_through: pull.assigns_through });
+                }
+                WorkerOutput::Send(ToCoordinator::Submit(submit)) => {
+                    let key = (submit.task, submit.token);
+                    let outcome = match submit.outcome {
+                        Outcome::Succeeded { .. } => match self.results.get(&key) {
+                            Some(bytes) => pb::submit::Outcome::Result(bytes.clone()),
+                            None => {
+                                tracing::error!(channel = "work", task = %key.0, "result bytes missing; submit skipped");
+                                continue;
+                            }
+                        },
+                        Outcome::Failed { message } => {
+                            pb::submit::Outcome::Failure(pb::TaskFailure { message, detail: String::new() })
+                        }
+                    };
+                    frame.submits.push(pb::Submit {
+                        task: Some(key.0.into()),
+                        token: key.1.get(),
+                        outcome: Some(outcome),
+                    });
+                }
+                WorkerOutput::StartTask(assignment) => self.start_task(assignment),
+                WorkerOutput::CancelTask { task, token } => {
+                    if let Some(cancel) = self.runs.get(&(task, token)) {
+                        cancel.cancel();
+                    }
+                }
+                WorkerOutput::Event(event) => self.stamper.emit(&*self.emitter, now.wall, event),
+                WorkerOutput::Fatal(message) => {
+                    tracing::error!(channel = "register", %message, "the coordinator refused this worker");
+                    self.stop();
+                    return Err(Error::Fatal(rollout_core::Fatal::InvalidInput(message)));
+                }
+            }
+        }
+        if !frame.pulls.is_empty() || !frame.submits.is_empty() {
+            match &self.streams {
+                Some(s) => {
+                    if s.work_tx.try_send(frame).is_err() {
+                        tracing::debug!(channel = "work", "work frame dropped: stream full or closed");
+                    }
+                }
+                None => tracing::debug!(channel = "work", "work frame dropped: no open stream"),
+            }
+        }
+        self.prune_results();
+        Ok(())
+    }
+
+    /// Drops result bytes whose submit is no longer pending (acknowledged or withheld).
+    fn prune_results(&mut self) {
+        let pending = self.machine.unacknowledged_submits().count();
+        if self.results.len() > pending {
+            let keep: std::collections::BTreeSet<RunKey> = self.machine.unacknowledged_submits().collect();
+            self.results.retain(|k, _| keep.contains(k));
+        }
+    }
+
+    fn open_streams(&mut self, incarnation: Incarnation) {
+        let session = self.next_session;
+        self.next_session += 1;
+        let (work_tx, work_rx) = mpsc::channel(WORK_FRAMES_QUEUED_MAX);
+        let hello = pb::WorkerFrame {
+            hello: Some(pb::WorkHello { worker_id: self.id.clone(), incarnation: incarnation.get() }),
+            ..Default::default()
+        };
+        let _ = work_tx.try_send(hello);
+        let mut tasks = Vec::new();
+        {
+            let (mut client, tx) = (self.client.clone(), self.events.clone());
+            tasks.push(tokio::spawn(async move {
+                let why = match client.work(ReceiverStream::new(work_rx)).await {
+                    Ok(resp) => {
+                        let mut inbound = resp.into_inner();
+                        loop {
+                            match inbound.message().await {
+                                Ok(Some(frame)) => {
+                                    if tx.send(Event::Frame(session, incarnation, frame)).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Ok(None) => break "closed by the coordinator".to_owned(),
+                                Err(status) => break status.to_string(),
+                            }
+                        }
+                    }
+                    Err(status) => status.to_string(),
+                };
+                let _ = tx.send(Event::StreamEnded(session, "work", why)).await;
+            }));
+        }
+        {
+            let (mut client, tx) = (self.client.clone(), self.events.clone());
+            let subscribe = pb::ControlSubscribe { worker_id: self.id.clone(), incarnation: incarnation.get() };
+            tasks.push(tokio::spawn(async move {
+                let why = match client.control(subscribe).await {
+                    Ok(resp) => {
+                        let mut inbound = resp.into_inner();
+                        loop {
+                            match inbound.message().await {
+                                Ok(Some(message)) => {
+                                    if tx.send(Event::Control(session, message)).await.is_err() {
+                                        return;
+                                    }
+                                }
+                                Ok(None) => break "closed by the coordinator".to_owned(),
+                                Err(status) => break status.to_string(),
+                            }
+                        }
+                    }
+                    Err(status) => status.to_string(),
+                };
+                let _ = tx.send(Event::StreamEnded(session, "control", why)).await;
+            }));
+        }
+        tracing::info!(channel = "work", %incarnation, session, "streams opened");
+        self.streams = Some(Streams { session, work_tx, tasks });
+    }
+
+    fn start_task(&mut self, a: rollout_core::protocol::Assignment) {
+        let key = (a.task, a.token);
+        let cancel = CancelToken::new();
+        self.runs.insert(key, cancel.clone());
+        let deadline = a.deadline;
+        let call = PluginCall { plugin: a.plugin, method: a.method, payload: a.payload, deadline };
+        let (plugins, tx, max_result_bytes) = (Arc::clone(&self.plugins), self.events.clone(), self.max_result_bytes);
+        tokio::spawn(async move {
+            let blocking_cancel = cancel.clone();
+            let mut run = tokio::task::spawn_blocking(move || plugins.call(&call, &blocking_cancel));
+            // The host is asked to honour the deadline; if it does not, the driver stops
+            // waiting at the deadline (plus a grace period) and reports the attempt failed.
+            let grace = Duration::from_millis(100);
+            let result = tokio::select! {
+                joined = &mut run => joined.unwrap_or_else(|e| Err(PluginError::Crashed(format!("plugin call panicked: {e}")))),
+                () = tokio::time::sleep(deadline.saturating_add(grace)) => {
+                    cancel.cancel();
+                    Err(PluginError::DeadlineExceeded(deadline))
+                }
+            };
+            let (outcome, bytes) = match result {
+                Ok(bytes) if bytes.len() > max_result_bytes => (
+                    TaskOutcome::Failed {
+                        message: format!(
+                            "result of {} bytes exceeds limits.max_result_bytes ({max_result_bytes})",
+                            bytes.len()
+                        ),
+                    },
+                    None,
+                ),
+                Ok(bytes) => {
+                    let outcome =
+                        TaskOutcome::Succeeded { result: ContentId::of(&bytes), size_bytes: bytes.len() as u64 };
+                    (outcome, Some(bytes))
+                }
+                Err(PluginError::Cancelled) => (TaskOutcome::Cancelled, None),
+                Err(e) => (TaskOutcome::Failed { message: e.to_string() }, None),
+            };
+            let _ = tx.send(Event::TaskFinished(key, outcome, bytes)).await;
+        });
+    }
+
+    /// Cancels every run and closes the streams.
+    fn stop(&mut self) {
+        for cancel in self.runs.values() {
+            cancel.cancel();
+        }
+        self.streams = None;
+    }
+}

@@ -1,0 +1,260 @@
+//! The real transport over loopback TCP with mutual TLS: who gets in, who may speak
+//! for whom, and a whole cluster (one coordinator, two workers) running a job.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rollout_core::history::HistoryEvent;
+use rollout_core::{Config, PROTOCOL_VERSION, WorkerId};
+use rollout_proto::transport as pb;
+use rollout_proto::transport::coordinator_client::CoordinatorClient;
+use rollout_transport::tls::CertFiles;
+use rollout_transport::{
+    BuiltinPlugins, CoordinatorOptions, MemoryEmitter, RunningCoordinator, WorkerOptions, connect, ensure_dev_ca,
+    issue_client_cert, issue_operator_cert, issue_server_cert, operator_client, run_worker_process, start_coordinator,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+use tonic::Code;
+
+struct Cluster {
+    _dir: tempfile::TempDir,
+    config: Config,
+    addr: String,
+    coordinator: RunningCoordinator,
+    history: Arc<MemoryEmitter>,
+}
+
+fn config_in(dir: &Path) -> Config {
+    let mut config = Config::default();
+    config.storage.data_dir = dir.join("data");
+    config.transport.tls_dir = dir.join("tls");
+    config
+}
+
+/// A coordinator on an ephemeral loopback port, with a fresh CA and certificates for
+/// workers w1 and w2 and operator "ops".
+async fn start_cluster() -> Cluster {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config_in(dir.path());
+    let tls = &config.transport.tls_dir;
+    ensure_dev_ca(tls).expect("CA");
+    issue_server_cert(tls, &[]).expect("server cert");
+    for w in ["w1", "w2"] {
+        issue_client_cert(tls, &WorkerId::new(w).expect("id")).expect("worker cert");
+    }
+    issue_operator_cert(tls, "ops").expect("operator cert");
+    let history = Arc::new(MemoryEmitter::new());
+    let coordinator = start_coordinator(CoordinatorOptions {
+        config: config.clone(),
+        emitter: history.clone(),
+        listen_addr: Some("127.0.0.1:0".into()),
+    })
+    .await
+    .expect("coordinator starts");
+    let addr = coordinator.local_addr.to_string();
+    Cluster { _dir: dir, config, addr, coordinator, history }
+}
+
+fn worker_client(cluster: &Cluster, cert: &CertFiles) -> CoordinatorClient<tonic::transport::Channel> {
+    let ca = CertFiles::ca(&cluster.config.transport.tls_dir).cert;
+    CoordinatorClient::new(connect(&cluster.addr, &ca, cert).expect("channel"))
+}
+
+fn register_request(worker: &str, protocol_version: u32) -> pb::RegisterRequest {
+    pb::RegisterRequest {
+        protocol_version,
+        worker_id: worker.into(),
+        plugins: vec!["echo".into()],
+        slots: 4,
+        inventory: Some(pb::Inventory { cpus: 2, memory_bytes: 1 << 30, gpus: vec![] }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_from_a_foreign_ca_is_refused_at_the_handshake() {
+    let cluster = start_cluster().await;
+    let foreign = tempfile::tempdir().expect("tempdir");
+    ensure_dev_ca(foreign.path()).expect("foreign CA");
+    let w1 = WorkerId::new("w1").expect("id");
+    let forged = issue_client_cert(foreign.path(), &w1).expect("forged cert");
+
+    // At the TLS layer: the server verifies the client certificate and aborts the
+    // handshake with an alert; the client never reads a byte of application data.
+    let ca = CertFiles::ca(&cluster.config.transport.tls_dir).cert;
+    let config = rollout_transport::tls::client_config(&ca, &forged).expect("client config");
+    let name = rollout_transport::tls::server_name_of(&cluster.addr).expect("name");
+    let tcp = tokio::net::TcpStream::connect(&cluster.addr).await.expect("tcp connects");
+    let outcome = async {
+        let mut tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+        tls.flush().await?;
+        let mut buf = [0u8; 64];
+        tls.read(&mut buf).await
+    }
+    .await;
+    match outcome {
+        Err(e) => assert!(e.to_string().contains("alert") || e.to_string().contains("certificate"), "{e}"),
+        Ok(0) => {} // closed without a word
+        Ok(n) => panic!("the server answered {n} bytes to a foreign certificate"),
+    }
+
+    // Through gRPC: the call fails in the transport; no handler ever answers it.
+    let mut client = worker_client(&cluster, &forged);
+    let err = client.register(register_request("w1", PROTOCOL_VERSION)).await.expect_err("refused");
+    assert!(
+        matches!(err.code(), Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled),
+        "expected a transport failure, got {err:?}"
+    );
+
+    // The genuine certificate for the same worker id gets in.
+    let genuine = CertFiles::worker(&cluster.config.transport.tls_dir, &w1);
+    let mut client = worker_client(&cluster, &genuine);
+    client.register(register_request("w1", PROTOCOL_VERSION)).await.expect("registered");
+    cluster.coordinator.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_may_only_speak_for_itself() {
+    let cluster = start_cluster().await;
+    let tls = cluster.config.transport.tls_dir.clone();
+    let w1_cert = CertFiles::worker(&tls, &WorkerId::new("w1").expect("id"));
+    let mut as_w1 = worker_client(&cluster, &w1_cert);
+
+    let beat_as_w2 = pb::HeartbeatRequest { worker_id: "w2".into(), incarnation: 1, beat_seq: 1, ..Default::default() };
+    let err = as_w1.heartbeat(beat_as_w2).await.expect_err("w1 speaking for w2");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(err.message().contains("w1") && err.message().contains("w2"), "{}", err.message());
+
+    let err = as_w1.register(register_request("w2", PROTOCOL_VERSION)).await.expect_err("register as w2");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    // A worker certificate is not an operator certificate.
+    let ca = CertFiles::ca(&tls).cert;
+    let mut op_as_worker = pb::operator_client::OperatorClient::new(connect(&cluster.addr, &ca, &w1_cert).expect("ch"));
+    let err = op_as_worker.status(pb::StatusRequest {}).await.expect_err("worker as operator");
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    // Malformed input is an error reply naming the field, and the server lives on.
+    let err = as_w1
+        .heartbeat(pb::HeartbeatRequest {
+            worker_id: "w1".into(),
+            running: vec![pb::RunningTask { task: None, token: 1 }],
+            ..Default::default()
+        })
+        .await
+        .expect_err("malformed");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("heartbeat.running.task"), "{}", err.message());
+    let err = as_w1.register(register_request("not a valid id", PROTOCOL_VERSION)).await.expect_err("bad id");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("register.worker_id"), "{}", err.message());
+    as_w1.register(register_request("w1", PROTOCOL_VERSION)).await.expect("still serving");
+    cluster.coordinator.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protocol_version_mismatch_names_both_versions() {
+    let cluster = start_cluster().await;
+    let cert = CertFiles::worker(&cluster.config.transport.tls_dir, &WorkerId::new("w1").expect("id"));
+    let mut client = worker_client(&cluster, &cert);
+    let theirs = PROTOCOL_VERSION + 98;
+    let err = client.register(register_request("w1", theirs)).await.expect_err("mismatch");
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let message = err.message();
+    assert!(message.contains("protocol version mismatch"), "{message}");
+    assert!(message.contains(&format!("speaks {PROTOCOL_VERSION}")), "{message}");
+    assert!(message.contains(&format!("speaks {theirs}")), "{message}");
+    cluster.coordinator.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_complete_every_task_of_a_job_exactly_once() {
+    let cluster = start_cluster().await;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let worker_history = Arc::new(MemoryEmitter::new());
+    let mut workers = Vec::new();
+    for w in ["w1", "w2"] {
+        let opts = WorkerOptions {
+            config: cluster.config.clone(),
+            id: WorkerId::new(w).expect("id"),
+            slots: 8,
+            plugins: Arc::new(BuiltinPlugins),
+            emitter: worker_history.clone(),
+            coordinator_addr: Some(cluster.addr.clone()),
+            cert: None,
+            rng_seed: Some(7),
+        };
+        workers.push(tokio::spawn(run_worker_process(opts, stop_rx.clone())));
+    }
+
+    const TASKS: u32 = 200;
+    let mut operator = operator_client(&cluster.config, "ops", Some(&cluster.addr)).expect("operator client");
+    let tasks = (0..TASKS)
+        .map(|i| pb::TaskSpec {
+            plugin: "echo".into(),
+            method: "run".into(),
+            payload: format!("payload-{i}").into_bytes(),
+            gpus: 0,
+            deadline_ms: 10_000,
+        })
+        .collect();
+    let accepted = operator
+        .submit_job(pb::SubmitJobRequest { name: "echo-200".into(), tasks, idempotency_key: "echo-200".into() })
+        .await
+        .expect("job accepted")
+        .into_inner();
+    assert_eq!(accepted.tasks, TASKS);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = operator.status(pb::StatusRequest {}).await.expect("status").into_inner();
+        let job = status.jobs.iter().find(|j| j.job == accepted.job).expect("job listed");
+        if job.committed == TASKS {
+            assert_eq!(status.workers.len(), 2, "both workers registered: {:?}", status.workers);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "job did not finish: {job:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let mut results = operator
+        .results(pb::ResultsRequest { job: accepted.job, include_bytes: true })
+        .await
+        .expect("results")
+        .into_inner();
+    let mut seen = 0;
+    while let Some(r) = results.message().await.expect("result") {
+        let task = r.task.expect("task id");
+        assert_eq!(r.state, pb::TaskState::Committed as i32);
+        assert_eq!(r.result, format!("payload-{}", task.index).into_bytes());
+        seen += 1;
+    }
+    assert_eq!(seen, TASKS);
+
+    // Exactly once: one commit per task, and every commit under the lease's token.
+    let mut commits: BTreeMap<String, u32> = BTreeMap::new();
+    for record in cluster.history.records() {
+        if let HistoryEvent::Committed { task, .. } = record.event {
+            *commits.entry(task.to_string()).or_default() += 1;
+        }
+    }
+    assert_eq!(commits.len(), TASKS as usize);
+    assert!(commits.values().all(|&n| n == 1), "a task committed twice: {commits:?}");
+    let started: Vec<_> = worker_history
+        .records()
+        .into_iter()
+        .filter(|r| matches!(r.event, HistoryEvent::TaskStarted { .. }))
+        .map(|r| r.node)
+        .collect();
+    assert!(started.len() >= TASKS as usize);
+    assert!(started.iter().any(|n| n == "w1") && started.iter().any(|n| n == "w2"), "both workers ran tasks");
+
+    let _ = stop_tx.send(true);
+    for w in workers {
+        w.await.expect("worker task").expect("worker stops cleanly");
+    }
+    cluster.coordinator.shutdown().await.expect("clean shutdown");
+}

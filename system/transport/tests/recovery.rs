@@ -1,0 +1,254 @@
+//! The runtime under failures, over loopback TCP with mutual TLS and fast health
+//! settings: a coordinator that crashes and restarts, a worker cut off from its
+//! coordinator (it must fence itself, then rejoin), and a worker that vanishes (its
+//! tasks must be re-leased and finished by the other).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rollout_core::history::{HistoryEvent, HistoryRecord};
+use rollout_core::{Config, WorkerId};
+use rollout_proto::transport as pb;
+use rollout_transport::{
+    BuiltinPlugins, CoordinatorOptions, MemoryEmitter, RunningCoordinator, WorkerOptions, ensure_dev_ca,
+    issue_client_cert, issue_operator_cert, issue_server_cert, operator_client, run_worker_process, start_coordinator,
+};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+fn fast_config(dir: &Path) -> Config {
+    let mut config = Config::default();
+    config.storage.data_dir = dir.join("data");
+    config.transport.tls_dir = dir.join("tls");
+    config.health.heartbeat_interval = Duration::from_millis(100);
+    config.health.worker_self_fence_timeout = Duration::from_millis(800);
+    config.health.coordinator_failure_timeout = Duration::from_secs(1);
+    config.health.clock_skew_budget = Duration::from_millis(50);
+    config.health.failure_scan_interval = Duration::from_millis(50);
+    config.transport.reconnect_backoff_initial = Duration::from_millis(50);
+    config.transport.reconnect_backoff_max = Duration::from_millis(500);
+    config.tasks.retry_backoff_initial = Duration::from_millis(50);
+    config.validate().expect("a valid fast config");
+    config
+}
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    config: Config,
+    addr: String,
+    coordinator: Option<RunningCoordinator>,
+    history: Arc<MemoryEmitter>,
+    worker_history: Arc<MemoryEmitter>,
+    stop_workers: watch::Sender<bool>,
+    workers: BTreeMap<String, JoinHandle<rollout_core::Result<()>>>,
+}
+
+impl Harness {
+    async fn start(workers: &[&str]) -> Harness {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = fast_config(dir.path());
+        let tls = &config.transport.tls_dir;
+        ensure_dev_ca(tls).expect("CA");
+        issue_server_cert(tls, &[]).expect("server cert");
+        issue_operator_cert(tls, "ops").expect("operator cert");
+        for w in workers {
+            issue_client_cert(tls, &WorkerId::new(*w).expect("id")).expect("worker cert");
+        }
+        let history = Arc::new(MemoryEmitter::new());
+        let coordinator = start_coordinator(CoordinatorOptions {
+            config: config.clone(),
+            emitter: history.clone(),
+            listen_addr: Some("127.0.0.1:0".into()),
+        })
+        .await
+        .expect("coordinator starts");
+        let addr = coordinator.local_addr.to_string();
+        let (stop_workers, _) = watch::channel(false);
+        let mut h = Harness {
+            _dir: dir,
+            config,
+            addr,
+            coordinator: Some(coordinator),
+            history,
+            worker_history: Arc::new(MemoryEmitter::new()),
+            stop_workers,
+            workers: BTreeMap::new(),
+        };
+        for (i, w) in workers.iter().enumerate() {
+            h.spawn_worker(w, i as u64);
+        }
+        h
+    }
+
+    fn spawn_worker(&mut self, id: &str, seed: u64) {
+        let opts = WorkerOptions {
+            config: self.config.clone(),
+            id: WorkerId::new(id).expect("id"),
+            slots: 4,
+            plugins: Arc::new(BuiltinPlugins),
+            emitter: self.worker_history.clone(),
+            coordinator_addr: Some(self.addr.clone()),
+            cert: None,
+            rng_seed: Some(seed),
+        };
+        let task = tokio::spawn(run_worker_process(opts, self.stop_workers.subscribe()));
+        self.workers.insert(id.to_owned(), task);
+    }
+
+    async fn crash_coordinator(&mut self) {
+        if let Some(c) = self.coordinator.take() {
+            c.abort().await;
+        }
+    }
+
+    async fn restart_coordinator(&mut self) {
+        let coordinator = start_coordinator(CoordinatorOptions {
+            config: self.config.clone(),
+            emitter: self.history.clone(),
+            listen_addr: Some(self.addr.clone()),
+        })
+        .await
+        .expect("coordinator restarts on the same address and data");
+        self.coordinator = Some(coordinator);
+    }
+
+    async fn submit_sleep_job(&self, tasks: u32, sleep_ms: u64) -> u64 {
+        let mut operator = operator_client(&self.config, "ops", Some(&self.addr)).expect("operator");
+        let tasks = (0..tasks)
+            .map(|_| pb::TaskSpec {
+                plugin: "sleep".into(),
+                method: "run".into(),
+                payload: sleep_ms.to_string().into_bytes(),
+                gpus: 0,
+                deadline_ms: 30_000,
+            })
+            .collect();
+        let request = pb::SubmitJobRequest { name: "sleepers".into(), tasks, idempotency_key: String::new() };
+        operator.submit_job(request).await.expect("job accepted").into_inner().job
+    }
+
+    /// Waits until every task of `job` is committed (operator calls retry while the
+    /// coordinator is down).
+    async fn wait_committed(&self, job: u64, tasks: u32, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut operator = operator_client(&self.config, "ops", Some(&self.addr)).expect("operator");
+        loop {
+            if let Ok(status) = operator.status(pb::StatusRequest {}).await {
+                let status = status.into_inner();
+                if status.jobs.iter().any(|j| j.job == job && j.committed == tasks) {
+                    return;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "job {job} unfinished: {:?}", status.jobs);
+            }
+            assert!(tokio::time::Instant::now() < deadline, "job {job} unfinished; coordinator unreachable");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn wait_for(&self, within: Duration, what: &str, found: impl Fn(&[HistoryRecord], &[HistoryRecord]) -> bool) {
+        let deadline = tokio::time::Instant::now() + within;
+        while !found(&self.history.records(), &self.worker_history.records()) {
+            assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn assert_each_task_committed_at_most_once(&self) {
+        let mut commits: BTreeMap<String, u32> = BTreeMap::new();
+        for r in self.history.records() {
+            if let HistoryEvent::Committed { task, .. } = r.event {
+                *commits.entry(task.to_string()).or_default() += 1;
+            }
+        }
+        assert!(commits.values().all(|&n| n == 1), "a task committed twice: {commits:?}");
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop_workers.send(true);
+        for (_, w) in std::mem::take(&mut self.workers) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), w).await;
+        }
+        if let Some(c) = self.coordinator.take() {
+            c.shutdown().await.expect("clean shutdown");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_survives_a_coordinator_crash_and_restart() {
+    let mut h = Harness::start(&["w1", "w2"]).await;
+    let job = h.submit_sleep_job(40, 100).await;
+    h.wait_for(Duration::from_secs(10), "the first commits", |c, _| {
+        c.iter().any(|r| matches!(r.event, HistoryEvent::Committed { .. }))
+    })
+    .await;
+    h.crash_coordinator().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    h.restart_coordinator().await;
+    h.wait_committed(job, 40, Duration::from_secs(30)).await;
+    h.assert_each_task_committed_at_most_once();
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_worker_fences_itself_then_rejoins() {
+    let mut h = Harness::start(&["w1"]).await;
+    h.submit_sleep_job(1, 20_000).await;
+    h.wait_for(Duration::from_secs(10), "the task to start", |_, w| {
+        w.iter().any(|r| matches!(r.event, HistoryEvent::TaskStarted { .. }))
+    })
+    .await;
+    let cut_at = tokio::time::Instant::now();
+    h.crash_coordinator().await;
+    // The machine decides; the driver only keeps ticking while disconnected.
+    h.wait_for(Duration::from_secs(5), "the worker to fence itself", |_, w| {
+        w.iter().any(|r| matches!(r.event, HistoryEvent::Fenced { .. }))
+    })
+    .await;
+    let fenced_after = cut_at.elapsed();
+    assert!(fenced_after <= Duration::from_millis(800 + 1200), "fenced {fenced_after:?} after the cut");
+    h.wait_for(Duration::from_secs(2), "the cancelled run to stop", |_, w| {
+        w.iter().any(|r| matches!(r.event, HistoryEvent::TaskStopped { .. }))
+    })
+    .await;
+
+    h.restart_coordinator().await;
+    h.wait_for(Duration::from_secs(10), "the worker to register again", |c, _| {
+        c.iter().filter(|r| matches!(r.event, HistoryEvent::Registered { .. })).count() >= 2
+    })
+    .await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tasks_of_a_vanished_worker_are_finished_by_the_other() {
+    let mut h = Harness::start(&["w1", "w2"]).await;
+    let job = h.submit_sleep_job(16, 300).await;
+    h.wait_for(Duration::from_secs(10), "both workers to run tasks", |_, w| {
+        let on = |id: &str| {
+            w.iter().any(|r| matches!(&r.event, HistoryEvent::TaskStarted { worker, .. } if worker.as_str() == id))
+        };
+        on("w1") && on("w2")
+    })
+    .await;
+    let gone_at = tokio::time::Instant::now();
+    if let Some(w1) = h.workers.remove("w1") {
+        w1.abort();
+    }
+    h.wait_for(Duration::from_secs(10), "w1 to be declared failed", |c, _| {
+        c.iter().any(|r| matches!(&r.event, HistoryEvent::DeclaredFailed { worker, .. } if worker.as_str() == "w1"))
+    })
+    .await;
+    // Bound: due_at (≤ 2 beats after its last beat) + max(failure timeout, skew
+    // budget) + one scan tick, plus scheduling slack.
+    let detected_after = gone_at.elapsed();
+    assert!(
+        detected_after <= Duration::from_millis(200 + 1000 + 50 + 1750),
+        "declared failed after {detected_after:?}"
+    );
+    h.wait_committed(job, 16, Duration::from_secs(30)).await;
+    h.assert_each_task_committed_at_most_once();
+    h.stop().await;
+}
