@@ -63,5 +63,7 @@ trap - EXIT
 
 echo "== audit chain"
 "$ROLLOUT" audit verify
-# TODO(issue 6): `rollout check $LOGS/*.history.jsonl` once the simulator's checker is exposed to the CLI.
+
+echo "== invariant check of the recorded histories"
+"$ROLLOUT" check "$LOGS"/coordinator.history.jsonl "$LOGS"/w1.history.jsonl "$LOGS"/w2.history.jsonl
 echo "== done: histories in $LOGS/*.history.jsonl"

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 mod certs;
+mod check;
 mod ops;
 mod run;
 
@@ -84,6 +85,26 @@ enum Command {
         /// Append worker-side history events (JSON lines) to this file instead of standard output.
         #[arg(long, value_name = "FILE")]
         history: Option<PathBuf>,
+    },
+    /// Judge recorded histories with the simulator's invariant checker.
+    ///
+    /// Reads the JSON-lines histories of a coordinator and any workers (`--history`
+    /// files, or `sim run --trace` output), merges them by wall time without
+    /// reordering any one file, and checks single_commit, fenced_commit, self_fence and
+    /// no_overlap, then that every task of every accepted job is accounted for
+    /// (no_lost_task) and, with --complete, terminal (progress). Exits 1 naming the
+    /// first violated invariant and record, 2 on unreadable input.
+    Check {
+        /// History files (JSON lines), e.g. coordinator.jsonl w1.jsonl w2.jsonl.
+        #[arg(required = true, value_name = "HISTORY.jsonl")]
+        files: Vec<PathBuf>,
+        /// Fail on overlapping runs of one task (sound only while clocks stay within
+        /// health.clock_skew_budget); by default they are counted and reported.
+        #[arg(long)]
+        strict_overlap: bool,
+        /// Require every task of every accepted job to have finished.
+        #[arg(long)]
+        complete: bool,
     },
     /// Create or issue certificates (development CA).
     Certs {
@@ -211,6 +232,7 @@ fn main() -> ExitCode {
         Command::Plan { config } => plan(config),
         Command::Certs { command } => report(certs::run(command)),
         Command::Audit { command: AuditCommand::Verify { common } } => report(ops::audit_verify(&common)),
+        Command::Check { files, strict_overlap, complete } => check::run(&files, strict_overlap, complete),
         other => {
             init_logging();
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -236,7 +258,7 @@ async fn run_async(command: Command) -> Result<(), Error> {
         Command::Results { op, job, bytes } => ops::results(&op, &job, bytes).await,
         Command::Cancel { op, job } => ops::cancel(&op, &job).await,
         Command::Drain { op, worker } => ops::drain(&op, &worker).await,
-        Command::Plan { .. } | Command::Certs { .. } | Command::Audit { .. } => Ok(()),
+        Command::Plan { .. } | Command::Certs { .. } | Command::Audit { .. } | Command::Check { .. } => Ok(()),
     }
 }
 

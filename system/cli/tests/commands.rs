@@ -16,7 +16,8 @@ fn rollout(args: &[&str], dir: &Path) -> Output {
 #[test]
 fn every_command_has_help() {
     let dir = tempfile::tempdir().expect("tempdir");
-    for command in ["coordinator", "worker", "certs", "submit", "status", "results", "cancel", "drain", "audit", "plan"]
+    for command in
+        ["coordinator", "worker", "certs", "submit", "status", "results", "cancel", "drain", "audit", "plan", "check"]
     {
         let out = rollout(&[command, "--help"], dir.path());
         assert!(out.status.success(), "{command} --help: {out:?}");
@@ -62,4 +63,36 @@ fn audit_verify_names_a_missing_database() {
     let out = rollout(&["audit", "verify"], dir.path());
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("rollout.db"), "{out:?}");
+}
+
+#[test]
+fn check_judges_recorded_histories_and_names_the_violation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lines = [
+        r#"{"seq":0,"node":"coordinator","wall_unix_ms":1,"event":"job_accepted","job":1,"tasks":1}"#,
+        r#"{"seq":1,"node":"coordinator","wall_unix_ms":2,"event":"leased","task":"job-1.0","worker":"w1","token":1,"attempt":1}"#,
+        r#"{"seq":2,"node":"coordinator","wall_unix_ms":4,"event":"committed","task":"job-1.0","worker":"w1","token":1,"result":"eb836fa0a41cb38c32b81c2cd853a22f62b4e5fd2b1b8459456a2e19c7be445d"}"#,
+    ];
+    let worker = [
+        r#"{"seq":0,"node":"w1","wall_unix_ms":3,"event":"task_started","task":"job-1.0","worker":"w1","token":1}"#,
+        r#"{"seq":1,"node":"w1","wall_unix_ms":3,"event":"task_stopped","task":"job-1.0","worker":"w1","token":1}"#,
+    ];
+    std::fs::write(dir.path().join("c.jsonl"), lines.join("\n")).expect("write");
+    std::fs::write(dir.path().join("w1.jsonl"), worker.join("\n")).expect("write");
+    let ok = rollout(&["check", "c.jsonl", "w1.jsonl", "--complete", "--strict-overlap"], dir.path());
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("1 of 1 tasks"), "{ok:?}");
+
+    // The same commit twice: single_commit, exit 1, naming the record.
+    std::fs::write(dir.path().join("twice.jsonl"), [lines.join("\n"), lines[2].to_owned()].join("\n")).expect("write");
+    let bad = rollout(&["check", "twice.jsonl"], dir.path());
+    assert_eq!(bad.status.code(), Some(1), "{bad:?}");
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("single_commit") && err.contains("job-1.0"), "{err}");
+
+    // Not a history: exit 2 naming file and line.
+    std::fs::write(dir.path().join("junk.jsonl"), format!("{}\nnot json\n", lines[0])).expect("write");
+    let junk = rollout(&["check", "junk.jsonl"], dir.path());
+    assert_eq!(junk.status.code(), Some(2), "{junk:?}");
+    assert!(String::from_utf8_lossy(&junk.stderr).contains("junk.jsonl:2"), "{junk:?}");
 }

@@ -8,9 +8,11 @@
 //! plugin host on the blocking pool.
 //!
 //! Streams: after each registration the driver opens the Control and Work streams for
-//! that incarnation on the worker's single HTTP/2 connection. If a stream breaks while
-//! the incarnation is still current, it is re-opened after a jittered exponential
-//! backoff; registration retries are the machine's own (also jittered, exponential).
+//! that incarnation on the worker's single HTTP/2 connection. If the Work stream
+//! breaks, the machine gets `WorkerInput::Disconnected` and registers again (messages
+//! lost with the stream cannot be told apart from ones in flight); a broken Control
+//! stream is re-opened after a jittered exponential backoff. Registration retries are
+//! the machine's own (also jittered, exponential).
 //!
 //! Results travel with the Submit (the wire carries the bytes); the driver keeps the
 //! bytes of each unacknowledged submit and the coordinator stores them,
@@ -237,7 +239,21 @@ impl WorkerDriver {
                     }
                 }
             }
+            Event::StreamEnded(session, "work", why) => {
+                if self.is_current(session) {
+                    // Assigns or acks in flight on the broken stream may be lost, and the
+                    // coordinator cannot tell which: the machine ends the incarnation and
+                    // registers again (the simulator found the credit starvation a silent
+                    // re-open causes). The new incarnation opens new streams.
+                    tracing::warn!(channel = "work", error = %why, "work stream to the coordinator ended; re-registering");
+                    self.streams = None;
+                    self.input(WorkerInput::Disconnected)?;
+                }
+                Ok(())
+            }
             Event::StreamEnded(session, which, why) => {
+                // The Control stream carries nothing the coordinator does not repeat (it
+                // re-sends cancels of tasks a beat reports), so it is simply re-opened.
                 if self.is_current(session) {
                     tracing::info!(channel = which, error = %why, "stream to the coordinator ended; re-opening after backoff");
                     self.streams = None;

@@ -104,14 +104,26 @@ impl Harness {
     }
 
     async fn restart_coordinator(&mut self) {
-        let coordinator = start_coordinator(CoordinatorOptions {
-            config: self.config.clone(),
-            emitter: self.history.clone(),
-            listen_addr: Some(self.addr.clone()),
-        })
-        .await
-        .expect("coordinator restarts on the same address and data");
-        self.coordinator = Some(coordinator);
+        // An aborted server may hold its port for a moment while its tasks unwind.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let started = start_coordinator(CoordinatorOptions {
+                config: self.config.clone(),
+                emitter: self.history.clone(),
+                listen_addr: Some(self.addr.clone()),
+            })
+            .await;
+            match started {
+                Ok(coordinator) => {
+                    self.coordinator = Some(coordinator);
+                    return;
+                }
+                Err(e) if tokio::time::Instant::now() < deadline && e.to_string().contains("in use") => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("coordinator restarts on the same address and data: {e}"),
+            }
+        }
     }
 
     async fn submit_sleep_job(&self, tasks: u32, sleep_ms: u64) -> u64 {
@@ -202,7 +214,8 @@ async fn a_cut_off_worker_fences_itself_then_rejoins() {
     .await;
     let cut_at = tokio::time::Instant::now();
     h.crash_coordinator().await;
-    // The machine decides; the driver only keeps ticking while disconnected.
+    // The broken Work stream ends the incarnation at once (WorkerInput::Disconnected);
+    // were the connection only silent, the self-fence deadline would.
     h.wait_for(Duration::from_secs(5), "the worker to fence itself", |_, w| {
         w.iter().any(|r| matches!(r.event, HistoryEvent::Fenced { .. }))
     })

@@ -43,7 +43,7 @@ pub fn format(d: Duration) -> String {
     if nanos == 0 {
         return "0s".to_owned();
     }
-    let (name, per) = UNITS.iter().find(|(_, per)| nanos % per == 0).copied().unwrap_or(("ns", 1));
+    let (name, per) = UNITS.iter().find(|(_, per)| nanos.is_multiple_of(*per)).copied().unwrap_or(("ns", 1));
     format!("{}{name}", nanos / per)
 }
 
