@@ -6,7 +6,7 @@ export CARGO_TERM_COLOR ?= never
 CARGO ?= cargo
 ROLLOUT = $(CARGO_TARGET_DIR)/debug/rollout
 
-.PHONY: run test build fmt fmt-check clippy sans-io no-openssl unit bench-storage bench-sim sim-soak
+.PHONY: run test smoke preflight build fmt fmt-check clippy sans-io no-openssl unit bench-storage bench-sim sim-soak
 
 ## run: build, print the plan, then run a local cluster (coordinator + 2 workers over mTLS) through a demo job
 run: build
@@ -15,6 +15,16 @@ run: build
 
 ## test: formatting, lints and every test of the workspace
 test: fmt-check clippy sans-io no-openssl unit
+
+## smoke: the real binaries end to end: 1 coordinator + 2 workers with a Rust cdylib and a
+## Python sidecar plugin; kills w1 and checks it is declared failed in time and every task
+## completes exactly once (scripts/smoke.sh; a temp dir, not ./data)
+smoke: preflight build
+	ROLLOUT=$(ROLLOUT) scripts/smoke.sh
+
+## preflight: cargo, make, a C linker and python3 >= 3.11 are there (protoc is not needed)
+preflight:
+	scripts/preflight.sh
 
 build:
 	$(CARGO) build --workspace --locked

@@ -67,9 +67,12 @@ enum Command {
     ///
     /// Connects to transport.coordinator_addr with the client certificate
     /// worker.<ID>.pem from transport.tls_dir (`rollout certs issue --worker ID`), runs
-    /// tasks with the built-in `echo` and `sleep` plugins, and re-registers with
-    /// jittered exponential backoff after losing the coordinator. Exits 1 if the
-    /// coordinator refuses it for good (e.g. a protocol version mismatch).
+    /// tasks with the plugins named by the [[plugins]] tables of --config (cdylib,
+    /// python or sidecar; relative paths are taken from the config file's directory)
+    /// plus the built-in `echo` and `sleep` unless a configured plugin has that name, and
+    /// advertises exactly those at registration. Re-registers with jittered exponential
+    /// backoff after losing the coordinator. Exits 2 if a plugin cannot be loaded or
+    /// started, 1 if the coordinator refuses it for good (e.g. a protocol version mismatch).
     Worker {
         #[command(flatten)]
         common: CommonArgs,
@@ -286,9 +289,17 @@ fn load_config(common: &CommonArgs) -> Result<Config, Error> {
 }
 
 fn plan(config_path: Option<PathBuf>) -> ExitCode {
-    match Config::load(config_path.as_deref(), std::env::vars()) {
-        Ok(config) => {
+    // The file's [[plugins]] are validated too (without loading them).
+    let plugins = |path: &Option<PathBuf>| match path {
+        Some(path) => rollout_plugin_host::plugin_specs_from_config_file(path),
+        None => Ok(Vec::new()),
+    };
+    match Config::load(config_path.as_deref(), std::env::vars()).and_then(|c| Ok((c, plugins(&config_path)?))) {
+        Ok((config, plugins)) => {
             print!("{}", render_plan(&config));
+            for p in plugins {
+                println!("# plugin {:?}: {:?}", p.name, p.mode);
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -1,13 +1,14 @@
 //! `rollout coordinator` and `rollout worker`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rollout_core::traits::EventEmitter;
+use rollout_core::traits::{EventEmitter, PluginHost};
 use rollout_core::{Error, WorkerId};
+use rollout_plugin_host::{LocalPluginHost, plugin_specs_from_config_file};
 use rollout_transport::{
-    BuiltinPlugins, CoordinatorOptions, FileJsonEmitter, StdoutJsonEmitter, WorkerOptions, run_worker_process,
-    start_coordinator,
+    BuiltinPlugins, CoordinatorOptions, FileJsonEmitter, PluginRouter, StdoutJsonEmitter, WorkerOptions,
+    run_worker_process, start_coordinator,
 };
 use tokio::sync::watch;
 
@@ -49,12 +50,13 @@ pub async fn worker(
             config.limits.max_slots_per_worker
         )));
     }
+    let plugins = worker_plugins(common.config.as_deref()).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let opts = WorkerOptions {
         config,
         id,
         slots,
-        plugins: Arc::new(BuiltinPlugins),
+        plugins,
         emitter: emitter(history)?,
         coordinator_addr: coordinator,
         cert: None,
@@ -69,5 +71,68 @@ pub async fn worker(
             let _ = stop_tx.send(true);
             run.await
         }
+    }
+}
+
+/// The worker's plugins: the `[[plugins]]` tables of its config file (relative paths
+/// taken from the file's directory), started by [`LocalPluginHost`] (sidecars are up
+/// and healthy when this returns), plus the built-in `echo` and `sleep` where no
+/// configured plugin has that name. Exactly these names are advertised at Register.
+async fn worker_plugins(config_file: Option<&Path>) -> Result<Arc<dyn PluginHost>, Error> {
+    let specs = match config_file {
+        Some(path) => plugin_specs_from_config_file(path)?,
+        None => Vec::new(),
+    };
+    // Loading libraries and waiting for sidecars blocks.
+    let host = tokio::task::spawn_blocking(move || LocalPluginHost::start(&specs))
+        .await
+        .map_err(|e| Error::internal(format!("starting the plugins: {e}")))??;
+    let configured = host.plugins();
+    let router = PluginRouter::new([Arc::new(host) as Arc<dyn PluginHost>, Arc::new(BuiltinPlugins)]);
+    tracing::info!(?configured, advertised = ?router.plugins(), "plugins started");
+    Ok(Arc::new(router))
+}
+
+#[cfg(test)]
+mod tests {
+    use rollout_core::Fatal;
+
+    use super::*;
+
+    /// The advertised names, or the error.
+    fn plugins_of(config_file: Option<&Path>) -> Result<Vec<String>, Error> {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build();
+        runtime.expect("a tokio runtime").block_on(worker_plugins(config_file)).map(|host| host.plugins())
+    }
+
+    fn field_of(err: Error) -> String {
+        match err {
+            Error::Fatal(Fatal::ConfigInvalid { field, reason }) => format!("{field}: {reason}"),
+            other => panic!("expected ConfigInvalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn without_plugins_the_worker_offers_the_built_ins() {
+        assert_eq!(plugins_of(None).expect("built-ins"), ["echo", "sleep"]);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("worker.toml");
+        std::fs::write(&file, "[health]\nheartbeat_interval = \"200ms\"\n").expect("write config");
+        assert_eq!(plugins_of(Some(&file)).expect("no [[plugins]]"), ["echo", "sleep"]);
+    }
+
+    #[test]
+    fn configured_plugins_resolve_against_the_config_file_and_errors_name_the_plugin() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("worker.toml");
+        std::fs::write(&file, "[[plugins]]\nname = \"echo\"\nmode = \"cdylib\"\npath = \"lib/libnope.so\"\n")
+            .expect("write config");
+        let err = field_of(plugins_of(Some(&file)).expect_err("the library does not exist"));
+        assert!(err.starts_with("plugins.echo:"), "{err}");
+        assert!(err.contains(&dir.path().join("lib/libnope.so").display().to_string()), "resolved: {err}");
+
+        std::fs::write(&file, "[[plugins]]\nname = \"x\"\nmode = \"wasm\"\n").expect("write config");
+        let err = field_of(plugins_of(Some(&file)).expect_err("no such mode"));
+        assert!(err.starts_with(&format!("plugins[0].mode (in {})", file.display())), "{err}");
     }
 }

@@ -352,6 +352,36 @@ fn assignments_match_plugins_gpus_and_free_slots() {
 }
 
 #[test]
+fn a_task_goes_only_to_a_worker_that_advertised_its_plugin_even_after_a_failover() {
+    let mut h = Harness::new();
+    let both = h.register_with("both", &["echo-rs", "echo-py"], 4, 0);
+    let rs_only = h.register_with("rs-only", &["echo-rs"], 4, 0);
+    h.submit_job(vec![spec("echo-py", 0), spec("echo-py", 0)]);
+    assert!(h.pull("rs-only", rs_only, 4, 0).is_empty(), "rs-only never offered echo-py");
+    let held = h.pull("both", both, 4, 0);
+    assert_eq!(held.len(), 2);
+    // `both` goes silent and is declared failed; its echo-py tasks are queued again,
+    // and the only live worker still cannot run them.
+    for _ in 0..30 {
+        h.advance(Duration::from_millis(250));
+        h.beat("rs-only", rs_only, vec![], 0);
+        h.tick();
+    }
+    assert!(
+        h.events().iter().any(|e| matches!(e, HistoryEvent::DeclaredFailed { worker, .. } if *worker == w("both")))
+    );
+    h.advance(Duration::from_secs(1)); // past the retry backoff
+    h.tick();
+    assert!(held.iter().all(|a| h.state(a.task) == TaskState::Queued));
+    assert!(h.pull("rs-only", rs_only, 4, 0).is_empty(), "still no echo-py on rs-only");
+    // A worker offering echo-py picks them up.
+    let py = h.register_with("py", &["echo-py"], 4, 0);
+    let got = h.pull("py", py, 4, 0);
+    assert_eq!(got.len(), 2);
+    assert!(got.iter().all(|a| a.plugin == "echo-py"));
+}
+
+#[test]
 fn credits_subtract_assignments_in_flight_and_pulls_are_idempotent() {
     let mut h = Harness::new();
     let inc = h.register_with("w1", &["echo"], 3, 0);

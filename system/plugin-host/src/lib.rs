@@ -32,7 +32,10 @@ pub use bounded::ABANDONED_CALLS_MAX;
 use rollout_core::traits::{CancelToken, PluginCall, PluginError, PluginHost};
 pub use rollout_plugin_sdk::abi::ABI_VERSION;
 pub use sidecar::{SIDECAR_ABI_VERSION, SIDECAR_MESSAGE_BYTES_MAX};
-pub use spec::{PluginMode, PluginSpec, SidecarSpec, plugin_specs_from_toml_str, validate_plugin_specs};
+pub use spec::{
+    PluginMode, PluginSpec, SidecarSpec, plugin_specs_from_config_file, plugin_specs_from_toml_str,
+    validate_plugin_specs,
+};
 
 use crate::cdylib::CdylibPlugin;
 use crate::sidecar::{SidecarPlugin, SidecarRuntime};

@@ -43,8 +43,19 @@ const EXIT_WAIT: Duration = Duration::from_millis(200);
 /// How often a running call looks at its cancel token.
 const CANCEL_POLL_INTERVAL: Duration = Duration::from_millis(10);
 
-/// The tokio runtime that drives every sidecar client of one host.
-pub(crate) struct SidecarRuntime(tokio::runtime::Runtime);
+/// The tokio runtime that drives every sidecar client of one host. `None` only while
+/// it is being dropped.
+pub(crate) struct SidecarRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for SidecarRuntime {
+    fn drop(&mut self) {
+        // The host may be dropped by a worker's async task; dropping a runtime there
+        // panics, shutting it down in the background does not.
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
 
 impl SidecarRuntime {
     pub(crate) fn new() -> Result<Self, String> {
@@ -53,7 +64,7 @@ impl SidecarRuntime {
             .thread_name("plugin-sidecar-io")
             .enable_all()
             .build()
-            .map(SidecarRuntime)
+            .map(|runtime| SidecarRuntime(Some(runtime)))
             .map_err(|e| format!("cannot start the sidecar I/O runtime: {e}"))
     }
 
@@ -64,11 +75,12 @@ impl SidecarRuntime {
         F: Future + Send,
         F::Output: Send,
     {
+        let runtime = self.0.as_ref().expect("the runtime lives until the host is dropped");
         if tokio::runtime::Handle::try_current().is_err() {
-            return self.0.block_on(future);
+            return runtime.block_on(future);
         }
         std::thread::scope(|scope| {
-            scope.spawn(|| self.0.block_on(future)).join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            scope.spawn(|| runtime.block_on(future)).join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
     }
 }

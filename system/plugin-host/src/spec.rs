@@ -23,7 +23,11 @@
 //! ```
 //!
 //! Unknown keys are errors, and every error names the field (`plugins[1].path`).
-//! Relative paths are taken as given (relative to the worker's working directory).
+//! [`plugin_specs_from_config_file`] (what `rollout worker --config FILE` uses) takes
+//! relative paths relative to the config file's directory: `path`, `script`, `socket`,
+//! and `python` or `command[0]` when they have a directory part (a bare program name
+//! such as `python3` is looked up on `PATH`); `command`'s arguments are passed as
+//! written. [`plugin_specs_from_toml_str`] takes every path as given.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -127,12 +131,35 @@ struct PluginsSection {
 
 /// Reads the `[[plugins]]` tables of a config document (other sections are ignored:
 /// they belong to the core config) and validates them with [`validate_plugin_specs`].
+/// Paths are taken as given.
 pub fn plugin_specs_from_toml_str(text: &str) -> Result<Vec<PluginSpec>> {
+    validate_plugin_specs(&plugin_tables_from_toml_str(text)?)
+}
+
+/// Reads and validates the `[[plugins]]` tables of the config file at `path`, with
+/// relative paths resolved against the file's directory (see the module docs), so the
+/// same file works from any working directory. Errors name the field and the file.
+pub fn plugin_specs_from_config_file(path: &Path) -> Result<Vec<PluginSpec>> {
+    let in_file = |e: Error| match e {
+        Error::Fatal(rollout_core::Fatal::ConfigInvalid { field, reason }) => {
+            Error::config_invalid(format!("{field} (in {})", path.display()), reason)
+        }
+        other => other,
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::config_invalid(path.display().to_string(), format!("cannot read config file: {e}")))?;
+    let base = path.parent().filter(|dir| !dir.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tables = plugin_tables_from_toml_str(&text).map_err(in_file)?;
+    let resolved: Vec<PluginSpecToml> = tables.iter().map(|t| t.resolved_against(base)).collect();
+    validate_plugin_specs(&resolved).map_err(in_file)
+}
+
+fn plugin_tables_from_toml_str(text: &str) -> Result<Vec<PluginSpecToml>> {
     let value: toml::Value = toml::from_str(text)
         .map_err(|e| Error::config_invalid("plugins", format!("not valid TOML: {}", e.message().trim())))?;
     let section: PluginsSection = serde_path_to_error::deserialize(value)
         .map_err(|e| Error::config_invalid(e.path().to_string(), e.into_inner().message().trim().to_owned()))?;
-    validate_plugin_specs(&section.plugins)
+    Ok(section.plugins)
 }
 
 /// Validates every entry (errors name `plugins[i].<field>`), then the set: at most
@@ -169,6 +196,27 @@ pub fn validate_plugin_specs(raw: &[PluginSpecToml]) -> Result<Vec<PluginSpec>> 
 }
 
 impl PluginSpecToml {
+    /// This entry with its relative paths joined onto `base` (see the module docs);
+    /// absolute paths, bare program names and empty paths (left for validation to
+    /// refuse) are unchanged.
+    pub fn resolved_against(&self, base: &Path) -> PluginSpecToml {
+        let file = |p: &PathBuf| if p.is_relative() && !p.as_os_str().is_empty() { base.join(p) } else { p.clone() };
+        // Like a shell: a program with a directory part is a path, a bare name is
+        // looked up on PATH.
+        let program = |p: &PathBuf| if p.components().count() > 1 { file(p) } else { p.clone() };
+        let mut out = self.clone();
+        out.path = self.path.as_ref().map(file);
+        out.script = self.script.as_ref().map(file);
+        out.socket = self.socket.as_ref().map(file);
+        out.python = self.python.as_ref().map(program);
+        if let Some(command) = &mut out.command
+            && let Some(first) = command.first_mut()
+        {
+            *first = program(&PathBuf::from(&*first)).display().to_string();
+        }
+        out
+    }
+
     /// Checks this entry; `at` is its place in the config (e.g. `plugins[0]`), used as
     /// the prefix of the field an error names.
     pub fn validate(&self, at: &str) -> Result<PluginSpec> {
@@ -451,6 +499,65 @@ mod tests {
             let err = parse(text).expect_err(text);
             assert_eq!(field_of(err), want, "for {text}");
         }
+    }
+
+    #[test]
+    fn a_config_file_resolves_relative_paths_against_its_directory() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::internal(e.to_string()))?;
+        let file = dir.path().join("worker.toml");
+        let text = r#"
+            [health]
+            heartbeat_interval = "200ms"
+
+            [[plugins]]
+            name = "echo"
+            mode = "cdylib"
+            path = "lib/libecho.so"
+
+            [[plugins]]
+            name = "echo-py"
+            mode = "sidecar"
+            script = "py/echo_plugin.py"
+            python = "../.venv/bin/python"
+            path = "py"
+            socket = "/tmp/echo-py.sock"
+
+            [[plugins]]
+            name = "bare"
+            mode = "sidecar"
+            module = "echo_plugin"
+            python = "python3"
+
+            [[plugins]]
+            name = "cmd"
+            mode = "sidecar"
+            command = ["bin/serve", "serve.py"]
+        "#;
+        std::fs::write(&file, text).map_err(|e| Error::internal(e.to_string()))?;
+        let specs = plugin_specs_from_config_file(&file)?;
+        let base = dir.path();
+        assert_eq!(specs[0].mode, PluginMode::Cdylib { path: base.join("lib/libecho.so") });
+        let PluginMode::Sidecar(py) = &specs[1].mode else { panic!("expected a sidecar") };
+        assert_eq!(py.program, base.join("../.venv/bin/python"));
+        assert_eq!(py.args, vec![base.join("py/echo_plugin.py").display().to_string()]);
+        assert_eq!(py.python_path.as_deref(), Some(base.join("py").as_path()));
+        assert_eq!(py.socket.as_deref(), Some(Path::new("/tmp/echo-py.sock")), "absolute: unchanged");
+        let PluginMode::Sidecar(bare) = &specs[2].mode else { panic!("expected a sidecar") };
+        assert_eq!(bare.program, PathBuf::from("python3"), "a bare program is looked up on PATH");
+        let PluginMode::Sidecar(cmd) = &specs[3].mode else { panic!("expected a sidecar") };
+        assert_eq!(cmd.program, base.join("bin/serve"));
+        assert_eq!(cmd.args, vec!["serve.py".to_owned()], "command arguments are passed as written");
+
+        // The same text parsed without a file keeps the paths as given.
+        let as_given = parse(text)?;
+        assert_eq!(as_given[0].mode, PluginMode::Cdylib { path: "lib/libecho.so".into() });
+
+        // Errors name the field and the file.
+        std::fs::write(&file, "[[plugins]]\nname = \"x\"\nmode = \"cdylib\"\n")
+            .map_err(|e| Error::internal(e.to_string()))?;
+        let field = field_of(plugin_specs_from_config_file(&file).expect_err("no path"));
+        assert_eq!(field, format!("plugins[0].path (in {})", file.display()));
+        Ok(())
     }
 
     #[test]

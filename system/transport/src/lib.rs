@@ -10,7 +10,8 @@
 //!   message checks, size limits).
 //! - [`coordinator`]: the coordinator driver (group commit, timers, routing).
 //! - [`worker`]: the worker driver (registration, beats, streams, reconnects, tasks).
-//! - [`plugins`]: the built-in `echo` and `sleep` plugins.
+//! - [`plugins`]: the built-in `echo` and `sleep` plugins, and [`PluginRouter`], which
+//!   serves several plugin hosts as one.
 //! - [`history`]: JSON-lines history emitters.
 //! - [`server`]: starting a coordinator or a worker from the effective config.
 //!
@@ -30,7 +31,7 @@ pub mod worker;
 
 pub use coordinator::{CoordinatorHandle, NodeClock, OperatorRequest, StatusSnapshot};
 pub use history::{FileJsonEmitter, MemoryEmitter, NullEmitter, StdoutJsonEmitter};
-pub use plugins::BuiltinPlugins;
+pub use plugins::{BuiltinPlugins, PluginRouter};
 pub use server::{
     CoordinatorOptions, RunningCoordinator, WorkerOptions, connect, operator_client, run_worker_process,
     serve_coordinator, start_coordinator,

@@ -1,7 +1,13 @@
-//! The built-in plugin host, until `rollout-plugin-host` provides real plugins:
-//! `echo` returns its payload, `sleep` sleeps the payload's milliseconds (decimal text)
-//! and returns the payload. Both honour the call's deadline and cancel token.
+//! The built-in plugins, and [`PluginRouter`], which puts several plugin hosts behind
+//! one (a worker runs its configured plugins from `rollout-plugin-host` and the built-in
+//! ones beside them).
+//!
+//! Built-ins: `echo` returns its payload, `sleep` sleeps the payload's milliseconds
+//! (decimal text) and returns the payload. Both honour the call's deadline and cancel
+//! token.
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rollout_core::traits::{CancelToken, PluginCall, PluginError, PluginHost};
@@ -33,6 +39,46 @@ impl PluginHost for BuiltinPlugins {
                 Ok(call.payload.clone())
             }
             other => Err(PluginError::NotFound(other.to_owned())),
+        }
+    }
+}
+
+/// Several plugin hosts behind one. Each plugin name goes to the first host (in the
+/// order given) that offers it, so a configured plugin named `echo` replaces the
+/// built-in one. The set of names is fixed at construction: it is what the worker
+/// advertises at Register.
+pub struct PluginRouter {
+    routes: BTreeMap<String, Arc<dyn PluginHost>>,
+}
+
+impl PluginRouter {
+    /// Routes every plugin of `hosts` to the first host that offers it.
+    pub fn new(hosts: impl IntoIterator<Item = Arc<dyn PluginHost>>) -> Self {
+        let mut routes = BTreeMap::new();
+        for host in hosts {
+            for name in host.plugins() {
+                routes.entry(name).or_insert_with(|| Arc::clone(&host));
+            }
+        }
+        PluginRouter { routes }
+    }
+}
+
+impl std::fmt::Debug for PluginRouter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginRouter").field("plugins", &self.routes.keys().collect::<Vec<_>>()).finish()
+    }
+}
+
+impl PluginHost for PluginRouter {
+    fn plugins(&self) -> Vec<String> {
+        self.routes.keys().cloned().collect()
+    }
+
+    fn call(&self, call: &PluginCall, cancel: &CancelToken) -> Result<Vec<u8>, PluginError> {
+        match self.routes.get(&call.plugin) {
+            Some(host) => host.call(call, cancel),
+            None => Err(PluginError::NotFound(call.plugin.clone())),
         }
     }
 }
@@ -79,6 +125,31 @@ mod tests {
     #[test]
     fn echo_returns_the_payload() {
         assert_eq!(BuiltinPlugins.call(&call("echo", b"hi", 1000), &CancelToken::new()), Ok(b"hi".to_vec()));
+    }
+
+    /// A host with fixed names that answers with its own label.
+    struct Labelled(&'static str, &'static [&'static str]);
+
+    impl PluginHost for Labelled {
+        fn plugins(&self) -> Vec<String> {
+            self.1.iter().map(|p| (*p).to_owned()).collect()
+        }
+
+        fn call(&self, _call: &PluginCall, _cancel: &CancelToken) -> Result<Vec<u8>, PluginError> {
+            Ok(self.0.as_bytes().to_vec())
+        }
+    }
+
+    #[test]
+    fn router_advertises_the_union_and_the_first_host_wins_a_name() {
+        let configured: Arc<dyn PluginHost> = Arc::new(Labelled("configured", &["echo", "echo-py"]));
+        let router = PluginRouter::new([configured, Arc::new(BuiltinPlugins) as Arc<dyn PluginHost>]);
+        assert_eq!(router.plugins(), ["echo", "echo-py", "sleep"]);
+        let cancel = CancelToken::new();
+        assert_eq!(router.call(&call("echo", b"hi", 1000), &cancel), Ok(b"configured".to_vec()), "configured echo");
+        assert_eq!(router.call(&call("echo-py", b"hi", 1000), &cancel), Ok(b"configured".to_vec()));
+        assert_eq!(router.call(&call("sleep", b"1", 1000), &cancel), Ok(b"1".to_vec()), "built-in sleep");
+        assert_eq!(router.call(&call("nope", b"", 1000), &cancel), Err(PluginError::NotFound("nope".into())));
     }
 
     #[test]

@@ -360,12 +360,11 @@ impl Drop for DetachOnDrop {
         let driver = self.driver.clone();
         // try_send first; if the inbox is full, detach from a task (never block a drop).
         if let Err(mpsc::error::TrySendError::Full(msg)) = driver.inbox.try_send(crate::coordinator::DriverMsgBox(msg))
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move {
-                    let _ = driver.inbox.send(msg).await;
-                });
-            }
+            rt.spawn(async move {
+                let _ = driver.inbox.send(msg).await;
+            });
         }
     }
 }

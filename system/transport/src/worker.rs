@@ -268,14 +268,14 @@ impl WorkerDriver {
             }
             Event::Reopen(session) => {
                 // Only if nothing replaced the broken session meanwhile.
-                if self.streams.is_none() && session + 1 == self.next_session {
-                    if let Some(incarnation) =
+                if self.streams.is_none()
+                    && session + 1 == self.next_session
+                    && let Some(incarnation) =
                         self.machine.incarnation().filter(|i| Some(*i) == self.streams_incarnation)
-                    {
-                        self.open_streams(incarnation);
-                        // Report what runs right away, so nothing waits for the next beat.
-                        self.input(WorkerInput::Tick)?;
-                    }
+                {
+                    self.open_streams(incarnation);
+                    // Report what runs right away, so nothing waits for the next beat.
+                    self.input(WorkerInput::Tick)?;
                 }
                 Ok(())
             }

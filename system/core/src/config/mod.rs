@@ -6,6 +6,11 @@
 //! that parses as a TOML scalar (`10`, `true`) is taken as one; anything else is a
 //! string. Unknown sections and keys, in the file or the environment, are errors that
 //! name the key and where it came from.
+//!
+//! One top-level key is not the core's: `[[plugins]]`, the worker's plugin list. It
+//! lives in the same file so that one file describes a worker, but it is parsed and
+//! validated by the plugin host (`rollout-plugin-host`'s `spec`), which the core does
+//! not depend on. Here it is only checked to be an array of tables and then set aside.
 
 pub mod duration_text;
 
@@ -21,6 +26,9 @@ use crate::error::{Error, Result};
 pub const ENV_PREFIX: &str = "ROLLOUT_";
 /// Separates section and key in an environment override.
 pub const ENV_SEPARATOR: &str = "__";
+/// The top-level key of the worker's `[[plugins]]` tables, which the plugin host reads
+/// from the same file; [`Config::load`] checks their shape and otherwise ignores them.
+pub const PLUGINS_KEY: &str = "plugins";
 
 /// Everything that can be configured. Each section has the seed defaults.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -202,9 +210,10 @@ impl Config {
             let text = std::fs::read_to_string(path).map_err(|e| {
                 Error::config_invalid(path.display().to_string(), format!("cannot read config file: {e}"))
             })?;
-            let table: toml::Table = toml::from_str(&text).map_err(|e| {
+            let mut table: toml::Table = toml::from_str(&text).map_err(|e| {
                 Error::config_invalid(path.display().to_string(), format!("not valid TOML: {}", e.message()))
             })?;
+            set_plugins_aside(&mut table, &describe_origin(&Origin::File(path.to_owned())))?;
             merge(&mut merged, &mut origins, table, &Origin::File(path.to_owned()))?;
         }
         let mut env_table = toml::Table::new();
@@ -237,8 +246,9 @@ impl Config {
 
     /// Parses a config from TOML text alone (no environment), and validates it.
     pub fn from_toml_str(text: &str) -> Result<Config> {
-        let table: toml::Table = toml::from_str(text)
+        let mut table: toml::Table = toml::from_str(text)
             .map_err(|e| Error::config_invalid("<config text>", format!("not valid TOML: {}", e.message())))?;
+        set_plugins_aside(&mut table, "")?;
         check_known_keys(&table, &BTreeMap::new())?;
         let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table))
             .map_err(|e| Error::config_invalid(e.path().to_string(), e.into_inner().message().trim().to_owned()))?;
@@ -384,6 +394,19 @@ fn env_value(text: &str) -> toml::Value {
     }
 }
 
+/// Removes the `[[plugins]]` tables (the plugin host's to parse) after checking that
+/// they are an array of tables; `origin` describes the file for the error.
+fn set_plugins_aside(table: &mut toml::Table, origin: &str) -> Result<()> {
+    match table.remove(PLUGINS_KEY) {
+        None => Ok(()),
+        Some(toml::Value::Array(entries)) if entries.iter().all(toml::Value::is_table) => Ok(()),
+        Some(_) => Err(Error::config_invalid(
+            format!("{PLUGINS_KEY}{origin}"),
+            "expected [[plugins]] tables, one per plugin (name, mode, ...)",
+        )),
+    }
+}
+
 /// Overlays `layer` onto `merged`, one level of sections deep.
 fn merge(
     merged: &mut toml::Table,
@@ -413,6 +436,14 @@ fn merge(
 fn check_known_keys(table: &toml::Table, origins: &BTreeMap<String, Origin>) -> Result<()> {
     let known: toml::Table = toml::Table::try_from(Config::default()).expect("defaults serialize");
     for (section, value) in table {
+        if section == PLUGINS_KEY {
+            // Only the environment can bring it here: the file's [[plugins]] were set aside.
+            let origin = origins.iter().find(|(path, _)| path.starts_with("plugins.")).map(|(_, o)| describe_origin(o));
+            return Err(Error::config_invalid(
+                format!("{section}{}", origin.unwrap_or_default()),
+                "plugins are configured only as [[plugins]] tables in the config file, not from the environment",
+            ));
+        }
         let Some(toml::Value::Table(known_keys)) = known.get(section) else {
             let origin = origins
                 .iter()

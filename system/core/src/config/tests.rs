@@ -76,6 +76,28 @@ fn unknown_section_and_env_key_are_named() {
 }
 
 #[test]
+fn plugins_tables_are_left_to_the_plugin_host() {
+    let text = "[health]\nheartbeat_interval = \"400ms\"\nclock_skew_budget = \"100ms\"\n\n\
+                [[plugins]]\nname = \"echo\"\nmode = \"cdylib\"\npath = \"libecho.so\"\n\n\
+                [[plugins]]\nname = \"py\"\nmode = \"sidecar\"\nscript = \"echo.py\"\n";
+    let f = file_with(text);
+    let c = Config::load(Some(f.path()), NO_ENV).expect("[[plugins]] is accepted");
+    assert_eq!(c.health.heartbeat_interval, Duration::from_millis(400));
+    assert_eq!(Config::from_toml_str(text).expect("from text too"), c);
+    assert!(!c.to_toml_string().contains("plugins"), "not part of the effective core config");
+
+    // Its shape is still checked: a plugins key that is not [[plugins]] tables is an error.
+    for bad in ["plugins = 3\n", "plugins = [\"echo\"]\n", "[plugins]\nname = \"echo\"\n"] {
+        let f = file_with(bad);
+        let err = Config::load(Some(f.path()), NO_ENV).expect_err(bad);
+        assert!(field_of(&err).starts_with("plugins (in "), "{bad}: {err}");
+    }
+    // And it cannot come from the environment.
+    let err = Config::load(None, [("ROLLOUT_PLUGINS__NAME", "echo")]).expect_err("plugins from env");
+    assert!(field_of(&err).contains("ROLLOUT_PLUGINS__NAME"), "{err}");
+}
+
+#[test]
 fn env_without_separator_is_not_an_override() {
     // ROLLOUT_SECRET_<NAME> belongs to the secret store, not to config.
     Config::load(None, [("ROLLOUT_SECRET_TOKEN", "x")]).expect("ignored");
