@@ -236,7 +236,6 @@ pub async fn run_worker_process(opts: WorkerOptions, shutdown: watch::Receiver<b
             emitter: opts.emitter,
             rng_seed,
             max_message_bytes: config.limits.max_message_bytes as usize,
-            max_result_bytes: config.limits.max_result_bytes as usize,
             shutdown,
         },
         channel,

@@ -149,14 +149,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         let span = tracing::info_span!("rpc", channel = "register", worker = %worker);
         async move {
             let body = req.into_inner();
-            if body.protocol_version != PROTOCOL_VERSION {
-                // Checked here as well as in the machine, so the refusal is explicit even
-                // before the machine sees the request.
-                return Err(Status::failed_precondition(format!(
-                    "protocol version mismatch: coordinator speaks {PROTOCOL_VERSION}, worker {worker} speaks {}",
-                    body.protocol_version
-                )));
-            }
+            // The protocol version, like every other registration rule, is the machine's
+            // to judge: a mismatch comes back as RegisterRejected naming both versions.
             let register = wire::register_from_wire(&body).map_err(invalid)?;
             let (tx, rx) = oneshot::channel();
             self.driver.send(DriverMsg::Register(worker.clone(), register, tx)).await.map_err(unavailable)?;

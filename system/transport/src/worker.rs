@@ -28,7 +28,7 @@ use rollout_core::traits::{CancelToken, EventEmitter, PluginCall, PluginError, P
 use rollout_core::{ContentId, Error, FencingToken, Incarnation, Result, TaskId};
 use rollout_proto::transport as pb;
 use rollout_proto::transport::coordinator_client::CoordinatorClient;
-use rollout_worker::{TaskOutcome, Worker, WorkerInput, WorkerOutput, WorkerSettings};
+use rollout_worker::{Backoff, TaskOutcome, Worker, WorkerInput, WorkerOutput, WorkerSettings};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -56,9 +56,6 @@ pub struct WorkerRuntimeOptions {
     pub rng_seed: u64,
     /// Largest gRPC message sent or accepted.
     pub max_message_bytes: usize,
-    /// Results larger than this are submitted as failures instead (they would be
-    /// refused by the coordinator anyway).
-    pub max_result_bytes: usize,
     /// Set to `true` to stop.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -99,15 +96,7 @@ impl Drop for Streams {
 /// (`Err`, e.g. a protocol version mismatch), over `channel` (see
 /// [`crate::net::lazy_channel`]).
 pub async fn run_worker(opts: WorkerRuntimeOptions, channel: Channel) -> Result<()> {
-    let WorkerRuntimeOptions {
-        settings,
-        plugins,
-        emitter,
-        rng_seed,
-        max_message_bytes,
-        max_result_bytes,
-        mut shutdown,
-    } = opts;
+    let WorkerRuntimeOptions { settings, plugins, emitter, rng_seed, max_message_bytes, mut shutdown } = opts;
     let client = CoordinatorClient::new(channel)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
@@ -116,8 +105,7 @@ pub async fn run_worker(opts: WorkerRuntimeOptions, channel: Channel) -> Result<
         id: settings.id.to_string(),
         register_timeout: settings.register_timeout,
         beat_timeout: settings.health.heartbeat_interval.saturating_mul(2),
-        backoff_initial: settings.reconnect_backoff_initial,
-        backoff_max: settings.reconnect_backoff_max,
+        reopen_backoff: Backoff::new(settings.reconnect_backoff_initial, settings.reconnect_backoff_max),
         stamper: Stamper::new(settings.id.as_str()),
         machine: Worker::new(settings, rng_seed),
         rng: SplitMix64::new(rng_seed ^ 0x5eed_0f57_2ea3),
@@ -129,10 +117,8 @@ pub async fn run_worker(opts: WorkerRuntimeOptions, channel: Channel) -> Result<
         streams: None,
         streams_incarnation: None,
         next_session: 0,
-        reopen_failures: 0,
         runs: BTreeMap::new(),
         results: BTreeMap::new(),
-        max_result_bytes,
     };
     driver.input(WorkerInput::Start)?;
     loop {
@@ -162,8 +148,8 @@ struct WorkerDriver {
     id: String,
     register_timeout: Duration,
     beat_timeout: Duration,
-    backoff_initial: Duration,
-    backoff_max: Duration,
+    /// Delays between re-opens of a broken Control stream (the machine's own schedule).
+    reopen_backoff: Backoff,
     machine: Worker,
     stamper: Stamper,
     rng: SplitMix64,
@@ -176,11 +162,9 @@ struct WorkerDriver {
     /// The incarnation the streams belong to (they may be down, awaiting re-open).
     streams_incarnation: Option<Incarnation>,
     next_session: u64,
-    reopen_failures: u32,
     runs: BTreeMap<RunKey, CancelToken>,
     /// Result bytes of finished runs, kept until their submit is acknowledged.
     results: BTreeMap<RunKey, Vec<u8>>,
-    max_result_bytes: usize,
 }
 
 impl WorkerDriver {
@@ -296,13 +280,7 @@ impl WorkerDriver {
     }
 
     fn reopen_delay(&mut self) -> Duration {
-        let doublings = self.reopen_failures.min(16);
-        self.reopen_failures = self.reopen_failures.saturating_add(1);
-        let full = self.backoff_initial.saturating_mul(1u32 << doublings).min(self.backoff_max);
-        // Equal jitter: half fixed, half drawn.
-        let half = full / 2;
-        let jitter_ns = self.rng.below(u64::try_from(half.as_nanos()).unwrap_or(u64::MAX).max(1));
-        half + Duration::from_nanos(jitter_ns)
+        self.reopen_backoff.next_delay(&mut self.rng)
     }
 
     /// Feeds one input, then carries out the outputs in order.
@@ -319,7 +297,7 @@ impl WorkerDriver {
             self.streams_incarnation = incarnation;
             self.streams = None;
             if let Some(inc) = incarnation {
-                self.reopen_failures = 0;
+                self.reopen_backoff.reset();
                 self.open_streams(inc);
             }
         }
@@ -472,7 +450,7 @@ impl WorkerDriver {
         self.runs.insert(key, cancel.clone());
         let deadline = a.deadline;
         let call = PluginCall { plugin: a.plugin, method: a.method, payload: a.payload, deadline };
-        let (plugins, tx, max_result_bytes) = (Arc::clone(&self.plugins), self.events.clone(), self.max_result_bytes);
+        let (plugins, tx) = (Arc::clone(&self.plugins), self.events.clone());
         tokio::spawn(async move {
             let blocking_cancel = cancel.clone();
             let mut run = tokio::task::spawn_blocking(move || plugins.call(&call, &blocking_cancel));
@@ -487,15 +465,8 @@ impl WorkerDriver {
                 }
             };
             let (outcome, bytes) = match result {
-                Ok(bytes) if bytes.len() > max_result_bytes => (
-                    TaskOutcome::Failed {
-                        message: format!(
-                            "result of {} bytes exceeds limits.max_result_bytes ({max_result_bytes})",
-                            bytes.len()
-                        ),
-                    },
-                    None,
-                ),
+                // The machine turns a result above limits.max_result_bytes into a failure
+                // (and then no bytes travel with its submit).
                 Ok(bytes) => {
                     let outcome =
                         TaskOutcome::Succeeded { result: ContentId::of(&bytes), size_bytes: bytes.len() as u64 };

@@ -1,8 +1,9 @@
 //! The real transport over loopback TCP with mutual TLS: who gets in, who may speak
 //! for whom, and a whole cluster (one coordinator, two workers) running a job.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,8 +13,8 @@ use rollout_proto::transport as pb;
 use rollout_proto::transport::coordinator_client::CoordinatorClient;
 use rollout_transport::tls::CertFiles;
 use rollout_transport::{
-    BuiltinPlugins, CoordinatorOptions, MemoryEmitter, RunningCoordinator, WorkerOptions, connect, ensure_dev_ca,
-    issue_client_cert, issue_operator_cert, issue_server_cert, operator_client, run_worker_process, start_coordinator,
+    BuiltinPlugins, MemoryEmitter, RunningCoordinator, WorkerOptions, connect, ensure_dev_ca, issue_client_cert,
+    operator_client, run_worker_process,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
@@ -27,34 +28,11 @@ struct Cluster {
     history: Arc<MemoryEmitter>,
 }
 
-fn config_in(dir: &Path) -> Config {
-    let mut config = Config::default();
-    config.storage.data_dir = dir.join("data");
-    config.transport.tls_dir = dir.join("tls");
-    config
-}
-
 /// A coordinator on an ephemeral loopback port, with a fresh CA and certificates for
 /// workers w1 and w2 and operator "ops".
 async fn start_cluster() -> Cluster {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = config_in(dir.path());
-    let tls = &config.transport.tls_dir;
-    ensure_dev_ca(tls).expect("CA");
-    issue_server_cert(tls, &[]).expect("server cert");
-    for w in ["w1", "w2"] {
-        issue_client_cert(tls, &WorkerId::new(w).expect("id")).expect("worker cert");
-    }
-    issue_operator_cert(tls, "ops").expect("operator cert");
-    let history = Arc::new(MemoryEmitter::new());
-    let coordinator = start_coordinator(CoordinatorOptions {
-        config: config.clone(),
-        emitter: history.clone(),
-        listen_addr: Some("127.0.0.1:0".into()),
-    })
-    .await
-    .expect("coordinator starts");
-    let addr = coordinator.local_addr.to_string();
+    let common::Started { dir, config, addr, coordinator, history } =
+        common::start(Config::default(), &["w1", "w2"]).await;
     Cluster { _dir: dir, config, addr, coordinator, history }
 }
 

@@ -3,8 +3,9 @@
 //! coordinator (it must fence itself, then rejoin), and a worker that vanishes (its
 //! tasks must be re-leased and finished by the other).
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,16 +13,14 @@ use rollout_core::history::{HistoryEvent, HistoryRecord};
 use rollout_core::{Config, WorkerId};
 use rollout_proto::transport as pb;
 use rollout_transport::{
-    BuiltinPlugins, CoordinatorOptions, MemoryEmitter, RunningCoordinator, WorkerOptions, ensure_dev_ca,
-    issue_client_cert, issue_operator_cert, issue_server_cert, operator_client, run_worker_process, start_coordinator,
+    BuiltinPlugins, CoordinatorOptions, MemoryEmitter, RunningCoordinator, WorkerOptions, operator_client,
+    run_worker_process, start_coordinator,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-fn fast_config(dir: &Path) -> Config {
+fn fast_config() -> Config {
     let mut config = Config::default();
-    config.storage.data_dir = dir.join("data");
-    config.transport.tls_dir = dir.join("tls");
     config.health.heartbeat_interval = Duration::from_millis(100);
     config.health.worker_self_fence_timeout = Duration::from_millis(800);
     config.health.coordinator_failure_timeout = Duration::from_secs(1);
@@ -47,24 +46,7 @@ struct Harness {
 
 impl Harness {
     async fn start(workers: &[&str]) -> Harness {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let config = fast_config(dir.path());
-        let tls = &config.transport.tls_dir;
-        ensure_dev_ca(tls).expect("CA");
-        issue_server_cert(tls, &[]).expect("server cert");
-        issue_operator_cert(tls, "ops").expect("operator cert");
-        for w in workers {
-            issue_client_cert(tls, &WorkerId::new(*w).expect("id")).expect("worker cert");
-        }
-        let history = Arc::new(MemoryEmitter::new());
-        let coordinator = start_coordinator(CoordinatorOptions {
-            config: config.clone(),
-            emitter: history.clone(),
-            listen_addr: Some("127.0.0.1:0".into()),
-        })
-        .await
-        .expect("coordinator starts");
-        let addr = coordinator.local_addr.to_string();
+        let common::Started { dir, config, addr, coordinator, history } = common::start(fast_config(), workers).await;
         let (stop_workers, _) = watch::channel(false);
         let mut h = Harness {
             _dir: dir,

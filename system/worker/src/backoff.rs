@@ -9,7 +9,7 @@ use rollout_core::rng::SplitMix64;
 /// too soon, half random, so a fleet that lost its coordinator at the same instant
 /// does not come back in lockstep.
 #[derive(Debug, Clone)]
-pub(crate) struct Backoff {
+pub struct Backoff {
     initial: Duration,
     max: Duration,
     /// Delays drawn since the last [`Backoff::reset`].
@@ -17,19 +17,20 @@ pub(crate) struct Backoff {
 }
 
 impl Backoff {
-    pub(crate) fn new(initial: Duration, max: Duration) -> Self {
+    /// A schedule starting at `initial`, never above `max`.
+    pub fn new(initial: Duration, max: Duration) -> Self {
         Backoff { initial, max, attempt: 0 }
     }
 
     /// The next delay; each call moves one attempt further along the schedule.
-    pub(crate) fn next_delay(&mut self, rng: &mut SplitMix64) -> Duration {
+    pub fn next_delay(&mut self, rng: &mut SplitMix64) -> Duration {
         let ceiling = ceiling(self.initial, self.max, self.attempt);
         self.attempt = self.attempt.saturating_add(1);
         equal_jitter(ceiling, rng)
     }
 
     /// Back to the first attempt (after a successful registration).
-    pub(crate) fn reset(&mut self) {
+    pub fn reset(&mut self) {
         self.attempt = 0;
     }
 }

@@ -563,6 +563,16 @@ impl Worker {
             out.push(WorkerOutput::Event(stopped));
             let max_message = self.settings.max_error_message_bytes;
             let (counter, outcome) = match outcome {
+                TaskOutcome::Succeeded { size_bytes, .. } if size_bytes > self.settings.max_result_bytes => {
+                    let message = format!(
+                        "result of {size_bytes} bytes exceeds limits.max_result_bytes ({})",
+                        self.settings.max_result_bytes
+                    );
+                    (
+                        metrics::TASKS_FAILED,
+                        Outcome::Failed { message: truncate_at_char_boundary(message, max_message) },
+                    )
+                }
                 TaskOutcome::Succeeded { result, size_bytes } => {
                     (metrics::TASKS_SUCCEEDED, Outcome::Succeeded { result, size_bytes })
                 }

@@ -40,12 +40,16 @@ pub struct WorkerSettings {
     pub metrics_interval: Duration,
     /// Failure messages are truncated to this many bytes (at a character boundary).
     pub max_error_message_bytes: usize,
+    /// A result larger than this is submitted as a failure naming the limit (the
+    /// coordinator would refuse it, and the bytes must not travel).
+    pub max_result_bytes: u64,
 }
 
 impl WorkerSettings {
-    /// Settings from the effective config: health and reconnect backoff as configured,
-    /// `register_timeout = 2 × heartbeat_interval`, metrics every second, failure
-    /// messages of at most 4 KiB.
+    /// Settings from the effective config: health, reconnect backoff and
+    /// `limits.max_result_bytes` as configured, `register_timeout = 2 ×
+    /// heartbeat_interval`, metrics every [`METRICS_INTERVAL_DEFAULT`], failure messages
+    /// of at most 4 KiB.
     pub fn from_config(
         id: WorkerId,
         slots: u32,
@@ -64,6 +68,7 @@ impl WorkerSettings {
             register_timeout: config.health.heartbeat_interval.saturating_mul(2),
             metrics_interval: METRICS_INTERVAL_DEFAULT,
             max_error_message_bytes: MAX_ERROR_MESSAGE_BYTES_DEFAULT,
+            max_result_bytes: u64::from(config.limits.max_result_bytes),
         }
     }
 }

@@ -650,3 +650,25 @@ fn a_broken_connection_ends_the_incarnation_like_a_self_fence() {
     // Disconnected while unregistered changes nothing.
     assert!(h.input(WorkerInput::Disconnected).is_empty());
 }
+
+#[test]
+fn a_result_above_the_limit_is_submitted_as_a_failure_naming_the_limit() {
+    let mut h = Harness::with(rollout_worker::WorkerSettings { max_result_bytes: 4, ..settings(1) }, 1);
+    h.input(WorkerInput::Start);
+    h.at(30);
+    h.message(ToWorker::Registered { incarnation: Incarnation(1) });
+    h.message(ToWorker::Assign(assignment(1, 1, task(1, 0), 10)));
+    let out = finish(&mut h, task(1, 0), 10, succeeded(b"12345"));
+    let sent = submits(&out);
+    assert_eq!(sent.len(), 1);
+    match &sent[0].outcome {
+        rollout_core::protocol::Outcome::Failed { message } => {
+            assert!(message.contains("5 bytes") && message.contains("limits.max_result_bytes (4)"), "{message}")
+        }
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    // At the limit it is a success.
+    h.message(ToWorker::Assign(assignment(1, 2, task(1, 1), 11)));
+    let out = finish(&mut h, task(1, 1), 11, succeeded(b"1234"));
+    assert!(matches!(submits(&out)[0].outcome, rollout_core::protocol::Outcome::Succeeded { .. }));
+}

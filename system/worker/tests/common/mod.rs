@@ -37,6 +37,7 @@ pub fn settings(slots: u32) -> WorkerSettings {
         register_timeout: 1_000 * MS,
         metrics_interval: 1_000 * MS,
         max_error_message_bytes: 4096,
+        max_result_bytes: 1 << 20,
     }
 }
 

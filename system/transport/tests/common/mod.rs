@@ -1,0 +1,51 @@
+//! What every transport test starts from: a temp dir, a CA with a coordinator, worker
+//! and operator certificates, and a coordinator on an ephemeral loopback port.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rollout_core::{Config, WorkerId};
+use rollout_transport::{
+    CoordinatorOptions, MemoryEmitter, RunningCoordinator, ensure_dev_ca, issue_client_cert, issue_operator_cert,
+    issue_server_cert, start_coordinator,
+};
+
+/// A coordinator ready for workers `workers` and operator "ops".
+pub struct Started {
+    pub dir: tempfile::TempDir,
+    pub config: Config,
+    pub addr: String,
+    pub coordinator: RunningCoordinator,
+    pub history: Arc<MemoryEmitter>,
+}
+
+/// `config` with its data and TLS dirs moved into `dir`.
+pub fn config_in(dir: &Path, mut config: Config) -> Config {
+    config.storage.data_dir = dir.join("data");
+    config.transport.tls_dir = dir.join("tls");
+    config
+}
+
+/// Certificates for `workers` and operator "ops", then a coordinator with `config`
+/// (its data and TLS dirs moved into a fresh temp dir).
+pub async fn start(config: Config, workers: &[&str]) -> Started {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = config_in(dir.path(), config);
+    let tls = &config.transport.tls_dir;
+    ensure_dev_ca(tls).expect("CA");
+    issue_server_cert(tls, &[]).expect("server cert");
+    issue_operator_cert(tls, "ops").expect("operator cert");
+    for w in workers {
+        issue_client_cert(tls, &WorkerId::new(*w).expect("id")).expect("worker cert");
+    }
+    let history = Arc::new(MemoryEmitter::new());
+    let coordinator = start_coordinator(CoordinatorOptions {
+        config: config.clone(),
+        emitter: history.clone(),
+        listen_addr: Some("127.0.0.1:0".into()),
+    })
+    .await
+    .expect("coordinator starts");
+    let addr = coordinator.local_addr.to_string();
+    Started { dir, config, addr, coordinator, history }
+}
