@@ -1,6 +1,10 @@
 //! The audit log: every history event, appended to a SHA-256 hash chain in the same
 //! transaction as the state change it records. Tampering with, dropping or
 //! reordering an entry breaks the chain, and [`verify`] names the first bad entry.
+//!
+//! Storage: the entries of one batch are stored together as one block under the key
+//! of the block's first entry ([`audit_key`]), so a batch adds one key however many
+//! events it records. The chain runs through every entry, across blocks.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -50,7 +54,7 @@ fn chain_hash(prev: &[u8; 32], seq: u64, wall_unix_ms: u64, event_json: &str) ->
     h.finalize().into()
 }
 
-/// The storage key of entry `seq`.
+/// The storage key of the block whose first entry is `seq`.
 pub fn audit_key(seq: u64) -> Vec<u8> {
     [AUDIT_PREFIX, &seq.to_be_bytes()].concat()
 }
@@ -61,30 +65,46 @@ pub fn verify(storage: &dyn Storage) -> Result<u64> {
     let mut prev = [0u8; 32];
     let mut count = 0u64;
     for (key, bytes) in storage.scan(AUDIT_PREFIX)? {
-        let entry: AuditEntry = decode(&key, &bytes)?;
-        let expected_seq = count + 1;
-        if entry.seq != expected_seq || key != audit_key(entry.seq) {
+        let block: Vec<AuditEntry> = decode(&key, &bytes)?;
+        let first = block.first().map(|e| e.seq);
+        if first.is_none() || key != audit_key(first.unwrap_or_default()) {
             return Err(Error::internal(format!(
-                "audit chain broken: expected entry {expected_seq}, found entry {} (an entry is missing or misplaced)",
-                entry.seq
+                "audit chain broken after entry {count}: a block is empty or stored under the wrong key"
             )));
         }
-        if entry.prev != prev {
-            return Err(Error::internal(format!(
-                "audit chain broken at entry {}: it does not link to its predecessor",
-                entry.seq
-            )));
+        for entry in block {
+            let expected_seq = count + 1;
+            if entry.seq != expected_seq {
+                return Err(Error::internal(format!(
+                    "audit chain broken: expected entry {expected_seq}, found entry {} (an entry is missing or misplaced)",
+                    entry.seq
+                )));
+            }
+            if entry.prev != prev {
+                return Err(Error::internal(format!(
+                    "audit chain broken at entry {}: it does not link to its predecessor",
+                    entry.seq
+                )));
+            }
+            if chain_hash(&entry.prev, entry.seq, entry.wall_unix_ms, &entry.event_json) != entry.hash {
+                return Err(Error::internal(format!(
+                    "audit chain broken at entry {}: its content was altered",
+                    entry.seq
+                )));
+            }
+            prev = entry.hash;
+            count += 1;
         }
-        if chain_hash(&entry.prev, entry.seq, entry.wall_unix_ms, &entry.event_json) != entry.hash {
-            return Err(Error::internal(format!("audit chain broken at entry {}: its content was altered", entry.seq)));
-        }
-        prev = entry.hash;
-        count += 1;
     }
     Ok(count)
 }
 
 /// Every entry, in order (for `rollout audit` and the checker).
 pub fn entries(storage: &dyn Storage) -> Result<Vec<AuditEntry>> {
-    storage.scan(AUDIT_PREFIX)?.into_iter().map(|(key, bytes)| decode(&key, &bytes)).collect()
+    let mut all = Vec::new();
+    for (key, bytes) in storage.scan(AUDIT_PREFIX)? {
+        let block: Vec<AuditEntry> = decode(&key, &bytes)?;
+        all.extend(block);
+    }
+    Ok(all)
 }

@@ -20,7 +20,7 @@ pub use machine::{
     Coordinator, CoordinatorInput, CoordinatorOutput, CoordinatorSettings, JobStatus, JobSubmission, OperatorReply,
     PLANTED_BUGS, RequestId, TaskReport, WorkerStatus,
 };
-pub use records::{TaskSpec, TaskState, WorkerState};
+pub use records::{TaskSpec, TaskState, WorkerState, stored_result};
 
 #[cfg(test)]
 mod prop_tests;

@@ -13,7 +13,7 @@ use rollout_core::protocol::{
 use rollout_core::time::unix_millis;
 use rollout_core::traits::{Inventory, Storage, StorageTxn};
 use rollout_core::{
-    Attempt, Error, FencingToken, Incarnation, JobId, Mono, Now, PROTOCOL_VERSION, Result, TaskId, WorkerId,
+    Attempt, ContentId, Error, FencingToken, Incarnation, JobId, Mono, Now, PROTOCOL_VERSION, Result, TaskId, WorkerId,
 };
 use serde::Serialize;
 
@@ -136,6 +136,17 @@ pub enum CoordinatorInput {
         request: RequestId,
         /// The worker.
         worker: WorkerId,
+    },
+    /// The bytes of a result that a Submit later in the same batch names. They are
+    /// written in the batch's transaction if (and only if) that submit commits the
+    /// result, so a committed small result is durable exactly when its commit is: one
+    /// fsync for both. Bytes no submit of the batch commits are dropped at its end.
+    /// `result` must be the bytes' content id (the transport computes it).
+    ResultBytes {
+        /// The bytes' content id.
+        result: ContentId,
+        /// The result itself.
+        bytes: Vec<u8>,
     },
     /// The timer from [`Coordinator::poll_timeout`] fired (early or extra ticks are harmless).
     Tick,
@@ -303,6 +314,10 @@ pub struct Coordinator {
     metrics: ClusterMetrics,
     dirty_workers: BTreeSet<WorkerId>,
     dirty_tasks: BTreeSet<TaskId>,
+    /// The audit entries the current batch recorded (stored as one block).
+    audit_block: Vec<AuditEntry>,
+    /// Result bytes given by [`CoordinatorInput::ResultBytes`] in the current batch.
+    batch_results: BTreeMap<ContentId, Vec<u8>>,
     counters_dirty: bool,
     poisoned: Option<String>,
     /// Whether the last batch wrote (and so committed and synced) anything.
@@ -420,6 +435,8 @@ impl Coordinator {
             metrics: ClusterMetrics::default(),
             dirty_workers: BTreeSet::new(),
             dirty_tasks: BTreeSet::new(),
+            batch_results: BTreeMap::new(),
+            audit_block: Vec::new(),
             counters_dirty: false,
             poisoned: None,
             last_batch_wrote: false,
@@ -505,6 +522,7 @@ impl Coordinator {
         for input in inputs {
             self.apply(now, input, batch)?;
         }
+        self.batch_results.clear();
         self.finish_batch(batch)
     }
 
@@ -553,6 +571,10 @@ impl Coordinator {
                 Ok(())
             }
             CoordinatorInput::Drain { request, worker } => self.on_drain(request, &worker, batch),
+            CoordinatorInput::ResultBytes { result, bytes } => {
+                self.batch_results.insert(result, bytes);
+                Ok(())
+            }
             CoordinatorInput::Tick => self.on_tick(now, batch),
         }
     }
@@ -858,6 +880,9 @@ impl Coordinator {
                     let entry = self.tasks.get_mut(&task).expect("judged accepted");
                     entry.record.state = TaskState::Committed { result, size_bytes };
                     self.dirty_tasks.insert(task);
+                    if let Some(bytes) = self.batch_results.remove(&result) {
+                        batch.txn()?.put(&result_key(&result), &bytes)?;
+                    }
                     self.record(HistoryEvent::Committed { task, worker: id.clone(), token, result }, batch)?;
                 }
                 Outcome::Succeeded { size_bytes, .. } => {
@@ -1108,7 +1133,7 @@ impl Coordinator {
         let entry = AuditEntry::new(self.counters.audit_seq, batch.wall_unix_ms, &event, self.counters.audit_head);
         self.counters.audit_head = entry.hash;
         self.counters_dirty = true;
-        batch.put(&audit_key(entry.seq), &entry)?;
+        self.audit_block.push(entry);
         batch.outputs.push(CoordinatorOutput::Event(event));
         Ok(())
     }
@@ -1124,6 +1149,10 @@ impl Coordinator {
             if let Some(t) = self.tasks.get(&task) {
                 batch.put(&task_key(task), &t.record)?;
             }
+        }
+        let block = std::mem::take(&mut self.audit_block);
+        if let Some(first) = block.first() {
+            batch.put(&audit_key(first.seq), &block)?;
         }
         if std::mem::take(&mut self.counters_dirty) {
             batch.put(COUNTERS, &self.counters)?;

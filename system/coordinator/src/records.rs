@@ -10,7 +10,8 @@
 //! | `c/idem/<key>` | [`JobId`] of the job submitted with that idempotency key |
 //! | `c/ts/<job u64><index u32>` | [`TaskSpec`] (written once) |
 //! | `c/t/<job u64><index u32>` | [`TaskRecord`] (rewritten on every state change) |
-//! | `c/audit/<seq u64>` | [`crate::audit::AuditEntry`] |
+//! | `c/audit/<first seq u64>` | a block of [`crate::audit::AuditEntry`]: one batch's events |
+//! | `c/r/<content id, 32 bytes>` | the bytes of a small committed result (see [`stored_result`]) |
 
 use std::time::Duration;
 
@@ -27,6 +28,7 @@ pub(crate) const IDEMPOTENCY_PREFIX: &[u8] = b"c/idem/";
 pub(crate) const TASK_SPEC_PREFIX: &[u8] = b"c/ts/";
 pub(crate) const TASK_PREFIX: &[u8] = b"c/t/";
 pub(crate) const AUDIT_PREFIX: &[u8] = b"c/audit/";
+pub(crate) const RESULT_PREFIX: &[u8] = b"c/r/";
 
 /// The coordinator-wide counters. Every id they hand out is never handed out again,
 /// across restarts, because the counter is committed with the record that uses it.
@@ -158,6 +160,17 @@ pub(crate) fn task_spec_key(task: TaskId) -> Vec<u8> {
 
 pub(crate) fn task_key(task: TaskId) -> Vec<u8> {
     [TASK_PREFIX, &task_suffix(task)].concat()
+}
+
+pub(crate) fn result_key(id: &ContentId) -> Vec<u8> {
+    [RESULT_PREFIX, id.as_bytes()].concat()
+}
+
+/// The bytes of a committed result stored with its commit (given to the machine by
+/// [`crate::CoordinatorInput::ResultBytes`]); `None` if the result was not stored
+/// there (a large one lives in the object store).
+pub fn stored_result(storage: &dyn Storage, id: &ContentId) -> Result<Option<Vec<u8>>> {
+    storage.get(&result_key(id))
 }
 
 /// Decodes the task id at the end of a `c/t/` or `c/ts/` key.

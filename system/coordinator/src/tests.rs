@@ -599,6 +599,34 @@ fn restart_keeps_every_task_and_gives_workers_a_fresh_deadline() {
 }
 
 #[test]
+fn result_bytes_are_stored_with_their_commit_and_only_then() {
+    let mut h = Harness::new();
+    let inc = h.register("w1");
+    h.submit_job(vec![spec("echo", 0), spec("echo", 0)]);
+    let mut assigned = h.pull("w1", inc, 2, 0);
+    let (a, b) = (assigned.remove(0), assigned.remove(0));
+    let batch = |h: &mut Harness, a: &Assignment, bytes: &[u8]| {
+        let submit = Submit { incarnation: a.incarnation, task: a.task, token: a.token, outcome: success(bytes) };
+        let inputs = [
+            CoordinatorInput::ResultBytes { result: ContentId::of(bytes), bytes: bytes.to_vec() },
+            CoordinatorInput::FromWorker { worker: w("w1"), message: ToCoordinator::Submit(submit) },
+        ];
+        let mut out = Vec::new();
+        let now = h.now;
+        h.coord.as_mut().expect("running").handle_batch(now, inputs, &mut out).expect("batch commits");
+        out
+    };
+    batch(&mut h, &a, b"first result");
+    // A submit with a stale token: its bytes must not be stored.
+    let stale = Assignment { token: FencingToken(b.token.get() + 100), ..b.clone() };
+    batch(&mut h, &stale, b"never committed");
+    h.coord = None;
+    let storage = RedbStorage::open_in_memory(&h.disk).expect("reopen");
+    assert_eq!(stored_result(&storage, &ContentId::of(b"first result")).expect("read"), Some(b"first result".to_vec()));
+    assert_eq!(stored_result(&storage, &ContentId::of(b"never committed")).expect("read"), None);
+}
+
+#[test]
 fn audit_chain_verifies_and_detects_tampering() {
     let mut h = Harness::new();
     let inc = h.register("w1");
@@ -613,13 +641,15 @@ fn audit_chain_verifies_and_detects_tampering() {
         audit::entries(&storage).expect("read").iter().map(|e| e.event().expect("decodes")).collect();
     assert!(matches!(events[3], HistoryEvent::Committed { .. }));
 
-    // Alter entry 2's event text and put it back.
+    // Alter entry 2's event text and put it back (each batch stored one block; the
+    // job's was the second).
     let key = audit::audit_key(2);
-    let mut entry: audit::AuditEntry =
+    let mut block: Vec<audit::AuditEntry> =
         postcard::from_bytes(&storage.get(&key).expect("get").expect("present")).expect("decode");
-    entry.event_json = entry.event_json.replace("\"tasks\":1", "\"tasks\":2");
+    assert_eq!(block.len(), 1, "one event in the job's batch");
+    block[0].event_json = block[0].event_json.replace("\"tasks\":1", "\"tasks\":2");
     let mut txn = storage.begin_write().expect("txn");
-    txn.put(&key, &postcard::to_allocvec(&entry).expect("encode")).expect("put");
+    txn.put(&key, &postcard::to_allocvec(&block).expect("encode")).expect("put");
     txn.commit().expect("commit");
     let err = audit::verify(&storage).expect_err("tampered");
     assert!(err.to_string().contains("entry 2"), "{err}");

@@ -231,6 +231,13 @@ pub trait PluginHost: Send + Sync {
     fn plugins(&self) -> Vec<String>;
     /// Runs one call to completion, error, deadline or cancellation. Blocking.
     fn call(&self, call: &PluginCall, cancel: &CancelToken) -> Result<Vec<u8>, PluginError>;
+    /// Whether every call to `plugin` returns at once without blocking (a built-in like
+    /// `echo`), so a driver may run it in place instead of handing it to a thread of
+    /// its own. Such a call cannot be stopped at its deadline. Default: `false`.
+    fn runs_in_place(&self, plugin: &str) -> bool {
+        let _ = plugin;
+        false
+    }
 }
 
 /// Receives history events (registered, leased, committed, ...) for logs, the audit

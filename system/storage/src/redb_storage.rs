@@ -1,6 +1,5 @@
 //! [`RedbStorage`]: the [`Storage`] implementation on redb, over a file or a [`MemDisk`].
 
-#[cfg(feature = "watch")]
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
@@ -227,6 +226,8 @@ impl Storage for RedbStorage {
         Ok(Box::new(RedbTxn {
             txn,
             storage: self,
+            buffer: BTreeMap::new(),
+            buffered_bytes: 0,
             #[cfg(feature = "watch")]
             changes: BTreeMap::new(),
         }))
@@ -246,10 +247,23 @@ impl Storage for RedbStorage {
     }
 }
 
+/// Writes a transaction buffers before it applies them to redb's table (see [`RedbTxn`]).
+const BUFFERED_WRITES_MAX: usize = 16 * 1024;
+/// Bytes of keys and values a transaction buffers before it applies them.
+const BUFFERED_BYTES_MAX: usize = 1 << 20;
+
 /// A write transaction of a [`RedbStorage`]. Dropping it aborts it (redb discards its pages).
+///
+/// Writes are buffered and applied through one open table at commit, or whenever the
+/// buffer outgrows [`BUFFERED_WRITES_MAX`] / [`BUFFERED_BYTES_MAX`]: opening redb's table
+/// costs about as much as an insert, and a coordinator batch writes thousands of keys
+/// (often one key more than once). Reads inside the transaction see the buffer first.
 struct RedbTxn<'s> {
     txn: WriteTransaction,
     storage: &'s RedbStorage,
+    /// Each buffered key's latest value (`None`: deleted).
+    buffer: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    buffered_bytes: usize,
     /// Each written key's latest value, sent to watchers once the commit succeeds.
     #[cfg(feature = "watch")]
     changes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
@@ -259,46 +273,90 @@ impl RedbTxn<'_> {
     fn error(&self, err: impl Into<redb::Error>) -> Error {
         self.storage.error(err)
     }
-}
 
-impl StorageTxn for RedbTxn<'_> {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+    /// The value of `key` in this transaction's table (without the buffer).
+    fn table_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         let table = self.txn.open_table(KV_TABLE).map_err(|err| self.error(err))?;
         let value = table.get(key).map_err(|err| self.error(err))?;
         Ok(value.map(|guard| guard.value().to_vec()))
     }
 
-    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
-        let mut table = self.txn.open_table(KV_TABLE).map_err(|err| self.error(err))?;
-        table.insert(key, value).map_err(|err| self.error(err))?;
-        drop(table);
+    fn buffer(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<()> {
+        self.buffered_bytes += key.len() + value.map_or(0, <[u8]>::len);
         #[cfg(feature = "watch")]
-        self.changes.insert(key.to_vec(), Some(value.to_vec()));
+        self.changes.insert(key.to_vec(), value.map(<[u8]>::to_vec));
+        self.buffer.insert(key.to_vec(), value.map(<[u8]>::to_vec));
+        if self.buffer.len() >= BUFFERED_WRITES_MAX || self.buffered_bytes >= BUFFERED_BYTES_MAX {
+            self.apply_buffer()?;
+        }
         Ok(())
     }
 
+    /// Applies the buffered writes to the table (redb may spill pages to the file).
+    fn apply_buffer(&mut self) -> Result<()> {
+        let buffer = std::mem::take(&mut self.buffer);
+        self.buffered_bytes = 0;
+        let mut table = self.txn.open_table(KV_TABLE).map_err(|err| self.storage.error(err))?;
+        for (key, change) in &buffer {
+            match change {
+                Some(value) => table.insert(key.as_slice(), value.as_slice()).map(drop),
+                None => table.remove(key.as_slice()).map(drop),
+            }
+            .map_err(|err| self.storage.error(err))?;
+        }
+        Ok(())
+    }
+}
+
+impl StorageTxn for RedbTxn<'_> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        match self.buffer.get(key) {
+            Some(change) => Ok(change.clone()),
+            None => self.table_get(key),
+        }
+    }
+
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+        self.buffer(key, Some(value))
+    }
+
     fn delete(&mut self, key: &[u8]) -> Result<bool> {
-        let mut table = self.txn.open_table(KV_TABLE).map_err(|err| self.error(err))?;
-        let existed = table.remove(key).map_err(|err| self.error(err))?.is_some();
-        drop(table);
-        #[cfg(feature = "watch")]
+        let existed = match self.buffer.get(key) {
+            Some(change) => change.is_some(),
+            None => self.table_get(key)?.is_some(),
+        };
         if existed {
-            self.changes.insert(key.to_vec(), None);
+            self.buffer(key, None)?;
         }
         Ok(existed)
     }
 
     fn scan(&self, prefix: &[u8]) -> Result<Vec<KeyValue>> {
         let table = self.txn.open_table(KV_TABLE).map_err(|err| self.error(err))?;
-        scan_table(&self.storage.location, &table, prefix)
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> =
+            scan_table(&self.storage.location, &table, prefix)?.into_iter().collect();
+        for (key, change) in
+            self.buffer.range::<[u8], _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
+        {
+            if !key.starts_with(prefix) {
+                break;
+            }
+            match change {
+                Some(value) => merged.insert(key.clone(), value.clone()),
+                None => merged.remove(key),
+            };
+        }
+        Ok(merged.into_iter().collect())
     }
 
-    fn commit(self: Box<Self>) -> Result<()> {
+    fn commit(mut self: Box<Self>) -> Result<()> {
+        self.apply_buffer()?;
         let RedbTxn {
             txn,
             storage,
             #[cfg(feature = "watch")]
             changes,
+            ..
         } = *self;
         #[cfg(feature = "watch")]
         let _commit_order = storage.watchers.order_commit();
@@ -393,6 +451,33 @@ mod tests {
         txn.commit().expect("commit");
         assert_eq!(storage.get(b"x/1").expect("get"), Some(b"new".to_vec()));
         assert_eq!(storage.get(b"x/2").expect("get"), None);
+    }
+
+    #[test]
+    fn writes_past_the_buffer_limit_are_read_back_merged_with_the_buffer() {
+        let disk = MemDisk::new();
+        let storage = RedbStorage::open_in_memory(&disk).expect("open");
+        put_all(&storage, &[(b"y/00000", b"committed")]);
+        let mut txn = storage.begin_write().expect("begin");
+        let n = BUFFERED_WRITES_MAX + 10;
+        for i in 0..n {
+            txn.put(format!("y/{i:05}").as_bytes(), format!("v{i:01024}").as_bytes()).expect("put");
+        }
+        // Part of this is in redb's table now (spilled towards the disk), the rest in the buffer.
+        assert!(!disk.unsynced_write_sizes().is_empty(), "the buffer should have been applied");
+        txn.delete(b"y/00001").expect("delete (applied part)");
+        txn.delete(format!("y/{:05}", n - 1).as_bytes()).expect("delete (buffered part)");
+        assert_eq!(txn.get(b"y/00000").expect("get"), Some(format!("v{:01024}", 0).into_bytes()));
+        assert_eq!(txn.get(b"y/00001").expect("get"), None);
+        let scanned = txn.scan(b"y/").expect("scan");
+        assert_eq!(scanned.len(), n - 2);
+        assert!(scanned.windows(2).all(|w| w[0].0 < w[1].0), "scan is in key order");
+        txn.commit().expect("commit");
+        assert_eq!(storage.scan(b"y/").expect("scan").len(), n - 2);
+        assert_eq!(
+            storage.get(format!("y/{:05}", n - 2).as_bytes()).expect("get"),
+            Some(format!("v{:01024}", n - 2).into_bytes())
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ use rollout_coordinator::{
     Coordinator, CoordinatorInput, CoordinatorOutput, CoordinatorSettings, JobStatus, JobSubmission, OperatorReply,
     RequestId, TaskReport, WorkerStatus,
 };
-use rollout_core::protocol::{Heartbeat, Register, ToCoordinator, ToWorker};
+use rollout_core::protocol::{Heartbeat, Outcome, Pull, Register, Submit, ToCoordinator, ToWorker};
 use rollout_core::traits::{EventEmitter, Storage};
 use rollout_core::{Error, Incarnation, JobId, Mono, Now, Result, TaskId, WorkerId};
 use rollout_proto::transport as pb;
@@ -89,8 +89,13 @@ pub struct StatusSnapshot {
 pub(crate) type WorkItem = std::result::Result<pb::CoordinatorFrame, tonic::Status>;
 
 pub(crate) enum DriverMsg {
-    /// A worker message that needs no answer of its own (Pull, Submit).
-    FromWorker(WorkerId, ToCoordinator),
+    /// What one Work frame of a worker carried: submits (each with the bytes of a
+    /// small result, stored with its commit) and the frame's latest pull.
+    WorkFrame {
+        worker: WorkerId,
+        submits: Vec<(Submit, Option<Vec<u8>>)>,
+        pull: Option<Pull>,
+    },
     Register(WorkerId, Register, oneshot::Sender<ToWorker>),
     Heartbeat(WorkerId, Heartbeat, oneshot::Sender<ToWorker>),
     Operator(OperatorRequest, oneshot::Sender<OperatorReply>),
@@ -271,7 +276,21 @@ impl Driver {
     /// Turns a message into machine input, or answers it directly (queries, attaches).
     fn take(&mut self, msg: DriverMsg, inputs: &mut Vec<CoordinatorInput>) {
         match msg {
-            DriverMsg::FromWorker(worker, message) => inputs.push(CoordinatorInput::FromWorker { worker, message }),
+            DriverMsg::WorkFrame { worker, submits, pull } => {
+                // A result's bytes and its submit land in the same batch: one message.
+                for (submit, bytes) in submits {
+                    if let (Some(bytes), Outcome::Succeeded { result, .. }) = (bytes, &submit.outcome) {
+                        inputs.push(CoordinatorInput::ResultBytes { result: *result, bytes });
+                    }
+                    inputs.push(CoordinatorInput::FromWorker {
+                        worker: worker.clone(),
+                        message: ToCoordinator::Submit(submit),
+                    });
+                }
+                if let Some(pull) = pull {
+                    inputs.push(CoordinatorInput::FromWorker { worker, message: ToCoordinator::Pull(pull) });
+                }
+            }
             DriverMsg::Register(worker, register, reply) => {
                 self.pending_registers.entry(worker.clone()).or_default().push_back(reply);
                 inputs.push(CoordinatorInput::FromWorker { worker, message: ToCoordinator::Register(register) });

@@ -36,5 +36,5 @@ pub use server::{
     CoordinatorOptions, RunningCoordinator, WorkerOptions, connect, operator_client, run_worker_process,
     serve_coordinator, start_coordinator,
 };
-pub use service::CoordinatorApi;
+pub use service::{CoordinatorApi, INLINE_RESULT_BYTES_MAX, ResultStore};
 pub use tls::{CertFiles, PeerRole, ensure_dev_ca, issue_client_cert, issue_operator_cert, issue_server_cert};

@@ -41,6 +41,11 @@ impl PluginHost for BuiltinPlugins {
             other => Err(PluginError::NotFound(other.to_owned())),
         }
     }
+
+    /// `echo` copies its payload: nothing to wait for.
+    fn runs_in_place(&self, plugin: &str) -> bool {
+        plugin == "echo"
+    }
 }
 
 /// Several plugin hosts behind one. Each plugin name goes to the first host (in the
@@ -80,6 +85,10 @@ impl PluginHost for PluginRouter {
             Some(host) => host.call(call, cancel),
             None => Err(PluginError::NotFound(call.plugin.clone())),
         }
+    }
+
+    fn runs_in_place(&self, plugin: &str) -> bool {
+        self.routes.get(plugin).is_some_and(|host| host.runs_in_place(plugin))
     }
 }
 

@@ -24,7 +24,7 @@ use tonic::transport::{Channel, Server};
 
 use crate::coordinator::{CoordinatorDriverOptions, CoordinatorHandle, spawn_coordinator_driver};
 use crate::net::{TcpDialer, TlsConnector, lazy_channel, tcp_incoming, tls_incoming};
-use crate::service::{CoordinatorApi, STREAMS_PER_CONNECTION_MAX};
+use crate::service::{CoordinatorApi, ResultStore, STREAMS_PER_CONNECTION_MAX};
 use crate::tls::{self, CertFiles};
 use crate::worker::{WorkerRuntimeOptions, run_worker};
 
@@ -139,6 +139,7 @@ pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordi
     let tls_dir = &config.transport.tls_dir;
     let server_tls = tls::server_config(&CertFiles::ca(tls_dir).cert, &CertFiles::coordinator(tls_dir))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let storage_for_results = Arc::clone(&storage);
     let (handle, driver) = spawn_coordinator_driver(CoordinatorDriverOptions {
         storage,
         settings: CoordinatorSettings::from_config(&config),
@@ -152,7 +153,8 @@ pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordi
     let local_addr = listener.local_addr().map_err(|e| Error::internal(format!("listener address of {addr}: {e}")))?;
     tracing::info!(channel = "transport", event = "transport_server_starting", addr = %local_addr,
         data_dir = %data_dir.display(), tls_dir = %tls_dir.display(), "transport_server_starting");
-    let api = CoordinatorApi::new(handle.clone(), objects).with_shutdown(shutdown_rx.clone());
+    let api = CoordinatorApi::new(handle.clone(), ResultStore::new(storage_for_results, objects))
+        .with_shutdown(shutdown_rx.clone());
     let max_message_bytes = config.limits.max_message_bytes as usize;
     let mut stop = shutdown_rx;
     let server = tokio::spawn(async move {

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::{Stream, StreamExt};
-use rollout_coordinator::{OperatorReply, TaskState, WorkerState};
-use rollout_core::protocol::{Outcome, Submit, ToCoordinator, ToWorker};
+use rollout_coordinator::{OperatorReply, TaskState, WorkerState, stored_result};
+use rollout_core::protocol::{Outcome, Submit, ToWorker};
 use rollout_core::time::unix_millis;
-use rollout_core::traits::ObjectStore;
+use rollout_core::traits::{ObjectStore, Storage};
 use rollout_core::{ContentId, Error, Fatal, Incarnation, JobId, PROTOCOL_VERSION, WorkerId};
 use rollout_proto::transport as pb;
 use rollout_proto::{WireError, required_task_id};
@@ -31,12 +31,46 @@ use crate::wire::{self, WireOutcome};
 /// Concurrent HTTP/2 streams one connection may open (a worker needs three).
 pub const STREAMS_PER_CONNECTION_MAX: u32 = 64;
 
+/// Results up to this size are stored in the coordinator's database, in the same
+/// transaction (and fsync) as their commit; larger ones go to the object store first
+/// (write-ahead), one file each.
+pub const INLINE_RESULT_BYTES_MAX: usize = 64 * 1024;
+
+/// Where committed results are read from: the coordinator's database for small ones
+/// (see [`INLINE_RESULT_BYTES_MAX`]), the object store for the rest.
+#[derive(Clone)]
+pub struct ResultStore {
+    storage: Arc<dyn Storage>,
+    objects: Arc<dyn ObjectStore>,
+}
+
+impl std::fmt::Debug for ResultStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResultStore").finish_non_exhaustive()
+    }
+}
+
+impl ResultStore {
+    /// Results in `storage` (the coordinator's) and `objects`.
+    pub fn new(storage: Arc<dyn Storage>, objects: Arc<dyn ObjectStore>) -> Self {
+        ResultStore { storage, objects }
+    }
+
+    /// The bytes of a committed result.
+    pub fn get(&self, id: &ContentId) -> rollout_core::Result<Vec<u8>> {
+        match stored_result(&*self.storage, id)? {
+            Some(bytes) => Ok(bytes),
+            None => self.objects.get(id),
+        }
+    }
+}
+
 /// The coordinator's gRPC face: implements both the `Coordinator` and the `Operator`
 /// services over a [`CoordinatorHandle`].
 #[derive(Clone)]
 pub struct CoordinatorApi {
     driver: CoordinatorHandle,
-    objects: Arc<dyn ObjectStore>,
+    results: ResultStore,
     shutdown: Option<watch::Receiver<bool>>,
     next_conn: Arc<AtomicU64>,
 }
@@ -48,9 +82,9 @@ impl std::fmt::Debug for CoordinatorApi {
 }
 
 impl CoordinatorApi {
-    /// Services over a running driver; results are stored in `objects`.
-    pub fn new(driver: CoordinatorHandle, objects: Arc<dyn ObjectStore>) -> Self {
-        CoordinatorApi { driver, objects, shutdown: None, next_conn: Arc::new(AtomicU64::new(1)) }
+    /// Services over a running driver; results are stored in and read from `results`.
+    pub fn new(driver: CoordinatorHandle, results: ResultStore) -> Self {
+        CoordinatorApi { driver, results, shutdown: None, next_conn: Arc::new(AtomicU64::new(1)) }
     }
 
     /// Ends every open stream once `shutdown` turns true, so a graceful server
@@ -246,7 +280,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         tracing::info!(channel = "work", event = "work_stream_opened", worker = %worker, %incarnation);
         let pump = WorkPump {
             driver: self.driver.clone(),
-            objects: Arc::clone(&self.objects),
+            objects: Arc::clone(&self.results.objects),
             worker: worker.clone(),
             incarnation,
         };
@@ -299,46 +333,58 @@ impl WorkPump {
         for s in frame.submits {
             submits.push(wire::submit_from_wire(s).map_err(invalid)?);
         }
-        if !submits.is_empty() {
-            // Results are stored before their submit reaches the machine, so a committed
-            // result is always readable (write-ahead). Content addressing makes a repeat
-            // a no-op.
-            let objects = Arc::clone(&self.objects);
-            let incarnation = self.incarnation;
-            let messages = tokio::task::spawn_blocking(move || {
-                let mut out = Vec::with_capacity(submits.len());
-                for (task, token, outcome) in submits {
-                    let outcome = match outcome {
-                        WireOutcome::Result(bytes) => {
-                            let size_bytes = bytes.len() as u64;
-                            let result = match objects.put(&bytes) {
-                                Ok(id) => id,
-                                Err(e) => {
-                                    tracing::error!(channel = "work", error = %e, %task, "storing a result failed");
-                                    continue;
-                                }
-                            };
-                            Outcome::Succeeded { result, size_bytes }
-                        }
-                        WireOutcome::Failure(message) => Outcome::Failed { message },
-                    };
-                    out.push(ToCoordinator::Submit(Submit { incarnation, task, token, outcome }));
-                }
-                out
-            })
-            .await
-            .map_err(|e| Status::internal(format!("storing results: {e}")))?;
-            for message in messages {
-                self.driver.send(DriverMsg::FromWorker(self.worker.clone(), message)).await.map_err(unavailable)?;
-            }
-        }
+        let incarnation = self.incarnation;
+        let submits: Vec<(Submit, Option<Vec<u8>>)> =
+            if submits.iter().any(|(_, _, o)| matches!(o, WireOutcome::Result(b) if b.len() > INLINE_RESULT_BYTES_MAX))
+            {
+                // Large results are stored in the object store before their submit reaches
+                // the machine, so a committed result is always readable (write-ahead);
+                // content addressing makes a repeat a no-op. That is file I/O: blocking pool.
+                let objects = Arc::clone(&self.objects);
+                tokio::task::spawn_blocking(move || {
+                    submits.into_iter().filter_map(|s| to_submit(incarnation, s, Some(&*objects))).collect()
+                })
+                .await
+                .map_err(|e| Status::internal(format!("storing results: {e}")))?
+            } else {
+                // Small results travel with their submit into the commit's transaction.
+                submits.into_iter().filter_map(|s| to_submit(incarnation, s, None)).collect()
+            };
         // The latest pull of a frame wins.
-        if let Some(pull) = frame.pulls.last() {
-            let message = ToCoordinator::Pull(wire::pull_from_wire(self.incarnation, pull));
-            self.driver.send(DriverMsg::FromWorker(self.worker.clone(), message)).await.map_err(unavailable)?;
+        let pull = frame.pulls.last().map(|pull| wire::pull_from_wire(self.incarnation, pull));
+        if !submits.is_empty() || pull.is_some() {
+            let msg = DriverMsg::WorkFrame { worker: self.worker.clone(), submits, pull };
+            self.driver.send(msg).await.map_err(unavailable)?;
         }
         Ok(())
     }
+}
+
+/// A checked submit from the wire as the machine takes it, with the bytes of a small
+/// result to store with the commit. A large result is put in `objects` first (`None`
+/// when that fails: the worker re-sends the submit).
+fn to_submit(
+    incarnation: Incarnation,
+    (task, token, outcome): (rollout_core::TaskId, rollout_core::FencingToken, WireOutcome),
+    objects: Option<&dyn ObjectStore>,
+) -> Option<(Submit, Option<Vec<u8>>)> {
+    let (outcome, inline) = match outcome {
+        WireOutcome::Result(bytes) => {
+            let size_bytes = bytes.len() as u64;
+            match objects {
+                Some(objects) if bytes.len() > INLINE_RESULT_BYTES_MAX => match objects.put(&bytes) {
+                    Ok(result) => (Outcome::Succeeded { result, size_bytes }, None),
+                    Err(e) => {
+                        tracing::error!(channel = "work", error = %e, %task, "storing a result failed");
+                        return None;
+                    }
+                },
+                _ => (Outcome::Succeeded { result: ContentId::of(&bytes), size_bytes }, Some(bytes)),
+            }
+        }
+        WireOutcome::Failure(message) => (Outcome::Failed { message }, None),
+    };
+    Some((Submit { incarnation, task, token, outcome }, inline))
 }
 
 /// Tells the driver that a stream ended, so it stops routing to it.
@@ -466,7 +512,7 @@ impl pb::operator_server::Operator for CoordinatorApi {
             return Err(Status::not_found(format!("no job job-{job}")));
         };
         let (tx, rx) = mpsc::channel(256);
-        let objects = Arc::clone(&self.objects);
+        let results = self.results.clone();
         // Read results on the blocking pool, streaming them out in task order.
         tokio::task::spawn_blocking(move || {
             for r in reports {
@@ -478,7 +524,7 @@ impl pb::operator_server::Operator for CoordinatorApi {
                     TaskState::Cancelled => (pb::TaskState::Cancelled, None),
                 };
                 let result = match (include_bytes, content_id) {
-                    (true, Some(id)) => match objects.get(&id) {
+                    (true, Some(id)) => match results.get(&id) {
                         Ok(bytes) => bytes,
                         Err(e) => {
                             let _ = tx.blocking_send(Err(Status::internal(format!("result of {}: {e}", r.task))));

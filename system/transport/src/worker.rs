@@ -18,7 +18,7 @@
 //! bytes of each unacknowledged submit and the coordinator stores them,
 //! content-addressed, before the submit reaches its machine.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,6 +43,8 @@ use crate::wire;
 const WORK_FRAMES_QUEUED_MAX: usize = 1024;
 /// Events queued towards the driver.
 const EVENTS_QUEUED_MAX: usize = 65_536;
+/// Most events handled before the pulls and submits they caused are sent as one frame.
+const EVENTS_PER_FRAME_MAX: usize = 4096;
 
 /// What the worker driver needs.
 pub struct WorkerRuntimeOptions {
@@ -119,6 +121,8 @@ pub async fn run_worker(opts: WorkerRuntimeOptions, channel: Channel) -> Result<
         next_session: 0,
         runs: BTreeMap::new(),
         results: BTreeMap::new(),
+        frame: pb::WorkerFrame::default(),
+        finished_in_place: VecDeque::new(),
     };
     driver.input(WorkerInput::Start)?;
     loop {
@@ -138,9 +142,20 @@ pub async fn run_worker(opts: WorkerRuntimeOptions, channel: Channel) -> Result<
             event = events.recv() => {
                 let Some(event) = event else { return Ok(()) };
                 driver.event(event)?;
+                // Whatever else already arrived joins the same outgoing frame.
+                for _ in 0..EVENTS_PER_FRAME_MAX {
+                    match events.try_recv() {
+                        Ok(event) => driver.event(event)?,
+                        Err(_) => break,
+                    }
+                }
             }
             () = tokio::time::sleep_until(deadline) => driver.input(WorkerInput::Tick)?,
         }
+        while let Some(event) = driver.finished_in_place.pop_front() {
+            driver.event(event)?;
+        }
+        driver.flush();
     }
 }
 
@@ -165,6 +180,11 @@ struct WorkerDriver {
     runs: BTreeMap<RunKey, CancelToken>,
     /// Result bytes of finished runs, kept until their submit is acknowledged.
     results: BTreeMap<RunKey, Vec<u8>>,
+    /// Pulls and submits not yet sent (see [`WorkerDriver::flush`]).
+    frame: pb::WorkerFrame,
+    /// Ends of calls run in place ([`PluginHost::runs_in_place`]), fed to the machine
+    /// after the input that started them.
+    finished_in_place: VecDeque<Event>,
 }
 
 impl WorkerDriver {
@@ -287,7 +307,16 @@ impl WorkerDriver {
     fn input(&mut self, input: WorkerInput) -> Result<()> {
         let now = self.clock.now();
         let mut out = Vec::new();
+        let acked = match &input {
+            WorkerInput::Message(ToWorker::SubmitAck { task, token, .. }) => Some((*task, *token)),
+            _ => None,
+        };
         self.machine.handle(now, input, &mut out);
+        if let Some((task, token)) = acked
+            && !self.machine.awaits_ack(task, token)
+        {
+            self.results.remove(&(task, token));
+        }
         // Streams follow the registration: open them for a new incarnation before any
         // output (the first Pull) needs them; close them once the worker fenced.
         // (A broken stream of the current incarnation is re-opened by `Event::Reopen`,
@@ -296,12 +325,14 @@ impl WorkerDriver {
         if incarnation != self.streams_incarnation {
             self.streams_incarnation = incarnation;
             self.streams = None;
+            // What was meant for the old incarnation's stream goes nowhere (a fence
+            // withholds submits on purpose).
+            self.frame = pb::WorkerFrame::default();
             if let Some(inc) = incarnation {
                 self.reopen_backoff.reset();
                 self.open_streams(inc);
             }
         }
-        let mut frame = pb::WorkerFrame::default();
         for output in out {
             match output {
                 WorkerOutput::Send(ToCoordinator::Register(reg)) => {
@@ -324,7 +355,9 @@ impl WorkerDriver {
                     });
                 }
                 WorkerOutput::Send(ToCoordinator::Pull(pull)) => {
-                    frame.pulls.push(pb::Pull { free_slots: pull.free_slots, assigns_through: pull.assigns_through });
+                    self.frame
+                        .pulls
+                        .push(pb::Pull { free_slots: pull.free_slots, assigns_through: pull.assigns_through });
                 }
                 WorkerOutput::Send(ToCoordinator::Submit(submit)) => {
                     let key = (submit.task, submit.token);
@@ -340,7 +373,7 @@ impl WorkerDriver {
                             pb::submit::Outcome::Failure(pb::TaskFailure { message, detail: String::new() })
                         }
                     };
-                    frame.submits.push(pb::Submit {
+                    self.frame.submits.push(pb::Submit {
                         task: Some(key.0.into()),
                         token: key.1.get(),
                         outcome: Some(outcome),
@@ -360,24 +393,30 @@ impl WorkerDriver {
                 }
             }
         }
-        if !frame.pulls.is_empty() || !frame.submits.is_empty() {
-            match &self.streams {
-                Some(s) => {
-                    if s.work_tx.try_send(frame).is_err() {
-                        tracing::debug!(channel = "work", "work frame dropped: stream full or closed");
-                    }
-                }
-                None => tracing::debug!(channel = "work", "work frame dropped: no open stream"),
-            }
-        }
         self.prune_results();
         Ok(())
     }
 
-    /// Drops result bytes whose submit is no longer pending (acknowledged or withheld).
+    /// Sends the pulls and submits gathered since the last flush as one Work frame.
+    fn flush(&mut self) {
+        if self.frame.pulls.is_empty() && self.frame.submits.is_empty() {
+            return;
+        }
+        let frame = std::mem::take(&mut self.frame);
+        match &self.streams {
+            Some(s) => {
+                if s.work_tx.try_send(frame).is_err() {
+                    tracing::debug!(channel = "work", "work frame dropped: stream full or closed");
+                }
+            }
+            None => tracing::debug!(channel = "work", "work frame dropped: no open stream"),
+        }
+    }
+
+    /// Drops result bytes whose submit is no longer pending (withheld by a fence, or
+    /// never sent); acknowledged ones are dropped as their ack arrives.
     fn prune_results(&mut self) {
-        let pending = self.machine.unacknowledged_submits().count();
-        if self.results.len() > pending {
+        if self.results.len() > self.machine.unacknowledged_count() {
             let keep: std::collections::BTreeSet<RunKey> = self.machine.unacknowledged_submits().collect();
             self.results.retain(|k, _| keep.contains(k));
         }
@@ -450,6 +489,12 @@ impl WorkerDriver {
         self.runs.insert(key, cancel.clone());
         let deadline = a.deadline;
         let call = PluginCall { plugin: a.plugin, method: a.method, payload: a.payload, deadline };
+        if self.plugins.runs_in_place(&call.plugin) {
+            // No thread hand-off, no timer: the call returns at once.
+            let (outcome, bytes) = task_outcome(self.plugins.call(&call, &cancel));
+            self.finished_in_place.push_back(Event::TaskFinished(key, outcome, bytes));
+            return;
+        }
         let (plugins, tx) = (Arc::clone(&self.plugins), self.events.clone());
         tokio::spawn(async move {
             let blocking_cancel = cancel.clone();
@@ -464,17 +509,7 @@ impl WorkerDriver {
                     Err(PluginError::DeadlineExceeded(deadline))
                 }
             };
-            let (outcome, bytes) = match result {
-                // The machine turns a result above limits.max_result_bytes into a failure
-                // (and then no bytes travel with its submit).
-                Ok(bytes) => {
-                    let outcome =
-                        TaskOutcome::Succeeded { result: ContentId::of(&bytes), size_bytes: bytes.len() as u64 };
-                    (outcome, Some(bytes))
-                }
-                Err(PluginError::Cancelled) => (TaskOutcome::Cancelled, None),
-                Err(e) => (TaskOutcome::Failed { message: e.to_string() }, None),
-            };
+            let (outcome, bytes) = task_outcome(result);
             let _ = tx.send(Event::TaskFinished(key, outcome, bytes)).await;
         });
     }
@@ -485,5 +520,19 @@ impl WorkerDriver {
             cancel.cancel();
         }
         self.streams = None;
+    }
+}
+
+/// What the machine hears of a call's end, and the result bytes to keep for its submit.
+/// (The machine turns a result above `limits.max_result_bytes` into a failure, and then
+/// no bytes travel with its submit.)
+fn task_outcome(result: std::result::Result<Vec<u8>, PluginError>) -> (TaskOutcome, Option<Vec<u8>>) {
+    match result {
+        Ok(bytes) => {
+            let outcome = TaskOutcome::Succeeded { result: ContentId::of(&bytes), size_bytes: bytes.len() as u64 };
+            (outcome, Some(bytes))
+        }
+        Err(PluginError::Cancelled) => (TaskOutcome::Cancelled, None),
+        Err(e) => (TaskOutcome::Failed { message: e.to_string() }, None),
     }
 }

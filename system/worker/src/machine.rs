@@ -67,6 +67,9 @@ pub struct Worker {
     stopping: BTreeMap<RunKey, String>,
     /// Submits sent but not yet answered by a `SubmitAck`, re-sent until they are.
     unacked: BTreeMap<RunKey, PendingSubmit>,
+    /// `unacked` in re-send order: `(last_sent_at, key)` of each, so timers and
+    /// [`Worker::poll_timeout`] look at the due ones only (a worker may hold thousands).
+    resend_order: BTreeSet<(Mono, RunKey)>,
     metrics: Metrics,
     metrics_shipped_at: Mono,
 }
@@ -138,6 +141,7 @@ impl Worker {
             running: BTreeMap::new(),
             stopping: BTreeMap::new(),
             unacked: BTreeMap::new(),
+            resend_order: BTreeSet::new(),
             metrics: Metrics::default(),
             metrics_shipped_at: Mono::ZERO,
         }
@@ -190,7 +194,7 @@ impl Worker {
             }),
             State::Registered(session) => {
                 let resend_every = self.submit_resend_interval();
-                let earliest_resend = self.unacked.values().map(|p| later(p.last_sent_at, resend_every)).min();
+                let earliest_resend = self.resend_order.first().map(|(sent_at, _)| later(*sent_at, resend_every));
                 let fence = later(session.last_acked_sent_at, self.settings.health.worker_self_fence_timeout);
                 Some(earliest_resend.map_or(fence, |r| r.min(fence)).min(session.next_beat_at))
             }
@@ -226,6 +230,16 @@ impl Worker {
     /// results will be dropped. They still occupy a slot on the plugin host.
     pub fn stopping_tasks(&self) -> impl Iterator<Item = (TaskId, FencingToken)> + '_ {
         self.stopping.keys().copied()
+    }
+
+    /// Whether the submit of `(task, token)` was sent and is not yet acknowledged.
+    pub fn awaits_ack(&self, task: TaskId, token: FencingToken) -> bool {
+        self.unacked.contains_key(&(task, token))
+    }
+
+    /// How many submits were sent and are not yet acknowledged.
+    pub fn unacknowledged_count(&self) -> usize {
+        self.unacked.len()
     }
 
     /// Submits sent and not yet acknowledged, in key order.
@@ -311,6 +325,7 @@ impl Worker {
         // Withheld: the coordinator may already have leased these tasks again, and a
         // submit after the deadline is exactly what the self_fence invariant forbids.
         self.unacked.clear();
+        self.resend_order.clear();
         self.fenced = true;
         let delay = self.backoff.next_delay(&mut self.rng);
         self.state = State::Unregistered(Registering {
@@ -360,9 +375,19 @@ impl Worker {
                     self.send_heartbeat(now, out);
                 }
                 let resend_every = self.submit_resend_interval();
-                for pending in self.unacked.values_mut() {
-                    if now.mono.saturating_since(pending.last_sent_at) >= resend_every {
+                // The due ones, re-sent in key order.
+                let mut due = Vec::new();
+                while let Some(&(sent_at, key)) = self.resend_order.first()
+                    && now.mono.saturating_since(sent_at) >= resend_every
+                {
+                    self.resend_order.pop_first();
+                    due.push(key);
+                }
+                due.sort_unstable();
+                for key in due {
+                    if let Some(pending) = self.unacked.get_mut(&key) {
                         pending.last_sent_at = now.mono;
+                        self.resend_order.insert((now.mono, key));
                         out.push(WorkerOutput::Send(ToCoordinator::Submit(pending.submit.clone())));
                     }
                 }
@@ -529,7 +554,11 @@ impl Worker {
         let free_before = self.free_slots();
         // Any verdict ends the submit: Accepted and Duplicate mean recorded, Stale means
         // it never will be; re-sending would change nothing.
-        if self.unacked.remove(&key).is_some() && self.free_slots() > free_before {
+        let removed = self.unacked.remove(&key);
+        if let Some(pending) = &removed {
+            self.resend_order.remove(&(pending.last_sent_at, key));
+        }
+        if removed.is_some() && self.free_slots() > free_before {
             self.send_pull_if_room(out);
         }
     }
@@ -595,7 +624,12 @@ impl Worker {
             // `stopping`), so this always finds the session.
             let Some(session) = self.session() else { return };
             let submit = Submit { incarnation: session.incarnation, task: key.0, token: key.1, outcome };
-            self.unacked.insert(key, PendingSubmit { submit: submit.clone(), last_sent_at: now.mono });
+            if let Some(old) =
+                self.unacked.insert(key, PendingSubmit { submit: submit.clone(), last_sent_at: now.mono })
+            {
+                self.resend_order.remove(&(old.last_sent_at, key));
+            }
+            self.resend_order.insert((now.mono, key));
             out.push(WorkerOutput::Send(ToCoordinator::Submit(submit)));
             self.send_pull_if_room(out);
         } else if let Some(metrics_plugin) = self.stopping.remove(&key) {
