@@ -6,7 +6,7 @@ export CARGO_TERM_COLOR ?= never
 CARGO ?= cargo
 ROLLOUT = $(CARGO_TARGET_DIR)/debug/rollout
 
-.PHONY: run test smoke preflight build fmt fmt-check clippy sans-io no-openssl unit bench-storage bench-sim sim-soak
+.PHONY: run test smoke crash-test preflight build fmt fmt-check clippy sans-io no-openssl unit bench bench-e2e bench-storage bench-sim sim-soak
 
 ## run: build, print the plan, then run a local cluster (coordinator + 2 workers over mTLS) through a demo job
 run: build
@@ -18,9 +18,16 @@ test: fmt-check clippy sans-io no-openssl unit
 
 ## smoke: the real binaries end to end: 1 coordinator + 2 workers with a Rust cdylib and a
 ## Python sidecar plugin; kills w1 and checks it is declared failed in time and every task
-## completes exactly once (scripts/smoke.sh; a temp dir, not ./data)
+## completes exactly once (scripts/smoke.sh; a temp dir, not ./data); then the crash test below
 smoke: preflight build
 	ROLLOUT=$(ROLLOUT) scripts/smoke.sh
+	ROLLOUT=$(ROLLOUT) scripts/coordinator-crash.sh
+
+## crash-test: kill -9 the coordinator of a real cluster under load (twice) and restart it on the
+## same data dir; every acknowledged job survives and each task is committed exactly once
+## across all its histories (scripts/coordinator-crash.sh; a temp dir, about 6 s after the build)
+crash-test: build
+	ROLLOUT=$(ROLLOUT) scripts/coordinator-crash.sh
 
 ## preflight: cargo, make, a C linker and python3 >= 3.11 are there (protoc is not needed)
 preflight:
@@ -48,6 +55,15 @@ clippy:
 
 unit:
 	$(CARGO) test --workspace --all-features --locked
+
+## bench: every benchmark (release builds; minutes, not part of `make test`)
+bench: bench-e2e bench-storage bench-sim
+
+## bench-e2e: end-to-end no-op tasks/s through 1 coordinator + 2 workers over loopback mTLS with
+## fsync'd redb, and submit-to-start p50/p99 at half that load (BENCH_TASKS, BENCH_RUNS, ...: see
+## system/transport/benches/e2e.rs)
+bench-e2e:
+	$(CARGO) bench -p rollout-transport --bench e2e
 
 ## bench-storage: committed single-put transactions/s vs puts/s batched 1000 per transaction (file backend)
 bench-storage:

@@ -227,6 +227,20 @@ enum AuditCommand {
         #[command(flatten)]
         common: CommonArgs,
     },
+    /// Verify the audit chain, then write the coordinator's history from it: one JSON
+    /// history record per line (the format `rollout check` reads), node "coordinator".
+    ///
+    /// The audit chain is committed with the state changes it records, so this is the
+    /// complete coordinator history even across crashes. The JSON-lines stream a running
+    /// coordinator emits is written after each commit and may miss the last batch
+    /// before a kill -9. Run it while the coordinator is stopped.
+    Export {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Write here instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        out: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -235,6 +249,9 @@ fn main() -> ExitCode {
         Command::Plan { config } => plan(config),
         Command::Certs { command } => report(certs::run(command)),
         Command::Audit { command: AuditCommand::Verify { common } } => report(ops::audit_verify(&common)),
+        Command::Audit { command: AuditCommand::Export { common, out } } => {
+            report(ops::audit_export(&common, out.as_deref()))
+        }
         Command::Check { files, strict_overlap, complete } => check::run(&files, strict_overlap, complete),
         other => {
             init_logging();

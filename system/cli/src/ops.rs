@@ -300,14 +300,52 @@ pub async fn drain(op: &OperatorArgs, worker: &str) -> Result<(), Error> {
     Ok(())
 }
 
-pub fn audit_verify(common: &CommonArgs) -> Result<(), Error> {
+/// Opens the coordinator's database named by the config (which must exist).
+fn open_database(common: &CommonArgs) -> Result<(RedbStorage, std::path::PathBuf), Error> {
     let config = load_config(common)?;
     let path = config.storage.data_dir.join(rollout_transport::server::DATABASE_FILE);
     if !path.exists() {
         return Err(Error::invalid_input(format!("{}: no database here (storage.data_dir)", path.display())));
     }
-    let storage = RedbStorage::open(&path)?;
+    Ok((RedbStorage::open(&path)?, path))
+}
+
+pub fn audit_verify(common: &CommonArgs) -> Result<(), Error> {
+    let (storage, path) = open_database(common)?;
     let entries = rollout_coordinator::audit::verify(&storage)?;
     println!("audit chain of {} verifies: {entries} entries", path.display());
+    Ok(())
+}
+
+pub fn audit_export(common: &CommonArgs, out: Option<&Path>) -> Result<(), Error> {
+    let (storage, path) = open_database(common)?;
+    let count = rollout_coordinator::audit::verify(&storage)?;
+    let mut text = String::new();
+    for entry in rollout_coordinator::audit::entries(&storage)? {
+        let record = rollout_core::history::HistoryRecord {
+            seq: entry.seq,
+            node: "coordinator".into(),
+            wall_unix_ms: entry.wall_unix_ms,
+            event: entry.event()?,
+        };
+        let line = serde_json::to_string(&record)
+            .map_err(|e| Error::internal(format!("encoding entry {}: {e}", entry.seq)))?;
+        text.push_str(&line);
+        text.push('\n');
+    }
+    match out {
+        Some(file) => {
+            std::fs::write(file, text)
+                .map_err(|e| Error::invalid_input(format!("{}: cannot write: {e}", file.display())))?;
+            eprintln!(
+                "{count} history records from the audit chain of {} written to {}",
+                path.display(),
+                file.display()
+            );
+        }
+        None => std::io::stdout()
+            .write_all(text.as_bytes())
+            .map_err(|e| Error::internal(format!("writing to standard output: {e}")))?,
+    }
     Ok(())
 }

@@ -96,3 +96,40 @@ fn check_judges_recorded_histories_and_names_the_violation() {
     assert_eq!(junk.status.code(), Some(2), "{junk:?}");
     assert!(String::from_utf8_lossy(&junk.stderr).contains("junk.jsonl:2"), "{junk:?}");
 }
+
+#[test]
+fn audit_export_writes_the_coordinator_history_that_check_reads() {
+    use std::sync::Arc;
+    use std::time::SystemTime;
+
+    use rollout_coordinator::{Coordinator, CoordinatorInput, CoordinatorSettings, JobSubmission, TaskSpec};
+    use rollout_core::{Config, Mono, Now};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("data")).expect("data dir");
+    {
+        // A coordinator that accepted one job of two tasks, then went away.
+        let storage = Arc::new(rollout_storage::RedbStorage::open(dir.path().join("data/rollout.db")).expect("open"));
+        let settings = CoordinatorSettings::from_config(&Config::default());
+        let now = Now::new(Mono::ZERO, SystemTime::now());
+        let mut coordinator = Coordinator::recover(storage, settings, now).expect("recover");
+        let spec =
+            TaskSpec { plugin: "echo".into(), method: "run".into(), payload: b"x".to_vec(), gpus: 0, deadline: None };
+        let job = JobSubmission { name: "j".into(), tasks: vec![spec.clone(), spec], idempotency_key: None };
+        let mut out = Vec::new();
+        coordinator.handle(now, CoordinatorInput::SubmitJob { request: 1, job }, &mut out).expect("commits");
+    }
+    let out = rollout(&["audit", "export", "--out", "coord.jsonl"], dir.path());
+    assert!(out.status.success(), "{out:?}");
+    let text = std::fs::read_to_string(dir.path().join("coord.jsonl")).expect("export written");
+    let records: Vec<serde_json::Value> =
+        text.lines().map(|l| serde_json::from_str(l).expect("one JSON record a line")).collect();
+    assert_eq!(records.len(), 1, "{text}");
+    assert_eq!(records[0]["event"], "job_accepted");
+    assert_eq!(records[0]["node"], "coordinator");
+    assert_eq!(records[0]["tasks"], 2);
+    // The checker reads it: safe, and (with --complete) the unfinished tasks are named.
+    assert!(rollout(&["check", "coord.jsonl"], dir.path()).status.success());
+    let incomplete = rollout(&["check", "--complete", "coord.jsonl"], dir.path());
+    assert_eq!(incomplete.status.code(), Some(1), "{incomplete:?}");
+}

@@ -269,6 +269,10 @@ struct WorkerEntry {
     leases: BTreeSet<TaskId>,
     credits: u32,
     gpus_in_use: u32,
+    /// Registered before this coordinator was recovered from storage: its leases were
+    /// granted by an earlier run, and ending them when it registers again is the
+    /// restart's doing, not the task's (no attempt is charged).
+    recovered: bool,
 }
 
 /// The parts of a spec needed to match and assign a task; the payload stays in storage.
@@ -405,6 +409,7 @@ impl Coordinator {
                 leases: BTreeSet::new(),
                 credits: 0,
                 gpus_in_use: 0,
+                recovered: true,
             };
             workers.insert(entry.record.id.clone(), entry);
         }
@@ -588,10 +593,20 @@ impl Coordinator {
         }
         let was_draining = self.workers.get(&id).is_some_and(|w| w.record.state == WorkerState::Draining);
         if let Some(old) = self.workers.get(&id) {
-            let reason = format!("worker {id} registered again; incarnation {} ended", old.record.incarnation);
+            // A worker that lost its connection to a restarted coordinator re-registers
+            // and its runs were stopped: that costs the tasks a re-run, not an attempt.
+            let charged = !old.recovered;
+            let reason = if charged {
+                format!("worker {id} registered again; incarnation {} ended", old.record.incarnation)
+            } else {
+                format!(
+                    "worker {id} registered again after a coordinator restart; incarnation {} ended (no attempt charged)",
+                    old.record.incarnation
+                )
+            };
             let leases: Vec<TaskId> = old.leases.iter().copied().collect();
             for task in leases {
-                self.end_lease(now, task, reason.clone(), true, batch)?;
+                self.end_lease(now, task, reason.clone(), charged, batch)?;
             }
         }
         self.counters.last_incarnation = self.counters.last_incarnation.next();
@@ -616,6 +631,7 @@ impl Coordinator {
                 leases: BTreeSet::new(),
                 credits: 0,
                 gpus_in_use: 0,
+                recovered: false,
             },
         );
         self.dirty_workers.insert(id.clone());
@@ -981,7 +997,7 @@ impl Coordinator {
             } else {
                 self.push_ready(task);
             }
-            let error = if failed { error } else { "assignment lost in transit".to_owned() };
+            let error = if failed || !error.is_empty() { error } else { "assignment lost in transit".to_owned() };
             self.record(HistoryEvent::Requeued { task, attempt, error }, batch)?;
         }
         Ok(())

@@ -573,6 +573,29 @@ fn idempotency_key_returns_the_existing_job() {
 // ---------------------------------------------------------------- recovery and audit
 
 #[test]
+fn re_registering_after_a_coordinator_restart_costs_no_attempt() {
+    let mut h = Harness::new();
+    let inc = h.register("w1");
+    let (job, _) = h.submit_job(vec![spec("echo", 0), spec("echo", 0)]);
+    h.pull("w1", inc, 2, 0);
+    h.crash_and_restart();
+    // The worker lost its stream to the old coordinator and registers again.
+    let inc2 = h.register("w1");
+    let reports = h.coord().task_reports(job);
+    for r in &reports {
+        assert_eq!(r.state, TaskState::Queued, "{r:?}");
+        assert!(r.errors.is_empty(), "a restart charges no attempt: {r:?}");
+    }
+    // Ready at once (no retry backoff), under the new incarnation.
+    assert_eq!(h.pull("w1", inc2, 2, 0).len(), 2);
+    // Without a restart in between, registering again ends the leases as failures.
+    let inc3 = h.register("w1");
+    let reports = h.coord().task_reports(job);
+    assert!(reports.iter().all(|r| r.errors.len() == 1 && r.errors[0].contains("registered again")), "{reports:?}");
+    let _ = inc3;
+}
+
+#[test]
 fn restart_keeps_every_task_and_gives_workers_a_fresh_deadline() {
     let mut h = Harness::new();
     let inc = h.register("w1");
