@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 use crate::coordinator::{CONTROL_QUEUED_MAX, CoordinatorHandle, DriverMsg, OperatorRequest, WORK_FRAMES_QUEUED_MAX};
 use crate::net::PeerInfo;
+use crate::node_env::BlockingWork;
 use crate::tls::PeerRole;
 use crate::wire::{self, WireOutcome};
 
@@ -39,6 +40,7 @@ pub struct CoordinatorApi {
     objects: Arc<dyn ObjectStore>,
     shutdown: Option<watch::Receiver<bool>>,
     next_conn: Arc<AtomicU64>,
+    blocking: BlockingWork,
 }
 
 impl std::fmt::Debug for CoordinatorApi {
@@ -50,7 +52,20 @@ impl std::fmt::Debug for CoordinatorApi {
 impl CoordinatorApi {
     /// Services over a running driver; results are stored in `objects`.
     pub fn new(driver: CoordinatorHandle, objects: Arc<dyn ObjectStore>) -> Self {
-        CoordinatorApi { driver, objects, shutdown: None, next_conn: Arc::new(AtomicU64::new(1)) }
+        CoordinatorApi {
+            driver,
+            objects,
+            shutdown: None,
+            next_conn: Arc::new(AtomicU64::new(1)),
+            blocking: BlockingWork::Pool,
+        }
+    }
+
+    /// Where result bytes are written before their submit reaches the machine (default:
+    /// the blocking pool; a simulation with an in-memory object store says inline).
+    pub fn with_blocking(mut self, blocking: BlockingWork) -> Self {
+        self.blocking = blocking;
+        self
     }
 
     /// Ends every open stream once `shutdown` turns true, so a graceful server
@@ -249,6 +264,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
             objects: Arc::clone(&self.objects),
             worker: worker.clone(),
             incarnation,
+            blocking: self.blocking,
         };
         let span = tracing::debug_span!("rpc", channel = "work", worker = %worker);
         let detach = DetachOnDrop { driver: self.driver.clone(), worker, conn };
@@ -288,6 +304,7 @@ struct WorkPump {
     objects: Arc<dyn ObjectStore>,
     worker: WorkerId,
     incarnation: Incarnation,
+    blocking: BlockingWork,
 }
 
 impl WorkPump {
@@ -305,7 +322,7 @@ impl WorkPump {
             // a no-op.
             let objects = Arc::clone(&self.objects);
             let incarnation = self.incarnation;
-            let messages = tokio::task::spawn_blocking(move || {
+            let messages = self.blocking.run(move || {
                 let mut out = Vec::with_capacity(submits.len());
                 for (task, token, outcome) in submits {
                     let outcome = match outcome {
@@ -325,9 +342,8 @@ impl WorkPump {
                     out.push(ToCoordinator::Submit(Submit { incarnation, task, token, outcome }));
                 }
                 out
-            })
-            .await
-            .map_err(|e| Status::internal(format!("storing results: {e}")))?;
+            });
+            let messages = messages.await.map_err(|e| Status::internal(format!("storing results: {e}")))?;
             for message in messages {
                 self.driver.send(DriverMsg::FromWorker(self.worker.clone(), message)).await.map_err(unavailable)?;
             }
