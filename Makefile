@@ -6,7 +6,7 @@ export CARGO_TERM_COLOR ?= never
 CARGO ?= cargo
 ROLLOUT = $(CARGO_TARGET_DIR)/debug/rollout
 
-.PHONY: run test smoke crash-test preflight build fmt fmt-check clippy sans-io no-openssl unit bench bench-e2e bench-storage bench-sim sim-soak
+.PHONY: run test smoke crash-test preflight build fmt fmt-check clippy sans-io no-openssl release-deps unit bench bench-e2e bench-storage bench-sim sim-soak
 
 ## run: build, print the plan, then run a local cluster (coordinator + 2 workers over mTLS) through a demo job
 run: build
@@ -14,7 +14,7 @@ run: build
 	ROLLOUT=$(ROLLOUT) scripts/run-local.sh
 
 ## test: formatting, lints and every test of the workspace
-test: fmt-check clippy sans-io no-openssl unit
+test: fmt-check clippy sans-io no-openssl release-deps unit
 
 ## smoke: the real binaries end to end: 1 coordinator + 2 workers with a Rust cdylib and a
 ## Python sidecar plugin; kills w1 and checks it is declared failed in time and every task
@@ -49,6 +49,10 @@ sans-io:
 ## no-openssl: TLS is rustls + ring only; fails if OpenSSL or native-tls enters the dependency graph
 no-openssl:
 	scripts/check-no-openssl.sh
+
+## release-deps: turmoil and tokio's test-util (the simulator's layer 2) stay out of the `rollout` binary
+release-deps:
+	scripts/check-release-deps.sh
 
 clippy:
 	$(CARGO) clippy --workspace --all-targets --all-features --locked -- -D warnings

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use rollout_core::history::{HistoryEvent, HistoryRecord};
-use rollout_core::{FencingToken, JobId, TaskId, WorkerId};
+use rollout_core::{FencingToken, Incarnation, JobId, TaskId, WorkerId};
 
 /// A broken invariant.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,23 +224,77 @@ pub struct RecordedVerdict {
 
 /// Merges the histories of several nodes (each in its own order) into one: a k-way
 /// merge by wall time that never reorders records of one node, so a node whose clock
-/// stepped back cannot make its own history look inverted. Records are renumbered.
+/// stepped back cannot make its own history look inverted, and that never puts an
+/// effect before a cause the records name:
+/// - a worker's `task_started` comes after the coordinator's `leased` of that task and
+///   token (when the histories hold that lease);
+/// - the coordinator's `registered` of a worker's incarnation comes after that
+///   worker's `fenced` of every earlier incarnation.
+///
+/// Wall clocks within the skew budget can otherwise invert such a pair: a coordinator
+/// 40 ms ahead stamps a re-registration after the task it let the worker start, and
+/// `self_fence` would see a fenced worker start a task. Should the records name an
+/// impossible cycle, the earliest head goes first anyway (the merge never stalls).
+/// Records are renumbered.
 pub fn merge_histories(files: Vec<Vec<HistoryRecord>>) -> Vec<HistoryRecord> {
+    let mut leases_unmerged: BTreeSet<(TaskId, FencingToken)> = BTreeSet::new();
+    let mut fences_unmerged: BTreeMap<WorkerId, BTreeMap<Incarnation, usize>> = BTreeMap::new();
+    for record in files.iter().flatten() {
+        match &record.event {
+            HistoryEvent::Leased { task, token, .. } => {
+                leases_unmerged.insert((*task, *token));
+            }
+            HistoryEvent::Fenced { worker, incarnation } => {
+                *fences_unmerged.entry(worker.clone()).or_default().entry(*incarnation).or_default() += 1;
+            }
+            _ => {}
+        }
+    }
+    let waits = |event: &HistoryEvent,
+                 leases: &BTreeSet<(TaskId, FencingToken)>,
+                 fences: &BTreeMap<WorkerId, BTreeMap<Incarnation, usize>>| match event {
+        HistoryEvent::TaskStarted { task, token, .. } => leases.contains(&(*task, *token)),
+        HistoryEvent::Registered { worker, incarnation } => {
+            fences.get(worker).is_some_and(|f| f.range(..*incarnation).next().is_some())
+        }
+        _ => false,
+    };
     let mut heads: Vec<std::iter::Peekable<std::vec::IntoIter<HistoryRecord>>> =
         files.into_iter().map(|f| f.into_iter().peekable()).collect();
     let mut merged = Vec::new();
     loop {
-        let next = heads
-            .iter_mut()
-            .enumerate()
-            .filter_map(|(i, h)| h.peek().map(|r| (r.wall_unix_ms, i)))
-            .min()
-            .map(|(_, i)| i);
-        let Some(i) = next else { break };
-        if let Some(mut record) = heads[i].next() {
-            record.seq = merged.len() as u64;
-            merged.push(record);
+        let mut earliest = None;
+        let mut earliest_ready = None;
+        for (i, head) in heads.iter_mut().enumerate() {
+            let Some(record) = head.peek() else { continue };
+            let key = (record.wall_unix_ms, i);
+            if earliest.is_none_or(|e| key < e) {
+                earliest = Some(key);
+            }
+            if earliest_ready.is_none_or(|e| key < e) && !waits(&record.event, &leases_unmerged, &fences_unmerged) {
+                earliest_ready = Some(key);
+            }
         }
+        let Some((_, i)) = earliest_ready.or(earliest) else { break };
+        let Some(mut record) = heads[i].next() else { break };
+        match &record.event {
+            HistoryEvent::Leased { task, token, .. } => {
+                leases_unmerged.remove(&(*task, *token));
+            }
+            HistoryEvent::Fenced { worker, incarnation } => {
+                if let Some(fences) = fences_unmerged.get_mut(worker)
+                    && let Some(n) = fences.get_mut(incarnation)
+                {
+                    *n -= 1;
+                    if *n == 0 {
+                        fences.remove(incarnation);
+                    }
+                }
+            }
+            _ => {}
+        }
+        record.seq = merged.len() as u64;
+        merged.push(record);
     }
     merged
 }
@@ -314,6 +368,46 @@ mod tests {
             merged.iter().filter(|r| !matches!(r.event, HistoryEvent::Committed { .. })).cloned().collect();
         assert!(check_recorded(&partial, true, false).is_ok());
         assert_eq!(check_recorded(&partial, true, true).expect_err("incomplete").invariant, "progress");
+    }
+
+    #[test]
+    fn merging_puts_named_causes_first_whatever_the_skew() {
+        let rec = |node: &str, ms: u64, event: HistoryEvent| HistoryRecord {
+            seq: 0,
+            node: node.into(),
+            wall_unix_ms: ms,
+            event,
+        };
+        let fenced = |inc| HistoryEvent::Fenced { worker: w("w1"), incarnation: Incarnation(inc) };
+        let registered = |inc| HistoryEvent::Registered { worker: w("w1"), incarnation: Incarnation(inc) };
+        // w1 starts under token 1, fences at 1000, registers again (incarnation 2) at
+        // 1010 and starts under token 2 at 1015 (true times). The coordinator's clock
+        // runs `skew` ms ahead of w1's.
+        let run = |skew: i64| {
+            let at = |ms: i64| (ms + skew) as u64;
+            let coord = vec![
+                rec("coordinator", at(100), registered(1)),
+                rec("coordinator", at(100), leased("w1", 1).1),
+                rec("coordinator", at(1010), registered(2)),
+                rec("coordinator", at(1012), leased("w1", 2).1),
+            ];
+            let worker = vec![
+                rec("w1", 101, started("w1", 1).1),
+                rec("w1", 102, stopped("w1", 1).1),
+                rec("w1", 1000, fenced(1)),
+                rec("w1", 1015, started("w1", 2).1),
+            ];
+            merge_histories(vec![coord, worker])
+        };
+        for skew in [-40, 0, 40] {
+            let merged = run(skew);
+            assert!(check_history(&merged, true).is_ok(), "skew {skew}: {merged:#?}");
+        }
+        // A real violation still shows: a start under the old token after the fence.
+        let coord = vec![rec("coordinator", 140, leased("w1", 1).1)];
+        let worker = vec![rec("w1", 1000, fenced(1)), rec("w1", 1015, started("w1", 1).1)];
+        let v = check_history(&merge_histories(vec![coord, worker]), true).expect_err("violation");
+        assert_eq!(v.invariant, "self_fence");
     }
 
     fn w(n: &str) -> WorkerId {

@@ -16,6 +16,8 @@
 //!    (default 5) seconds; submit-to-start is the time from just before a job's submit
 //!    RPC to the worker's `task_started` event of each of its tasks. p50/p99 quoted.
 //!
+//! `BENCH_NOOPS=echo|sleep0|both` (default both) picks the throughput workloads.
+//!
 //! Baseline in the same run: the raw cost of a durable commit on this disk (one
 //! fsync'd empty redb transaction), so the numbers can be read against the machine.
 
@@ -352,7 +354,13 @@ fn main() {
     println!("baseline: one durable redb commit (fsync) takes {:.0} us (median of 200)", baseline.as_secs_f64() * 1e6);
 
     let mut rate = 0.0;
-    for noop in [NoOp::Echo, NoOp::Sleep0] {
+    let noops: Vec<NoOp> = match std::env::var("BENCH_NOOPS").as_deref() {
+        Ok("echo") => vec![NoOp::Echo],
+        Ok("sleep0") => vec![NoOp::Sleep0],
+        Ok("both") | Err(_) => vec![NoOp::Echo, NoOp::Sleep0],
+        Ok(other) => panic!("BENCH_NOOPS={other}: expected echo, sleep0 or both"),
+    };
+    for noop in noops {
         println!("throughput, {}:", noop.name());
         let rates: Vec<f64> = (0..runs).map(|_| runtime.block_on(throughput_run(tasks, job_tasks, noop))).collect();
         let median = median(rates);

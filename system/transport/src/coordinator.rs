@@ -10,7 +10,6 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use rollout_coordinator::metrics::LatencySummary;
 use rollout_coordinator::{
@@ -25,6 +24,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::history::Stamper;
+use crate::node_env::{BlockingWork, NodeEnv, SystemWallClock, WallClock};
 use crate::wire;
 
 /// Most inputs applied in one batch (one transaction).
@@ -38,21 +38,27 @@ pub const WORK_FRAMES_QUEUED_MAX: usize = 1024;
 pub const CONTROL_QUEUED_MAX: usize = 256;
 
 /// The node's clocks: monotonic from tokio's clock (so a simulated runtime can drive
-/// it), wall from the system.
-#[derive(Debug, Clone, Copy)]
+/// it), wall from a [`WallClock`] (the system's unless a simulation supplies one).
+#[derive(Debug, Clone)]
 pub struct NodeClock {
     origin: tokio::time::Instant,
+    wall: Arc<dyn WallClock>,
 }
 
 impl NodeClock {
-    /// A clock whose monotonic origin is now.
+    /// A clock whose monotonic origin is now, with the system's wall clock.
     pub fn start() -> Self {
-        NodeClock { origin: tokio::time::Instant::now() }
+        Self::start_with(Arc::new(SystemWallClock))
+    }
+
+    /// A clock whose monotonic origin is now, reading wall time from `wall`.
+    pub fn start_with(wall: Arc<dyn WallClock>) -> Self {
+        NodeClock { origin: tokio::time::Instant::now(), wall }
     }
 
     /// Both readings.
     pub fn now(&self) -> Now {
-        Now::new(Mono::from_duration(self.origin.elapsed()), SystemTime::now())
+        Now::new(Mono::from_duration(self.origin.elapsed()), self.wall.now())
     }
 
     /// The tokio instant of a monotonic reading.
@@ -178,6 +184,8 @@ pub struct CoordinatorDriverOptions {
     pub emitter: Arc<dyn EventEmitter>,
     /// Set to `true` to stop the driver.
     pub shutdown: watch::Receiver<bool>,
+    /// Wall clock and blocking work (`NodeEnv::default()` outside a simulation).
+    pub env: NodeEnv,
 }
 
 impl std::fmt::Debug for CoordinatorDriverOptions {
@@ -190,7 +198,7 @@ impl std::fmt::Debug for CoordinatorDriverOptions {
 /// runtime. Returns the handle the services use and the driver's task (which ends
 /// with an error only if storage fails beyond recovery).
 pub fn spawn_coordinator_driver(opts: CoordinatorDriverOptions) -> Result<(CoordinatorHandle, JoinHandle<Result<()>>)> {
-    let clock = NodeClock::start();
+    let clock = NodeClock::start_with(Arc::clone(&opts.env.wall_clock));
     let machine = Coordinator::recover(Arc::clone(&opts.storage), opts.settings.clone(), clock.now())?;
     let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
     let driver = Driver {
@@ -200,6 +208,7 @@ pub fn spawn_coordinator_driver(opts: CoordinatorDriverOptions) -> Result<(Coord
         emitter: opts.emitter,
         stamper: Stamper::new("coordinator"),
         clock,
+        blocking: opts.env.blocking,
         inbox: rx,
         links: BTreeMap::new(),
         pending_registers: BTreeMap::new(),
@@ -224,6 +233,7 @@ struct Driver {
     emitter: Arc<dyn EventEmitter>,
     stamper: Stamper,
     clock: NodeClock,
+    blocking: BlockingWork,
     inbox: mpsc::Receiver<DriverMsgBox>,
     links: BTreeMap<WorkerId, WorkerLink>,
     pending_registers: BTreeMap<WorkerId, VecDeque<oneshot::Sender<ToWorker>>>,
@@ -346,17 +356,20 @@ impl Driver {
         }
     }
 
-    /// One batch: apply and commit on the blocking pool, then release the outputs.
+    /// One batch: apply and commit (on the blocking pool unless the environment says
+    /// inline), then release the outputs.
     async fn apply(&mut self, inputs: Vec<CoordinatorInput>) -> Result<()> {
         let Some(mut machine) = self.machine.take() else { return Err(Error::internal("coordinator machine missing")) };
         let now = self.clock.now();
         let batch_len = inputs.len();
-        let joined = tokio::task::spawn_blocking(move || {
-            let mut out = Vec::new();
-            let result = machine.handle_batch(now, inputs, &mut out);
-            (machine, out, result)
-        })
-        .await;
+        let joined = self
+            .blocking
+            .run(move || {
+                let mut out = Vec::new();
+                let result = machine.handle_batch(now, inputs, &mut out);
+                (machine, out, result)
+            })
+            .await;
         let (machine, out, result) = joined.map_err(|e| Error::internal(format!("coordinator batch panicked: {e}")))?;
         if let Err(e) = result {
             // The machine is poisoned: its memory may be ahead of storage. Recover a

@@ -13,6 +13,8 @@
 //! - [`plugins`]: the built-in `echo` and `sleep` plugins, and [`PluginRouter`], which
 //!   serves several plugin hosts as one.
 //! - [`history`]: JSON-lines history emitters.
+//! - [`node_env`]: what a driver takes from its host (wall clock, where blocking work
+//!   runs); the default is production's, a simulation supplies its own.
 //! - [`server`]: starting a coordinator or a worker from the effective config.
 //!
 //! Architecture invariant: all I/O, clocks and spawning of the system live here (and
@@ -22,6 +24,7 @@
 pub mod coordinator;
 pub mod history;
 pub mod net;
+pub mod node_env;
 pub mod plugins;
 pub mod server;
 pub mod service;
@@ -31,6 +34,7 @@ pub mod worker;
 
 pub use coordinator::{CoordinatorHandle, NodeClock, OperatorRequest, StatusSnapshot};
 pub use history::{FileJsonEmitter, MemoryEmitter, NullEmitter, StdoutJsonEmitter};
+pub use node_env::{BlockingWork, NodeEnv, SystemWallClock, WallClock};
 pub use plugins::{BuiltinPlugins, PluginRouter};
 pub use server::{
     CoordinatorOptions, RunningCoordinator, WorkerOptions, connect, operator_client, run_worker_process,

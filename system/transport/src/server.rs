@@ -24,6 +24,7 @@ use tonic::transport::{Channel, Server};
 
 use crate::coordinator::{CoordinatorDriverOptions, CoordinatorHandle, spawn_coordinator_driver};
 use crate::net::{TcpDialer, TlsConnector, lazy_channel, tcp_incoming, tls_incoming};
+use crate::node_env::NodeEnv;
 use crate::service::{CoordinatorApi, ResultStore, STREAMS_PER_CONNECTION_MAX};
 use crate::tls::{self, CertFiles};
 use crate::worker::{WorkerRuntimeOptions, run_worker};
@@ -145,6 +146,7 @@ pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordi
         settings: CoordinatorSettings::from_config(&config),
         emitter: opts.emitter,
         shutdown: shutdown_rx.clone(),
+        env: NodeEnv::default(),
     })?;
     let addr = opts.listen_addr.unwrap_or_else(|| config.transport.listen_addr.clone());
     let listener = tokio::net::TcpListener::bind(&addr)
@@ -239,6 +241,7 @@ pub async fn run_worker_process(opts: WorkerOptions, shutdown: watch::Receiver<b
             rng_seed,
             max_message_bytes: config.limits.max_message_bytes as usize,
             shutdown,
+            env: NodeEnv::default(),
         },
         channel,
     )

@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 use crate::coordinator::{CONTROL_QUEUED_MAX, CoordinatorHandle, DriverMsg, OperatorRequest, WORK_FRAMES_QUEUED_MAX};
 use crate::net::PeerInfo;
+use crate::node_env::BlockingWork;
 use crate::tls::PeerRole;
 use crate::wire::{self, WireOutcome};
 
@@ -73,6 +74,7 @@ pub struct CoordinatorApi {
     results: ResultStore,
     shutdown: Option<watch::Receiver<bool>>,
     next_conn: Arc<AtomicU64>,
+    blocking: BlockingWork,
 }
 
 impl std::fmt::Debug for CoordinatorApi {
@@ -84,7 +86,21 @@ impl std::fmt::Debug for CoordinatorApi {
 impl CoordinatorApi {
     /// Services over a running driver; results are stored in and read from `results`.
     pub fn new(driver: CoordinatorHandle, results: ResultStore) -> Self {
-        CoordinatorApi { driver, results, shutdown: None, next_conn: Arc::new(AtomicU64::new(1)) }
+        CoordinatorApi {
+            driver,
+            results,
+            shutdown: None,
+            next_conn: Arc::new(AtomicU64::new(1)),
+            blocking: BlockingWork::Pool,
+        }
+    }
+
+    /// Where large result bytes are written before their submit reaches the machine
+    /// (default: the blocking pool; a simulation with an in-memory object store says
+    /// inline).
+    pub fn with_blocking(mut self, blocking: BlockingWork) -> Self {
+        self.blocking = blocking;
+        self
     }
 
     /// Ends every open stream once `shutdown` turns true, so a graceful server
@@ -283,6 +299,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
             objects: Arc::clone(&self.results.objects),
             worker: worker.clone(),
             incarnation,
+            blocking: self.blocking,
         };
         let span = tracing::debug_span!("rpc", channel = "work", worker = %worker);
         let detach = DetachOnDrop { driver: self.driver.clone(), worker, conn };
@@ -322,6 +339,7 @@ struct WorkPump {
     objects: Arc<dyn ObjectStore>,
     worker: WorkerId,
     incarnation: Incarnation,
+    blocking: BlockingWork,
 }
 
 impl WorkPump {
@@ -334,22 +352,22 @@ impl WorkPump {
             submits.push(wire::submit_from_wire(s).map_err(invalid)?);
         }
         let incarnation = self.incarnation;
-        let submits: Vec<(Submit, Option<Vec<u8>>)> =
-            if submits.iter().any(|(_, _, o)| matches!(o, WireOutcome::Result(b) if b.len() > INLINE_RESULT_BYTES_MAX))
-            {
-                // Large results are stored in the object store before their submit reaches
-                // the machine, so a committed result is always readable (write-ahead);
-                // content addressing makes a repeat a no-op. That is file I/O: blocking pool.
-                let objects = Arc::clone(&self.objects);
-                tokio::task::spawn_blocking(move || {
-                    submits.into_iter().filter_map(|s| to_submit(incarnation, s, Some(&*objects))).collect()
-                })
+        let submits: Vec<(Submit, Option<Vec<u8>>)> = if submits
+            .iter()
+            .any(|(_, _, o)| matches!(o, WireOutcome::Result(b) if b.len() > INLINE_RESULT_BYTES_MAX))
+        {
+            // Large results are stored in the object store before their submit reaches
+            // the machine, so a committed result is always readable (write-ahead);
+            // content addressing makes a repeat a no-op. That is file I/O: blocking work.
+            let objects = Arc::clone(&self.objects);
+            self.blocking
+                .run(move || submits.into_iter().filter_map(|s| to_submit(incarnation, s, Some(&*objects))).collect())
                 .await
                 .map_err(|e| Status::internal(format!("storing results: {e}")))?
-            } else {
-                // Small results travel with their submit into the commit's transaction.
-                submits.into_iter().filter_map(|s| to_submit(incarnation, s, None)).collect()
-            };
+        } else {
+            // Small results travel with their submit into the commit's transaction.
+            submits.into_iter().filter_map(|s| to_submit(incarnation, s, None)).collect()
+        };
         // The latest pull of a frame wins.
         let pull = frame.pulls.last().map(|pull| wire::pull_from_wire(self.incarnation, pull));
         if !submits.is_empty() || pull.is_some() {

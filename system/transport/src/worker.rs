@@ -37,6 +37,7 @@ use tonic::transport::Channel;
 
 use crate::coordinator::NodeClock;
 use crate::history::Stamper;
+use crate::node_env::{BlockingWork, NodeEnv};
 use crate::wire;
 
 /// Frames queued towards the coordinator on the Work stream.
@@ -60,6 +61,8 @@ pub struct WorkerRuntimeOptions {
     pub max_message_bytes: usize,
     /// Set to `true` to stop.
     pub shutdown: watch::Receiver<bool>,
+    /// Wall clock and where plugin calls run (`NodeEnv::default()` outside a simulation).
+    pub env: NodeEnv,
 }
 
 impl std::fmt::Debug for WorkerRuntimeOptions {
@@ -98,7 +101,7 @@ impl Drop for Streams {
 /// (`Err`, e.g. a protocol version mismatch), over `channel` (see
 /// [`crate::net::lazy_channel`]).
 pub async fn run_worker(opts: WorkerRuntimeOptions, channel: Channel) -> Result<()> {
-    let WorkerRuntimeOptions { settings, plugins, emitter, rng_seed, max_message_bytes, mut shutdown } = opts;
+    let WorkerRuntimeOptions { settings, plugins, emitter, rng_seed, max_message_bytes, mut shutdown, env } = opts;
     let client = CoordinatorClient::new(channel)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
@@ -111,7 +114,8 @@ pub async fn run_worker(opts: WorkerRuntimeOptions, channel: Channel) -> Result<
         stamper: Stamper::new(settings.id.as_str()),
         machine: Worker::new(settings, rng_seed),
         rng: SplitMix64::new(rng_seed ^ 0x5eed_0f57_2ea3),
-        clock: NodeClock::start(),
+        clock: NodeClock::start_with(env.wall_clock),
+        blocking: env.blocking,
         client,
         plugins,
         emitter,
@@ -169,6 +173,7 @@ struct WorkerDriver {
     stamper: Stamper,
     rng: SplitMix64,
     clock: NodeClock,
+    blocking: BlockingWork,
     client: CoordinatorClient<Channel>,
     plugins: Arc<dyn PluginHost>,
     emitter: Arc<dyn EventEmitter>,
@@ -495,15 +500,18 @@ impl WorkerDriver {
             self.finished_in_place.push_back(Event::TaskFinished(key, outcome, bytes));
             return;
         }
-        let (plugins, tx) = (Arc::clone(&self.plugins), self.events.clone());
+        let (plugins, tx, blocking) = (Arc::clone(&self.plugins), self.events.clone(), self.blocking);
         tokio::spawn(async move {
             let blocking_cancel = cancel.clone();
-            let mut run = tokio::task::spawn_blocking(move || plugins.call(&call, &blocking_cancel));
+            let run = blocking.run(move || plugins.call(&call, &blocking_cancel));
             // The host is asked to honour the deadline; if it does not, the driver stops
             // waiting at the deadline (plus a grace period) and reports the attempt failed.
+            // (Biased: a call that finished is never reported late, and the choice draws
+            // no randomness.)
             let grace = Duration::from_millis(100);
             let result = tokio::select! {
-                joined = &mut run => joined.unwrap_or_else(|e| Err(PluginError::Crashed(format!("plugin call panicked: {e}")))),
+                biased;
+                joined = run => joined.unwrap_or_else(|e| Err(PluginError::Crashed(format!("plugin call panicked: {e}")))),
                 () = tokio::time::sleep(deadline.saturating_add(grace)) => {
                     cancel.cancel();
                     Err(PluginError::DeadlineExceeded(deadline))

@@ -1,0 +1,650 @@
+//! Layer 2's cluster: the real runtime (rollout-transport's coordinator and worker
+//! drivers, tonic, h2 and rustls mutual TLS) on turmoil hosts, over turmoil's simulated
+//! TCP, with simulated time and per-host wall clocks.
+//!
+//! - `coordinator`: redb on a [`MemDisk`] that lives outside the host, so a crash
+//!   (turmoil drops the host's runtime, the disk loses its unsynced writes) and a
+//!   bounce (the host's software starts again and recovers from the disk) behave as a
+//!   power cut and a restart do. Result bytes go to an in-memory object store that
+//!   outlives the host too.
+//! - `w1`, `w2`, ...: workers with the built-in plugins. The tests run `echo`: plugin
+//!   calls run inline and take no simulated time (the built-in `sleep` would block the
+//!   host in real time), so a task's lease lasts the network round trips around it.
+//! - `operator-N`: short-lived clients that submit a job with an idempotency key,
+//!   retrying until the coordinator accepts it.
+//!
+//! Every driver runs with [`BlockingWork::Inline`] (no blocking-pool threads, which
+//! run in real time) and a [`HostWallClock`]: turmoil's logical time from a fixed
+//! epoch plus the host's own offset, which a test may step. Histories go to one
+//! [`Recorder`] per node and are judged by `sim::checker`, as `rollout check` judges
+//! a real cluster's.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use rollout_coordinator::CoordinatorSettings;
+use rollout_core::history::{HistoryEvent, HistoryRecord};
+use rollout_core::time::unix_millis;
+use rollout_core::traits::{EventEmitter, Inventory, ObjectStore, PluginHost, Storage};
+use rollout_core::{Config, ContentId, TaskId, WorkerId};
+use rollout_proto::transport as pb;
+use rollout_proto::transport::operator_client::OperatorClient;
+use rollout_storage::{CrashMode, MemDisk, RedbStorage};
+use rollout_transport::coordinator::{CoordinatorDriverOptions, spawn_coordinator_driver};
+use rollout_transport::net::{Dialer, TlsConnector, lazy_channel};
+use rollout_transport::tls::{self, CertFiles};
+use rollout_transport::worker::{WorkerRuntimeOptions, run_worker};
+use rollout_transport::{
+    BlockingWork, BuiltinPlugins, CoordinatorApi, NodeEnv, ResultStore, WallClock, ensure_dev_ca, issue_client_cert,
+    issue_operator_cert, issue_server_cert, serve_coordinator,
+};
+use rollout_worker::WorkerSettings;
+use sim::checker::{RecordedVerdict, check_recorded, merge_histories};
+use tokio::sync::watch;
+
+/// The coordinator's host name (and the name in its server certificate).
+pub const COORDINATOR: &str = "coordinator";
+/// The port it serves on.
+const PORT: u16 = 7000;
+/// Tasks each worker runs at once (as in the layer-1 scenarios).
+const SLOTS: u32 = 2;
+/// Where simulated wall clocks start: fixed, so every stamp is a function of the seed.
+const EPOCH_UNIX_S: u64 = 1_700_000_000;
+/// How often `run_until` looks at the histories (a step is one simulated millisecond),
+/// so how late it may notice what it waits for.
+const STEPS_PER_CHECK: u32 = 10;
+/// [`STEPS_PER_CHECK`] as simulated time.
+pub const CHECK_EVERY: Duration = Duration::from_millis(STEPS_PER_CHECK as u64);
+
+/// The health settings of the transport's recovery tests: beats every 100 ms, a
+/// worker fences after 800 ms without an acknowledged beat, the coordinator declares
+/// it failed 1 s past its due time; skew budget 50 ms.
+pub fn fast_config() -> Config {
+    let mut config = Config::default();
+    config.health.heartbeat_interval = Duration::from_millis(100);
+    config.health.worker_self_fence_timeout = Duration::from_millis(800);
+    config.health.coordinator_failure_timeout = Duration::from_secs(1);
+    config.health.clock_skew_budget = Duration::from_millis(50);
+    config.health.failure_scan_interval = Duration::from_millis(50);
+    config.transport.reconnect_backoff_initial = Duration::from_millis(50);
+    config.transport.reconnect_backoff_max = Duration::from_millis(500);
+    config.tasks.retry_backoff_initial = Duration::from_millis(50);
+    config.validate().expect("a valid fast config");
+    config
+}
+
+// ------------------------------------------------------------------ node parts
+
+/// One node's history in emission order, readable without copying it.
+#[derive(Debug, Default)]
+pub struct Recorder {
+    records: Mutex<Vec<HistoryRecord>>,
+}
+
+impl Recorder {
+    /// Runs `f` over the records so far.
+    pub fn with<R>(&self, f: impl FnOnce(&[HistoryRecord]) -> R) -> R {
+        f(&self.records.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn snapshot(&self) -> Vec<HistoryRecord> {
+        self.with(<[HistoryRecord]>::to_vec)
+    }
+}
+
+impl EventEmitter for Recorder {
+    fn emit(&self, record: &HistoryRecord) {
+        self.records.lock().unwrap_or_else(PoisonError::into_inner).push(record.clone());
+    }
+}
+
+/// A host's wall clock: turmoil's logical time (from a fixed epoch) plus the host's
+/// own offset, which the test may step forwards or back while the host runs.
+#[derive(Debug, Clone, Default)]
+pub struct HostWallClock {
+    offset_ms: Arc<AtomicI64>,
+}
+
+impl HostWallClock {
+    /// The reading at `since_epoch` of logical time.
+    fn at(&self, since_epoch: Duration) -> SystemTime {
+        let base = SystemTime::UNIX_EPOCH + since_epoch;
+        let offset_ms = self.offset_ms.load(Ordering::Relaxed);
+        let by = Duration::from_millis(offset_ms.unsigned_abs());
+        if offset_ms >= 0 { base + by } else { base - by }
+    }
+
+    fn step(&self, by_ms: i64) {
+        self.offset_ms.fetch_add(by_ms, Ordering::Relaxed);
+    }
+}
+
+impl WallClock for HostWallClock {
+    fn now(&self) -> SystemTime {
+        self.at(turmoil::since_epoch().expect("a host's wall clock is read inside its turmoil host"))
+    }
+}
+
+/// Content-addressed results in memory (the object store outlives the coordinator's
+/// host, as a disk does).
+#[derive(Debug, Default)]
+struct MemObjects {
+    objects: Mutex<BTreeMap<ContentId, Vec<u8>>>,
+}
+
+impl MemObjects {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ContentId, Vec<u8>>> {
+        self.objects.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl ObjectStore for MemObjects {
+    fn put(&self, bytes: &[u8]) -> rollout_core::Result<ContentId> {
+        let id = ContentId::of(bytes);
+        self.lock().entry(id).or_insert_with(|| bytes.to_vec());
+        Ok(id)
+    }
+
+    fn put_stream(&self, reader: &mut dyn io::Read) -> rollout_core::Result<ContentId> {
+        let mut bytes = Vec::new();
+        reader.read_to_end(&mut bytes).map_err(|e| rollout_core::Error::internal(e.to_string()))?;
+        self.put(&bytes)
+    }
+
+    fn get(&self, id: &ContentId) -> rollout_core::Result<Vec<u8>> {
+        self.lock().get(id).cloned().ok_or_else(|| rollout_core::Error::internal(format!("object not found: {id}")))
+    }
+
+    fn get_stream(&self, id: &ContentId, writer: &mut dyn io::Write) -> rollout_core::Result<u64> {
+        let bytes = self.get(id)?;
+        writer.write_all(&bytes).map_err(|e| rollout_core::Error::internal(e.to_string()))?;
+        Ok(bytes.len() as u64)
+    }
+
+    fn exists(&self, id: &ContentId) -> rollout_core::Result<bool> {
+        Ok(self.lock().contains_key(id))
+    }
+}
+
+/// Dials the coordinator over turmoil's TCP.
+#[derive(Debug, Clone, Copy)]
+struct TurmoilDialer;
+
+impl Dialer for TurmoilDialer {
+    type Io = turmoil::net::TcpStream;
+
+    fn dial(&self) -> Pin<Box<dyn Future<Output = io::Result<Self::Io>> + Send>> {
+        Box::pin(turmoil::net::TcpStream::connect((COORDINATOR, PORT)))
+    }
+}
+
+/// The coordinator's software: what runs after every start and bounce.
+#[derive(Clone)]
+struct CoordinatorNode {
+    config: Config,
+    disk: MemDisk,
+    objects: Arc<MemObjects>,
+    history: Arc<Recorder>,
+    wall: HostWallClock,
+    tls: Arc<rustls::ServerConfig>,
+}
+
+impl CoordinatorNode {
+    async fn run(self) -> turmoil::Result {
+        let storage: Arc<dyn Storage> = Arc::new(RedbStorage::open_in_memory(&self.disk)?);
+        // Never sent: the host runs until turmoil crashes it.
+        let (_running, shutdown) = watch::channel(false);
+        let results = ResultStore::new(Arc::clone(&storage), self.objects);
+        let (handle, driver) = spawn_coordinator_driver(CoordinatorDriverOptions {
+            storage,
+            settings: CoordinatorSettings::from_config(&self.config),
+            emitter: self.history,
+            shutdown,
+            env: NodeEnv { wall_clock: Arc::new(self.wall), blocking: BlockingWork::Inline },
+        })?;
+        let api = CoordinatorApi::new(handle, results).with_blocking(BlockingWork::Inline);
+        let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;
+        let incoming = futures_util::stream::unfold(listener, |listener| async move {
+            let accepted = listener.accept().await.map(|(io, peer)| (io, peer.to_string()));
+            Some((accepted, listener))
+        });
+        let max_message_bytes = self.config.limits.max_message_bytes as usize;
+        tokio::select! {
+            biased;
+            stopped = driver => Err(format!("the coordinator driver stopped: {stopped:?}").into()),
+            served = serve_coordinator(api, incoming, self.tls, max_message_bytes, std::future::pending()) => {
+                Err(format!("the coordinator's server stopped: {served:?}").into())
+            }
+        }
+    }
+}
+
+/// A worker's software.
+#[derive(Clone)]
+struct WorkerNode {
+    config: Config,
+    id: WorkerId,
+    rng_seed: u64,
+    history: Arc<Recorder>,
+    wall: HostWallClock,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl WorkerNode {
+    async fn run(self) -> turmoil::Result {
+        let connector = TlsConnector::new(TurmoilDialer, self.tls, tls::server_name_of(COORDINATOR)?);
+        let (_running, shutdown) = watch::channel(false);
+        let plugins = Arc::new(BuiltinPlugins);
+        let settings =
+            WorkerSettings::from_config(self.id, SLOTS, plugins.plugins(), Inventory::default(), &self.config);
+        let options = WorkerRuntimeOptions {
+            settings,
+            plugins,
+            emitter: self.history,
+            rng_seed: self.rng_seed,
+            max_message_bytes: self.config.limits.max_message_bytes as usize,
+            shutdown,
+            env: NodeEnv { wall_clock: Arc::new(self.wall), blocking: BlockingWork::Inline },
+        };
+        run_worker(options, lazy_channel(connector)).await?;
+        Ok(())
+    }
+}
+
+// ------------------------------------------------------------------ the cluster
+
+/// One seeded turmoil simulation of a coordinator and workers.
+pub struct Cluster {
+    sim: turmoil::Sim<'static>,
+    /// The seed of this run (turmoil's network and the workers' jitter).
+    pub seed: u64,
+    tls_dir: tempfile::TempDir,
+    disk: MemDisk,
+    coordinator: Arc<Recorder>,
+    workers: BTreeMap<String, Arc<Recorder>>,
+    clocks: BTreeMap<String, HostWallClock>,
+    /// The size of each job submitted so far, in order.
+    submitted: Vec<u32>,
+    /// Every host and client, in the order they were added.
+    hosts: Vec<String>,
+}
+
+impl Cluster {
+    /// Certificates, a coordinator and `workers`, all started (nothing has run yet).
+    pub fn start(seed: u64, workers: &[&str]) -> Cluster {
+        let config = fast_config();
+        let tls_dir = tempfile::tempdir().expect("tempdir");
+        let dir = tls_dir.path();
+        ensure_dev_ca(dir).expect("CA");
+        issue_server_cert(dir, &[COORDINATOR.to_owned()]).expect("server certificate");
+        issue_operator_cert(dir, "ops").expect("operator certificate");
+        let ca = CertFiles::ca(dir).cert;
+
+        let mut sim = turmoil::Builder::new()
+            .rng_seed(seed)
+            .epoch(SystemTime::UNIX_EPOCH + Duration::from_secs(EPOCH_UNIX_S))
+            .simulation_duration(Duration::from_secs(600))
+            .min_message_latency(Duration::from_millis(1))
+            .max_message_latency(Duration::from_millis(25))
+            // A cut link holds segments until it heals; room for them all on delivery.
+            .tcp_capacity(16_384)
+            .build();
+
+        let coordinator = Arc::new(Recorder::default());
+        let disk = MemDisk::new();
+        let mut clocks = BTreeMap::new();
+        let node = CoordinatorNode {
+            config: config.clone(),
+            disk: disk.clone(),
+            objects: Arc::new(MemObjects::default()),
+            history: Arc::clone(&coordinator),
+            wall: clocks.entry(COORDINATOR.to_owned()).or_insert_with(HostWallClock::default).clone(),
+            tls: tls::server_config(&ca, &CertFiles::coordinator(dir)).expect("server TLS"),
+        };
+        sim.host(COORDINATOR, move || node.clone().run());
+
+        let mut recorders = BTreeMap::new();
+        for (i, name) in workers.iter().enumerate() {
+            let id = WorkerId::new(*name).expect("worker id");
+            let files = issue_client_cert(dir, &id).expect("worker certificate");
+            let history = Arc::new(Recorder::default());
+            recorders.insert((*name).to_owned(), Arc::clone(&history));
+            let node = WorkerNode {
+                config: config.clone(),
+                id,
+                rng_seed: rollout_core::rng::SplitMix64::new(seed ^ (i as u64 + 1)).next_u64(),
+                history,
+                wall: clocks.entry((*name).to_owned()).or_insert_with(HostWallClock::default).clone(),
+                tls: tls::client_config(&ca, &files).expect("worker TLS"),
+            };
+            sim.host(*name, move || node.clone().run());
+        }
+        Cluster {
+            sim,
+            seed,
+            tls_dir,
+            disk,
+            coordinator,
+            workers: recorders,
+            clocks,
+            submitted: Vec::new(),
+            hosts: std::iter::once(COORDINATOR).chain(workers.iter().copied()).map(str::to_owned).collect(),
+        }
+    }
+
+    // -------------------------------------------------------------- time
+
+    fn step(&mut self) {
+        if let Err(e) = self.sim.step() {
+            panic!("seed {}: a host failed: {e}", self.seed);
+        }
+    }
+
+    /// Runs `span` of simulated time.
+    pub fn run_for(&mut self, span: Duration) {
+        let until = self.sim.elapsed() + span;
+        while self.sim.elapsed() < until {
+            self.step();
+        }
+    }
+
+    /// Runs until `done` holds (looked at every few simulated milliseconds); panics
+    /// naming `what` and the seed if it does not within `within` of simulated time.
+    pub fn run_until(&mut self, what: &str, within: Duration, done: impl Fn(&Cluster) -> bool) {
+        let deadline = self.sim.elapsed() + within;
+        loop {
+            for _ in 0..STEPS_PER_CHECK {
+                self.step();
+            }
+            if done(self) {
+                return;
+            }
+            assert!(
+                self.sim.elapsed() < deadline,
+                "seed {}: {what} did not happen within {within:?} (at {:?} of simulated time)",
+                self.seed,
+                self.sim.elapsed()
+            );
+        }
+    }
+
+    /// Simulated time since the start.
+    pub fn elapsed(&self) -> Duration {
+        self.sim.elapsed()
+    }
+
+    // -------------------------------------------------------------- work
+
+    /// Submits a job of `tasks` echo tasks from a fresh operator host, which retries
+    /// (same idempotency key) until the coordinator accepts it.
+    pub fn submit(&mut self, tasks: u32) {
+        let n = self.submitted.len() + 1;
+        let name = format!("job-{n}");
+        let dir = self.tls_dir.path();
+        let tls = tls::client_config(&CertFiles::ca(dir).cert, &CertFiles::operator(dir, "ops")).expect("operator TLS");
+        let request = pb::SubmitJobRequest {
+            name: name.clone(),
+            tasks: (0..tasks)
+                .map(|i| pb::TaskSpec {
+                    plugin: "echo".into(),
+                    method: "run".into(),
+                    payload: format!("{name}/{i}").into_bytes(),
+                    gpus: 0,
+                    deadline_ms: 30_000,
+                })
+                .collect(),
+            idempotency_key: name.clone(),
+        };
+        self.submitted.push(tasks);
+        let host = format!("operator-{n}");
+        self.hosts.push(host.clone());
+        self.sim.client(host, async move {
+            let connector = TlsConnector::new(TurmoilDialer, tls, tls::server_name_of(COORDINATOR)?);
+            let mut operator = OperatorClient::new(lazy_channel(connector));
+            loop {
+                let mut call = tonic::Request::new(request.clone());
+                call.set_timeout(Duration::from_secs(1));
+                if operator.submit_job(call).await.is_ok() {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+    }
+
+    /// Whether every submitted job was accepted and all its tasks committed.
+    pub fn all_committed(&self) -> bool {
+        let total: u32 = self.submitted.iter().sum();
+        self.coordinator.with(|h| {
+            let accepted = h.iter().filter(|r| matches!(r.event, HistoryEvent::JobAccepted { .. })).count();
+            let commits = h.iter().filter(|r| matches!(r.event, HistoryEvent::Committed { .. })).count();
+            accepted >= self.submitted.len() && commits >= total as usize
+        })
+    }
+
+    /// Commits so far.
+    pub fn commits(&self) -> usize {
+        self.coordinator(|h| h.iter().filter(|r| matches!(r.event, HistoryEvent::Committed { .. })).count())
+    }
+
+    // -------------------------------------------------------------- histories
+
+    /// Runs `f` over the coordinator's history.
+    pub fn coordinator<R>(&self, f: impl FnOnce(&[HistoryRecord]) -> R) -> R {
+        self.coordinator.with(f)
+    }
+
+    /// Runs `f` over a worker's history.
+    pub fn worker<R>(&self, id: &str, f: impl FnOnce(&[HistoryRecord]) -> R) -> R {
+        self.workers.get(id).unwrap_or_else(|| panic!("no worker {id}")).with(f)
+    }
+
+    /// Every node's history, merged as `rollout check` merges recorded files.
+    pub fn merged(&self) -> Vec<HistoryRecord> {
+        let mut files = vec![self.coordinator.snapshot()];
+        files.extend(self.workers.values().map(|r| r.snapshot()));
+        merge_histories(files)
+    }
+
+    /// Judges the merged history with every invariant strict (`no_overlap` included:
+    /// clocks stay within the skew budget) and `progress` required, then checks that
+    /// the workload completed: every submitted job accepted once, and every task of it
+    /// committed exactly once. Returns the merged history.
+    pub fn assert_clean_and_complete(&self) -> Vec<HistoryRecord> {
+        let merged = self.merged();
+        let verdict: RecordedVerdict = check_recorded(&merged, true, true).unwrap_or_else(|v| {
+            let end = v.seq.map_or(merged.len(), |at| at as usize + 1).min(merged.len());
+            let leading: Vec<String> = merged[end.saturating_sub(16)..end]
+                .iter()
+                .map(|r| serde_json::to_string(r).unwrap_or_default())
+                .collect();
+            panic!("seed {}: {v}\nthe records leading to it:\n{}", self.seed, leading.join("\n"))
+        });
+        let total: u32 = self.submitted.iter().sum();
+        let jobs: BTreeMap<_, _> = self.coordinator(|h| {
+            h.iter()
+                .filter_map(|r| match r.event {
+                    HistoryEvent::JobAccepted { job, tasks } => Some((job, tasks)),
+                    _ => None,
+                })
+                .collect()
+        });
+        assert_eq!(jobs.len(), self.submitted.len(), "seed {}: jobs accepted {jobs:?}", self.seed);
+        let mut commits: BTreeMap<TaskId, u32> = BTreeMap::new();
+        self.coordinator(|h| {
+            for r in h {
+                if let HistoryEvent::Committed { task, .. } = r.event {
+                    *commits.entry(task).or_default() += 1;
+                }
+            }
+        });
+        for (job, tasks) in &jobs {
+            for i in 0..*tasks {
+                let task = TaskId::new(*job, i);
+                assert_eq!(commits.get(&task), Some(&1), "seed {}: {task} not committed exactly once", self.seed);
+            }
+        }
+        assert_eq!(commits.len(), total as usize, "seed {}: commits of unknown tasks", self.seed);
+        assert_eq!(verdict.tasks, total as usize);
+        assert_eq!(verdict.terminal, total as usize);
+        merged
+    }
+
+    // -------------------------------------------------------------- faults
+
+    /// Cuts the link between `node` and the coordinator, both ways. Segments are held,
+    /// not dropped, and arrive when the link heals: real TCP retransmits across a
+    /// partition shorter than its timeouts (turmoil's drop would lose them for good,
+    /// which TCP never does without resetting the connection).
+    pub fn cut(&mut self, node: &str) {
+        self.sim.hold(node, COORDINATOR);
+    }
+
+    /// Heals a cut link.
+    pub fn heal(&mut self, node: &str) {
+        self.sim.release(node, COORDINATOR);
+    }
+
+    /// Crashes a host like a power cut: its runtime, tasks and sockets are gone, and
+    /// nothing leaves it any more, not even segments already on the wire or the FIN
+    /// and RST its dropped sockets would send; a peer learns of the crash from its own
+    /// timeouts, or from the RST its next segment draws once the host is back. (A
+    /// process crash, where the kernel sends those FINs, cannot be simulated
+    /// reproducibly: tokio drops a runtime's tasks in an order that depends on
+    /// process-global task ids, and that order would pick every latency drawn after.)
+    ///
+    /// The coordinator's disk loses every unsynced write. A crashed worker's plugin
+    /// runs stop with it; the runtime cannot say so, so (as layer 1 does) the test
+    /// records their stops on its behalf.
+    pub fn crash(&mut self, node: &str) {
+        let peers: Vec<String> = self.hosts.iter().filter(|h| *h != node).cloned().collect();
+        for peer in &peers {
+            self.sim.partition_oneway(node, peer.as_str());
+        }
+        self.sim.crash(node);
+        for peer in &peers {
+            self.sim.repair_oneway(node, peer.as_str());
+        }
+        if node == COORDINATOR {
+            self.disk.crash(CrashMode::LoseUnsynced);
+            return;
+        }
+        let history = self.workers.get(node).unwrap_or_else(|| panic!("no worker {node}"));
+        let open = history.with(open_runs);
+        let wall = unix_millis(self.clocks[node].at(self.sim.since_epoch()));
+        for (task, token) in open {
+            let seq = history.with(|h| h.last().map_or(1, |r| r.seq + 1));
+            let worker = WorkerId::new(node).expect("worker id");
+            history.emit(&HistoryRecord {
+                seq,
+                node: node.to_owned(),
+                wall_unix_ms: wall,
+                event: HistoryEvent::TaskStopped { task, worker, token },
+            });
+        }
+    }
+
+    /// Starts a crashed host's software again.
+    pub fn restart(&mut self, node: &str) {
+        self.sim.bounce(node);
+    }
+
+    /// Steps `node`'s wall clock by `by_ms` (negative: back), as NTP might.
+    pub fn step_wall_clock(&mut self, node: &str, by_ms: i64) {
+        self.clocks[node].step(by_ms);
+    }
+}
+
+// ------------------------------------------------------------------ reading histories
+
+/// Runs a node started and has not stopped.
+fn open_runs(history: &[HistoryRecord]) -> BTreeSet<(TaskId, rollout_core::FencingToken)> {
+    let mut open = BTreeSet::new();
+    for r in history {
+        match &r.event {
+            HistoryEvent::TaskStarted { task, token, .. } => {
+                open.insert((*task, *token));
+            }
+            HistoryEvent::TaskStopped { task, token, .. } => {
+                open.remove(&(*task, *token));
+            }
+            _ => {}
+        }
+    }
+    open
+}
+
+/// Whether `event` concerns `worker` and matches `kind`.
+pub fn is(event: &HistoryEvent, worker: &str, kind: Kind) -> bool {
+    match (kind, event) {
+        (Kind::Registered, HistoryEvent::Registered { worker: w, .. })
+        | (Kind::DeclaredFailed, HistoryEvent::DeclaredFailed { worker: w, .. })
+        | (Kind::Fenced, HistoryEvent::Fenced { worker: w, .. })
+        | (Kind::Committed, HistoryEvent::Committed { worker: w, .. }) => w.as_str() == worker,
+        _ => false,
+    }
+}
+
+/// The kinds of event the tests look for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Registered,
+    DeclaredFailed,
+    Fenced,
+    Committed,
+}
+
+/// How many events of `kind` concern `worker`.
+pub fn count(history: &[HistoryRecord], worker: &str, kind: Kind) -> usize {
+    history.iter().filter(|r| is(&r.event, worker, kind)).count()
+}
+
+/// The position of the first event of `kind` for `worker` at or after `from`.
+pub fn position_from(history: &[HistoryRecord], from: usize, worker: &str, kind: Kind) -> Option<usize> {
+    history.iter().skip(from).position(|r| is(&r.event, worker, kind)).map(|p| p + from)
+}
+
+/// The tasks `worker` held (its latest lease, uncommitted) in `history[..end]`.
+pub fn held_by(history: &[HistoryRecord], end: usize, worker: &str) -> BTreeSet<TaskId> {
+    let mut holder: BTreeMap<TaskId, &str> = BTreeMap::new();
+    for r in &history[..end] {
+        match &r.event {
+            HistoryEvent::Leased { task, worker: w, .. } => {
+                holder.insert(*task, w.as_str());
+            }
+            HistoryEvent::Committed { task, .. } | HistoryEvent::Requeued { task, .. } => {
+                holder.remove(task);
+            }
+            _ => {}
+        }
+    }
+    holder.into_iter().filter(|(_, w)| *w == worker).map(|(t, _)| t).collect()
+}
+
+/// Who committed each task.
+pub fn committers(history: &[HistoryRecord]) -> BTreeMap<TaskId, String> {
+    history
+        .iter()
+        .filter_map(|r| match &r.event {
+            HistoryEvent::Committed { task, worker, .. } => Some((*task, worker.to_string())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A fingerprint of a merged history: SHA-256 over every record's JSON line (node,
+/// position, wall stamp and event).
+pub fn fingerprint(merged: &[HistoryRecord]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    for r in merged {
+        hash.update(serde_json::to_vec(r).expect("a record encodes"));
+        hash.update(b"\n");
+    }
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
