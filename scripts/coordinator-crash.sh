@@ -51,12 +51,8 @@ SLOTS=${SLOTS:-4}
 # How long the coordinator stays dead before each restart.
 RESTART_DELAY_MS=${RESTART_DELAY_MS:-200}
 STREAM_TASKS=3
-# Health settings as in scripts/smoke.sh (they must pass validate_cross_fields).
-HEARTBEAT_MS=200
-SELF_FENCE_MS=800
-FAILURE_TIMEOUT_MS=1000
-SKEW_BUDGET_MS=100
-SCAN_MS=100
+# HEARTBEAT_MS, SELF_FENCE_MS, ...: the test cluster's health settings.
+source scripts/lib/cluster.sh
 
 say() { echo "crash-test: $*"; }
 die() {
@@ -107,43 +103,13 @@ stop_all() {
 }
 on_exit() {
     stop_all
-    if [[ $ok == 1 && -z ${KEEP:-} ]]; then
-        rm -rf "$tmp"
-    else
-        for log in "$tmp"/*.log; do
-            [[ -f $log ]] || continue
-            echo "---- last lines of $log" >&2
-            tail -n 15 "$log" >&2
-        done
-        echo "crash-test: kept $tmp (config, logs, histories, submit records)" >&2
-    fi
+    finish_tmp crash-test "${KEEP:-}" "config, logs, histories, submit records"
 }
 trap on_exit EXIT
 trap 'exit 130' INT TERM
 
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-cat >"$cfg" <<EOF
-[health]
-heartbeat_interval = "${HEARTBEAT_MS}ms"
-worker_self_fence_timeout = "${SELF_FENCE_MS}ms"
-coordinator_failure_timeout = "${FAILURE_TIMEOUT_MS}ms"
-clock_skew_budget = "${SKEW_BUDGET_MS}ms"
-failure_scan_interval = "${SCAN_MS}ms"
-
-[transport]
-listen_addr = "127.0.0.1:$port"
-coordinator_addr = "127.0.0.1:$port"
-tls_dir = "$tmp/tls"
-reconnect_backoff_initial = "50ms"
-reconnect_backoff_max = "1s"
-
-[storage]
-data_dir = "$tmp/data"
-
-[tasks]
-retry_backoff_initial = "50ms"
-retry_backoff_max = "1s"
-EOF
+port=$(free_port)
+cluster_config "$port" "$tmp" >"$cfg"
 
 say "config $cfg (heartbeat ${HEARTBEAT_MS}ms, self-fence ${SELF_FENCE_MS}ms, failure timeout ${FAILURE_TIMEOUT_MS}ms, reconnect backoff 50ms..1s)"
 "$ROLLOUT" plan --config "$cfg" >"$tmp/plan.txt" || die "rollout plan rejected the config: $(cat "$tmp/plan.txt")"

@@ -28,12 +28,8 @@ ROLLOUT=${ROLLOUT:-${CARGO_TARGET_DIR:-$HOME/.cache/rollout/target}/debug/rollou
 ECHO_SO=${ECHO_SO:-$(dirname "$ROLLOUT")/librollout_example_echo.so}
 TASKS_PER_PLUGIN=${TASKS_PER_PLUGIN:-32}
 TASK_MS=300
-# The smoke config's health settings (they must pass validate_cross_fields).
-HEARTBEAT_MS=200
-SELF_FENCE_MS=800
-FAILURE_TIMEOUT_MS=1000
-SKEW_BUDGET_MS=100
-SCAN_MS=100
+# HEARTBEAT_MS, SELF_FENCE_MS, ...: the test cluster's health settings.
+source scripts/lib/cluster.sh
 
 say() { echo "smoke: $*"; }
 die() {
@@ -72,45 +68,17 @@ stop_all() {
 }
 on_exit() {
     stop_all
-    if [[ $ok == 1 && -z ${KEEP_SMOKE:-} ]]; then
-        rm -rf "$tmp"
-    else
-        for log in "$tmp"/*.log; do
-            [[ -f $log ]] || continue
-            echo "---- last lines of $log" >&2
-            tail -n 15 "$log" >&2
-        done
-        echo "smoke: kept $tmp (config, logs, histories)" >&2
-    fi
+    finish_tmp smoke "${KEEP_SMOKE:-}" "config, logs, histories"
 }
 trap on_exit EXIT
 trap 'exit 130' INT TERM
 
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(free_port)
 # The sidecar's script is given relative to the config file's directory (resolved there,
 # not against the worker's working directory).
 ln -s "$root/python/examples" "$tmp/py-plugins"
-cat >"$cfg" <<EOF
-[health]
-heartbeat_interval = "${HEARTBEAT_MS}ms"
-worker_self_fence_timeout = "${SELF_FENCE_MS}ms"
-coordinator_failure_timeout = "${FAILURE_TIMEOUT_MS}ms"
-clock_skew_budget = "${SKEW_BUDGET_MS}ms"
-failure_scan_interval = "${SCAN_MS}ms"
-
-[transport]
-listen_addr = "127.0.0.1:$port"
-coordinator_addr = "127.0.0.1:$port"
-tls_dir = "$tmp/tls"
-reconnect_backoff_initial = "50ms"
-reconnect_backoff_max = "1s"
-
-[storage]
-data_dir = "$tmp/data"
-
-[tasks]
-retry_backoff_initial = "50ms"
-retry_backoff_max = "1s"
+cluster_config "$port" "$tmp" >"$cfg"
+cat >>"$cfg" <<EOF
 
 [[plugins]]
 name = "echo-rs"

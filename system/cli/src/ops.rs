@@ -223,6 +223,9 @@ pub async fn status(op: &OperatorArgs, json: bool) -> Result<(), Error> {
         );
     }
     println!("TASK LATENCY (merged across workers)");
+    if status.latencies.is_empty() {
+        println!("  none yet (workers ship latency histograms with their beats, every few seconds)");
+    }
     for l in &status.latencies {
         println!(
             "  {:<20} n={:<8} p50={}us p90={}us p99={}us max={}us",

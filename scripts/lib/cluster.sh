@@ -1,0 +1,60 @@
+# Shared by scripts/smoke.sh and scripts/coordinator-crash.sh (sourced, not run): the fast
+# health settings of their test clusters and the config file built from them.
+
+# Health settings (they must pass validate_cross_fields; `rollout plan` checks them).
+HEARTBEAT_MS=200
+SELF_FENCE_MS=800
+FAILURE_TIMEOUT_MS=1000
+SKEW_BUDGET_MS=100
+SCAN_MS=100
+
+# A free TCP port on loopback.
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Prints the config of a test cluster on 127.0.0.1:$1 keeping everything under $2
+# (tls/, data/): the health settings above, 50 ms..1 s reconnect and retry backoffs.
+cluster_config() {
+    local port=$1 dir=$2
+    cat <<EOF
+[health]
+heartbeat_interval = "${HEARTBEAT_MS}ms"
+worker_self_fence_timeout = "${SELF_FENCE_MS}ms"
+coordinator_failure_timeout = "${FAILURE_TIMEOUT_MS}ms"
+clock_skew_budget = "${SKEW_BUDGET_MS}ms"
+failure_scan_interval = "${SCAN_MS}ms"
+
+[transport]
+listen_addr = "127.0.0.1:$port"
+coordinator_addr = "127.0.0.1:$port"
+tls_dir = "$dir/tls"
+reconnect_backoff_initial = "50ms"
+reconnect_backoff_max = "1s"
+
+[storage]
+data_dir = "$dir/data"
+
+[tasks]
+retry_backoff_initial = "50ms"
+retry_backoff_max = "1s"
+EOF
+}
+
+# The end of a test run's temp dir $tmp: removed when the run passed ($ok is 1) and $2
+# (the value of the script's KEEP variable) is empty; otherwise the last lines of every
+# log are shown and the dir is kept. $1 names the script in messages, $3 what is kept.
+finish_tmp() {
+    local name=$1 keep=$2 what=$3
+    if [[ $ok == 1 && -z $keep ]]; then
+        rm -rf "$tmp"
+    else
+        local log
+        for log in "$tmp"/*.log; do
+            [[ -f $log ]] || continue
+            echo "---- last lines of $log" >&2
+            tail -n 15 "$log" >&2
+        done
+        echo "$name: kept $tmp ($what)" >&2
+    fi
+}
