@@ -446,13 +446,20 @@ impl Coordinator {
             poisoned: None,
             last_batch_wrote: false,
         };
-        let mut orphans = Vec::new();
+        let mut records = BTreeMap::new();
         for (key, bytes) in storage.scan(TASK_PREFIX)? {
             let task = task_from_key(TASK_PREFIX, &key)?;
             let record: TaskRecord = decode(&key, &bytes)?;
-            let shape = shapes
-                .remove(&task)
-                .ok_or_else(|| Error::internal(format!("task {task} has a state record but no spec")))?;
+            if !shapes.contains_key(&task) {
+                return Err(Error::internal(format!("task {task} has a state record but no spec")));
+            }
+            records.insert(task, record);
+        }
+        let mut orphans = Vec::new();
+        // In task order, so the ready queue is too. A task whose state was never written
+        // has been queued since its job was accepted.
+        for (task, shape) in shapes {
+            let record = records.remove(&task).unwrap_or_else(TaskRecord::fresh);
             if let TaskState::Leased { worker, incarnation, .. } = &record.state {
                 match coordinator.workers.get_mut(worker) {
                     Some(w) if w.record.incarnation == *incarnation && w.record.state != WorkerState::Failed => {
@@ -841,11 +848,11 @@ impl Coordinator {
         for (index, spec) in job.tasks.into_iter().enumerate() {
             let task = TaskId::new(id, index as u32);
             batch.put(&task_spec_key(task), &spec)?;
-            let record = TaskRecord { state: TaskState::Queued, attempt: Attempt(0), token: None, errors: Vec::new() };
+            // No state record yet: a spec without one is a fresh queued task (see
+            // `recover`), so a job costs one write per task, not two.
             let shape =
                 TaskShape { plugin: spec.plugin, method: spec.method, gpus: spec.gpus, deadline: spec.deadline };
-            self.tasks.insert(task, TaskEntry { record, shape });
-            self.dirty_tasks.insert(task);
+            self.tasks.insert(task, TaskEntry { record: TaskRecord::fresh(), shape });
             self.push_ready(task);
         }
         self.record(HistoryEvent::JobAccepted { job: id, tasks: count }, batch)?;

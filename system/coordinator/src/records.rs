@@ -9,7 +9,7 @@
 //! | `c/j/<job u64>` | [`JobRecord`] |
 //! | `c/idem/<key>` | [`JobId`] of the job submitted with that idempotency key |
 //! | `c/ts/<job u64><index u32>` | [`TaskSpec`] (written once) |
-//! | `c/t/<job u64><index u32>` | [`TaskRecord`] (rewritten on every state change) |
+//! | `c/t/<job u64><index u32>` | [`TaskRecord`] (written at the first state change after queued, then at every one) |
 //! | `c/audit/<first seq u64>` | a block of [`crate::audit::AuditEntry`]: one batch's events |
 //! | `c/r/<content id, 32 bytes>` | the bytes of a small committed result (see [`stored_result`]) |
 
@@ -133,6 +133,13 @@ pub(crate) struct TaskRecord {
     pub token: Option<FencingToken>,
     /// One entry per failed attempt, oldest first.
     pub errors: Vec<String>,
+}
+
+impl TaskRecord {
+    /// A task as its job's acceptance leaves it: queued, never leased.
+    pub(crate) fn fresh() -> Self {
+        TaskRecord { state: TaskState::Queued, attempt: Attempt(0), token: None, errors: Vec::new() }
+    }
 }
 
 pub(crate) fn worker_key(id: &WorkerId) -> Vec<u8> {
