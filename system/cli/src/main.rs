@@ -9,6 +9,7 @@ mod certs;
 mod check;
 mod ops;
 mod run;
+mod token;
 
 use clap::{Parser, Subcommand};
 use rollout_core::config::duration_text;
@@ -50,7 +51,9 @@ enum Command {
     /// Opens (or creates) the database <storage.data_dir>/rollout.db and the object
     /// store <storage.data_dir>/object-store, recovers every job and worker, and serves
     /// workers and operators over mutual TLS on transport.listen_addr. Needs
-    /// ca.pem and coordinator.pem in transport.tls_dir (`rollout certs init`). History
+    /// ca.pem and coordinator.pem in transport.tls_dir (`rollout certs init`), and
+    /// ca.key.pem to enroll workers that `--join` with a `rollout token create` token
+    /// (a client without a certificate may call Enroll and nothing else). History
     /// events are written as JSON lines to --history (default: standard output); logs
     /// go to standard error (RUST_LOG=debug for more).
     Coordinator {
@@ -66,7 +69,8 @@ enum Command {
     /// Run a worker until Ctrl-C: register, beat, pull and run tasks.
     ///
     /// Connects to transport.coordinator_addr with the client certificate
-    /// worker.<ID>.pem from transport.tls_dir (`rollout certs issue --worker ID`), runs
+    /// worker.<ID>.pem from transport.tls_dir (`rollout certs issue --worker ID`, or
+    /// obtained with --join ADDR --token T from a `rollout token create` token), runs
     /// tasks with the plugins named by the [[plugins]] tables of --config (cdylib,
     /// python or sidecar; relative paths are taken from the config file's directory)
     /// plus the built-in `echo` and `sleep` unless a configured plugin has that name, and
@@ -83,8 +87,24 @@ enum Command {
         #[arg(long, default_value_t = 4)]
         slots: u32,
         /// Connect here instead of transport.coordinator_addr (host:port).
-        #[arg(long, value_name = "ADDR")]
+        #[arg(long, value_name = "ADDR", conflicts_with = "join")]
         coordinator: Option<String>,
+        /// Enroll with the coordinator at ADDR (host:port) unless worker.<ID>.pem, its key and
+        /// ca.pem are already in transport.tls_dir, then run against ADDR.
+        ///
+        /// A key pair is made here (it never leaves the machine; written 0600) and its
+        /// signing request is sent with --token over TLS without a client certificate. The
+        /// token is sent only if the coordinator's certificate chain contains, and verifies
+        /// against, the CA whose SHA-256 the token pins. The certificate that comes back
+        /// must name this --id and hold that key. Then ca.pem, worker.<ID>.key.pem and
+        /// worker.<ID>.pem are written to transport.tls_dir. Idempotent: with the files in
+        /// place nothing is sent (so a spent token on a restart is fine).
+        #[arg(long, value_name = "ADDR", requires = "token")]
+        join: Option<String>,
+        /// The bootstrap token for --join (from `rollout token create`). Prefer the
+        /// environment variable, which other users cannot read from the process list.
+        #[arg(long, value_name = "TOKEN", env = "ROLLOUT_JOIN_TOKEN", hide_env_values = true, requires = "join")]
+        token: Option<String>,
         /// Append worker-side history events (JSON lines) to this file instead of standard output.
         #[arg(long, value_name = "FILE")]
         history: Option<PathBuf>,
@@ -108,6 +128,11 @@ enum Command {
         /// Require every task of every accepted job to have finished.
         #[arg(long)]
         complete: bool,
+    },
+    /// Create, list or revoke bootstrap tokens for `rollout worker --join`.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
     },
     /// Create or issue certificates (development CA).
     Certs {
@@ -219,6 +244,45 @@ enum CertsCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Print a single-use bootstrap token for `rollout worker --join ADDR --token T`.
+    ///
+    /// Run it where the coordinator's transport.tls_dir is (it reads ca.pem and writes
+    /// the token's record to tokens/<id>.json, mode 0600). The token carries a random id
+    /// and 128-bit secret, its expiry, the worker id it is bound to (with --worker) and
+    /// the SHA-256 of the CA certificate, which the joining worker checks the coordinator
+    /// against before sending anything. The record keeps only a hash of the secret. The
+    /// token alone goes to standard output; a summary goes to standard error.
+    Create {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// How long the token works, e.g. 15m or 2h (at most 168h).
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+        ttl: std::time::Duration,
+        /// Only this worker id may enroll with the token. Needed to replace the
+        /// certificate of a worker id that already has one.
+        #[arg(long, value_name = "ID")]
+        worker: Option<String>,
+    },
+    /// List the token records in transport.tls_dir: id, worker, expiry, and use.
+    List {
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// Remove a token's record so it can no longer be used.
+    Revoke {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// The token id (the second part of the token, as `token list` shows it).
+        id: String,
+    },
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    duration_text::parse(text)
+}
+
+#[derive(Debug, Subcommand)]
 enum AuditCommand {
     /// Walk the whole audit chain in <storage.data_dir>/rollout.db and report the first
     /// entry that does not verify. Run it while the coordinator is stopped (the
@@ -248,6 +312,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Plan { config } => plan(config),
         Command::Certs { command } => report(certs::run(command)),
+        Command::Token { command } => report(token::run(command)),
         Command::Audit { command: AuditCommand::Verify { common } } => report(ops::audit_verify(&common)),
         Command::Audit { command: AuditCommand::Export { common, out } } => {
             report(ops::audit_export(&common, out.as_deref()))
@@ -270,15 +335,20 @@ fn main() -> ExitCode {
 async fn run_async(command: Command) -> Result<(), Error> {
     match command {
         Command::Coordinator { common, listen, history } => run::coordinator(&common, listen, history).await,
-        Command::Worker { common, id, slots, coordinator, history } => {
-            run::worker(&common, &id, slots, coordinator, history).await
+        Command::Worker { common, id, slots, coordinator, join, token, history } => {
+            let join = join.zip(token);
+            run::worker(&common, &id, slots, coordinator, join, history).await
         }
         Command::Submit { op, file, no_wait } => ops::submit(&op, &file, !no_wait).await,
         Command::Status { op, json } => ops::status(&op, json).await,
         Command::Results { op, job, bytes } => ops::results(&op, &job, bytes).await,
         Command::Cancel { op, job } => ops::cancel(&op, &job).await,
         Command::Drain { op, worker } => ops::drain(&op, &worker).await,
-        Command::Plan { .. } | Command::Certs { .. } | Command::Audit { .. } | Command::Check { .. } => Ok(()),
+        Command::Plan { .. }
+        | Command::Certs { .. }
+        | Command::Token { .. }
+        | Command::Audit { .. }
+        | Command::Check { .. } => Ok(()),
     }
 }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use rollout_core::traits::{EventEmitter, PluginHost};
 use rollout_core::{Error, WorkerId};
 use rollout_plugin_host::{LocalPluginHost, plugin_specs_from_config_file};
+use rollout_transport::enroll::{self, BootstrapToken, JoinOptions, Joined};
 use rollout_transport::{
     BuiltinPlugins, CoordinatorOptions, FileJsonEmitter, PluginRouter, StdoutJsonEmitter, WorkerOptions,
     run_worker_process, start_coordinator,
@@ -40,6 +41,7 @@ pub async fn worker(
     id: &str,
     slots: u32,
     coordinator: Option<String>,
+    join: Option<(String, String)>,
     history: Option<PathBuf>,
 ) -> Result<(), Error> {
     let config = load_config(common)?;
@@ -50,6 +52,26 @@ pub async fn worker(
             config.limits.max_slots_per_worker
         )));
     }
+    let coordinator = match join {
+        Some((addr, token)) => {
+            let token: BootstrapToken = token.parse().map_err(|e| Error::invalid_input(format!("--token: {e}")))?;
+            let opts = JoinOptions {
+                addr: addr.clone(),
+                token,
+                worker: id.clone(),
+                tls_dir: config.transport.tls_dir.clone(),
+                max_message_bytes: config.limits.max_message_bytes as usize,
+            };
+            match enroll::join(opts).await? {
+                Joined::AlreadyEnrolled(files) => {
+                    tracing::info!(cert = %files.cert.display(), "--join: certificate already present; not enrolling");
+                }
+                Joined::Enrolled(files) => tracing::info!(cert = %files.cert.display(), "--join: enrolled"),
+            }
+            Some(addr)
+        }
+        None => coordinator,
+    };
     let plugins = worker_plugins(common.config.as_deref()).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let opts = WorkerOptions {

@@ -8,6 +8,8 @@
 //!   stand in for TCP.
 //! - [`service`]: the `Coordinator` and `Operator` gRPC services (identity binding,
 //!   message checks, size limits).
+//! - [`enroll`]: bootstrap tokens, the `Enrollment` service (a token and a CSR for a
+//!   worker certificate) and the worker's side of `--join` (CA pinned by the token).
 //! - [`coordinator`]: the coordinator driver (group commit, timers, routing).
 //! - [`worker`]: the worker driver (registration, beats, streams, reconnects, tasks).
 //! - [`plugins`]: the built-in `echo` and `sleep` plugins, and [`PluginRouter`], which
@@ -22,6 +24,7 @@
 //! and route.
 
 pub mod coordinator;
+pub mod enroll;
 pub mod history;
 pub mod net;
 pub mod node_env;
@@ -38,7 +41,7 @@ pub use node_env::{BlockingWork, NodeEnv, SystemWallClock, WallClock};
 pub use plugins::{BuiltinPlugins, PluginRouter};
 pub use server::{
     CoordinatorOptions, RunningCoordinator, WorkerOptions, connect, operator_client, run_worker_process,
-    serve_coordinator, start_coordinator,
+    serve_coordinator, serve_coordinator_with_enrollment, start_coordinator,
 };
 pub use service::{CoordinatorApi, INLINE_RESULT_BYTES_MAX, ResultStore};
 pub use tls::{CertFiles, PeerRole, ensure_dev_ca, issue_client_cert, issue_operator_cert, issue_server_cert};

@@ -20,9 +20,11 @@ use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Server};
 
 use crate::coordinator::{CoordinatorDriverOptions, CoordinatorHandle, spawn_coordinator_driver};
+use crate::enroll::{EnrollmentApi, require_client_certificate};
 use crate::net::{TcpDialer, TlsConnector, lazy_channel, tcp_incoming, tls_incoming};
 use crate::node_env::NodeEnv;
 use crate::service::{CoordinatorApi, ResultStore, STREAMS_PER_CONNECTION_MAX};
@@ -37,8 +39,30 @@ pub const DATABASE_FILE: &str = "rollout.db";
 
 /// Serves both gRPC services on `incoming` (any stream of accepted byte streams, each
 /// with a peer address for logs) under mutual TLS, until `shutdown` completes.
+/// Enrollment is not served (Enroll answers `UNIMPLEMENTED`).
 pub async fn serve_coordinator<L, IO, E, F>(
     api: CoordinatorApi,
+    incoming: L,
+    tls: Arc<ServerConfig>,
+    max_message_bytes: usize,
+    shutdown: F,
+) -> Result<()>
+where
+    L: Stream<Item = std::result::Result<(IO, String), E>> + Send + 'static,
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+    F: Future<Output = ()> + Send,
+{
+    serve_coordinator_with_enrollment(api, None, incoming, tls, max_message_bytes, shutdown).await
+}
+
+/// [`serve_coordinator`], plus the Enrollment service when `enrollment` is given. The
+/// Coordinator and Operator services sit behind
+/// [`require_client_certificate`](crate::enroll::require_client_certificate): a
+/// connection without a client certificate reaches Enroll and nothing else.
+pub async fn serve_coordinator_with_enrollment<L, IO, E, F>(
+    api: CoordinatorApi,
+    enrollment: Option<EnrollmentApi>,
     incoming: L,
     tls: Arc<ServerConfig>,
     max_message_bytes: usize,
@@ -55,8 +79,9 @@ where
         .max_concurrent_streams(Some(STREAMS_PER_CONNECTION_MAX))
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(coordinator)
-        .add_service(operator)
+        .add_service(InterceptedService::new(coordinator, require_client_certificate))
+        .add_service(InterceptedService::new(operator, require_client_certificate))
+        .add_optional_service(enrollment.map(|e| e.into_service(max_message_bytes)))
         .serve_with_incoming_shutdown(tls_incoming(incoming, tls), shutdown)
         .await
         .map_err(|e| Error::internal(format!("gRPC server failed: {e}")))
@@ -129,7 +154,8 @@ impl RunningCoordinator {
 /// Opens storage (`<data_dir>/rollout.db`) and the object store
 /// (`<data_dir>/object-store`), recovers the coordinator, binds the listener and serves.
 /// The CA and the server certificate must exist in `transport.tls_dir` (see
-/// `rollout certs init`).
+/// `rollout certs init`). Serves Enrollment from the same directory (tokens from
+/// `rollout token create`; signing needs `ca.key.pem`).
 pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordinator> {
     let config = opts.config;
     let data_dir = &config.storage.data_dir;
@@ -159,6 +185,7 @@ pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordi
         .with_shutdown(shutdown_rx.clone());
     let max_message_bytes = config.limits.max_message_bytes as usize;
     let mut stop = shutdown_rx;
+    let tls_dir_for_enrollment = tls_dir.clone();
     let server = tokio::spawn(async move {
         let shutdown = async move {
             while !*stop.borrow() {
@@ -167,7 +194,16 @@ pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordi
                 }
             }
         };
-        serve_coordinator(api, tcp_incoming(listener), server_tls, max_message_bytes, shutdown).await
+        let enrollment = Some(EnrollmentApi::new(tls_dir_for_enrollment));
+        serve_coordinator_with_enrollment(
+            api,
+            enrollment,
+            tcp_incoming(listener),
+            server_tls,
+            max_message_bytes,
+            shutdown,
+        )
+        .await
     });
     Ok(RunningCoordinator { local_addr, handle, shutdown: shutdown_tx, driver, server })
 }

@@ -10,6 +10,8 @@
 //! | `coordinator.pem`, `coordinator.key.pem` | the coordinator's server certificate |
 //! | `worker.<id>.pem`, `worker.<id>.key.pem` | a worker's client certificate (CN = worker id) |
 //! | `operator.<name>.pem`, `operator.<name>.key.pem` | an operator's client certificate |
+//! | `tokens/<id>.json`, `tokens/<id>.used` | bootstrap token records and their use (see `crate::enroll`) |
+//! | `enrolled/<id>.pem` | certificates the coordinator issued through Enroll (public part) |
 //!
 //! Roles: a client certificate's organizational unit says what it may do
 //! ([`WORKER_OU`] or [`OPERATOR_OU`]); server certificates carry EKU ServerAuth only,
@@ -146,6 +148,13 @@ pub fn issue_server_cert(dir: &Path, names: &[String]) -> Result<CertFiles> {
 /// Issues a worker's client certificate (EKU ClientAuth, CN and DNS SAN = the worker
 /// id, OU [`WORKER_OU`]), signed by the CA in `dir`.
 pub fn issue_client_cert(dir: &Path, worker: &WorkerId) -> Result<CertFiles> {
+    issue(dir, worker_cert_params(worker)?, CertFiles::worker(dir, worker))
+}
+
+/// What every worker certificate says, whoever made its key: CN and DNS SAN = the
+/// worker id, OU [`WORKER_OU`], EKU ClientAuth only. [`issue_client_cert`] and
+/// enrollment (`crate::enroll`, which signs a worker's own public key) both use it.
+pub(crate) fn worker_cert_params(worker: &WorkerId) -> Result<CertificateParams> {
     let mut params = CertificateParams::default();
     params.distinguished_name = name(worker.as_str(), WORKER_OU);
     let san = worker.as_str().to_owned().try_into().map_err(|e| rcgen_err("worker id as a DNS name", &e))?;
@@ -153,7 +162,7 @@ pub fn issue_client_cert(dir: &Path, worker: &WorkerId) -> Result<CertFiles> {
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.use_authority_key_identifier_extension = true;
-    issue(dir, params, CertFiles::worker(dir, worker))
+    Ok(params)
 }
 
 /// Issues an operator's client certificate (EKU ClientAuth, CN `operator:<name>`, OU
@@ -169,14 +178,19 @@ pub fn issue_operator_cert(dir: &Path, operator: &str) -> Result<CertFiles> {
 }
 
 fn issue(dir: &Path, params: CertificateParams, files: CertFiles) -> Result<CertFiles> {
-    let (ca_key, ca_pem) = load_issuer(dir)?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key)
-        .map_err(|e| Error::Fatal(Fatal::Corrupt { path: CertFiles::ca(dir).cert, reason: e.to_string() }))?;
+    let issuer = ca_issuer(dir)?;
     let key = KeyPair::generate().map_err(|e| rcgen_err("generating a key", &e))?;
     let cert = params.signed_by(&key, &issuer).map_err(|e| rcgen_err("signing a certificate", &e))?;
     write_private(&files.key, key.serialize_pem().as_bytes())?;
     write_public(&files.cert, cert.pem().as_bytes())?;
     Ok(files)
+}
+
+/// The CA in `dir` as an rcgen issuer (needs `ca.key.pem`).
+pub(crate) fn ca_issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>> {
+    let (ca_key, ca_pem) = load_issuer(dir)?;
+    Issuer::from_ca_cert_pem(&ca_pem, ca_key)
+        .map_err(|e| Error::Fatal(Fatal::Corrupt { path: CertFiles::ca(dir).cert, reason: e.to_string() }))
 }
 
 fn load_issuer(dir: &Path) -> Result<(KeyPair, String)> {
@@ -201,15 +215,27 @@ fn name(common_name: &str, unit: &str) -> DistinguishedName {
 
 // ------------------------------------------------------------------ rustls configs
 
-/// The coordinator's rustls configuration: its certificate from `server`, client
-/// certificates required and verified against the CA at `ca_cert`, HTTP/2 only.
+/// The coordinator's rustls configuration: its certificate from `server`, followed by
+/// the CA at `ca_cert` (so a joining worker can check the CA against its token's pin),
+/// HTTP/2 only. A client certificate, when presented, must verify against the CA, or
+/// the handshake fails. A client without one is let in so that it can call
+/// `Enrollment/Enroll`, and nothing else: its connection carries no [`PeerRole`], and
+/// every other service refuses it (`crate::enroll::require_client_certificate`, and
+/// each handler's own identity check).
 pub fn server_config(ca_cert: &Path, server: &CertFiles) -> Result<Arc<ServerConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let ca_chain = load_certs(ca_cert)?;
     let roots = Arc::new(root_store(ca_cert)?);
     let verifier = WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider))
+        .allow_unauthenticated()
         .build()
         .map_err(|e| tls_err(ca_cert, &format!("building the client verifier: {e}")))?;
-    let (chain, key) = load_pair(server)?;
+    let (mut chain, key) = load_pair(server)?;
+    for ca in ca_chain {
+        if !chain.contains(&ca) {
+            chain.push(ca);
+        }
+    }
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| tls_err(&server.cert, &e.to_string()))?
@@ -256,7 +282,7 @@ fn root_store(ca_cert: &Path) -> Result<RootCertStore> {
     Ok(roots)
 }
 
-fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+pub(crate) fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     let text = read_text(path)?;
     let certs: Vec<_> = CertificateDer::pem_slice_iter(text.as_bytes())
         .collect::<std::result::Result<_, _>>()
@@ -302,15 +328,15 @@ pub fn peer_role(cert_der: &[u8]) -> Option<PeerRole> {
 
 // ------------------------------------------------------------------ files
 
-fn read_text(path: &Path) -> Result<String> {
+pub(crate) fn read_text(path: &Path) -> Result<String> {
     fs::read_to_string(path).map_err(|e| io_err("reading", path, &e))
 }
 
-fn write_public(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_public(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic(path, bytes, 0o644)
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic(path, bytes, 0o600)
 }
 
@@ -332,7 +358,7 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     fs::rename(&tmp, path).map_err(|e| io_err("renaming into place", path, &e))
 }
 
-fn io_err(what: &str, path: &Path, e: &std::io::Error) -> Error {
+pub(crate) fn io_err(what: &str, path: &Path, e: &std::io::Error) -> Error {
     Error::config_invalid(path.display().to_string(), format!("{what}: {e}"))
 }
 
