@@ -322,20 +322,15 @@ pub fn audit_verify(common: &CommonArgs) -> Result<(), Error> {
 
 pub fn audit_export(common: &CommonArgs, out: Option<&Path>) -> Result<(), Error> {
     let (storage, path) = open_database(common)?;
-    let count = rollout_coordinator::audit::verify(&storage)?;
+    let records = rollout_coordinator::audit::history(&storage)?;
     let mut text = String::new();
-    for entry in rollout_coordinator::audit::entries(&storage)? {
-        let record = rollout_core::history::HistoryRecord {
-            seq: entry.seq,
-            node: "coordinator".into(),
-            wall_unix_ms: entry.wall_unix_ms,
-            event: entry.event()?,
-        };
-        let line = serde_json::to_string(&record)
-            .map_err(|e| Error::internal(format!("encoding entry {}: {e}", entry.seq)))?;
+    for record in &records {
+        let line = serde_json::to_string(record)
+            .map_err(|e| Error::internal(format!("encoding history record {}: {e}", record.seq)))?;
         text.push_str(&line);
         text.push('\n');
     }
+    let count = records.len();
     match out {
         Some(file) => {
             std::fs::write(file, text)

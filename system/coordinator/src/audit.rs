@@ -9,7 +9,7 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use rollout_core::history::HistoryEvent;
+use rollout_core::history::{HistoryEvent, HistoryRecord};
 use rollout_core::traits::Storage;
 use rollout_core::{Error, Result};
 
@@ -107,4 +107,23 @@ pub fn entries(storage: &dyn Storage) -> Result<Vec<AuditEntry>> {
         all.extend(block);
     }
     Ok(all)
+}
+
+/// The coordinator's complete history from its audit chain, after verifying the chain:
+/// one record per entry (node `coordinator`, the entry's seq and wall time), in order.
+/// Complete across crashes, unlike the stream a running coordinator emits after each
+/// commit.
+pub fn history(storage: &dyn Storage) -> Result<Vec<HistoryRecord>> {
+    verify(storage)?;
+    entries(storage)?
+        .into_iter()
+        .map(|entry| {
+            Ok(HistoryRecord {
+                seq: entry.seq,
+                node: "coordinator".into(),
+                wall_unix_ms: entry.wall_unix_ms,
+                event: entry.event()?,
+            })
+        })
+        .collect()
 }

@@ -269,10 +269,6 @@ struct WorkerEntry {
     leases: BTreeSet<TaskId>,
     credits: u32,
     gpus_in_use: u32,
-    /// Registered before this coordinator was recovered from storage: its leases were
-    /// granted by an earlier run, and ending them when it registers again is the
-    /// restart's doing, not the task's (no attempt is charged).
-    recovered: bool,
 }
 
 /// The parts of a spec needed to match and assign a task; the payload stays in storage.
@@ -308,6 +304,9 @@ pub struct Coordinator {
     storage: Arc<dyn Storage>,
     settings: CoordinatorSettings,
     counters: Counters,
+    /// The last incarnation handed out before this coordinator was recovered: workers
+    /// up to it registered with an earlier run.
+    incarnations_before_recovery: Incarnation,
     workers: BTreeMap<WorkerId, WorkerEntry>,
     jobs: BTreeMap<JobId, JobRecord>,
     tasks: BTreeMap<TaskId, TaskEntry>,
@@ -409,7 +408,6 @@ impl Coordinator {
                 leases: BTreeSet::new(),
                 credits: 0,
                 gpus_in_use: 0,
-                recovered: true,
             };
             workers.insert(entry.record.id.clone(), entry);
         }
@@ -429,6 +427,7 @@ impl Coordinator {
         let mut coordinator = Coordinator {
             storage: Arc::clone(&storage),
             settings,
+            incarnations_before_recovery: counters.last_incarnation,
             counters,
             workers,
             jobs,
@@ -602,7 +601,9 @@ impl Coordinator {
         if let Some(old) = self.workers.get(&id) {
             // A worker that lost its connection to a restarted coordinator re-registers
             // and its runs were stopped: that costs the tasks a re-run, not an attempt.
-            let charged = !old.recovered;
+            // (Its leases were granted by an earlier run exactly when its incarnation is
+            // one this run did not hand out.)
+            let charged = old.record.incarnation > self.incarnations_before_recovery;
             let reason = if charged {
                 format!("worker {id} registered again; incarnation {} ended", old.record.incarnation)
             } else {
@@ -638,7 +639,6 @@ impl Coordinator {
                 leases: BTreeSet::new(),
                 credits: 0,
                 gpus_in_use: 0,
-                recovered: false,
             },
         );
         self.dirty_workers.insert(id.clone());
