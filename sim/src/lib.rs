@@ -19,6 +19,13 @@ pub use engine::{FaultSpan, MessageRecord, Options, RunReport, run, run_with};
 pub use scenario::Scenario;
 
 /// The shipped scenarios' folder (`<workspace>/scenarios`).
+///
+/// Under cargo (`cargo test`, `cargo run`), the checkout being run, read at run time: a
+/// binary reused from a shared target dir may have been built in another checkout. Else
+/// the checkout this was built in.
 pub fn scenarios_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("scenarios")
+    let at_run_time = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(|dir| std::path::Path::new(&dir).join("..").join("scenarios"))
+        .filter(|dir| dir.is_dir());
+    at_run_time.unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("scenarios"))
 }

@@ -9,7 +9,10 @@ use rollout_core::traits::{ComputeHint, PreemptionNotice};
 use rollout_core::{Error, Fatal};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    // Read at run time: a binary reused from a shared target dir may have been built in
+    // another checkout, whose path `env!` would have baked in.
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR");
+    Path::new(&manifest_dir).join("tests/fixtures").join(name)
 }
 
 fn hint(cpuinfo: &str, meminfo: &str) -> LocalComputeHint {

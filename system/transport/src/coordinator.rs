@@ -5,8 +5,15 @@
 //! (up to [`BATCH_INPUTS_MAX`]) and applies it as one batch: one storage transaction,
 //! one fsync (group commit). Only after the commit does it release the batch's outputs:
 //! messages go to the right worker's streams, unary calls get their answers, operator
-//! requests their replies, and history events go to the emitter. While a batch commits
-//! (on the blocking pool), new inputs queue up and form the next batch.
+//! requests their replies, and history events go to the emitter. While a batch is
+//! applied (on the blocking pool), new inputs queue up and form the next batch.
+//!
+//! Commits are pipelined ([`CommitPipeline`]): the machine's commit hands its writes to
+//! a commit thread and returns, so batch N+1 is applied while batch N syncs. Each
+//! batch's outputs wait in `held` until the pipeline reports its writes (and all before
+//! them) durable, and queries (status, task reports), answered from the machine's
+//! memory, wait for the writes they could reveal. Nothing leaves the driver before the
+//! state it reflects is on disk.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -25,6 +32,7 @@ use tokio::task::JoinHandle;
 
 use crate::history::Stamper;
 use crate::node_env::{BlockingWork, NodeEnv, SystemWallClock, WallClock};
+use crate::pipeline::{CommitPipeline, Durability};
 use crate::wire;
 
 /// Most inputs applied in one batch (one transaction).
@@ -169,7 +177,11 @@ impl CoordinatorHandle {
 
 fn stopped() -> Error {
     Error::recoverable(
-        rollout_core::Recoverable::Unavailable("the coordinator driver stopped".into()),
+        rollout_core::Recoverable::Unavailable(
+            "the coordinator dropped the request: its batch failed and was not committed, or the coordinator is \
+             stopping"
+                .into(),
+        ),
         rollout_core::RetryHint::Backoff,
     )
 }
@@ -199,11 +211,17 @@ impl std::fmt::Debug for CoordinatorDriverOptions {
 /// with an error only if storage fails beyond recovery).
 pub fn spawn_coordinator_driver(opts: CoordinatorDriverOptions) -> Result<(CoordinatorHandle, JoinHandle<Result<()>>)> {
     let clock = NodeClock::start_with(Arc::clone(&opts.env.wall_clock));
-    let machine = Coordinator::recover(Arc::clone(&opts.storage), opts.settings.clone(), clock.now())?;
+    let pipeline = Arc::new(CommitPipeline::new(opts.storage, opts.env.blocking)?);
+    let storage: Arc<dyn Storage> = Arc::clone(&pipeline) as Arc<dyn Storage>;
+    let machine = Coordinator::recover(Arc::clone(&storage), opts.settings.clone(), clock.now())?;
     let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
+    let durable = pipeline.durable();
     let driver = Driver {
         machine: Some(machine),
-        storage: opts.storage,
+        storage,
+        pipeline,
+        durable,
+        held: VecDeque::new(),
         settings: opts.settings,
         emitter: opts.emitter,
         stamper: Stamper::new("coordinator"),
@@ -226,9 +244,23 @@ struct WorkerLink {
     control: Option<(u64, Incarnation, mpsc::Sender<pb::ControlMessage>)>,
 }
 
+/// What a batch or a query leaves for the world, held until the writes it may reflect
+/// (every write set up to `ticket`) are durable.
+struct Held {
+    ticket: u64,
+    now: Now,
+    outputs: Vec<CoordinatorOutput>,
+    answer: Option<Box<dyn FnOnce() + Send>>,
+}
+
 struct Driver {
     machine: Option<Coordinator>,
+    /// The pipeline, as the machine sees it.
     storage: Arc<dyn Storage>,
+    pipeline: Arc<CommitPipeline>,
+    durable: watch::Receiver<Durability>,
+    /// Oldest first; tickets never decrease.
+    held: VecDeque<Held>,
     settings: CoordinatorSettings,
     emitter: Arc<dyn EventEmitter>,
     stamper: Stamper,
@@ -257,13 +289,22 @@ impl Driver {
                 changed = shutdown.changed() => {
                     if changed.is_err() || *shutdown.borrow() {
                         tracing::info!(channel = "coordinator", "coordinator driver stopping");
-                        return Ok(());
+                        return self.finish().await;
+                    }
+                    continue;
+                }
+                changed = self.durable.changed(), if !self.held.is_empty() => {
+                    if changed.is_err() {
+                        return Err(Error::internal("the storage pipeline stopped"));
+                    }
+                    if self.release_durable() {
+                        self.recover().await?;
                     }
                     continue;
                 }
                 msg = self.inbox.recv() => match msg {
                     Some(DriverMsgBox(msg)) => self.take(msg, &mut inputs),
-                    None => return Ok(()),
+                    None => return self.finish().await,
                 },
                 () = tokio::time::sleep_until(deadline) => inputs.push(CoordinatorInput::Tick),
             }
@@ -344,50 +385,132 @@ impl Driver {
             }
             DriverMsg::Status(reply) => {
                 if let Some(m) = &self.machine {
-                    let _ =
-                        reply.send(StatusSnapshot { workers: m.workers(), jobs: m.jobs(), latencies: m.latencies() });
+                    let snapshot = StatusSnapshot { workers: m.workers(), jobs: m.jobs(), latencies: m.latencies() };
+                    self.answer_when_durable(move || drop(reply.send(snapshot)));
                 }
             }
             DriverMsg::Reports(job, reply) => {
                 if let Some(m) = &self.machine {
-                    let _ = reply.send(m.job(job).map(|_| m.task_reports(job)));
+                    let reports = m.job(job).map(|_| m.task_reports(job));
+                    self.answer_when_durable(move || drop(reply.send(reports)));
                 }
             }
         }
     }
 
-    /// One batch: apply and commit (on the blocking pool unless the environment says
-    /// inline), then release the outputs.
+    /// One batch: apply it and hand its writes to the pipeline (on the blocking pool
+    /// unless the environment says inline), then hold its outputs until they are
+    /// durable. Earlier batches' outputs are released meanwhile, as their commits land.
     async fn apply(&mut self, inputs: Vec<CoordinatorInput>) -> Result<()> {
         let Some(mut machine) = self.machine.take() else { return Err(Error::internal("coordinator machine missing")) };
         let now = self.clock.now();
         let batch_len = inputs.len();
-        let joined = self
-            .blocking
-            .run(move || {
-                let mut out = Vec::new();
-                let result = machine.handle_batch(now, inputs, &mut out);
-                (machine, out, result)
-            })
-            .await;
+        let mut work = std::pin::pin!(self.blocking.run(move || {
+            let mut out = Vec::new();
+            let result = machine.handle_batch(now, inputs, &mut out);
+            (machine, out, result)
+        }));
+        let mut pipeline_failed = false;
+        let joined = loop {
+            tokio::select! {
+                joined = &mut work => break joined,
+                changed = self.durable.changed(), if !self.held.is_empty() && !pipeline_failed => {
+                    pipeline_failed = changed.is_err() || self.release_durable();
+                }
+            }
+        };
         let (machine, out, result) = joined.map_err(|e| Error::internal(format!("coordinator batch panicked: {e}")))?;
+        self.machine = Some(machine);
         if let Err(e) = result {
             // The machine is poisoned: its memory may be ahead of storage. Recover a
-            // fresh one from what was committed; the batch's callers see their calls
-            // fail and retry.
+            // fresh one from what was committed; the callers of every batch not yet
+            // durable see their calls fail and retry.
             tracing::error!(channel = "coordinator", error = %e, batch_len, "batch failed; recovering from storage");
-            self.pending_registers.clear();
-            self.pending_beats.clear();
-            self.pending_requests.clear();
-            drop(machine);
-            self.machine =
-                Some(Coordinator::recover(Arc::clone(&self.storage), self.settings.clone(), self.clock.now())?);
-            return Ok(());
+            return self.recover().await;
         }
-        self.machine = Some(machine);
-        tracing::trace!(channel = "coordinator", batch_len, outputs = out.len(), "batch committed");
-        self.release(now, out);
+        if pipeline_failed {
+            return self.recover().await;
+        }
+        tracing::trace!(channel = "coordinator", batch_len, outputs = out.len(), "batch applied");
+        self.held.push_back(Held { ticket: self.pipeline.enqueued(), now, outputs: out, answer: None });
+        if self.release_durable() {
+            return self.recover().await;
+        }
         Ok(())
+    }
+
+    /// Holds `answer` until everything the machine has applied so far is durable.
+    fn answer_when_durable(&mut self, answer: impl FnOnce() + Send + 'static) {
+        let held = Held {
+            ticket: self.pipeline.enqueued(),
+            now: self.clock.now(),
+            outputs: Vec::new(),
+            answer: Some(Box::new(answer)),
+        };
+        self.held.push_back(held);
+        if self.release_durable() {
+            // Noticed again (and recovered from) at the next durability change or batch.
+            tracing::debug!(channel = "coordinator", "storage pipeline failed; answers held");
+        }
+    }
+
+    /// Releases every held batch whose writes are durable, in order. Returns whether the
+    /// pipeline failed (then nothing is released; the caller recovers).
+    fn release_durable(&mut self) -> bool {
+        let durability = self.durable.borrow_and_update().clone();
+        if durability.failed.is_some() {
+            return true;
+        }
+        while self.held.front().is_some_and(|held| held.ticket <= durability.seq) {
+            let Some(held) = self.held.pop_front() else { break };
+            self.release(held.now, held.outputs);
+            if let Some(answer) = held.answer {
+                answer();
+            }
+        }
+        false
+    }
+
+    /// After a failed batch or commit: drops every held output (their callers see their
+    /// calls fail and retry), waits for the pipeline to settle, and rebuilds the machine
+    /// from what storage committed.
+    async fn recover(&mut self) -> Result<()> {
+        let failure = self.durable.borrow().failed.clone();
+        tracing::error!(channel = "coordinator", failure = ?failure, held = self.held.len(),
+            "recovering the coordinator from storage");
+        self.held.clear();
+        self.pending_registers.clear();
+        self.pending_beats.clear();
+        self.pending_requests.clear();
+        self.machine = None;
+        let pipeline = Arc::clone(&self.pipeline);
+        self.blocking
+            .run(move || {
+                pipeline.drain_blocking();
+                pipeline.reset();
+            })
+            .await
+            .map_err(|e| Error::internal(format!("settling the storage pipeline panicked: {e}")))?;
+        let _ = self.durable.borrow_and_update();
+        self.machine = Some(Coordinator::recover(Arc::clone(&self.storage), self.settings.clone(), self.clock.now())?);
+        Ok(())
+    }
+
+    /// At shutdown: waits for the writes in flight and releases what they hold.
+    async fn finish(mut self) -> Result<()> {
+        let pipeline = Arc::clone(&self.pipeline);
+        let failed = self
+            .blocking
+            .run(move || pipeline.drain_blocking())
+            .await
+            .map_err(|e| Error::internal(format!("settling the storage pipeline panicked: {e}")))?;
+        match failed {
+            Some(reason) => Err(Error::internal(format!("the last commits failed: {reason}"))),
+            None => {
+                self.release_durable();
+                Ok(())
+            }
+        }
     }
 
     fn release(&mut self, now: Now, out: Vec<CoordinatorOutput>) {
@@ -447,5 +570,100 @@ impl Driver {
                 tracing::debug!(channel = "work", worker = %to, "work frame dropped: no open work stream or queue full");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    use rollout_coordinator::TaskSpec;
+    use rollout_core::config::Config;
+
+    use super::*;
+    use crate::history::MemoryEmitter;
+    use crate::test_storage::{GatedStorage, OpenOnDrop};
+
+    fn job(name: &str) -> JobSubmission {
+        let spec =
+            TaskSpec { plugin: "echo".into(), method: "run".into(), payload: b"x".to_vec(), gpus: 0, deadline: None };
+        JobSubmission { name: name.into(), tasks: vec![spec], idempotency_key: None }
+    }
+
+    fn driver(storage: GatedStorage, emitter: &Arc<MemoryEmitter>) -> (CoordinatorHandle, watch::Sender<bool>) {
+        let (stop, shutdown) = watch::channel(false);
+        let (handle, _driver) = spawn_coordinator_driver(CoordinatorDriverOptions {
+            storage: Arc::new(storage),
+            settings: CoordinatorSettings::from_config(&Config::default()),
+            emitter: Arc::clone(emitter) as Arc<dyn EventEmitter>,
+            shutdown,
+            env: NodeEnv::default(),
+        })
+        .expect("driver");
+        (handle, stop)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn nothing_leaves_the_driver_before_its_writes_are_durable() {
+        let (storage, gate, _) = GatedStorage::new();
+        let emitter = Arc::new(MemoryEmitter::new());
+        let (handle, _stop) = driver(storage, &emitter);
+        let accepted = handle.operator(OperatorRequest::SubmitJob(job("first"))).await.expect("reply");
+        assert!(matches!(accepted, OperatorReply::JobAccepted { existing: false, .. }), "{accepted:?}");
+        let events_before = emitter.records().len();
+
+        // The disk stops syncing: the next job is applied (and its commit handed over),
+        // but neither its reply, nor its history, nor a status that would show it leaves.
+        let _open_at_the_end = OpenOnDrop(Arc::clone(&gate));
+        gate.set_shut(true);
+        let submit = tokio::spawn({
+            let handle = handle.clone();
+            async move { handle.operator(OperatorRequest::SubmitJob(job("second"))).await }
+        });
+        let status = tokio::spawn({
+            let handle = handle.clone();
+            async move {
+                // After the submit has reached the driver (same inbox, so in order).
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                handle.status().await
+            }
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while gate.waiting() == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "the second job's commit never reached the disk");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!submit.is_finished(), "the reply left before its job was durable");
+        assert!(!status.is_finished(), "a status answered from memory left before what it shows was durable");
+        assert_eq!(emitter.records().len(), events_before, "history left before it was durable");
+
+        gate.set_shut(false);
+        let reply = submit.await.expect("join").expect("reply");
+        assert!(matches!(reply, OperatorReply::JobAccepted { existing: false, .. }), "{reply:?}");
+        let snapshot = status.await.expect("join").expect("status");
+        assert_eq!(snapshot.jobs.len(), 2, "the status shows both jobs once they are durable");
+        assert!(emitter.records().len() > events_before, "the history follows the commit");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_commit_drops_what_it_held_and_the_driver_recovers_from_storage() {
+        let (storage, _gate, fail) = GatedStorage::new();
+        let emitter = Arc::new(MemoryEmitter::new());
+        let (handle, _stop) = driver(storage, &emitter);
+        let first = handle.operator(OperatorRequest::SubmitJob(job("kept"))).await.expect("reply");
+        assert!(matches!(first, OperatorReply::JobAccepted { .. }), "{first:?}");
+
+        fail.store(true, Ordering::SeqCst);
+        let lost = handle.operator(OperatorRequest::SubmitJob(job("lost"))).await;
+        let err = lost.expect_err("a job whose commit failed is not acknowledged");
+        assert!(err.to_string().contains("not committed"), "{err}");
+
+        fail.store(false, Ordering::SeqCst);
+        let again = handle.operator(OperatorRequest::SubmitJob(job("retried"))).await.expect("reply");
+        assert!(matches!(again, OperatorReply::JobAccepted { existing: false, .. }), "{again:?}");
+        let names: Vec<String> = handle.status().await.expect("status").jobs.into_iter().map(|j| j.name).collect();
+        assert_eq!(names, ["kept", "retried"], "the recovered machine holds exactly what was committed");
     }
 }

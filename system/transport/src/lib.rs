@@ -12,6 +12,8 @@
 //!   worker certificate) and the worker's side of `--join` (CA pinned by the token).
 //! - [`coordinator`]: the coordinator driver (group commit, timers, routing).
 //! - [`worker`]: the worker driver (registration, beats, streams, reconnects, tasks).
+//! - [`pipeline`]: commit pipelining, so the coordinator applies a batch while the last
+//!   one syncs.
 //! - [`plugins`]: the built-in `echo` and `sleep` plugins, and [`PluginRouter`], which
 //!   serves several plugin hosts as one.
 //! - [`history`]: JSON-lines history emitters.
@@ -28,9 +30,12 @@ pub mod enroll;
 pub mod history;
 pub mod net;
 pub mod node_env;
+pub mod pipeline;
 pub mod plugins;
 pub mod server;
 pub mod service;
+#[cfg(test)]
+mod test_storage;
 pub mod tls;
 pub mod wire;
 pub mod worker;

@@ -16,7 +16,10 @@ use std::sync::OnceLock;
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+    // Read at run time: a binary reused from a shared target dir may have been built in
+    // another checkout, whose path `env!` would have baked in.
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR");
+    Path::new(&manifest_dir).join("../..").canonicalize().expect("workspace root")
 }
 
 /// `<target>/plugin-fixtures`, beside the target directory this test was built in.
