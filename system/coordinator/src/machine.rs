@@ -9,6 +9,7 @@ use rollout_core::health;
 use rollout_core::history::HistoryEvent;
 use rollout_core::protocol::{
     Assignment, Control, Heartbeat, Outcome, Pull, Register, Submit, SubmitVerdict, ToCoordinator, ToWorker,
+    WorkerTerms,
 };
 use rollout_core::time::unix_millis;
 use rollout_core::traits::{Inventory, Storage, StorageTxn};
@@ -66,6 +67,11 @@ impl CoordinatorSettings {
             #[cfg(feature = "planted-bugs")]
             planted: PlantedBugs::default(),
         }
+    }
+
+    /// What this coordinator requires of its workers (sent with every registration).
+    pub fn worker_terms(&self) -> WorkerTerms {
+        WorkerTerms::new(&self.health, u64::from(self.limits.max_result_bytes))
     }
 
     /// Switches on the planted bug `name` (one of [`PLANTED_BUGS`]). Only a build with
@@ -643,7 +649,7 @@ impl Coordinator {
         );
         self.dirty_workers.insert(id.clone());
         self.record(HistoryEvent::Registered { worker: id.clone(), incarnation }, batch)?;
-        batch.send(&id, ToWorker::Registered { incarnation });
+        batch.send(&id, ToWorker::Registered { incarnation, terms: self.settings.worker_terms() });
         if was_draining {
             batch.send(&id, ToWorker::Control(Control::Drain));
         }

@@ -90,7 +90,7 @@ impl Harness {
         );
         out.iter()
             .find_map(|o| match o {
-                CoordinatorOutput::Send { message: ToWorker::Registered { incarnation }, .. } => Some(*incarnation),
+                CoordinatorOutput::Send { message: ToWorker::Registered { incarnation, .. }, .. } => Some(*incarnation),
                 _ => None,
             })
             .expect("registered")

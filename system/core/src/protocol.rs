@@ -22,8 +22,39 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::HealthConfig;
 use crate::ids::{Attempt, ContentId, FencingToken, Incarnation, JobId, TaskId};
 use crate::traits::Inventory;
+
+/// What a coordinator requires of its workers, sent with every [`ToWorker::Registered`].
+///
+/// Its failure detection is sound only if its workers beat and self-fence on its
+/// schedule (`worker_self_fence_timeout < coordinator_failure_timeout`, checked where
+/// the coordinator's config is validated), so a worker adopts these for the session,
+/// whatever its own config says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerTerms {
+    /// How often to beat; `due_at = wall_now + 2 × heartbeat_interval`.
+    pub heartbeat_interval: Duration,
+    /// Self-fence after this long without an acknowledged beat (monotonic clock).
+    pub worker_self_fence_timeout: Duration,
+    /// The wall-clock disagreement the coordinator tolerates (for the worker's logs).
+    pub clock_skew_budget: Duration,
+    /// A larger result is submitted as a failure naming the limit.
+    pub max_result_bytes: u64,
+}
+
+impl WorkerTerms {
+    /// The terms of `health` and a result limit.
+    pub fn new(health: &HealthConfig, max_result_bytes: u64) -> Self {
+        WorkerTerms {
+            heartbeat_interval: health.heartbeat_interval,
+            worker_self_fence_timeout: health.worker_self_fence_timeout,
+            clock_skew_budget: health.clock_skew_budget,
+            max_result_bytes,
+        }
+    }
+}
 
 /// What a worker sends the coordinator.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,6 +169,8 @@ pub enum ToWorker {
     Registered {
         /// The worker's new incarnation.
         incarnation: Incarnation,
+        /// The coordinator's terms, which the worker follows from now on.
+        terms: WorkerTerms,
     },
     /// Registration refused; retrying the same registration will not help.
     RegisterRejected {

@@ -205,12 +205,12 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
             let (tx, rx) = oneshot::channel();
             self.driver.send(DriverMsg::Register(worker.clone(), register, tx)).await.map_err(unavailable)?;
             match answer(rx).await? {
-                ToWorker::Registered { incarnation } => {
+                ToWorker::Registered { incarnation, terms } => {
                     tracing::info!(channel = "register", worker = %worker, %incarnation, "worker registered");
                     Ok(Response::new(pb::RegisterResponse {
                         protocol_version: PROTOCOL_VERSION,
                         incarnation: incarnation.get(),
-                        settings: None,
+                        settings: Some(wire::terms_to_wire(terms)),
                     }))
                 }
                 ToWorker::RegisterRejected { reason } => Err(Status::failed_precondition(reason)),

@@ -6,7 +6,9 @@
 use std::time::Duration;
 
 use rollout_coordinator::{JobSubmission, TaskSpec};
-use rollout_core::protocol::{Assignment, Control, Heartbeat, MetricDeltas, Pull, Register, SubmitVerdict, ToWorker};
+use rollout_core::protocol::{
+    Assignment, Control, Heartbeat, MetricDeltas, Pull, Register, SubmitVerdict, ToWorker, WorkerTerms,
+};
 use rollout_core::time::{from_unix_millis, unix_millis};
 use rollout_core::{Attempt, FencingToken, Incarnation, JobId};
 use rollout_proto::transport as pb;
@@ -160,6 +162,46 @@ pub fn assign_to_wire(a: Assignment) -> pb::Assign {
     }
 }
 
+/// A coordinator's terms for the wire (`RegisterResponse.settings`).
+pub fn terms_to_wire(terms: WorkerTerms) -> pb::WorkerSettings {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    pb::WorkerSettings {
+        heartbeat_interval_ms: ms(terms.heartbeat_interval),
+        worker_self_fence_timeout_ms: ms(terms.worker_self_fence_timeout),
+        clock_skew_budget_ms: ms(terms.clock_skew_budget),
+        max_result_bytes: u32::try_from(terms.max_result_bytes).unwrap_or(u32::MAX),
+        // Not terms of the session: each side's transport enforces its own.
+        max_message_bytes: 0,
+        max_credits_per_pull: 0,
+    }
+}
+
+/// A coordinator's terms from the wire. Every term is required: a worker that kept its
+/// own schedule could outlive its leases, so an answer without them is refused.
+pub fn terms_from_wire(settings: Option<pb::WorkerSettings>) -> Result<WorkerTerms, WireError> {
+    let Some(s) = settings else {
+        return Err(WireError { field: "register_response.settings", reason: "missing".into() });
+    };
+    let positive = |field: &'static str, value: u64| {
+        if value == 0 { Err(WireError { field, reason: "must be above 0".into() }) } else { Ok(value) }
+    };
+    let heartbeat_ms = positive("register_response.settings.heartbeat_interval_ms", s.heartbeat_interval_ms)?;
+    let fence_ms = positive("register_response.settings.worker_self_fence_timeout_ms", s.worker_self_fence_timeout_ms)?;
+    if fence_ms <= heartbeat_ms {
+        return Err(WireError {
+            field: "register_response.settings.worker_self_fence_timeout_ms",
+            reason: format!("{fence_ms} ms is not above heartbeat_interval_ms ({heartbeat_ms} ms)"),
+        });
+    }
+    let max_result_bytes = positive("register_response.settings.max_result_bytes", u64::from(s.max_result_bytes))?;
+    Ok(WorkerTerms {
+        heartbeat_interval: Duration::from_millis(heartbeat_ms),
+        worker_self_fence_timeout: Duration::from_millis(fence_ms),
+        clock_skew_budget: Duration::from_millis(s.clock_skew_budget_ms),
+        max_result_bytes,
+    })
+}
+
 /// An assignment from the wire, for the incarnation the stream was opened for.
 pub fn assign_from_wire(incarnation: Incarnation, a: pb::Assign) -> Result<Assignment, WireError> {
     name("assign.plugin", &a.plugin)?;
@@ -267,6 +309,33 @@ mod tests {
         assert_eq!(err.field, "submit.task");
         let s = pb::Submit { task: Some(TaskId::new(JobId(1), 0).into()), ..Default::default() };
         assert_eq!(submit_from_wire(s).expect_err("no outcome").field, "submit.outcome");
+    }
+
+    #[test]
+    fn worker_terms_round_trip_and_unusable_ones_name_the_field() {
+        let terms = WorkerTerms {
+            heartbeat_interval: Duration::from_millis(100),
+            worker_self_fence_timeout: Duration::from_millis(800),
+            clock_skew_budget: Duration::from_millis(50),
+            max_result_bytes: 1 << 20,
+        };
+        assert_eq!(terms_from_wire(Some(terms_to_wire(terms))), Ok(terms));
+        assert_eq!(terms_from_wire(None).expect_err("missing").field, "register_response.settings");
+        let wire = terms_to_wire(terms);
+        let zero_beat = pb::WorkerSettings { heartbeat_interval_ms: 0, ..wire };
+        assert_eq!(
+            terms_from_wire(Some(zero_beat)).expect_err("zero").field,
+            "register_response.settings.heartbeat_interval_ms"
+        );
+        let fence_too_short = pb::WorkerSettings { worker_self_fence_timeout_ms: 100, ..wire };
+        let err = terms_from_wire(Some(fence_too_short)).expect_err("fence not above the beat");
+        assert_eq!(err.field, "register_response.settings.worker_self_fence_timeout_ms");
+        assert!(err.reason.contains("heartbeat_interval_ms (100 ms)"), "{}", err.reason);
+        let no_results = pb::WorkerSettings { max_result_bytes: 0, ..wire };
+        assert_eq!(
+            terms_from_wire(Some(no_results)).expect_err("zero").field,
+            "register_response.settings.max_result_bytes"
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rollout_core::protocol::{Outcome, ToCoordinator, ToWorker};
+use rollout_core::protocol::{Outcome, ToCoordinator, ToWorker, WorkerTerms};
 use rollout_core::rng::SplitMix64;
 use rollout_core::traits::{CancelToken, EventEmitter, PluginCall, PluginError, PluginHost};
 use rollout_core::{ContentId, Error, FencingToken, Incarnation, Result, TaskId};
@@ -195,9 +195,18 @@ struct WorkerDriver {
 impl WorkerDriver {
     fn event(&mut self, event: Event) -> Result<()> {
         match event {
-            Event::RegisterAnswer(Ok(resp)) => {
-                self.input(WorkerInput::Message(ToWorker::Registered { incarnation: Incarnation(resp.incarnation) }))
-            }
+            Event::RegisterAnswer(Ok(resp)) => match wire::terms_from_wire(resp.settings) {
+                Ok(terms) => {
+                    self.log_terms(terms);
+                    let incarnation = Incarnation(resp.incarnation);
+                    self.input(WorkerInput::Message(ToWorker::Registered { incarnation, terms }))
+                }
+                // Without the coordinator's schedule the worker cannot keep its side of
+                // failure detection: as final as a refusal.
+                Err(e) => self.input(WorkerInput::Message(ToWorker::RegisterRejected {
+                    reason: format!("the coordinator's answer is unusable: {e}"),
+                })),
+            },
             Event::RegisterAnswer(Err(status)) => match status.code() {
                 // The coordinator judged the registration and refused it: final.
                 Code::FailedPrecondition | Code::PermissionDenied | Code::InvalidArgument => {
@@ -302,6 +311,26 @@ impl WorkerDriver {
 
     fn is_current(&self, session: u64) -> bool {
         self.streams.as_ref().is_some_and(|s| s.session == session)
+    }
+
+    /// Notes the coordinator's terms: says so when they differ from this worker's config
+    /// (the coordinator's win), and times beats out on the new schedule.
+    fn log_terms(&mut self, terms: WorkerTerms) {
+        let configured = WorkerTerms::new(&self.machine.settings().health, self.machine.settings().max_result_bytes);
+        if terms.heartbeat_interval != configured.heartbeat_interval
+            || terms.worker_self_fence_timeout != configured.worker_self_fence_timeout
+            || terms.max_result_bytes != configured.max_result_bytes
+        {
+            tracing::warn!(channel = "register", event = "worker_terms_adopted",
+                heartbeat_interval = ?terms.heartbeat_interval,
+                configured_heartbeat_interval = ?configured.heartbeat_interval,
+                worker_self_fence_timeout = ?terms.worker_self_fence_timeout,
+                configured_worker_self_fence_timeout = ?configured.worker_self_fence_timeout,
+                max_result_bytes = terms.max_result_bytes,
+                configured_max_result_bytes = configured.max_result_bytes,
+                "following the coordinator's health settings and result limit, which differ from this worker's config");
+        }
+        self.beat_timeout = terms.heartbeat_interval.saturating_mul(2);
     }
 
     fn reopen_delay(&mut self) -> Duration {

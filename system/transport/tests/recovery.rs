@@ -46,9 +46,18 @@ struct Harness {
 
 impl Harness {
     async fn start(workers: &[&str]) -> Harness {
+        let mut h = Harness::certified(workers).await;
+        for (i, w) in workers.iter().enumerate() {
+            h.spawn_worker(w, i as u64);
+        }
+        h
+    }
+
+    /// A coordinator, and certificates for `workers` (none started).
+    async fn certified(workers: &[&str]) -> Harness {
         let common::Started { dir, config, addr, coordinator, history } = common::start(fast_config(), workers).await;
         let (stop_workers, _) = watch::channel(false);
-        let mut h = Harness {
+        Harness {
             _dir: dir,
             config,
             addr,
@@ -57,16 +66,16 @@ impl Harness {
             worker_history: Arc::new(MemoryEmitter::new()),
             stop_workers,
             workers: BTreeMap::new(),
-        };
-        for (i, w) in workers.iter().enumerate() {
-            h.spawn_worker(w, i as u64);
         }
-        h
     }
 
     fn spawn_worker(&mut self, id: &str, seed: u64) {
+        self.spawn_worker_with(id, seed, self.config.clone());
+    }
+
+    fn spawn_worker_with(&mut self, id: &str, seed: u64, config: Config) {
         let opts = WorkerOptions {
-            config: self.config.clone(),
+            config,
             id: WorkerId::new(id).expect("id"),
             slots: 4,
             plugins: Arc::new(BuiltinPlugins),
@@ -245,5 +254,29 @@ async fn the_tasks_of_a_vanished_worker_are_finished_by_the_other() {
     );
     h.wait_committed(job, 16, Duration::from_secs(30)).await;
     h.assert_each_task_committed_at_most_once();
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_follows_the_coordinators_health_settings_over_its_own() {
+    let mut h = Harness::certified(&["w1"]).await;
+    // The worker's own config has the seed values (beat every 500 ms, fence after 4 s);
+    // the coordinator's says 100 ms and 800 ms.
+    let mut own = h.config.clone();
+    own.health = rollout_core::config::HealthConfig::default();
+    assert_eq!(own.health.heartbeat_interval, Duration::from_millis(500));
+    h.spawn_worker_with("w1", 1, own);
+    h.wait_for(Duration::from_secs(10), "w1 to register", |c, _| {
+        c.iter().any(|r| matches!(r.event, HistoryEvent::Registered { .. }))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every beat announces due_at = wall_now + 2 × heartbeat_interval: 200 ms ahead on
+    // the coordinator's schedule, 1 000 ms on the worker's own.
+    let mut operator = operator_client(&h.config, "ops", Some(&h.addr)).expect("operator");
+    let status = operator.status(pb::StatusRequest {}).await.expect("status").into_inner();
+    let w1 = status.workers.iter().find(|w| w.worker_id == "w1").expect("w1 listed");
+    let ahead = w1.due_at_unix_ms.saturating_sub(w1.last_beat_unix_ms);
+    assert!((150..=400).contains(&ahead), "due_at is {ahead} ms past the last beat: {w1:?}");
     h.stop().await;
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use rollout_core::health::next_due_at;
 use rollout_core::history::HistoryEvent;
 use rollout_core::protocol::{
-    Assignment, Control, Heartbeat, Outcome, Pull, Register, Submit, ToCoordinator, ToWorker,
+    Assignment, Control, Heartbeat, Outcome, Pull, Register, Submit, ToCoordinator, ToWorker, WorkerTerms,
 };
 use rollout_core::rng::SplitMix64;
 use rollout_core::text::truncate_at_char_boundary;
@@ -53,6 +53,9 @@ pub enum Phase {
 #[derive(Debug)]
 pub struct Worker {
     settings: WorkerSettings,
+    /// What the worker follows: its config's terms until a coordinator answers its
+    /// Register, then that coordinator's.
+    terms: WorkerTerms,
     rng: SplitMix64,
     backoff: Backoff,
     state: State,
@@ -132,6 +135,7 @@ impl Worker {
     pub fn new(settings: WorkerSettings, rng_seed: u64) -> Self {
         let backoff = Backoff::new(settings.reconnect_backoff_initial, settings.reconnect_backoff_max);
         Worker {
+            terms: WorkerTerms::new(&settings.health, settings.max_result_bytes),
             settings,
             rng: SplitMix64::new(rng_seed),
             backoff,
@@ -195,7 +199,7 @@ impl Worker {
             State::Registered(session) => {
                 let resend_every = self.submit_resend_interval();
                 let earliest_resend = self.resend_order.first().map(|(sent_at, _)| later(*sent_at, resend_every));
-                let fence = later(session.last_acked_sent_at, self.settings.health.worker_self_fence_timeout);
+                let fence = later(session.last_acked_sent_at, self.terms.worker_self_fence_timeout);
                 Some(earliest_resend.map_or(fence, |r| r.min(fence)).min(session.next_beat_at))
             }
         }
@@ -204,6 +208,13 @@ impl Worker {
     /// The settings the worker was created with.
     pub fn settings(&self) -> &WorkerSettings {
         &self.settings
+    }
+
+    /// The beat interval, self-fence timeout and result limit the worker follows now:
+    /// its config's until a coordinator accepts its registration, then that
+    /// coordinator's.
+    pub fn terms(&self) -> WorkerTerms {
+        self.terms
     }
 
     /// Where the worker is in its life.
@@ -262,7 +273,7 @@ impl Worker {
     /// a newer beat is acknowledged first (`send time of the latest acknowledged beat +
     /// worker_self_fence_timeout`). The worker never submits at or after it.
     pub fn self_fence_deadline(&self) -> Option<Mono> {
-        self.session().map(|s| later(s.last_acked_sent_at, self.settings.health.worker_self_fence_timeout))
+        self.session().map(|s| later(s.last_acked_sent_at, self.terms.worker_self_fence_timeout))
     }
 
     /// The highest assignment `seq` received in the current incarnation (0: none, or
@@ -291,7 +302,7 @@ impl Worker {
     }
 
     fn submit_resend_interval(&self) -> Duration {
-        self.settings.health.heartbeat_interval.saturating_mul(2)
+        self.terms.heartbeat_interval.saturating_mul(2)
     }
 
     fn start(&mut self, now: Now, out: &mut Vec<WorkerOutput>) {
@@ -346,11 +357,7 @@ impl Worker {
                 if let RegisterStep::SendAt(at) = registering.step
                     && now.mono >= at
                 {
-                    forget_older_than(
-                        &mut registering.sent_at,
-                        now.mono,
-                        self.settings.health.worker_self_fence_timeout,
-                    );
+                    forget_older_than(&mut registering.sent_at, now.mono, self.terms.worker_self_fence_timeout);
                     if registering.sent_at.len() >= REGISTER_SENDS_MAX {
                         registering.sent_at.pop_front();
                     }
@@ -369,7 +376,7 @@ impl Worker {
                 if now.mono >= session.next_beat_at {
                     // A fixed schedule on the monotonic clock; after a stall, the next
                     // beat is one interval from now rather than a burst of catch-ups.
-                    let interval = self.settings.health.heartbeat_interval;
+                    let interval = self.terms.heartbeat_interval;
                     let next = later(session.next_beat_at, interval);
                     session.next_beat_at = if next > now.mono { next } else { later(now.mono, interval) };
                     self.send_heartbeat(now, out);
@@ -401,8 +408,8 @@ impl Worker {
         // Runs being cancelled are left out: the coordinator should count them as gone.
         let running: BTreeSet<RunKey> = self.running.keys().chain(self.unacked.keys()).copied().collect();
         let metrics_due = now.mono.saturating_since(self.metrics_shipped_at) >= self.settings.metrics_interval;
-        let fence_timeout = self.settings.health.worker_self_fence_timeout;
-        let interval = self.settings.health.heartbeat_interval;
+        let fence_timeout = self.terms.worker_self_fence_timeout;
+        let interval = self.terms.heartbeat_interval;
         let State::Registered(session) = &mut self.state else { return };
         // Only ship when there is something to ship; the interval then keeps counting
         // from the last real shipment, so the next delta goes out with the next beat.
@@ -446,7 +453,7 @@ impl Worker {
 
     fn on_message(&mut self, now: Now, message: ToWorker, out: &mut Vec<WorkerOutput>) {
         match message {
-            ToWorker::Registered { incarnation } => self.on_registered(now, incarnation, out),
+            ToWorker::Registered { incarnation, terms } => self.on_registered(now, incarnation, terms, out),
             ToWorker::RegisterRejected { reason } => self.on_register_rejected(reason, out),
             ToWorker::HeartbeatAck { incarnation, beat_seq, reregister } => {
                 self.on_heartbeat_ack(now, incarnation, beat_seq, reregister, out)
@@ -457,14 +464,17 @@ impl Worker {
         }
     }
 
-    fn on_registered(&mut self, now: Now, incarnation: Incarnation, out: &mut Vec<WorkerOutput>) {
+    fn on_registered(&mut self, now: Now, incarnation: Incarnation, terms: WorkerTerms, out: &mut Vec<WorkerOutput>) {
         // While registered, a second answer is a late reply to an earlier retry; the
         // coordinator will answer our beats with `reregister` if it moved on.
         let State::Unregistered(registering) = &mut self.state else { return };
         if self.highest_incarnation.is_some_and(|highest| incarnation <= highest) {
             return;
         }
-        let fence_timeout = self.settings.health.worker_self_fence_timeout;
+        // The coordinator's schedule, not our config's: its failure detection counts on
+        // it. Kept after a fence, until the next coordinator answers with its own.
+        self.terms = terms;
+        let fence_timeout = self.terms.worker_self_fence_timeout;
         forget_older_than(&mut registering.sent_at, now.mono, fence_timeout);
         // The answer may be to any Register of this round; the oldest send time is the
         // conservative start of the self-fence clock. None left: the answer is to a
@@ -476,7 +486,7 @@ impl Worker {
         self.state = State::Registered(Session {
             incarnation,
             next_beat_seq: 1,
-            next_beat_at: later(now.mono, self.settings.health.heartbeat_interval),
+            next_beat_at: later(now.mono, self.terms.heartbeat_interval),
             outstanding_beats: BTreeMap::new(),
             last_acked_sent_at: clock_start,
             assigns_through: 0,
@@ -592,10 +602,10 @@ impl Worker {
             out.push(WorkerOutput::Event(stopped));
             let max_message = self.settings.max_error_message_bytes;
             let (counter, outcome) = match outcome {
-                TaskOutcome::Succeeded { size_bytes, .. } if size_bytes > self.settings.max_result_bytes => {
+                TaskOutcome::Succeeded { size_bytes, .. } if size_bytes > self.terms.max_result_bytes => {
                     let message = format!(
                         "result of {size_bytes} bytes exceeds limits.max_result_bytes ({})",
-                        self.settings.max_result_bytes
+                        self.terms.max_result_bytes
                     );
                     (
                         metrics::TASKS_FAILED,

@@ -28,7 +28,8 @@ pub struct WorkerSettings {
     pub plugins: Vec<String>,
     /// Its CPUs, memory and GPUs, as advertised at Register.
     pub inventory: Inventory,
-    /// Heartbeat interval and self-fence timeout (the other fields are the coordinator's).
+    /// Heartbeat interval and self-fence timeout (the other fields are the coordinator's)
+    /// until a coordinator answers with its own ([`rollout_core::protocol::WorkerTerms`]).
     pub health: HealthConfig,
     /// First registration retry delay; doubles per failed attempt, with jitter.
     pub reconnect_backoff_initial: Duration,
@@ -41,7 +42,8 @@ pub struct WorkerSettings {
     /// Failure messages are truncated to this many bytes (at a character boundary).
     pub max_error_message_bytes: usize,
     /// A result larger than this is submitted as a failure naming the limit (the
-    /// coordinator would refuse it, and the bytes must not travel).
+    /// coordinator would refuse it, and the bytes must not travel). Replaced by the
+    /// coordinator's limit once it answers.
     pub max_result_bytes: u64,
 }
 

@@ -98,7 +98,10 @@ fn input_for(op: &Op, h: &mut Harness, model: &mut Model) -> Option<WorkerInput>
         Op::Registered { bump } => {
             model.highest_incarnation += bump;
             model.seq = 0;
-            WorkerInput::Message(ToWorker::Registered { incarnation: Incarnation(model.highest_incarnation) })
+            WorkerInput::Message(ToWorker::Registered {
+                incarnation: Incarnation(model.highest_incarnation),
+                terms: terms(),
+            })
         }
         Op::Assign { seq_bump, job, index, wrong_incarnation } => {
             model.seq += seq_bump;
@@ -260,7 +263,7 @@ fn any_message() -> impl Strategy<Value = ToWorker> {
     let inc = any::<u64>().prop_map(Incarnation);
     let task = (any::<u64>(), any::<u32>()).prop_map(|(job, index)| TaskId::new(JobId(job), index));
     prop_oneof![
-        inc.clone().prop_map(|incarnation| ToWorker::Registered { incarnation }),
+        inc.clone().prop_map(|incarnation| ToWorker::Registered { incarnation, terms: terms() }),
         ".{0,64}".prop_map(|reason| ToWorker::RegisterRejected { reason }),
         (inc.clone(), any::<u64>(), any::<bool>()).prop_map(|(incarnation, beat_seq, reregister)| {
             ToWorker::HeartbeatAck { incarnation, beat_seq, reregister }

@@ -8,7 +8,7 @@ use common::*;
 use hdrhistogram::Histogram;
 use hdrhistogram::serialization::Deserializer;
 use rollout_core::history::HistoryEvent;
-use rollout_core::protocol::{Control, Outcome, Pull, Register, SubmitVerdict, ToCoordinator, ToWorker};
+use rollout_core::protocol::{Control, Outcome, Pull, Register, SubmitVerdict, ToCoordinator, ToWorker, WorkerTerms};
 use rollout_core::{ContentId, FencingToken, Incarnation, JobId, PROTOCOL_VERSION};
 use rollout_worker::{
     CANCELLED_BY_HOST_MESSAGE, Phase, TaskOutcome, UNACKED_SUBMITS_PER_SLOT, WorkerInput, WorkerOutput,
@@ -34,7 +34,7 @@ fn nothing_happens_before_start_and_start_registers_at_once() {
     let mut h = Harness::new(2);
     assert_eq!(h.worker.phase(), Phase::NotStarted);
     assert!(h.tick().is_empty());
-    assert!(h.message(ToWorker::Registered { incarnation: Incarnation(1) }).is_empty());
+    assert!(h.message(ToWorker::Registered { incarnation: Incarnation(1), terms: terms() }).is_empty());
     assert_eq!(h.worker.poll_timeout(), None);
 
     let out = h.input(WorkerInput::Start);
@@ -102,7 +102,7 @@ fn rejected_registration_is_fatal_and_final() {
     assert_eq!(h.worker.poll_timeout(), None, "no retries");
     h.at(60_000);
     assert!(h.tick().is_empty());
-    assert!(h.message(ToWorker::Registered { incarnation: Incarnation(3) }).is_empty());
+    assert!(h.message(ToWorker::Registered { incarnation: Incarnation(3), terms: terms() }).is_empty());
 }
 
 #[test]
@@ -111,7 +111,7 @@ fn registration_beats_and_pulls_at_once_and_starts_the_fence_clock_at_the_regist
     h.input(WorkerInput::Start);
     h.at(30);
     let wall = h.wall;
-    let out = h.message(ToWorker::Registered { incarnation: Incarnation(7) });
+    let out = h.message(ToWorker::Registered { incarnation: Incarnation(7), terms: terms() });
     assert_eq!(h.worker.phase(), Phase::Registered);
     assert_eq!(h.worker.incarnation(), Some(Incarnation(7)));
     assert_eq!(out.len(), 2, "{out:?}");
@@ -125,9 +125,38 @@ fn registration_beats_and_pulls_at_once_and_starts_the_fence_clock_at_the_regist
 }
 
 #[test]
+fn the_coordinators_terms_set_the_beat_schedule_and_the_self_fence_deadline() {
+    // Configured: beat 500 ms, self-fence 4 s. The coordinator: beat 200 ms, fence 900 ms.
+    let coordinators = WorkerTerms {
+        heartbeat_interval: 200 * MS,
+        worker_self_fence_timeout: 900 * MS,
+        clock_skew_budget: 100 * MS,
+        max_result_bytes: 1 << 20,
+    };
+    let mut h = Harness::new(1);
+    assert_eq!(h.worker.terms(), terms(), "the config's terms until a coordinator answers");
+    h.input(WorkerInput::Start);
+    h.at(30);
+    let wall = h.wall;
+    let out = h.message(ToWorker::Registered { incarnation: Incarnation(1), terms: coordinators });
+    assert_eq!(h.worker.terms(), coordinators);
+    assert_eq!(beats(&out)[0].due_at, wall + 400 * MS, "due_at = wall_now + 2 × the coordinator's interval");
+    assert_eq!(h.worker.poll_timeout(), Some(mono_ms(230)), "next beat on the coordinator's interval");
+    assert_eq!(h.worker.self_fence_deadline(), Some(mono_ms(900)), "fence clock from the Register sent at 0 ms");
+    // No beat is acknowledged: the worker fences at 900 ms, not at 4 s.
+    let out = h.run_until(900);
+    assert!(out.iter().any(|o| matches!(o, WorkerOutput::Event(HistoryEvent::Fenced { .. }))), "{out:?}");
+    assert!(h.worker.is_fenced());
+    assert_eq!(h.worker.terms(), coordinators, "kept until the next coordinator answers");
+}
+
+#[test]
 fn stale_or_late_registration_answers_are_ignored() {
     let mut h = Harness::registered(1, 5);
-    assert!(h.message(ToWorker::Registered { incarnation: Incarnation(6) }).is_empty(), "already registered");
+    assert!(
+        h.message(ToWorker::Registered { incarnation: Incarnation(6), terms: terms() }).is_empty(),
+        "already registered"
+    );
     assert!(h.message(ToWorker::RegisterRejected { reason: "late".into() }).is_empty());
     assert_eq!(h.worker.incarnation(), Some(Incarnation(5)));
 
@@ -135,9 +164,9 @@ fn stale_or_late_registration_answers_are_ignored() {
     h.message(ToWorker::HeartbeatAck { incarnation: Incarnation(5), beat_seq: 1, reregister: true });
     let out = h.tick_at_timeout();
     assert_eq!(registers(&out).len(), 1);
-    assert!(h.message(ToWorker::Registered { incarnation: Incarnation(5) }).is_empty());
+    assert!(h.message(ToWorker::Registered { incarnation: Incarnation(5), terms: terms() }).is_empty());
     assert_eq!(h.worker.phase(), Phase::Unregistered);
-    assert_eq!(beats(&h.message(ToWorker::Registered { incarnation: Incarnation(9) })).len(), 1);
+    assert_eq!(beats(&h.message(ToWorker::Registered { incarnation: Incarnation(9), terms: terms() })).len(), 1);
 }
 
 #[test]
@@ -146,7 +175,7 @@ fn an_answer_to_a_register_older_than_the_fence_timeout_is_ignored() {
     h.input(WorkerInput::Start);
     h.at(4_000);
     assert!(
-        h.message(ToWorker::Registered { incarnation: Incarnation(1) }).is_empty(),
+        h.message(ToWorker::Registered { incarnation: Incarnation(1), terms: terms() }).is_empty(),
         "registered from a Register sent 4 s ago, the worker would have to fence at once"
     );
     assert_eq!(h.worker.phase(), Phase::Unregistered);
@@ -221,7 +250,7 @@ fn self_fence_fires_exactly_at_the_deadline_on_the_monotonic_clock_whatever_the_
     let mut h = Harness::new(1);
     h.input(WorkerInput::Start);
     h.at(130);
-    h.message(ToWorker::Registered { incarnation: Incarnation(4) });
+    h.message(ToWorker::Registered { incarnation: Incarnation(4), terms: terms() });
     assert_eq!(h.worker.self_fence_deadline(), Some(mono_ms(4_000)));
     let mut fenced_at = None;
     while fenced_at.is_none() {
@@ -309,7 +338,7 @@ fn self_fence_cancels_every_run_withholds_every_result_and_re_registers() {
 
     let out = h.tick_at_timeout();
     assert_eq!(registers(&out).len(), 1);
-    let out = h.message(ToWorker::Registered { incarnation: Incarnation(2) });
+    let out = h.message(ToWorker::Registered { incarnation: Incarnation(2), terms: terms() });
     assert!(!h.worker.is_fenced());
     assert_eq!((beats(&out)[0].incarnation, beats(&out)[0].beat_seq), (Incarnation(2), 1), "beats restart at 1");
     assert_eq!(pulls(&out)[0].free_slots, 2);
@@ -322,7 +351,7 @@ fn a_run_still_being_cancelled_keeps_its_slot_after_re_registration() {
     h.message(ToWorker::Assign(assignment(1, 1, task(1, 0), 10)));
     h.run_until(4_000);
     h.tick_at_timeout();
-    let out = h.message(ToWorker::Registered { incarnation: Incarnation(2) });
+    let out = h.message(ToWorker::Registered { incarnation: Incarnation(2), terms: terms() });
     assert_eq!(pulls(&out)[0].free_slots, 1, "the plugin host still runs the cancelled task");
     let out = finish(&mut h, task(1, 0), 10, TaskOutcome::Cancelled);
     assert!(submits(&out).is_empty());
@@ -446,7 +475,7 @@ fn submits_are_re_sent_every_two_beats_until_acknowledged() {
 fn failure_messages_are_truncated_and_a_cancellation_by_the_host_is_a_failure() {
     let mut h = Harness::with(rollout_worker::WorkerSettings { max_error_message_bytes: 9, ..settings(2) }, 1);
     h.input(WorkerInput::Start);
-    h.message(ToWorker::Registered { incarnation: Incarnation(1) });
+    h.message(ToWorker::Registered { incarnation: Incarnation(1), terms: terms() });
     h.message(ToWorker::Assign(assignment(1, 1, task(1, 0), 10)));
     h.message(ToWorker::Assign(assignment(1, 2, task(1, 1), 11)));
     let out = finish(&mut h, task(1, 0), 10, TaskOutcome::Failed { message: "ééééé!".into() });
@@ -613,7 +642,7 @@ fn scripted_run(seed: u64) -> Vec<String> {
     }
     let registered_at = h.ms() + 100;
     h.at(registered_at);
-    record(&mut h, WorkerInput::Message(ToWorker::Registered { incarnation: Incarnation(1) }));
+    record(&mut h, WorkerInput::Message(ToWorker::Registered { incarnation: Incarnation(1), terms: terms() }));
     record(&mut h, WorkerInput::Message(ToWorker::Assign(assignment(1, 1, task(1, 0), 10))));
     record(&mut h, WorkerInput::Message(ack(1, 1)));
     h.at(registered_at + 700);
@@ -652,11 +681,15 @@ fn a_broken_connection_ends_the_incarnation_like_a_self_fence() {
 }
 
 #[test]
-fn a_result_above_the_limit_is_submitted_as_a_failure_naming_the_limit() {
-    let mut h = Harness::with(rollout_worker::WorkerSettings { max_result_bytes: 4, ..settings(1) }, 1);
+fn a_result_above_the_coordinators_limit_is_submitted_as_a_failure_naming_the_limit() {
+    // The worker's config allows 1 MiB; the coordinator's terms say 4 bytes, and win.
+    let mut h = Harness::new(1);
     h.input(WorkerInput::Start);
     h.at(30);
-    h.message(ToWorker::Registered { incarnation: Incarnation(1) });
+    h.message(ToWorker::Registered {
+        incarnation: Incarnation(1),
+        terms: WorkerTerms { max_result_bytes: 4, ..terms() },
+    });
     h.message(ToWorker::Assign(assignment(1, 1, task(1, 0), 10)));
     let out = finish(&mut h, task(1, 0), 10, succeeded(b"12345"));
     let sent = submits(&out);

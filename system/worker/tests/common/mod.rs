@@ -5,7 +5,7 @@
 use std::time::{Duration, SystemTime};
 
 use rollout_core::config::HealthConfig;
-use rollout_core::protocol::{Assignment, Heartbeat, Pull, Register, Submit, ToCoordinator, ToWorker};
+use rollout_core::protocol::{Assignment, Heartbeat, Pull, Register, Submit, ToCoordinator, ToWorker, WorkerTerms};
 use rollout_core::traits::Inventory;
 use rollout_core::{Attempt, FencingToken, Incarnation, JobId, Mono, Now, TaskId, WorkerId};
 use rollout_worker::{Worker, WorkerInput, WorkerOutput, WorkerSettings};
@@ -39,6 +39,12 @@ pub fn settings(slots: u32) -> WorkerSettings {
         max_error_message_bytes: 4096,
         max_result_bytes: 1 << 20,
     }
+}
+
+/// The terms a coordinator with the settings of [`settings`] sends.
+pub fn terms() -> WorkerTerms {
+    let s = settings(1);
+    WorkerTerms::new(&s.health, s.max_result_bytes)
 }
 
 pub fn worker_id() -> WorkerId {
@@ -86,7 +92,7 @@ impl Harness {
         let mut h = Self::new(slots);
         h.input(WorkerInput::Start);
         h.at(30);
-        h.message(ToWorker::Registered { incarnation: Incarnation(incarnation) });
+        h.message(ToWorker::Registered { incarnation: Incarnation(incarnation), terms: terms() });
         h
     }
 
