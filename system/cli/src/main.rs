@@ -98,7 +98,9 @@ enum Command {
         /// against, the CA whose SHA-256 the token pins. The certificate that comes back
         /// must name this --id and hold that key. Then ca.pem, worker.<ID>.key.pem and
         /// worker.<ID>.pem are written to transport.tls_dir. Idempotent: with the files in
-        /// place nothing is sent (so a spent token on a restart is fine).
+        /// place nothing is sent (so a spent token on a restart is fine). A coordinator
+        /// that cannot be reached yet is retried with the reconnect backoff
+        /// (transport.reconnect_backoff_*) until it answers; a refusal stops at once.
         #[arg(long, value_name = "ADDR", requires = "token")]
         join: Option<String>,
         /// The bootstrap token for --join (from `rollout token create`). Prefer the

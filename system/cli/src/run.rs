@@ -61,6 +61,9 @@ pub async fn worker(
                 worker: id.clone(),
                 tls_dir: config.transport.tls_dir.clone(),
                 max_message_bytes: config.limits.max_message_bytes as usize,
+                retry_initial: config.transport.reconnect_backoff_initial,
+                retry_max: config.transport.reconnect_backoff_max,
+                attempts_max: None,
             };
             match enroll::join(opts).await? {
                 Joined::AlreadyEnrolled(files) => {

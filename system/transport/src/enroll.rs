@@ -37,7 +37,9 @@
 //!
 //! An unbound token cannot take over a worker id that already has a certificate from
 //! this CA (`enrolled/<id>.pem`, or `worker.<id>.pem` in the TLS directory); replacing
-//! one (a worker whose disk was lost) needs a token bound to that id.
+//! one (a worker whose disk was lost) needs a token bound to that id. An unbound token
+//! also claims the id (`enrolled/<id>.claimed`, `O_EXCL`) before the token itself, so
+//! two unbound tokens racing for one new id cannot both win.
 
 use std::fmt;
 use std::fs;
@@ -482,11 +484,11 @@ fn enroll(
         Some(_) => {}
         None => {
             let enrolled = tls_dir.join(ENROLLED_DIR).join(format!("{worker}.pem"));
-            if enrolled.exists() || CertFiles::worker(tls_dir, &worker).cert.exists() {
-                return Err(Status::already_exists(format!(
-                    "enroll.worker_id: worker {worker} already has a certificate from this CA; to replace it, use a \
-                     token bound to it (`rollout token create --worker {worker}`)"
-                )));
+            if enrolled.exists()
+                || id_claim_path(tls_dir, &worker).exists()
+                || CertFiles::worker(tls_dir, &worker).cert.exists()
+            {
+                return Err(id_taken(&worker));
             }
         }
     }
@@ -499,7 +501,28 @@ fn enroll(
     // leaves the token usable, and of two concurrent requests only one gets here.
     let used = TokenUse { worker: worker.to_string(), used_at_unix_ms: unix_millis(now) };
     let used_json = serde_json::to_vec(&used).map_err(|e| Status::internal(format!("token use record: {e}")))?;
+    // An unbound token claims the new worker id as well (first), so two of them racing
+    // for one id cannot both get a certificate for it.
+    let id_claim = match &record.worker {
+        Some(_) => None,
+        None => {
+            let path = id_claim_path(tls_dir, &worker);
+            let created =
+                path.parent().map_or(Ok(()), |dir| fs::DirBuilder::new().recursive(true).mode(0o700).create(dir));
+            match created.and_then(|()| claim(&path, &used_json)) {
+                Ok(()) => Some(path),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(id_taken(&worker)),
+                Err(e) => {
+                    return Err(Status::internal(format!("claiming worker id {worker} ({}): {e}", path.display())));
+                }
+            }
+        }
+    };
     if let Err(e) = claim(&used_path, &used_json) {
+        // The token was not ours to use: neither is the id.
+        if let Some(path) = &id_claim {
+            let _ = fs::remove_file(path);
+        }
         if e.kind() == std::io::ErrorKind::AlreadyExists {
             let used = read_use(&used_path).ok().flatten().unwrap_or(used);
             return Err(used_status(id, &used));
@@ -518,6 +541,20 @@ fn enroll(
     tls::write_public(&record, cert_pem.as_bytes()).map_err(|e| Status::internal(e.to_string()))?;
     let ca_pem = tls::read_text(&ca.cert).map_err(|e| Status::internal(e.to_string()))?;
     Ok((worker, id.clone(), pb::EnrollResponse { certificate_pem: cert_pem, ca_certificate_pem: ca_pem }))
+}
+
+/// `enrolled/<worker>.claimed`: created (`O_EXCL`) by the first unbound-token
+/// enrollment of a worker id. It stays: the id is taken from then on, even if that
+/// enrollment failed after its claim (a token bound to the id can still enroll it).
+fn id_claim_path(tls_dir: &Path, worker: &WorkerId) -> PathBuf {
+    tls_dir.join(ENROLLED_DIR).join(format!("{worker}.claimed"))
+}
+
+fn id_taken(worker: &WorkerId) -> Status {
+    Status::already_exists(format!(
+        "enroll.worker_id: worker {worker} already has a certificate from this CA; to replace it, use a token bound \
+         to it (`rollout token create --worker {worker}`)"
+    ))
 }
 
 fn used_status(id: &str, used: &TokenUse) -> Status {
@@ -562,6 +599,14 @@ pub struct JoinOptions {
     pub tls_dir: PathBuf,
     /// Message size limit.
     pub max_message_bytes: usize,
+    /// First delay before retrying a coordinator that could not be reached; doubles
+    /// per failure (with jitter) up to `retry_max`. A refusal is never retried.
+    pub retry_initial: Duration,
+    /// Upper bound of the retry delay.
+    pub retry_max: Duration,
+    /// Give up after this many failed attempts to reach the coordinator (`None`: keep
+    /// trying, like a worker reconnecting; stop it with Ctrl-C).
+    pub attempts_max: Option<u32>,
 }
 
 /// What [`join`] did.
@@ -584,8 +629,12 @@ pub enum Joined {
 /// the CA must be the pinned one and the certificate must verify against it, name this
 /// worker and hold this key. Only then are `ca.pem`, the key (0600) and the certificate
 /// written, in that order (the certificate last: its presence means "done").
+///
+/// A coordinator that cannot be reached (down, restarting, not yet listening) is tried
+/// again with jittered exponential backoff; a refusal (bad token, wrong id, a server
+/// without the pinned CA) ends it at once with the reason.
 pub async fn join(opts: JoinOptions) -> Result<Joined> {
-    let JoinOptions { addr, token, worker, tls_dir, max_message_bytes } = opts;
+    let JoinOptions { addr, token, worker, tls_dir, max_message_bytes, retry_initial, retry_max, attempts_max } = opts;
     let files = CertFiles::worker(&tls_dir, &worker);
     let ca_files = CertFiles::ca(&tls_dir);
     if files.exist() && ca_files.cert.exists() {
@@ -624,16 +673,41 @@ pub async fn join(opts: JoinOptions) -> Result<Joined> {
         .and_then(|csr| csr.pem())
         .map_err(|e| Error::internal(format!("making the certificate signing request: {e}")))?;
 
+    let pin_refusal = PinRefusal::default();
     let connector = TlsConnector::new(
         TcpDialer::new(addr.clone()),
-        pinned_client_config(token.ca_pin),
+        pinned_client_config_reporting(token.ca_pin, pin_refusal.clone()),
         tls::server_name_of(&addr)?,
     );
     let mut client = pb::enrollment_client::EnrollmentClient::new(lazy_channel(connector))
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
     let request = pb::EnrollRequest { bootstrap_token: token.to_string(), worker_id: worker.to_string(), csr_pem };
-    let response = client.enroll(request).await.map_err(|s| refused(&addr, &s))?.into_inner();
+    let mut backoff = rollout_worker::Backoff::new(retry_initial, retry_max);
+    let mut rng = rollout_core::rng::SplitMix64::new(jitter_seed());
+    let mut failures = 0u32;
+    let response = loop {
+        let status = match client.enroll(request.clone()).await {
+            Ok(response) => break response.into_inner(),
+            Err(status) => status,
+        };
+        if let Some(reason) = pin_refusal.take() {
+            // The server is not the pinned CA's: never retried, and the token never left.
+            return Err(Error::Fatal(Fatal::PermissionDenied(format!("enroll at {addr} refused ({reason})"))));
+        }
+        let err = refused(&addr, &status);
+        if !matches!(err, Error::Recoverable { .. }) {
+            return Err(err);
+        }
+        failures += 1;
+        if attempts_max.is_some_and(|max| failures >= max) {
+            return Err(err);
+        }
+        let delay = backoff.next_delay(&mut rng);
+        tracing::warn!(channel = "tls", %addr, attempt = failures, retry_in = ?delay, error = %err,
+            "--join: the coordinator cannot be reached yet; retrying");
+        tokio::time::sleep(delay).await;
+    };
 
     let ca_der = CertificateDer::from_pem_slice(response.ca_certificate_pem.as_bytes()).map_err(|e| {
         Error::invalid_input(format!("enroll answer from {addr}: ca_certificate_pem: not a PEM certificate: {e}"))
@@ -709,11 +783,39 @@ fn refused(addr: &str, status: &Status) -> Error {
     }
 }
 
+/// A seed for retry jitter that differs between machines joining at once.
+fn jitter_seed() -> u64 {
+    let mut bytes = [0u8; 8];
+    match ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes) {
+        Ok(()) => u64::from_le_bytes(bytes),
+        Err(_) => u64::from(std::process::id()),
+    }
+}
+
+/// Where the pinned verifier leaves why it refused a server, so `join` can tell a wrong
+/// server (final) from an unreachable one (retried).
+#[derive(Debug, Clone, Default)]
+struct PinRefusal(Arc<std::sync::Mutex<Option<String>>>);
+
+impl PinRefusal {
+    fn set(&self, reason: String) {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason);
+    }
+
+    fn take(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
+    }
+}
+
 /// A client configuration without a client certificate that accepts the server only if
 /// its chain holds the CA with hash `pin` and verifies against that CA.
 pub fn pinned_client_config(pin: CaPin) -> Arc<ClientConfig> {
+    pinned_client_config_reporting(pin, PinRefusal::default())
+}
+
+fn pinned_client_config_reporting(pin: CaPin, refusal: PinRefusal) -> Arc<ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let verifier = Arc::new(PinnedCaVerifier { pin, provider: Arc::clone(&provider) });
+    let verifier = Arc::new(PinnedCaVerifier { pin, provider: Arc::clone(&provider), refusal });
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions")
@@ -729,6 +831,7 @@ pub fn pinned_client_config(pin: CaPin) -> Arc<ClientConfig> {
 struct PinnedCaVerifier {
     pin: CaPin,
     provider: Arc<CryptoProvider>,
+    refusal: PinRefusal,
 }
 
 impl ServerCertVerifier for PinnedCaVerifier {
@@ -740,20 +843,28 @@ impl ServerCertVerifier for PinnedCaVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        let Some(ca) = intermediates.iter().find(|c| CaPin::of(c) == self.pin) else {
-            return Err(rustls::Error::General(format!(
-                "the server's certificate chain does not contain the CA the bootstrap token pins ({}); \
-                 refusing to send the token",
-                self.pin
-            )));
-        };
-        let mut roots = RootCertStore::empty();
-        roots.add(ca.clone().into_owned()).map_err(|e| rustls::Error::General(format!("the pinned CA: {e}")))?;
-        let inner =
-            rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&self.provider))
-                .build()
-                .map_err(|e| rustls::Error::General(format!("building the pinned verifier: {e}")))?;
-        inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        let verified = (|| {
+            let Some(ca) = intermediates.iter().find(|c| CaPin::of(c) == self.pin) else {
+                return Err(rustls::Error::General(format!(
+                    "the server's certificate chain does not contain the CA the bootstrap token pins ({}); \
+                     refusing to send the token",
+                    self.pin
+                )));
+            };
+            let mut roots = RootCertStore::empty();
+            roots.add(ca.clone().into_owned()).map_err(|e| rustls::Error::General(format!("the pinned CA: {e}")))?;
+            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                Arc::clone(&self.provider),
+            )
+            .build()
+            .map_err(|e| rustls::Error::General(format!("building the pinned verifier: {e}")))?;
+            inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        })();
+        if let Err(e) = &verified {
+            self.refusal.set(e.to_string());
+        }
+        verified
     }
 
     fn verify_tls12_signature(

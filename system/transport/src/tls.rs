@@ -341,13 +341,17 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Writes to a sibling temporary file created with `mode`, syncs, then renames, so a
-/// crash never leaves a half-written key and a key is never readable by others.
+/// crash never leaves a half-written key and a key is never readable by others. The
+/// temporary name is unique to the call, so two writers of one path (two enrollments
+/// of one worker id) cannot trip over each other's file: the last rename wins whole.
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    static NEXT_TMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).map_err(|e| io_err("creating directory", parent, &e))?;
     }
-    let tmp = path.with_extension("tmp");
-    let _ = fs::remove_file(&tmp);
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let unique = NEXT_TMP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_file_name(format!(".{name}.{}.{unique}.tmp", std::process::id()));
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create_new(true)

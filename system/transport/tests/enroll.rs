@@ -32,6 +32,9 @@ fn join_options(addr: &str, token: &BootstrapToken, worker: &str, tls_dir: &Path
         worker: id(worker),
         tls_dir: tls_dir.into(),
         max_message_bytes: 4 << 20,
+        retry_initial: Duration::from_millis(20),
+        retry_max: Duration::from_millis(200),
+        attempts_max: Some(200),
     }
 }
 
@@ -201,6 +204,77 @@ async fn bad_tokens_and_bad_requests_are_refused_with_the_reason() {
     let uses: Vec<_> = list_tokens(&tls_dir).expect("list").into_iter().filter(|(_, used)| used.is_some()).collect();
     assert_eq!(uses.len(), 1, "{uses:?}");
     started.coordinator.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbound_tokens_racing_for_one_new_worker_id_give_it_exactly_one_certificate() {
+    let started = common::start(Config::default(), &["w1"]).await;
+    let tls_dir = started.config.transport.tls_dir.clone();
+    let pin = CaPin::of_file(&CertFiles::ca(&tls_dir).cert).expect("pin");
+    let channel = anonymous_channel(&started.addr, pin);
+    let tokens: Vec<BootstrapToken> =
+        (0..8).map(|_| create_token(&tls_dir, HOUR, None, SystemTime::now()).expect("token")).collect();
+    let calls = tokens.iter().map(|t| {
+        let (channel, token) = (channel.clone(), t.to_string());
+        tokio::spawn(async move { raw_enroll(&channel, &token, "w9", csr_for("w9")).await })
+    });
+    let mut won = 0;
+    for call in calls.collect::<Vec<_>>() {
+        match call.await.expect("join") {
+            Ok(_) => won += 1,
+            Err(status) => assert_refused(&status, Code::AlreadyExists, &["enroll.worker_id", "w9"]),
+        }
+    }
+    assert_eq!(won, 1, "one certificate for w9");
+    // The losers' tokens were not spent: each can still enroll another new id.
+    let used = list_tokens(&tls_dir).expect("list").into_iter().filter(|(_, used)| used.is_some()).count();
+    assert_eq!(used, 1);
+    let mut spare = Vec::new();
+    for (record, used) in list_tokens(&tls_dir).expect("list") {
+        if used.is_none() {
+            spare.push(record.id);
+        }
+    }
+    let loser = tokens.iter().find(|t| spare.contains(&t.id)).expect("an unspent token");
+    raw_enroll(&channel, &loser.to_string(), "w10", csr_for("w10")).await.expect("a loser's token still enrolls");
+    started.coordinator.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_waits_for_a_coordinator_that_is_not_up_yet() {
+    let started = common::start(Config::default(), &[]).await;
+    let tls_dir = started.config.transport.tls_dir.clone();
+    let token = create_token(&tls_dir, HOUR, None, SystemTime::now()).expect("token");
+    started.coordinator.shutdown().await.expect("clean shutdown");
+
+    // The machine starts joining while nothing listens at the address.
+    let machine = tempfile::tempdir().expect("tempdir");
+    let joining = tokio::spawn(enroll::join(join_options(&started.addr, &token, "w6", machine.path())));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!joining.is_finished(), "an unreachable coordinator is retried, not an error");
+
+    let coordinator = rollout_transport::start_coordinator(rollout_transport::CoordinatorOptions {
+        config: started.config.clone(),
+        emitter: Arc::new(MemoryEmitter::new()),
+        listen_addr: Some(started.addr.clone()),
+    })
+    .await
+    .expect("the coordinator starts on the same address");
+    let joined = tokio::time::timeout(Duration::from_secs(10), joining)
+        .await
+        .expect("joined once the coordinator is up")
+        .expect("join task")
+        .expect("enrolled");
+    assert!(matches!(joined, Joined::Enrolled(_)), "{joined:?}");
+
+    // With a bounded number of attempts, a coordinator that never comes says why.
+    coordinator.shutdown().await.expect("clean shutdown");
+    let other = create_token(&tls_dir, HOUR, None, SystemTime::now()).expect("token");
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let opts = JoinOptions { attempts_max: Some(3), ..join_options(&started.addr, &other, "w7", elsewhere.path()) };
+    let err = enroll::join(opts).await.expect_err("nobody listens");
+    assert!(err.retry_hint().is_some(), "unreachable is recoverable: {err}");
+    assert!(err.to_string().contains(&started.addr), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
