@@ -112,6 +112,12 @@ impl Shared {
             }
             txn.commit()
         })();
+        if result.is_ok() {
+            // Durable first, out of flight second: whoever sees the sets gone (a drain)
+            // also sees them durable. A reader in between lays sets over storage that
+            // already holds them: the same values.
+            self.durable.send_modify(|d| d.seq = d.seq.max(last));
+        }
         let mut state = self.lock();
         if state.epoch != current_epoch {
             // Reset while we were committing: whatever we did is the new baseline.
@@ -122,12 +128,7 @@ impl Shared {
                 while state.in_flight.front().is_some_and(|set| set.seq <= last) {
                     state.in_flight.pop_front();
                 }
-                let failed = state.failed.clone();
                 drop(state);
-                self.durable.send_modify(|d| {
-                    d.seq = d.seq.max(last);
-                    d.failed = failed;
-                });
             }
             Err(e) => {
                 let reason = format!("committing write set {last}: {e}");
