@@ -51,16 +51,9 @@ SLOTS=${SLOTS:-4}
 # How long the coordinator stays dead before each restart.
 RESTART_DELAY_MS=${RESTART_DELAY_MS:-200}
 STREAM_TASKS=3
-# HEARTBEAT_MS, SELF_FENCE_MS, ...: the test cluster's health settings.
+# HEARTBEAT_MS, SELF_FENCE_MS, ...: the test cluster's health settings; say, die, now_ms.
+LOG_PREFIX=crash-test
 source scripts/lib/cluster.sh
-
-say() { echo "crash-test: $*"; }
-die() {
-    echo "crash-test: FAILED: $*" >&2
-    exit 1
-}
-now_ms() { date +%s%3N; }
-sleep_ms() { sleep "$(printf '%d.%03d' $(($1 / 1000)) $(($1 % 1000)))"; }
 
 [[ -x $ROLLOUT ]] || die "no rollout binary at $ROLLOUT (run \`make build\` first, or set ROLLOUT)"
 [[ $CRASHES =~ ^[1-9][0-9]*$ ]] || die "CRASHES must be a positive number"

@@ -28,15 +28,9 @@ ROLLOUT=${ROLLOUT:-${CARGO_TARGET_DIR:-$HOME/.cache/rollout/target}/debug/rollou
 ECHO_SO=${ECHO_SO:-$(dirname "$ROLLOUT")/librollout_example_echo.so}
 TASKS_PER_PLUGIN=${TASKS_PER_PLUGIN:-32}
 TASK_MS=300
-# HEARTBEAT_MS, SELF_FENCE_MS, ...: the test cluster's health settings.
+# HEARTBEAT_MS, SELF_FENCE_MS, ...: the test cluster's health settings; say, die, now_ms.
+LOG_PREFIX=smoke
 source scripts/lib/cluster.sh
-
-say() { echo "smoke: $*"; }
-die() {
-    echo "smoke: FAILED: $*" >&2
-    exit 1
-}
-now_ms() { date +%s%3N; }
 
 [[ -x $ROLLOUT ]] || die "no rollout binary at $ROLLOUT (run \`make build\` first, or set ROLLOUT)"
 [[ -f $ECHO_SO ]] || die "no example cdylib at $ECHO_SO (built by \`make build\`; or set ECHO_SO)"

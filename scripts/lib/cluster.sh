@@ -1,5 +1,14 @@
 # Shared by scripts/smoke.sh and scripts/coordinator-crash.sh (sourced, not run): the fast
-# health settings of their test clusters and the config file built from them.
+# health settings of their test clusters, the config file built from them, and the
+# scripts' output helpers. Set LOG_PREFIX (e.g. "smoke") before sourcing.
+
+say() { echo "${LOG_PREFIX:-cluster}: $*"; }
+die() {
+    echo "${LOG_PREFIX:-cluster}: FAILED: $*" >&2
+    exit 1
+}
+now_ms() { date +%s%3N; }
+sleep_ms() { sleep "$(printf '%d.%03d' $(($1 / 1000)) $(($1 % 1000)))"; }
 
 # Health settings (they must pass validate_cross_fields; `rollout plan` checks them).
 HEARTBEAT_MS=200

@@ -212,13 +212,11 @@ impl std::fmt::Debug for CoordinatorDriverOptions {
 pub fn spawn_coordinator_driver(opts: CoordinatorDriverOptions) -> Result<(CoordinatorHandle, JoinHandle<Result<()>>)> {
     let clock = NodeClock::start_with(Arc::clone(&opts.env.wall_clock));
     let pipeline = Arc::new(CommitPipeline::new(opts.storage, opts.env.blocking)?);
-    let storage: Arc<dyn Storage> = Arc::clone(&pipeline) as Arc<dyn Storage>;
-    let machine = Coordinator::recover(Arc::clone(&storage), opts.settings.clone(), clock.now())?;
+    let machine = Coordinator::recover(Arc::clone(&pipeline) as Arc<dyn Storage>, opts.settings.clone(), clock.now())?;
     let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
     let durable = pipeline.durable();
     let driver = Driver {
         machine: Some(machine),
-        storage,
         pipeline,
         durable,
         held: VecDeque::new(),
@@ -255,8 +253,7 @@ struct Held {
 
 struct Driver {
     machine: Option<Coordinator>,
-    /// The pipeline, as the machine sees it.
-    storage: Arc<dyn Storage>,
+    /// The machine's storage.
     pipeline: Arc<CommitPipeline>,
     durable: watch::Receiver<Durability>,
     /// Oldest first; tickets never decrease.
@@ -492,7 +489,8 @@ impl Driver {
             .await
             .map_err(|e| Error::internal(format!("settling the storage pipeline panicked: {e}")))?;
         let _ = self.durable.borrow_and_update();
-        self.machine = Some(Coordinator::recover(Arc::clone(&self.storage), self.settings.clone(), self.clock.now())?);
+        let storage = Arc::clone(&self.pipeline) as Arc<dyn Storage>;
+        self.machine = Some(Coordinator::recover(storage, self.settings.clone(), self.clock.now())?);
         Ok(())
     }
 

@@ -108,8 +108,6 @@ pub async fn run_worker(opts: WorkerRuntimeOptions, channel: Channel) -> Result<
     let (events_tx, mut events) = mpsc::channel(EVENTS_QUEUED_MAX);
     let mut driver = WorkerDriver {
         id: settings.id.to_string(),
-        register_timeout: settings.register_timeout,
-        beat_timeout: settings.health.heartbeat_interval.saturating_mul(2),
         reopen_backoff: Backoff::new(settings.reconnect_backoff_initial, settings.reconnect_backoff_max),
         stamper: Stamper::new(settings.id.as_str()),
         machine: Worker::new(settings, rng_seed),
@@ -165,8 +163,6 @@ pub async fn run_worker(opts: WorkerRuntimeOptions, channel: Channel) -> Result<
 
 struct WorkerDriver {
     id: String,
-    register_timeout: Duration,
-    beat_timeout: Duration,
     /// Delays between re-opens of a broken Control stream (the machine's own schedule).
     reopen_backoff: Backoff,
     machine: Worker,
@@ -313,24 +309,22 @@ impl WorkerDriver {
         self.streams.as_ref().is_some_and(|s| s.session == session)
     }
 
-    /// Notes the coordinator's terms: says so when they differ from this worker's config
-    /// (the coordinator's win), and times beats out on the new schedule.
-    fn log_terms(&mut self, terms: WorkerTerms) {
-        let configured = WorkerTerms::new(&self.machine.settings().health, self.machine.settings().max_result_bytes);
-        if terms.heartbeat_interval != configured.heartbeat_interval
-            || terms.worker_self_fence_timeout != configured.worker_self_fence_timeout
-            || terms.max_result_bytes != configured.max_result_bytes
-        {
+    /// Says so when the coordinator's terms differ from this worker's config (the
+    /// coordinator's win).
+    fn log_terms(&self, terms: WorkerTerms) {
+        let configured = self.machine.settings().terms();
+        if terms != configured {
             tracing::warn!(channel = "register", event = "worker_terms_adopted",
                 heartbeat_interval = ?terms.heartbeat_interval,
                 configured_heartbeat_interval = ?configured.heartbeat_interval,
                 worker_self_fence_timeout = ?terms.worker_self_fence_timeout,
                 configured_worker_self_fence_timeout = ?configured.worker_self_fence_timeout,
+                clock_skew_budget = ?terms.clock_skew_budget,
+                configured_clock_skew_budget = ?configured.clock_skew_budget,
                 max_result_bytes = terms.max_result_bytes,
                 configured_max_result_bytes = configured.max_result_bytes,
                 "following the coordinator's health settings and result limit, which differ from this worker's config");
         }
-        self.beat_timeout = terms.heartbeat_interval.saturating_mul(2);
     }
 
     fn reopen_delay(&mut self) -> Duration {
@@ -371,7 +365,7 @@ impl WorkerDriver {
             match output {
                 WorkerOutput::Send(ToCoordinator::Register(reg)) => {
                     let mut request = tonic::Request::new(wire::register_to_wire(&self.id, reg));
-                    request.set_timeout(self.register_timeout);
+                    request.set_timeout(self.machine.settings().register_timeout);
                     let (mut client, tx) = (self.client.clone(), self.events.clone());
                     tokio::spawn(async move {
                         let answer = client.register(request).await.map(tonic::Response::into_inner);
@@ -381,7 +375,9 @@ impl WorkerDriver {
                 WorkerOutput::Send(ToCoordinator::Heartbeat(beat)) => {
                     let incarnation = beat.incarnation;
                     let mut request = tonic::Request::new(wire::heartbeat_to_wire(&self.id, beat));
-                    request.set_timeout(self.beat_timeout);
+                    // A beat unanswered for two intervals (the schedule the machine follows
+                    // now) is lost; the machine copes.
+                    request.set_timeout(self.machine.terms().heartbeat_interval.saturating_mul(2));
                     let (mut client, tx) = (self.client.clone(), self.events.clone());
                     tokio::spawn(async move {
                         let answer = client.heartbeat(request).await.map(tonic::Response::into_inner);

@@ -135,7 +135,7 @@ impl Worker {
     pub fn new(settings: WorkerSettings, rng_seed: u64) -> Self {
         let backoff = Backoff::new(settings.reconnect_backoff_initial, settings.reconnect_backoff_max);
         Worker {
-            terms: WorkerTerms::new(&settings.health, settings.max_result_bytes),
+            terms: settings.terms(),
             settings,
             rng: SplitMix64::new(rng_seed),
             backoff,

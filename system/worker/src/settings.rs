@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use rollout_core::config::HealthConfig;
+use rollout_core::protocol::WorkerTerms;
 use rollout_core::traits::Inventory;
 use rollout_core::{Config, WorkerId};
 
@@ -48,6 +49,12 @@ pub struct WorkerSettings {
 }
 
 impl WorkerSettings {
+    /// The terms this config gives: what the worker follows until a coordinator answers
+    /// with its own.
+    pub fn terms(&self) -> WorkerTerms {
+        WorkerTerms::new(&self.health, self.max_result_bytes)
+    }
+
     /// Settings from the effective config: health, reconnect backoff and
     /// `limits.max_result_bytes` as configured, `register_timeout = 2 ×
     /// heartbeat_interval`, metrics every [`METRICS_INTERVAL_DEFAULT`], failure messages

@@ -43,8 +43,7 @@ pub fn settings(slots: u32) -> WorkerSettings {
 
 /// The terms a coordinator with the settings of [`settings`] sends.
 pub fn terms() -> WorkerTerms {
-    let s = settings(1);
-    WorkerTerms::new(&s.health, s.max_result_bytes)
+    settings(1).terms()
 }
 
 pub fn worker_id() -> WorkerId {
