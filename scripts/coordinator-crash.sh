@@ -127,7 +127,7 @@ kill_coordinator() {
     kill -0 "$coord_pid" 2>/dev/null && die "the coordinator (pid $coord_pid) survived SIGKILL"
     coord_pid=
 }
-status_json() { "$ROLLOUT" status --config "$cfg" --json 2>/dev/null; }
+status_json() { "$ROLLOUT" status --config "$cfg" --all --json 2>/dev/null; }
 
 say "coordinator on 127.0.0.1:$port, workers w1 and w2 ($SLOTS slots each, built-in echo/sleep)"
 start_coordinator

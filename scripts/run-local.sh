@@ -54,7 +54,7 @@ echo "== status"
 "$ROLLOUT" status
 
 echo "== results (first 3 of the echo job)"
-job=$("$ROLLOUT" status --json | python3 -c 'import json,sys; print(min(j["job"] for j in json.load(sys.stdin)["jobs"] if j["name"]=="demo-echo"))')
+job=$("$ROLLOUT" status --all --json | python3 -c 'import json,sys; print(min(j["job"] for j in json.load(sys.stdin)["jobs"] if j["name"]=="demo-echo"))')
 "$ROLLOUT" results "$job" --bytes | head -3 || true
 
 echo "== shutting down"

@@ -104,7 +104,7 @@ for w in w1 w2; do
     pids+=($!)
 done
 
-status_json() { "$ROLLOUT" status --config "$cfg" --json 2>/dev/null; }
+status_json() { "$ROLLOUT" status --config "$cfg" --all --json 2>/dev/null; }
 
 # Both workers active, each advertising exactly the configured plugins plus the built-ins.
 deadline=$(($(now_ms) + 60000))

@@ -13,7 +13,8 @@
 //! - `no_overlap`: no task runs on two workers at once (strict only when clocks stay
 //!   within the skew budget).
 //! - `no_lost_task` (end): every task of every acknowledged job is held by the
-//!   coordinator exactly once.
+//!   coordinator exactly once, unless the job expired (`job_expired`, after its
+//!   retention), which it may only do once every one of its tasks ended.
 //! - `progress` (end, after faults heal): every such task is terminal.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -67,6 +68,10 @@ pub struct Checker {
     tasks: BTreeMap<TaskId, TaskTrack>,
     /// Workers fenced and not yet registered again.
     fenced: BTreeSet<WorkerId>,
+    /// Accepted jobs and their task counts.
+    accepted: BTreeMap<JobId, u32>,
+    /// Jobs deleted after their retention: no longer held, and never lost.
+    pub expired: BTreeSet<JobId>,
     /// Overlaps seen while `no_overlap` is not strict (reported, not failed).
     pub overlaps: u64,
     /// Committed results seen.
@@ -76,7 +81,15 @@ pub struct Checker {
 impl Checker {
     /// A checker; `strict_overlap` makes `no_overlap` fail the run.
     pub fn new(strict_overlap: bool) -> Self {
-        Checker { strict_overlap, tasks: BTreeMap::new(), fenced: BTreeSet::new(), overlaps: 0, commits: 0 }
+        Checker {
+            strict_overlap,
+            tasks: BTreeMap::new(),
+            fenced: BTreeSet::new(),
+            accepted: BTreeMap::new(),
+            expired: BTreeSet::new(),
+            overlaps: 0,
+            commits: 0,
+        }
     }
 
     /// Judges one record; the first violation it finds.
@@ -153,8 +166,19 @@ impl Checker {
                     t.running.remove(&(worker.clone(), *token));
                 }
             }
-            HistoryEvent::JobAccepted { .. }
-            | HistoryEvent::DeclaredFailed { .. }
+            HistoryEvent::JobAccepted { job, tasks } => {
+                self.accepted.insert(*job, *tasks);
+            }
+            HistoryEvent::JobExpired { job } => {
+                let tasks = self.accepted.get(job).copied().unwrap_or(0);
+                if let Some(index) =
+                    (0..tasks).find(|i| !self.tasks.get(&TaskId::new(*job, *i)).is_some_and(|t| t.terminal))
+                {
+                    return fail("no_lost_task", format!("{job} expired while its task {index} had not ended"));
+                }
+                self.expired.insert(*job);
+            }
+            HistoryEvent::DeclaredFailed { .. }
             | HistoryEvent::DuplicateSubmit { .. }
             | HistoryEvent::StaleRejected { .. }
             | HistoryEvent::Requeued { .. }
@@ -178,7 +202,7 @@ impl Checker {
                 return Err(end("no_lost_task", format!("{task} is held in more than one state")));
             }
         }
-        for (job, tasks) in acked {
+        for (job, tasks) in acked.iter().filter(|(job, _)| !self.expired.contains(job)) {
             for index in 0..*tasks {
                 let task = TaskId::new(*job, index);
                 match states.get(&task) {

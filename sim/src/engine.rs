@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use rollout_coordinator::audit;
 use rollout_coordinator::{
     Coordinator, CoordinatorInput, CoordinatorOutput, CoordinatorSettings, JobSubmission, OperatorReply, TaskSpec,
-    TaskState,
+    TaskState, durable_task_states,
 };
 use rollout_core::history::{HistoryEvent, HistoryRecord};
 use rollout_core::protocol::{ToCoordinator, ToWorker};
@@ -58,15 +58,18 @@ fn slack_ns(scenario: &Scenario) -> u64 {
 }
 
 /// A node's clocks as functions of true time. Both advance at `1 + drift` per true
-/// second; `wall` adds an offset that clock jumps change. `mono` never goes back.
+/// second; `wall` adds an offset that clock jumps change. `mono` never goes back; it
+/// stands still while the node is suspended (`stalled_ns` of true time so far).
 #[derive(Debug, Clone, Copy)]
 struct Clock {
     drift_ppm: i64,
     wall_offset_ns: i128,
+    stalled_ns: u64,
 }
 
 impl Clock {
     fn mono_ns(&self, t: u64) -> u64 {
+        let t = t.saturating_sub(self.stalled_ns);
         (t as i128 * (1_000_000 + self.drift_ppm as i128) / 1_000_000) as u64
     }
 
@@ -81,7 +84,7 @@ impl Clock {
     fn true_time_of(&self, mono: Mono) -> u64 {
         let m = mono.as_duration().as_nanos().min(u64::MAX as u128 / 2) as i128;
         let rate = 1_000_000 + self.drift_ppm as i128;
-        let mut t = ((m * 1_000_000 + rate - 1) / rate).max(0) as u64;
+        let mut t = ((m * 1_000_000 + rate - 1) / rate).max(0) as u64 + self.stalled_ns;
         // Integer rounding may leave us a nanosecond short.
         while (self.mono_ns(t) as i128) < m {
             t += 1;
@@ -129,6 +132,11 @@ enum Ev {
     Fault(usize),
     /// Undoes fault `i` (restart, heal, restore) at the end of its `for_ms`.
     Undo(usize),
+    /// Worker `w` wakes from a pause (of epoch `epoch`).
+    Resume {
+        w: usize,
+        epoch: u64,
+    },
     /// Flapping link of worker `w`: cut (`cut`) or heal, until `until`.
     Flap {
         w: usize,
@@ -216,6 +224,10 @@ struct WorkerNode {
     timer_at: Option<u64>,
     /// Plugin runs on this host; an entry lives until its `TaskFinished` is delivered.
     runs: BTreeMap<(TaskId, FencingToken), Run>,
+    /// Suspended since then until the `Resume` event: everything aimed at the host
+    /// waits for it, in `held`.
+    paused_since: Option<u64>,
+    held: VecDeque<Ev>,
 }
 
 /// One coordinator–worker connection: FIFO per direction, like a TCP stream.
@@ -372,8 +384,8 @@ struct Sim {
     fault_log: Vec<FaultSpan>,
     stale_rejected: u64,
     audit_entries: u64,
-    /// Each node's total wall-clock steps so far, ms.
-    jumped_ms: BTreeMap<String, i64>,
+    /// Every task's state on the coordinator's disk at the end.
+    final_states: Vec<(TaskId, TaskState)>,
 }
 
 /// Runs `scenario` with `seed` to its end or its first violation.
@@ -459,6 +471,7 @@ impl Sim {
             Clock {
                 drift_ppm: rng.below(2 * drift + 1) as i64 - drift as i64,
                 wall_offset_ns: rng.below(2 * off + 1) as i128 - off as i128,
+                stalled_ns: 0,
             }
         };
         let config = scenario.effective_config().map_err(|e| setup(format!("config: {e}")))?;
@@ -488,6 +501,8 @@ impl Sim {
                 timer_generation: 0,
                 timer_at: None,
                 runs: BTreeMap::new(),
+                paused_since: None,
+                held: VecDeque::new(),
             });
         }
         let links = (0..workers.len()).map(|_| Link::default()).collect();
@@ -508,7 +523,7 @@ impl Sim {
             fault_log: Vec::new(),
             stale_rejected: 0,
             audit_entries: 0,
-            jumped_ms: BTreeMap::new(),
+            final_states: Vec::new(),
             now: 0,
             queue: BTreeMap::new(),
             next_seq: 0,
@@ -577,6 +592,7 @@ impl Sim {
             Ev::PluginFinish { w, run, .. } => ("plugin_finish", *w as u64, *run),
             Ev::Fault(i) => ("fault", *i as u64, 0),
             Ev::Undo(i) => ("undo", *i as u64, 0),
+            Ev::Resume { w, epoch } => ("resume", *w as u64, *epoch),
             Ev::Flap { w, cut, .. } => ("flap", *w as u64, u64::from(*cut)),
             Ev::PowerRestore { epoch } => ("power_restore", *epoch, 0),
             Ev::Keepalive { w, generation, .. } => ("keepalive", *w as u64, *generation),
@@ -633,6 +649,13 @@ impl Sim {
                     }
                 }
             }
+            Ev::WorkerTimer { w, .. } | Ev::ToWorker { w, .. } | Ev::PluginFinish { w, .. }
+                if self.workers[w].paused_since.is_some() =>
+            {
+                // A suspended host reads nothing and runs nothing: it all happens on resume.
+                self.workers[w].held.push_back(ev);
+            }
+            Ev::Resume { w, epoch } => self.resume(w, epoch),
             Ev::WorkerTimer { w, generation } => {
                 if generation == self.workers[w].timer_generation {
                     self.workers[w].timer_at = None;
@@ -954,7 +977,7 @@ impl Sim {
                     None => self.fail("sim", format!("coordinator sent to unknown worker {to}")),
                 },
                 CoordinatorOutput::Reply { request, reply } => self.operator_reply(request, reply),
-                CoordinatorOutput::Event(_) => {}
+                CoordinatorOutput::Event(_) | CoordinatorOutput::Notice(_) => {}
             }
         }
         if !self.coord.inbox.is_empty() && !self.coord.run_scheduled {
@@ -1042,6 +1065,11 @@ impl Sim {
         let node = &mut self.workers[w];
         if node.machine.take().is_none() {
             return;
+        }
+        // A suspended host that dies stays dead: what it held is gone with it.
+        if let Some(since) = node.paused_since.take() {
+            node.clock.stalled_ns += self.now - since;
+            node.held.clear();
         }
         node.epoch += 1;
         node.timer_generation += 1;
@@ -1195,26 +1223,13 @@ impl Sim {
                 self.reset_link(w, "reset");
             }
             (FaultKind::ClockJump, Some(node)) => {
+                // A step of any size is no disturbance to the liveness checks: the
+                // coordinator keeps deadlines on its own monotonic clock.
                 let by_ms = fault.by_ms.unwrap_or(0);
                 let by = i128::from(by_ms) * NS_PER_MS as i128;
-                let budget = self.worker_config.health.clock_skew_budget.as_millis() as i64;
-                // A step within half the budget keeps every pair of clocks within it
-                // (offsets are drawn within the scenario's own bound).
-                let total = self.jumped_ms.entry(name.clone()).or_insert(0);
-                *total += by_ms;
-                let beyond = total.unsigned_abs() as i64 * 2 > budget;
                 match node {
-                    NodeRef::Coordinator => {
-                        self.coord.clock.wall_offset_ns += by;
-                        let change = if beyond { CoordEnv::ClockStepped } else { CoordEnv::Disturbed };
-                        self.liveness.coord_env(self.now, change);
-                    }
-                    NodeRef::Worker(w) => {
-                        self.workers[w].clock.wall_offset_ns += by;
-                        let id = self.workers[w].id.clone();
-                        let change = if beyond { Env::ClockStepped } else { Env::Disturbed };
-                        self.liveness.worker_env(self.now, &id, change);
-                    }
+                    NodeRef::Coordinator => self.coord.clock.wall_offset_ns += by,
+                    NodeRef::Worker(w) => self.workers[w].clock.wall_offset_ns += by,
                 }
                 self.instant_span(&name, format!("clock {by_ms:+} ms"));
             }
@@ -1237,6 +1252,19 @@ impl Sim {
                 self.coord.commit_latency_ns = ms * NS_PER_MS;
                 self.liveness.coord_env(self.now, CoordEnv::Disturbed);
                 self.open_span(&name, format!("fsync {ms} ms"));
+            }
+            (FaultKind::Pause, Some(NodeRef::Worker(w))) => {
+                let node = &mut self.workers[w];
+                if node.machine.is_none() || node.paused_since.is_some() {
+                    return;
+                }
+                node.paused_since = Some(self.now);
+                let (epoch, id) = (node.epoch, node.id.clone());
+                // To the coordinator it is as if the link were cut both ways.
+                self.liveness.worker_env(self.now, &id, Env::Link { up: false, down: false });
+                self.open_span(&name, "paused".into());
+                self.push(undo_at.unwrap_or(self.now), Ev::Resume { w, epoch });
+                return;
             }
             (FaultKind::Drain, Some(NodeRef::Worker(w))) => {
                 let request = self.operator_request();
@@ -1302,6 +1330,31 @@ impl Sim {
             }
             _ => {}
         }
+    }
+
+    /// The end of a pause: the monotonic clock carries on from where it stood (it lost
+    /// the pause), the wall clock is right again (the host's time sync), and what
+    /// arrived or fell due meanwhile happens now, in order.
+    fn resume(&mut self, w: usize, epoch: u64) {
+        let node = &mut self.workers[w];
+        if node.epoch != epoch {
+            return;
+        }
+        let Some(since) = node.paused_since.take() else { return };
+        let paused = self.now - since;
+        node.clock.stalled_ns += paused;
+        node.clock.wall_offset_ns += paused as i128;
+        let held: Vec<Ev> = node.held.drain(..).collect();
+        let id = node.id.clone();
+        self.close_span(id.as_str(), "paused");
+        let link = &self.links[w];
+        let (up, down) = (!link.blocked_up, !link.blocked_down);
+        self.liveness.worker_env(self.now, &id, Env::Link { up, down });
+        for ev in held {
+            self.dispatch(ev);
+        }
+        // Timers set while it slept were set on a clock that stood still.
+        self.worker_set_timer(w);
     }
 
     fn heal(&mut self, w: usize) {
@@ -1417,10 +1470,17 @@ impl Sim {
         let Some(coord) = coord else {
             return self.fail("coordinator_recovery", "the final state could not be recovered from disk".into());
         };
-        let held: Vec<(TaskId, FinalState)> = coord
-            .task_states()
-            .map(|(t, s)| (t, if s.is_terminal() { FinalState::Terminal } else { FinalState::Pending }))
+        // Judged from what its disk holds, not from the machine's memory.
+        let durable = self.coord.disk.open(true).and_then(|s| durable_task_states(&*s).map_err(|e| e.to_string()));
+        let states = match durable {
+            Ok(states) => states,
+            Err(e) => return self.fail("coordinator_recovery", format!("reading the final task states: {e}")),
+        };
+        let held: Vec<(TaskId, FinalState)> = states
+            .iter()
+            .map(|(t, s)| (*t, if s.is_terminal() { FinalState::Terminal } else { FinalState::Pending }))
             .collect();
+        self.final_states = states;
         let progress = self.scenario.invariants.progress;
         if progress && self.acked.len() < self.scenario.workload.jobs as usize {
             let missing = self.scenario.workload.jobs as usize - self.acked.len();
@@ -1440,13 +1500,11 @@ impl Sim {
 
     fn report(mut self, seed: u64) -> RunReport {
         let (mut committed, mut dead_lettered) = (0, 0);
-        if let Some(c) = &self.coord.machine {
-            for (_, s) in c.task_states() {
-                match s {
-                    TaskState::Committed { .. } => committed += 1,
-                    TaskState::DeadLettered => dead_lettered += 1,
-                    _ => {}
-                }
+        for (_, s) in &self.final_states {
+            match s {
+                TaskState::Committed { .. } => committed += 1,
+                TaskState::DeadLettered => dead_lettered += 1,
+                _ => {}
             }
         }
         let _ = writeln!(HashWriter(&mut self.hasher), "end {} {:?}", self.now, self.violation);
@@ -1485,7 +1543,7 @@ mod tests {
     #[test]
     fn clock_inverse_is_exact_and_monotonic() {
         for drift_ppm in [-500, 0, 7, 999] {
-            let c = Clock { drift_ppm, wall_offset_ns: 0 };
+            let c = Clock { drift_ppm, wall_offset_ns: 0, stalled_ns: 0 };
             let mut prev = 0;
             for t in [0u64, 1, 999, 1_000_000, 123_456_789_012] {
                 let m = c.mono_ns(t);

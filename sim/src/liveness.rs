@@ -8,11 +8,12 @@
 //!
 //! Bounds (DESIGN.md, "Liveness"), in true time, with `slack` covering clock offsets,
 //! network latency and commit latency:
-//! - `detect`: a registered worker cut off at `t0` (crashed, or its link to the
-//!   coordinator cut) is declared failed by `t0 + 2 × heartbeat_interval +
-//!   max(failure_timeout, skew_budget) + scan_interval + slack` (its last `due_at` is at
-//!   most two intervals after its last beat). A coordinator restart moves the bound to
-//!   `restart + max(failure_timeout, skew_budget) + scan_interval + slack`.
+//! - `detect`: a registered worker cut off at `t0` (crashed, suspended, or its link to
+//!   the coordinator cut) is declared failed by `t0 + 2 × heartbeat_interval +
+//!   skew_budget + max(failure_timeout, skew_budget) + scan_interval + slack` (the
+//!   deadline the coordinator keeps is at most two intervals and the skew budget after
+//!   the last beat's arrival, on its own clock). A coordinator restart moves the bound
+//!   to `restart + max(failure_timeout, skew_budget) + scan_interval + slack`.
 //! - `rejoin`: a worker whose link is healthy again, alive and not registered at the
 //!   coordinator, is registered again by `reconnect_backoff_max + heartbeat_interval +
 //!   slack` after the heal (or after being declared failed while healthy, or after the
@@ -21,9 +22,10 @@
 //!   slow link, reset, lost message, clock jump, coordinator crash or slow disk) within
 //!   `failure_timeout + 2 × heartbeat_interval + scan_interval + slack` before.
 //!
-//! Workers whose clock (or the coordinator's) was stepped are exempt from all three:
-//! a clock beyond the skew budget makes `due_at` lie, which is exactly the case the
-//! design allows to misbehave (fencing still holds).
+//! Clocks are not exempt: the coordinator keeps every deadline on its own monotonic
+//! clock and lets a worker's `due_at` move it by the skew budget at most, so a wall
+//! clock stepped by any amount, on a worker or on the coordinator, must break none of
+//! the three.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -52,8 +54,6 @@ pub enum Env {
     /// Something that may legitimately delay beats: a lost message, a reset, a slow
     /// link starting or ending.
     Disturbed,
-    /// The worker's wall clock was stepped.
-    ClockStepped,
 }
 
 /// A change in the coordinator's environment.
@@ -65,8 +65,6 @@ pub enum CoordEnv {
     Up,
     /// Slow disk or anything else that may delay its batches.
     Disturbed,
-    /// Its wall clock was stepped.
-    ClockStepped,
 }
 
 /// The bounds, in ns of true time.
@@ -90,8 +88,9 @@ impl Bounds {
         let grace = ns(h.coordinator_failure_timeout.max(h.clock_skew_budget));
         let beat = ns(h.heartbeat_interval);
         let scan = ns(h.failure_scan_interval);
+        let skew = ns(h.clock_skew_budget);
         Bounds {
-            detect_ns: 2 * beat + grace + scan + slack_ns,
+            detect_ns: 2 * beat + skew + grace + scan + slack_ns,
             detect_after_restart_ns: grace + scan + slack_ns,
             rejoin_ns: ns(config.transport.reconnect_backoff_max) + beat + slack_ns,
             quiet_ns: ns(h.coordinator_failure_timeout) + 2 * beat + scan + slack_ns,
@@ -107,7 +106,6 @@ struct WorkerTrack {
     /// Registered at the coordinator (from the history).
     registered: bool,
     disturbed_at: u64,
-    clock_stepped: bool,
     /// Declared failed by then, or violation.
     detect_by: Option<u64>,
     /// Registered again by then, or violation.
@@ -124,7 +122,6 @@ pub struct Liveness {
     workers: BTreeMap<WorkerId, WorkerTrack>,
     coord_up: bool,
     coord_disturbed_at: u64,
-    coord_clock_stepped: bool,
     /// The earliest pending bound (kept current: the simulator asks after every event).
     next: Option<u64>,
 }
@@ -143,7 +140,6 @@ impl Liveness {
             down: true,
             registered: false,
             disturbed_at: 0,
-            clock_stepped: false,
             detect_by: None,
             rejoin_by: None,
         };
@@ -154,17 +150,12 @@ impl Liveness {
             workers: workers.into_iter().map(|w| (w, track.clone())).collect(),
             coord_up: true,
             coord_disturbed_at: 0,
-            coord_clock_stepped: false,
             next: None,
         }
     }
 
     fn refresh(&mut self) {
         self.next = self.workers.values().flat_map(|w| [w.detect_by, w.rejoin_by]).flatten().min();
-    }
-
-    fn exempt(&self, w: &WorkerTrack) -> bool {
-        w.clock_stepped || self.coord_clock_stepped
     }
 
     /// A worker's environment changed at true time `t`.
@@ -180,7 +171,6 @@ impl Liveness {
                 w.down = down;
             }
             Env::Disturbed => {}
-            Env::ClockStepped => w.clock_stepped = true,
         }
         w.disturbed_at = t;
         let cut = !w.alive || !w.up;
@@ -231,7 +221,6 @@ impl Liveness {
                 }
             }
             CoordEnv::Disturbed => {}
-            CoordEnv::ClockStepped => self.coord_clock_stepped = true,
         }
         self.refresh();
     }
@@ -261,16 +250,10 @@ impl Liveness {
             HistoryEvent::DeclaredFailed { worker, .. } => {
                 let quiet = self.bounds.quiet_ns;
                 let coord_disturbed_at = self.coord_disturbed_at;
-                let coord_stepped = self.coord_clock_stepped;
                 let Some(w) = self.workers.get_mut(worker) else { return Ok(()) };
                 let healthy = w.alive && w.up && w.down;
                 let undisturbed_since = w.disturbed_at.max(coord_disturbed_at);
-                if self.strict_false_failure
-                    && healthy
-                    && !w.clock_stepped
-                    && !coord_stepped
-                    && t.saturating_sub(undisturbed_since) > quiet
-                {
+                if self.strict_false_failure && healthy && t.saturating_sub(undisturbed_since) > quiet {
                     return Err(Violation {
                         invariant: "no_false_failure",
                         seq,
@@ -299,9 +282,6 @@ impl Liveness {
             return Ok(());
         }
         for (id, w) in &self.workers {
-            if self.exempt(w) {
-                continue;
-            }
             if let Some(by) = w.detect_by
                 && t > by
             {
@@ -410,11 +390,11 @@ mod tests {
     }
 
     #[test]
-    fn stepped_clocks_are_exempt() {
+    fn a_worker_that_dies_is_detected_in_time_whatever_its_clock_did() {
+        // Clocks are no excuse: the environment knows no clock changes at all.
         let mut l = checker();
         l.observe(S, &rec(0, registered())).expect("fine");
-        l.worker_env(2 * S, &w1(), Env::ClockStepped);
         l.worker_env(10 * S, &w1(), Env::WorkerDown);
-        assert!(l.tick(60 * S).is_ok());
+        assert_eq!(l.tick(60 * S).expect_err("never declared").invariant, "detect");
     }
 }

@@ -60,6 +60,21 @@ impl Storage for ModelStorage {
     fn scan(&self, prefix: &[u8]) -> Result<Vec<KeyValue>> {
         Ok(scan_map(&self.lock(), prefix))
     }
+
+    fn scan_page(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<KeyValue>> {
+        use std::ops::Bound;
+        let start = match after {
+            Some(after) if after >= prefix => Bound::Excluded(after.to_vec()),
+            _ => Bound::Included(prefix.to_vec()),
+        };
+        Ok(self
+            .lock()
+            .range((start, Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
 }
 
 /// Writes staged over the committed map: `None` is a delete.

@@ -351,6 +351,11 @@ pub enum FaultKind {
     CancelJob,
     /// The operator cancels task `task` of workload job number `job`.
     CancelTask,
+    /// The worker's whole host is suspended for `for_ms` (a VM pause, SIGSTOP): it
+    /// handles nothing and sends nothing, its plugin runs stand still, and its
+    /// monotonic clock does not advance, so on resume it believes almost no time has
+    /// passed and carries on. The classic split brain fencing tokens exist for.
+    Pause,
 }
 
 /// Which way a partition drops messages.
@@ -502,7 +507,12 @@ impl Scenario {
             };
             let needs_worker = matches!(
                 fault.kind,
-                FaultKind::Partition | FaultKind::Reset | FaultKind::Slow | FaultKind::Flap | FaultKind::Drain
+                FaultKind::Partition
+                    | FaultKind::Reset
+                    | FaultKind::Slow
+                    | FaultKind::Flap
+                    | FaultKind::Drain
+                    | FaultKind::Pause
             );
             let needs_coordinator = matches!(fault.kind, FaultKind::DiskLatency | FaultKind::PowerCut);
             let operator = matches!(fault.kind, FaultKind::CancelJob | FaultKind::CancelTask);
@@ -530,6 +540,7 @@ impl Scenario {
                         | FaultKind::Slow
                         | FaultKind::Flap
                         | FaultKind::DiskLatency
+                        | FaultKind::Pause
                 ),
                 "latency_ms" => matches!(fault.kind, FaultKind::Slow | FaultKind::DiskLatency),
                 "period_ms" => fault.kind == FaultKind::Flap,
@@ -547,6 +558,7 @@ impl Scenario {
             let required: &[(&str, bool)] = match fault.kind {
                 FaultKind::Slow | FaultKind::DiskLatency => &[("latency_ms", fault.latency_ms.is_some())],
                 FaultKind::Flap => &[("period_ms", fault.period_ms.is_some()), ("for_ms", fault.for_ms.is_some())],
+                FaultKind::Pause => &[("for_ms", fault.for_ms.is_some())],
                 _ => &[],
             };
             for (field, present) in required {

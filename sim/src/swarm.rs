@@ -64,13 +64,17 @@ pub fn draw(scenario: &Scenario, config: &Config, rng: &mut SplitMix64) -> Vec<F
             }
             FaultKind::Reset => {}
             FaultKind::ClockJump => {
-                // Within the skew budget: a quarter of it either way.
+                // Half within the skew budget (a quarter of it either way), half far
+                // beyond it (up to a minute): the coordinator keeps deadlines on its own
+                // clock, so neither may make any invariant fail.
                 let quarter = (budget_ms / 4).max(1);
-                fault.by_ms = Some(rng.below(2 * quarter as u64 + 1) as i64 - quarter);
+                let reach = if rng.below(2) == 0 { quarter } else { 60_000 };
+                fault.by_ms = Some(rng.below(2 * reach as u64 + 1) as i64 - reach);
                 if rng.below(workers + 1) == 0 {
                     fault.node = Some("coordinator".into());
                 }
             }
+            FaultKind::Pause => fault.for_ms = for_ms,
             FaultKind::DiskLatency => {
                 fault.node = Some("coordinator".into());
                 fault.latency_ms = Some(5 + rng.below(300));

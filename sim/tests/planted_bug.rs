@@ -8,7 +8,7 @@ use sim::{Scenario, run, scenarios_dir};
 #[test]
 fn a_planted_fencing_bug_is_found_within_k_seeds_and_shrunk() {
     const K: u64 = 10;
-    let mut scenario = Scenario::load("clock_skew_beyond_budget", &scenarios_dir()).expect("ships");
+    let mut scenario = Scenario::load("process_pause", &scenarios_dir()).expect("ships");
     assert!(run(&scenario, 0).violation.is_none(), "without the bug the scenario passes");
     scenario.planted_bug = Some("skip_fencing_check".into());
     let found = (0..K).find_map(|seed| run(&scenario, seed).violation.map(|v| (seed, v)));

@@ -44,6 +44,7 @@ fn the_required_scenarios_ship() {
         "duplicate_and_reorder",
         "clock_skew_within_budget",
         "clock_skew_beyond_budget",
+        "process_pause",
         "slow_disk_fsync",
         "drain_and_cancel",
         "swarm",
@@ -85,8 +86,8 @@ fn same_seed_same_trace_hash_different_seed_different_hash() {
 }
 
 #[test]
-fn beyond_the_skew_budget_overlap_happens_and_fencing_still_holds() {
-    let scenario = Scenario::load("clock_skew_beyond_budget", &scenarios_dir()).expect("ships");
+fn a_suspended_worker_makes_runs_overlap_and_fencing_still_holds() {
+    let scenario = Scenario::load("process_pause", &scenarios_dir()).expect("ships");
     let (mut overlaps, mut stale) = (0, 0);
     for seed in 0..6 {
         let report = run(&scenario, seed);
@@ -96,6 +97,19 @@ fn beyond_the_skew_budget_overlap_happens_and_fencing_still_holds() {
     }
     assert!(overlaps > 0, "split brain never produced overlapping runs in 6 seeds");
     assert!(stale > 0, "no stale submit was ever rejected in 6 seeds");
+}
+
+#[test]
+fn clocks_far_beyond_the_budget_break_nothing_not_even_overlap() {
+    // Strict everything, over more seeds than the default three: a worker's clock (an
+    // hour off, 30 s back, 20 s ahead) and the coordinator's (45 s ahead) decide nothing.
+    let scenario = Scenario::load("clock_skew_beyond_budget", &scenarios_dir()).expect("ships");
+    assert!(scenario.invariants.no_overlap && scenario.invariants.no_false_failure && scenario.invariants.liveness);
+    for seed in 0..8 {
+        let report = run(&scenario, seed);
+        assert!(report.violation.is_none(), "seed {seed}: {:?}", report.violation);
+        assert_eq!(report.overlaps, 0, "seed {seed}");
+    }
 }
 
 #[test]

@@ -30,8 +30,8 @@ use std::time::{Duration, SystemTime};
 use rollout_coordinator::CoordinatorSettings;
 use rollout_core::history::{HistoryEvent, HistoryRecord};
 use rollout_core::time::unix_millis;
-use rollout_core::traits::{EventEmitter, Inventory, ObjectStore, PluginHost, Storage};
-use rollout_core::{Config, ContentId, TaskId, WorkerId};
+use rollout_core::traits::{EventEmitter, Inventory, PluginHost, Storage};
+use rollout_core::{Config, TaskId, WorkerId};
 use rollout_proto::transport as pb;
 use rollout_proto::transport::operator_client::OperatorClient;
 use rollout_storage::{CrashMode, MemDisk, RedbStorage};
@@ -40,8 +40,8 @@ use rollout_transport::net::{Dialer, TlsConnector, lazy_channel};
 use rollout_transport::tls::{self, CertFiles};
 use rollout_transport::worker::{WorkerRuntimeOptions, run_worker};
 use rollout_transport::{
-    BlockingWork, BuiltinPlugins, CoordinatorApi, NodeEnv, ResultStore, WallClock, ensure_dev_ca, issue_client_cert,
-    issue_operator_cert, issue_server_cert, serve_coordinator,
+    BlockingWork, BuiltinPlugins, CoordinatorApi, NodeEnv, ResultStore, ServeLimits, WallClock, ensure_dev_ca,
+    issue_client_cert, issue_operator_cert, issue_server_cert, serve_coordinator,
 };
 use rollout_worker::WorkerSettings;
 use sim::checker::{RecordedVerdict, check_recorded, merge_histories};
@@ -130,47 +130,6 @@ impl WallClock for HostWallClock {
     }
 }
 
-/// Content-addressed results in memory (the object store outlives the coordinator's
-/// host, as a disk does).
-#[derive(Debug, Default)]
-struct MemObjects {
-    objects: Mutex<BTreeMap<ContentId, Vec<u8>>>,
-}
-
-impl MemObjects {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ContentId, Vec<u8>>> {
-        self.objects.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-impl ObjectStore for MemObjects {
-    fn put(&self, bytes: &[u8]) -> rollout_core::Result<ContentId> {
-        let id = ContentId::of(bytes);
-        self.lock().entry(id).or_insert_with(|| bytes.to_vec());
-        Ok(id)
-    }
-
-    fn put_stream(&self, reader: &mut dyn io::Read) -> rollout_core::Result<ContentId> {
-        let mut bytes = Vec::new();
-        reader.read_to_end(&mut bytes).map_err(|e| rollout_core::Error::internal(e.to_string()))?;
-        self.put(&bytes)
-    }
-
-    fn get(&self, id: &ContentId) -> rollout_core::Result<Vec<u8>> {
-        self.lock().get(id).cloned().ok_or_else(|| rollout_core::Error::internal(format!("object not found: {id}")))
-    }
-
-    fn get_stream(&self, id: &ContentId, writer: &mut dyn io::Write) -> rollout_core::Result<u64> {
-        let bytes = self.get(id)?;
-        writer.write_all(&bytes).map_err(|e| rollout_core::Error::internal(e.to_string()))?;
-        Ok(bytes.len() as u64)
-    }
-
-    fn exists(&self, id: &ContentId) -> rollout_core::Result<bool> {
-        Ok(self.lock().contains_key(id))
-    }
-}
-
 /// Dials the coordinator over turmoil's TCP.
 #[derive(Debug, Clone, Copy)]
 struct TurmoilDialer;
@@ -188,7 +147,6 @@ impl Dialer for TurmoilDialer {
 struct CoordinatorNode {
     config: Config,
     disk: MemDisk,
-    objects: Arc<MemObjects>,
     history: Arc<Recorder>,
     wall: HostWallClock,
     tls: Arc<rustls::ServerConfig>,
@@ -199,7 +157,7 @@ impl CoordinatorNode {
         let storage: Arc<dyn Storage> = Arc::new(RedbStorage::open_in_memory(&self.disk)?);
         // Never sent: the host runs until turmoil crashes it.
         let (_running, shutdown) = watch::channel(false);
-        let results = ResultStore::new(Arc::clone(&storage), self.objects);
+        let results = ResultStore::new(Arc::clone(&storage));
         let (handle, driver) = spawn_coordinator_driver(CoordinatorDriverOptions {
             storage,
             settings: CoordinatorSettings::from_config(&self.config),
@@ -207,17 +165,17 @@ impl CoordinatorNode {
             shutdown,
             env: NodeEnv { wall_clock: Arc::new(self.wall), blocking: BlockingWork::Inline },
         })?;
-        let api = CoordinatorApi::new(handle, results).with_blocking(BlockingWork::Inline);
+        let api = CoordinatorApi::new(handle, results, &self.config);
         let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;
         let incoming = futures_util::stream::unfold(listener, |listener| async move {
             let accepted = listener.accept().await.map(|(io, peer)| (io, peer.to_string()));
             Some((accepted, listener))
         });
-        let max_message_bytes = self.config.limits.max_message_bytes as usize;
+        let limits = ServeLimits::from_config(&self.config);
         tokio::select! {
             biased;
             stopped = driver => Err(format!("the coordinator driver stopped: {stopped:?}").into()),
-            served = serve_coordinator(api, incoming, self.tls, max_message_bytes, std::future::pending()) => {
+            served = serve_coordinator(api, incoming, self.tls, limits, std::future::pending()) => {
                 Err(format!("the coordinator's server stopped: {served:?}").into())
             }
         }
@@ -301,7 +259,6 @@ impl Cluster {
         let node = CoordinatorNode {
             config: config.clone(),
             disk: disk.clone(),
-            objects: Arc::new(MemObjects::default()),
             history: Arc::clone(&coordinator),
             wall: clocks.entry(COORDINATOR.to_owned()).or_insert_with(HostWallClock::default).clone(),
             tls: tls::server_config(&ca, &CertFiles::coordinator(dir)).expect("server TLS"),

@@ -145,9 +145,16 @@ enum Command {
     ///
     /// One task per line: {"plugin": "echo", "payload": "text"}, with optional "method"
     /// (default "run"), "gpus", "deadline_ms" and "job" (lines with the same "job"
-    /// label form one job; without it, all lines form one job named after the file).
-    /// A hash of each job's lines is its idempotency key, so re-running the same
-    /// command does not queue the same tasks twice.
+    /// label form one job, at most 64 labels; without it, all lines form one job named
+    /// after the file). A hash of each job's lines is its idempotency key, so re-running
+    /// the same command does not queue the same tasks twice, and a submit that was cut
+    /// off resumes where it stopped.
+    ///
+    /// The file is read twice, in bounded memory whatever its size: once to check every
+    /// line (errors name the line and the limit, e.g. limits.max_payload_bytes or
+    /// limits.max_tasks_per_job) before anything is sent, then to stream each job in
+    /// batches that fit limits.max_message_bytes. Nothing of a job runs until all of it
+    /// is queued. An unreachable or restarting coordinator is retried for 30 s.
     Submit {
         #[command(flatten)]
         op: OperatorArgs,
@@ -157,15 +164,34 @@ enum Command {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Show workers (state, last beat, due_at, inventory), jobs with progress, and latency percentiles.
+    /// Show cluster totals, workers (state, last beat, due_at, clock offset, inventory),
+    /// jobs with progress, and latency percentiles.
+    ///
+    /// By default: open and active jobs and the most recently finished ones (--finished),
+    /// and up to 1000 workers; --all lists every worker and every job the coordinator
+    /// keeps (finished jobs are deleted after tasks.job_retention), --job one job. The
+    /// clock column is each worker's wall clock minus the coordinator's as its latest
+    /// beat showed it (deadlines are kept on the coordinator's clock either way).
     Status {
         #[command(flatten)]
         op: OperatorArgs,
         /// Print the raw status as JSON.
         #[arg(long)]
         json: bool,
+        /// Every worker and every job kept, page after page.
+        #[arg(long, conflicts_with = "job")]
+        all: bool,
+        /// Only this job (e.g. 3 or job-3).
+        #[arg(long, value_name = "JOB")]
+        job: Option<String>,
+        /// How many recently finished jobs to show.
+        #[arg(long, value_name = "N", default_value_t = 10)]
+        finished: u32,
     },
     /// Print every task of a job (state, attempts, content id, errors) as JSON lines.
+    ///
+    /// Read from the coordinator's storage a page at a time, so a job of any size
+    /// streams. A job deleted after tasks.job_retention fails with a message saying so.
     Results {
         #[command(flatten)]
         op: OperatorArgs,
@@ -174,6 +200,9 @@ enum Command {
         /// Include the result bytes (as UTF-8 text where possible, else hex).
         #[arg(long)]
         bytes: bool,
+        /// Start at this task index (to resume an interrupted listing).
+        #[arg(long, value_name = "INDEX", default_value_t = 0)]
+        from: u32,
     },
     /// Cancel every task of a job that has not finished.
     Cancel {
@@ -342,8 +371,15 @@ async fn run_async(command: Command) -> Result<(), Error> {
             run::worker(&common, &id, slots, coordinator, join, history).await
         }
         Command::Submit { op, file, no_wait } => ops::submit(&op, &file, !no_wait).await,
-        Command::Status { op, json } => ops::status(&op, json).await,
-        Command::Results { op, job, bytes } => ops::results(&op, &job, bytes).await,
+        Command::Status { op, json, all, job, finished } => {
+            let view = match (all, job) {
+                (true, _) => ops::StatusView::All,
+                (false, Some(job)) => ops::StatusView::Job(ops::parse_job(&job)?),
+                (false, None) => ops::StatusView::Current { recent: finished },
+            };
+            ops::status(&op, json, view).await
+        }
+        Command::Results { op, job, bytes, from } => ops::results(&op, &job, bytes, from).await,
         Command::Cancel { op, job } => ops::cancel(&op, &job).await,
         Command::Drain { op, worker } => ops::drain(&op, &worker).await,
         Command::Plan { .. }

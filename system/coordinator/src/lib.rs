@@ -10,17 +10,26 @@
 //! (postcard, serde, sha2, hdrhistogram); iteration order is deterministic (BTreeMap).
 
 pub mod audit;
+mod dispatch;
+mod jobs;
 mod machine;
 pub mod metrics;
 mod records;
+mod status;
+mod submits;
+mod workers;
 
 #[cfg(feature = "planted-bugs")]
 pub use machine::PlantedBugs;
 pub use machine::{
-    Coordinator, CoordinatorInput, CoordinatorOutput, CoordinatorSettings, JobStatus, JobSubmission, OperatorReply,
-    PLANTED_BUGS, RequestId, TaskReport, WorkerStatus,
+    ASSIGN_BYTES_PER_BATCH_MAX, Coordinator, CoordinatorInput, CoordinatorOutput, CoordinatorSettings,
+    DELETIONS_PER_BATCH_MAX, JobSubmission, NOTICE_INTERVAL, Notice, OperatorReply, PLANTED_BUGS, RequestId,
 };
-pub use records::{TaskSpec, TaskState, WorkerState, stored_result};
+pub use records::{
+    FORMAT_VERSION, JobLookup, StoredJob, TaskCounts, TaskReport, TaskShape, TaskSpec, TaskState, WorkerState,
+    durable_task_states, stored_job, stored_result, stored_task_reports,
+};
+pub use status::{ClusterTotals, JobPhase, JobStatus, JobsQuery, StatusPage, StatusQuery, WorkerStatus};
 
 #[cfg(test)]
 mod prop_tests;

@@ -1,25 +1,21 @@
-//! The coordinator state machine.
+//! The coordinator state machine: its types, its batches and its recovery. The rules
+//! live in the sibling modules (`workers`, `jobs`, `dispatch`, `submits`, `status`),
+//! each an `impl Coordinator` block over the state defined here.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rollout_core::config::{Config, HealthConfig, LimitsConfig, TasksConfig};
-use rollout_core::health;
 use rollout_core::history::HistoryEvent;
-use rollout_core::protocol::{
-    Assignment, Control, Heartbeat, Outcome, Pull, Register, Submit, SubmitVerdict, ToCoordinator, ToWorker,
-    WorkerTerms,
-};
+use rollout_core::protocol::{ToCoordinator, ToWorker, WorkerTerms};
 use rollout_core::time::unix_millis;
-use rollout_core::traits::{Inventory, Storage, StorageTxn};
-use rollout_core::{
-    Attempt, ContentId, Error, FencingToken, Incarnation, JobId, Mono, Now, PROTOCOL_VERSION, Result, TaskId, WorkerId,
-};
+use rollout_core::traits::{Storage, StorageTxn};
+use rollout_core::{ContentId, Error, Incarnation, JobId, Mono, Now, Result, TaskId, WorkerId};
 use serde::Serialize;
 
 use crate::audit::{AuditEntry, audit_key};
-use crate::metrics::{ClusterMetrics, LatencySummary};
+use crate::metrics::ClusterMetrics;
 use crate::records::*;
 
 /// Operator requests are matched to their replies by this id (chosen by the driver).
@@ -30,7 +26,7 @@ pub type RequestId = u64;
 pub struct CoordinatorSettings {
     /// Heartbeats and failure detection.
     pub health: HealthConfig,
-    /// Retries.
+    /// Retries and retention.
     pub tasks: TasksConfig,
     /// Bounds.
     pub limits: LimitsConfig,
@@ -54,6 +50,17 @@ pub struct PlantedBugs {
 
 /// The names [`CoordinatorSettings::plant_bug`] knows.
 pub const PLANTED_BUGS: &[&str] = &["skip_fencing_check"];
+
+/// Payload bytes of the assignments one batch may hand out. The rest of the workers'
+/// credits are served by the next batch (the machine asks for a tick at once), so a
+/// batch's outputs stay bounded whatever the credits and payload sizes.
+pub const ASSIGN_BYTES_PER_BATCH_MAX: u64 = 64 << 20;
+/// Tasks of expired or abandoned jobs deleted per batch (so a huge job's deletion never
+/// stalls the commit path for long).
+pub const DELETIONS_PER_BATCH_MAX: u32 = 4096;
+/// A worker is told about the same trouble (clock offset, refused metrics) at most this
+/// often.
+pub const NOTICE_INTERVAL: Duration = Duration::from_secs(60);
 
 impl CoordinatorSettings {
     /// The settings of a validated config.
@@ -94,7 +101,7 @@ impl CoordinatorSettings {
     }
 }
 
-/// A job as an operator submits it.
+/// A job as an operator submits it in one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobSubmission {
     /// A label for humans.
@@ -115,12 +122,46 @@ pub enum CoordinatorInput {
         /// What it sent.
         message: ToCoordinator,
     },
-    /// Operator: submit a job. Acknowledged only after it is durable.
+    /// Operator: submit a whole job at once. Acknowledged only after it is durable.
     SubmitJob {
         /// Matches the reply.
         request: RequestId,
         /// The job.
         job: JobSubmission,
+    },
+    /// Operator: open a job for streamed submission (answered [`OperatorReply::JobOpened`]).
+    /// With an idempotency key an existing job of that key is answered instead, with
+    /// how many tasks it has, so an interrupted submission resumes where it stopped.
+    OpenJob {
+        /// Matches the reply.
+        request: RequestId,
+        /// A label for humans.
+        name: String,
+        /// The job's key (e.g. a hash of the input).
+        idempotency_key: Option<String>,
+    },
+    /// Operator: append tasks to an open job, from index `first_index`. Tasks the job
+    /// already has (a repeated append) are skipped, so appends are idempotent; a gap
+    /// is refused.
+    AppendTasks {
+        /// Matches the reply.
+        request: RequestId,
+        /// The open job.
+        job: JobId,
+        /// Index of the first task given.
+        first_index: u32,
+        /// The tasks.
+        tasks: Vec<TaskSpec>,
+    },
+    /// Operator: seal an open job holding exactly `tasks` tasks; from then on its tasks
+    /// run. Answered [`OperatorReply::JobAccepted`] (also when it was sealed already).
+    SealJob {
+        /// Matches the reply.
+        request: RequestId,
+        /// The open job.
+        job: JobId,
+        /// How many tasks the operator appended in all.
+        tasks: u32,
     },
     /// Operator: cancel every unfinished task of a job.
     CancelJob {
@@ -145,9 +186,10 @@ pub enum CoordinatorInput {
     },
     /// The bytes of a result that a Submit later in the same batch names. They are
     /// written in the batch's transaction if (and only if) that submit commits the
-    /// result, so a committed small result is durable exactly when its commit is: one
-    /// fsync for both. Bytes no submit of the batch commits are dropped at its end.
-    /// `result` must be the bytes' content id (the transport computes it).
+    /// result, so a committed result is durable exactly when its commit is: one fsync
+    /// for both, and nothing is stored for a submit that is stale or over the limit.
+    /// Bytes no submit of the batch commits are dropped at its end. `result` must be
+    /// the bytes' content id (the transport computes it).
     ResultBytes {
         /// The bytes' content id.
         result: ContentId,
@@ -178,6 +220,56 @@ pub enum CoordinatorOutput {
     },
     /// A history event (already in the audit log); the driver stamps node, seq and time.
     Event(HistoryEvent),
+    /// Something an operator should hear about (the driver logs it); changes nothing.
+    Notice(Notice),
+}
+
+/// What the coordinator tells its operators through the logs: misconfigured or hostile
+/// peers, and data it deleted. Each kind is rate-limited per worker
+/// ([`NOTICE_INTERVAL`]), so a peer cannot flood the logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// A worker's wall clock is off the coordinator's by more than `clock_skew_budget`
+    /// (as its beat's `due_at` shows); the deadline kept for it moved by the budget only.
+    ClockOffset {
+        /// The worker.
+        worker: WorkerId,
+        /// Its clock minus the coordinator's, in ms.
+        offset_ms: i64,
+        /// `health.clock_skew_budget`, in ms.
+        budget_ms: u64,
+    },
+    /// Some of a beat's metric deltas were dropped.
+    MetricsRefused {
+        /// The worker.
+        worker: WorkerId,
+        /// Series dropped from this beat.
+        dropped: u32,
+        /// Why (the first reason seen).
+        reason: String,
+    },
+    /// A beat reported more tasks than its worker's slots allow; only the first were
+    /// looked at.
+    BeatTruncated {
+        /// The worker.
+        worker: WorkerId,
+        /// Tasks the beat reported.
+        reported: usize,
+        /// Tasks looked at.
+        kept: usize,
+    },
+    /// An open job was not sealed within `tasks.open_job_timeout`; it was deleted.
+    JobAbandoned {
+        /// The job.
+        job: JobId,
+        /// Tasks it had.
+        tasks: u32,
+    },
+    /// A failed worker's record was deleted after `health.failed_worker_retention`.
+    WorkerForgotten {
+        /// The worker.
+        worker: WorkerId,
+    },
 }
 
 /// The answer to an operator request.
@@ -192,6 +284,24 @@ pub enum OperatorReply {
         /// True when the idempotency key matched an earlier job (nothing new was queued).
         existing: bool,
     },
+    /// A job is open for appends.
+    JobOpened {
+        /// Its id.
+        job: JobId,
+        /// Tasks it holds so far (0 for a new job).
+        tasks: u32,
+        /// Whether it was sealed already (an earlier submission under the same key finished).
+        sealed: bool,
+        /// True when the idempotency key matched an earlier job.
+        existing: bool,
+    },
+    /// Tasks were appended.
+    TasksAppended {
+        /// The job.
+        job: JobId,
+        /// Tasks it holds now.
+        tasks: u32,
+    },
     /// Tasks cancelled by the request.
     Cancelled {
         /// How many changed state.
@@ -203,98 +313,78 @@ pub enum OperatorReply {
     Rejected(Error),
 }
 
-/// A worker as the coordinator sees it now.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WorkerStatus {
-    /// Its id.
-    pub id: WorkerId,
-    /// Its current incarnation.
-    pub incarnation: Incarnation,
-    /// Active, draining or failed.
-    pub state: WorkerState,
-    /// Its latest announced deadline (or the fresh one given at recovery).
+#[derive(Debug)]
+pub(crate) struct WorkerEntry {
+    pub record: WorkerRecord,
+    /// The deadline kept for it, on the coordinator's monotonic clock.
+    pub deadline: Mono,
+    /// The same deadline on the coordinator's wall clock (as of its last beat).
     pub due_at: SystemTime,
-    /// When its latest beat arrived (coordinator wall clock).
     pub last_beat: Option<SystemTime>,
-    /// Its slots.
-    pub slots: u32,
-    /// Leases it holds.
-    pub leased: u32,
-    /// Its plugins.
-    pub plugins: Vec<String>,
-    /// Its inventory.
-    pub inventory: Inventory,
+    /// Its clock minus the coordinator's, from its last beat (ms).
+    pub clock_offset_ms: Option<i64>,
+    pub clock_noticed_at: Option<Mono>,
+    pub metrics_merged_at: Option<Mono>,
+    pub metrics_noticed_at: Option<Mono>,
+    pub leases: BTreeSet<TaskId>,
+    pub credits: u32,
+    pub gpus_in_use: u32,
 }
 
-/// A job's progress.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct JobStatus {
-    /// Its id.
-    pub job: JobId,
-    /// Its name.
-    pub name: String,
-    /// Tasks in all.
-    pub tasks: u32,
-    /// Waiting.
-    pub queued: u32,
-    /// Running somewhere.
-    pub leased: u32,
-    /// Done.
-    pub committed: u32,
-    /// Out of attempts.
-    pub dead_lettered: u32,
-    /// Cancelled.
-    pub cancelled: u32,
-}
-
-impl JobStatus {
-    /// Whether every task is in a terminal state.
-    pub fn is_finished(&self) -> bool {
-        self.queued == 0 && self.leased == 0
+impl WorkerEntry {
+    pub(crate) fn offers(&self, plugin: &str) -> bool {
+        self.record.plugins.binary_search_by(|p| p.as_str().cmp(plugin)).is_ok()
     }
 }
 
-/// One task's state, attempts and error history.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TaskReport {
-    /// The task.
-    pub task: TaskId,
-    /// Its state.
-    pub state: TaskState,
-    /// Leases so far.
-    pub attempts: Attempt,
-    /// Failed attempts' errors, oldest first.
-    pub errors: Vec<String>,
+/// A job in memory: its record, and the shapes of its tasks (run-length: the shape of
+/// task `i` is that of the first run whose end is above `i`).
+#[derive(Debug)]
+pub(crate) struct JobEntry {
+    pub record: JobRecord,
+    pub shapes: Vec<(u32, Arc<TaskShape>)>,
+    /// When it was opened (or recovered), for `tasks.open_job_timeout`.
+    pub opened_at: Mono,
 }
 
-#[derive(Debug)]
-struct WorkerEntry {
-    record: WorkerRecord,
-    due_at: SystemTime,
-    last_beat: Option<SystemTime>,
-    leases: BTreeSet<TaskId>,
-    credits: u32,
-    gpus_in_use: u32,
-}
+impl JobEntry {
+    pub(crate) fn shape(&self, index: u32) -> Option<&Arc<TaskShape>> {
+        let at = self.shapes.partition_point(|(end, _)| *end <= index);
+        self.shapes.get(at).map(|(_, shape)| shape)
+    }
 
-/// The parts of a spec needed to match and assign a task; the payload stays in storage.
-#[derive(Debug)]
-struct TaskShape {
-    plugin: String,
-    method: String,
-    gpus: u32,
-    deadline: Option<Duration>,
-}
+    /// Appends the shapes of tasks `self.record.tasks ..` (the caller then raises the count).
+    pub(crate) fn extend_shapes(&mut self, runs: ShapeRuns) {
+        let mut end = self.record.tasks;
+        for (count, shape) in runs {
+            end += count;
+            match self.shapes.last_mut() {
+                Some((last_end, last)) if **last == shape => *last_end = end,
+                _ => self.shapes.push((end, Arc::new(shape))),
+            }
+        }
+    }
 
-#[derive(Debug)]
-struct TaskEntry {
-    record: TaskRecord,
-    shape: TaskShape,
+    pub(crate) fn is_finished(&self) -> bool {
+        self.record.sealed && self.record.counts.live() == 0
+    }
 }
 
 /// Ready tasks are grouped by what they need, so matching a worker looks at a few
 /// queues rather than every task.
-type ReadyKey = (String, u32);
+pub(crate) type ReadyKey = (String, u32);
+
+/// A job whose tasks are being deleted (expired or abandoned), batch by batch.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Deletion {
+    pub job: JobId,
+    /// Tasks it has.
+    pub tasks: u32,
+    /// Tasks below this index are gone.
+    pub next_index: u32,
+    /// Expired after finishing (recorded as `job_expired`), or abandoned open.
+    pub expired: bool,
+}
 
 /// The coordinator: registry, health, job queue, leases, fencing, audit, metrics.
 ///
@@ -306,31 +396,63 @@ type ReadyKey = (String, u32);
 /// - Deliver [`CoordinatorInput::Tick`] at or after [`Coordinator::poll_timeout`].
 /// - If a batch returns an error, the in-memory state may be ahead of storage: the
 ///   machine refuses further input, and the driver must recover a new one.
+///
+/// Memory holds what is live: workers (failed ones for `health.failed_worker_retention`),
+/// jobs within `tasks.job_retention` (a record each), and the queued and leased tasks
+/// of unfinished jobs (a never-leased queued task costs a map entry, not a record);
+/// payloads stay in storage until their task is leased, results until they are read.
 pub struct Coordinator {
-    storage: Arc<dyn Storage>,
-    settings: CoordinatorSettings,
-    counters: Counters,
+    pub(crate) storage: Arc<dyn Storage>,
+    pub(crate) settings: CoordinatorSettings,
+    pub(crate) counters: Counters,
     /// The last incarnation handed out before this coordinator was recovered: workers
     /// up to it registered with an earlier run.
-    incarnations_before_recovery: Incarnation,
-    workers: BTreeMap<WorkerId, WorkerEntry>,
-    jobs: BTreeMap<JobId, JobRecord>,
-    tasks: BTreeMap<TaskId, TaskEntry>,
-    ready: BTreeMap<ReadyKey, VecDeque<(u64, TaskId)>>,
-    ready_seq: u64,
-    delayed: BTreeSet<(Mono, TaskId)>,
-    next_scan: Mono,
-    metrics: ClusterMetrics,
-    dirty_workers: BTreeSet<WorkerId>,
-    dirty_tasks: BTreeSet<TaskId>,
+    pub(crate) incarnations_before_recovery: Incarnation,
+    pub(crate) workers: BTreeMap<WorkerId, WorkerEntry>,
+    /// Workers with credits, by each plugin they offer (dispatch looks only here).
+    pub(crate) hungry: BTreeMap<String, BTreeSet<WorkerId>>,
+    pub(crate) jobs: BTreeMap<JobId, JobEntry>,
+    /// Sealed jobs with tasks that may still run.
+    pub(crate) active_jobs: BTreeSet<JobId>,
+    /// Jobs open for appends, by when they were opened.
+    pub(crate) open_jobs: BTreeSet<(Mono, JobId)>,
+    /// Finished jobs by finish time (wall ms), oldest first.
+    pub(crate) finished_jobs: BTreeSet<(u64, JobId)>,
+    /// Counts over every job in memory.
+    pub(crate) totals: TaskCounts,
+    /// The queued and leased tasks of sealed jobs. `None`: queued and never leased
+    /// (its record is [`TaskRecord::fresh`]).
+    pub(crate) tasks: BTreeMap<TaskId, Option<Box<TaskRecord>>>,
+    pub(crate) ready: BTreeMap<ReadyKey, VecDeque<(u64, TaskId)>>,
+    pub(crate) ready_seq: u64,
+    pub(crate) delayed: BTreeSet<(Mono, TaskId)>,
+    pub(crate) next_scan: Mono,
+    pub(crate) metrics: ClusterMetrics,
+    /// Jobs being deleted, oldest first.
+    pub(crate) deletions: VecDeque<Deletion>,
+    pub(crate) dirty_workers: BTreeSet<WorkerId>,
+    pub(crate) dirty_tasks: BTreeSet<TaskId>,
+    pub(crate) dirty_jobs: BTreeSet<JobId>,
     /// The audit entries the current batch recorded (stored as one block).
-    audit_block: Vec<AuditEntry>,
+    pub(crate) audit_block: Vec<AuditEntry>,
     /// Result bytes given by [`CoordinatorInput::ResultBytes`] in the current batch.
-    batch_results: BTreeMap<ContentId, Vec<u8>>,
-    counters_dirty: bool,
-    poisoned: Option<String>,
+    pub(crate) batch_results: BTreeMap<ContentId, Vec<u8>>,
+    /// Payload bytes of the assignments of the current batch.
+    pub(crate) batch_assign_bytes: u64,
+    /// Tasks became ready (or capacity appeared) in the current input: dispatch.
+    pub(crate) ready_changed: bool,
+    /// Work left for the next tick: dispatch cut short by [`ASSIGN_BYTES_PER_BATCH_MAX`],
+    /// or a deletion in progress.
+    pub(crate) more_work: bool,
+    pub(crate) counters_dirty: bool,
+    /// No `c/format` yet (a new database): written with the first batch that writes.
+    pub(crate) format_unwritten: bool,
+    pub(crate) poisoned: Option<String>,
     /// Whether the last batch wrote (and so committed and synced) anything.
-    last_batch_wrote: bool,
+    pub(crate) last_batch_wrote: bool,
+    pub(crate) last_mono: Mono,
+    /// The wall clock of the batch being applied (ms), for the records it stamps.
+    pub(crate) now_wall_ms: u64,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -338,50 +460,66 @@ impl std::fmt::Debug for Coordinator {
         f.debug_struct("Coordinator")
             .field("workers", &self.workers.len())
             .field("jobs", &self.jobs.len())
-            .field("tasks", &self.tasks.len())
+            .field("live_tasks", &self.tasks.len())
             .field("poisoned", &self.poisoned)
             .finish_non_exhaustive()
     }
 }
 
 /// Writes of one batch, and its outputs held back until commit.
-struct Batch<'s> {
+pub(crate) struct Batch<'s> {
     storage: &'s dyn Storage,
     txn: Option<Box<dyn StorageTxn + 's>>,
-    outputs: Vec<CoordinatorOutput>,
-    wall_unix_ms: u64,
+    pub outputs: Vec<CoordinatorOutput>,
+    pub wall_unix_ms: u64,
 }
 
 impl<'s> Batch<'s> {
-    fn new(storage: &'s dyn Storage, now: Now) -> Self {
+    pub(crate) fn new(storage: &'s dyn Storage, now: Now) -> Self {
         Batch { storage, txn: None, outputs: Vec::new(), wall_unix_ms: unix_millis(now.wall) }
     }
 
-    fn txn(&mut self) -> Result<&mut (dyn StorageTxn + 's)> {
+    pub(crate) fn txn(&mut self) -> Result<&mut (dyn StorageTxn + 's)> {
         if self.txn.is_none() {
             self.txn = Some(self.storage.begin_write()?);
         }
         Ok(self.txn.as_deref_mut().expect("just opened"))
     }
 
-    fn put<T: Serialize>(&mut self, key: &[u8], value: &T) -> Result<()> {
+    pub(crate) fn put<T: Serialize>(&mut self, key: &[u8], value: &T) -> Result<()> {
         let bytes = encode(value);
         self.txn()?.put(key, &bytes)
     }
 
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+    pub(crate) fn put_raw(&mut self, key: &[u8], bytes: &[u8]) -> Result<()> {
+        self.txn()?.put(key, bytes)
+    }
+
+    pub(crate) fn delete(&mut self, key: &[u8]) -> Result<bool> {
+        self.txn()?.delete(key)
+    }
+
+    pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         match &self.txn {
             Some(txn) => txn.get(key),
             None => self.storage.get(key),
         }
     }
 
-    fn send(&mut self, to: &WorkerId, message: ToWorker) {
+    pub(crate) fn load<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>> {
+        self.get(key)?.map(|bytes| decode(key, &bytes)).transpose()
+    }
+
+    pub(crate) fn send(&mut self, to: &WorkerId, message: ToWorker) {
         self.outputs.push(CoordinatorOutput::Send { to: to.clone(), message });
     }
 
-    fn reply(&mut self, request: RequestId, reply: OperatorReply) {
+    pub(crate) fn reply(&mut self, request: RequestId, reply: OperatorReply) {
         self.outputs.push(CoordinatorOutput::Reply { request, reply });
+    }
+
+    pub(crate) fn notice(&mut self, notice: Notice) {
+        self.outputs.push(CoordinatorOutput::Notice(notice));
     }
 
     /// Commits (when anything was written) and hands back the outputs, and whether
@@ -398,87 +536,87 @@ impl<'s> Batch<'s> {
 impl Coordinator {
     /// Builds the coordinator from what `storage` holds (empty storage: a new cluster).
     ///
-    /// Every registered worker gets a fresh deadline, `due_at = now.wall`, so none is
-    /// declared failed before `max(coordinator_failure_timeout, clock_skew_budget)`
-    /// has passed on this coordinator: workers need time to notice the restart.
-    /// Queued tasks are ready at once (retry backoffs are not persisted).
+    /// Every registered worker gets a fresh deadline (now), so none is declared failed
+    /// before `max(coordinator_failure_timeout, clock_skew_budget)` has passed on this
+    /// coordinator: workers need time to notice the restart. Queued tasks are ready at
+    /// once (retry backoffs are not persisted). Only unfinished jobs' tasks are read,
+    /// page by page, and no payload is: recovery costs what is live, not what is kept.
     pub fn recover(storage: Arc<dyn Storage>, settings: CoordinatorSettings, now: Now) -> Result<Self> {
-        let counters: Counters = load(&*storage, COUNTERS)?.unwrap_or_default();
-        let mut workers = BTreeMap::new();
-        for (key, bytes) in storage.scan(WORKER_PREFIX)? {
-            let record: WorkerRecord = decode(&key, &bytes)?;
-            let entry = WorkerEntry {
-                record,
-                due_at: now.wall,
-                last_beat: None,
-                leases: BTreeSet::new(),
-                credits: 0,
-                gpus_in_use: 0,
-            };
-            workers.insert(entry.record.id.clone(), entry);
+        let format: Option<u32> = load(&*storage, FORMAT)?;
+        let counters: Option<Counters> = load(&*storage, COUNTERS)?;
+        match (format, &counters) {
+            (Some(v), _) if v == FORMAT_VERSION => {}
+            (None, None) => {}
+            (found, _) => {
+                return Err(Error::internal(format!(
+                    "the database holds coordinator records of format {} and this rollout reads format \
+                     {FORMAT_VERSION}; start it on a new storage.data_dir (or run the rollout that wrote it)",
+                    found.unwrap_or(1)
+                )));
+            }
         }
-        let mut jobs = BTreeMap::new();
-        for (key, bytes) in storage.scan(JOB_PREFIX)? {
-            let job: JobRecord = decode(&key, &bytes)?;
-            jobs.insert(job.id, job);
-        }
-        let mut shapes = BTreeMap::new();
-        for (key, bytes) in storage.scan(TASK_SPEC_PREFIX)? {
-            let spec: TaskSpec = decode(&key, &bytes)?;
-            shapes.insert(
-                task_from_key(TASK_SPEC_PREFIX, &key)?,
-                TaskShape { plugin: spec.plugin, method: spec.method, gpus: spec.gpus, deadline: spec.deadline },
-            );
-        }
+        let counters = counters.unwrap_or_default();
         let mut coordinator = Coordinator {
             storage: Arc::clone(&storage),
             settings,
             incarnations_before_recovery: counters.last_incarnation,
             counters,
-            workers,
-            jobs,
+            workers: BTreeMap::new(),
+            hungry: BTreeMap::new(),
+            jobs: BTreeMap::new(),
+            active_jobs: BTreeSet::new(),
+            open_jobs: BTreeSet::new(),
+            finished_jobs: BTreeSet::new(),
+            totals: TaskCounts::default(),
             tasks: BTreeMap::new(),
             ready: BTreeMap::new(),
             ready_seq: 0,
             delayed: BTreeSet::new(),
-            next_scan: now.mono + Duration::ZERO,
+            next_scan: now.mono,
             metrics: ClusterMetrics::default(),
+            deletions: VecDeque::new(),
             dirty_workers: BTreeSet::new(),
             dirty_tasks: BTreeSet::new(),
+            dirty_jobs: BTreeSet::new(),
             batch_results: BTreeMap::new(),
+            batch_assign_bytes: 0,
             audit_block: Vec::new(),
+            ready_changed: false,
+            more_work: false,
             counters_dirty: false,
+            format_unwritten: format.is_none(),
             poisoned: None,
             last_batch_wrote: false,
+            last_mono: now.mono,
+            now_wall_ms: unix_millis(now.wall),
         };
-        let mut records = BTreeMap::new();
-        for (key, bytes) in storage.scan(TASK_PREFIX)? {
-            let task = task_from_key(TASK_PREFIX, &key)?;
-            let record: TaskRecord = decode(&key, &bytes)?;
-            if !shapes.contains_key(&task) {
-                return Err(Error::internal(format!("task {task} has a state record but no spec")));
-            }
-            records.insert(task, record);
+        for (key, bytes) in scan_all(&*storage, WORKER_PREFIX)? {
+            let record: WorkerRecord = decode(&key, &bytes)?;
+            let entry = WorkerEntry {
+                record,
+                deadline: now.mono,
+                due_at: now.wall,
+                last_beat: None,
+                clock_offset_ms: None,
+                clock_noticed_at: None,
+                metrics_merged_at: None,
+                metrics_noticed_at: None,
+                leases: BTreeSet::new(),
+                credits: 0,
+                gpus_in_use: 0,
+            };
+            coordinator.workers.insert(entry.record.id.clone(), entry);
         }
         let mut orphans = Vec::new();
-        // In task order, so the ready queue is too. A task whose state was never written
-        // has been queued since its job was accepted.
-        for (task, shape) in shapes {
-            let record = records.remove(&task).unwrap_or_else(TaskRecord::fresh);
-            if let TaskState::Leased { worker, incarnation, .. } = &record.state {
-                match coordinator.workers.get_mut(worker) {
-                    Some(w) if w.record.incarnation == *incarnation && w.record.state != WorkerState::Failed => {
-                        w.leases.insert(task);
-                        w.gpus_in_use += shape.gpus;
-                    }
-                    _ => orphans.push(task),
-                }
+        let mut jobs = Vec::new();
+        for_each_page(&*storage, JOB_PREFIX, |page| {
+            for (key, bytes) in page {
+                jobs.push(decode::<JobRecord>(&key, &bytes)?);
             }
-            let queued = record.state == TaskState::Queued;
-            coordinator.tasks.insert(task, TaskEntry { record, shape });
-            if queued {
-                coordinator.push_ready(task);
-            }
+            Ok(())
+        })?;
+        for record in jobs {
+            coordinator.recover_job(record, now, &mut orphans)?;
         }
         if !orphans.is_empty() {
             // A lease whose worker incarnation is gone cannot be running under a valid
@@ -499,6 +637,100 @@ impl Coordinator {
         Ok(coordinator)
     }
 
+    /// One job from storage: finished jobs are a record; unfinished ones get their
+    /// shapes and live tasks back, checked against the counts stored with the job.
+    fn recover_job(&mut self, record: JobRecord, now: Now, orphans: &mut Vec<TaskId>) -> Result<()> {
+        let id = record.id;
+        let mut entry = JobEntry { record, shapes: Vec::new(), opened_at: now.mono };
+        if entry.is_finished() {
+            self.totals.add(&entry.record.counts);
+            self.finished_jobs.insert((entry.record.finished_at_unix_ms.unwrap_or(0), id));
+            self.jobs.insert(id, entry);
+            return Ok(());
+        }
+        let tasks = entry.record.tasks;
+        entry.record.tasks = 0;
+        for_each_page(&*self.storage, &job_shapes_prefix(id), |page| {
+            for (key, bytes) in page {
+                let first = task_from_key(SHAPES_PREFIX, &key)?.index;
+                if first != entry.record.tasks {
+                    return Err(Error::internal(format!(
+                        "{id}: shape records out of step (one starts at task {first}, expected {})",
+                        entry.record.tasks
+                    )));
+                }
+                let runs: ShapeRuns = decode(&key, &bytes)?;
+                let count: u32 = runs.iter().map(|(n, _)| *n).sum();
+                entry.extend_shapes(runs);
+                entry.record.tasks += count;
+            }
+            Ok(())
+        })?;
+        if entry.record.tasks != tasks {
+            return Err(Error::internal(format!(
+                "{id}: its record says {tasks} tasks, its shape records describe {}",
+                entry.record.tasks
+            )));
+        }
+        if !entry.record.sealed {
+            self.open_jobs.insert((now.mono, id));
+            self.jobs.insert(id, entry);
+            return Ok(());
+        }
+        // Sealed, unfinished: every task without a record is queued and never leased.
+        let mut counts = TaskCounts::default();
+        let mut next = 0u32;
+        let mut live: Vec<(TaskId, Option<Box<TaskRecord>>)> = Vec::new();
+        for_each_page(&*self.storage, &job_tasks_prefix(id), |page| {
+            for (key, bytes) in page {
+                let task = task_from_key(TASK_PREFIX, &key)?;
+                let record: TaskRecord = decode(&key, &bytes)?;
+                for index in next..task.index.min(tasks) {
+                    live.push((TaskId::new(id, index), None));
+                    counts.queued += 1;
+                }
+                next = task.index + 1;
+                *counts.slot(record.state.kind()) += 1;
+                if !record.state.is_terminal() {
+                    live.push((task, Some(Box::new(record))));
+                }
+            }
+            Ok(())
+        })?;
+        for index in next..tasks {
+            live.push((TaskId::new(id, index), None));
+            counts.queued += 1;
+        }
+        if counts != entry.record.counts {
+            return Err(Error::internal(format!(
+                "{id}: its stored counts {:?} disagree with its task records {counts:?}",
+                entry.record.counts
+            )));
+        }
+        self.totals.add(&counts);
+        self.active_jobs.insert(id);
+        let shapes = entry.shapes.clone();
+        self.jobs.insert(id, entry);
+        for (task, record) in live {
+            let gpus = shape_in(&shapes, task.index).map_or(0, |s| s.gpus);
+            if let Some(TaskState::Leased { worker, incarnation, .. }) = record.as_deref().map(|r| &r.state) {
+                match self.workers.get_mut(worker) {
+                    Some(w) if w.record.incarnation == *incarnation && w.record.state != WorkerState::Failed => {
+                        w.leases.insert(task);
+                        w.gpus_in_use += gpus;
+                    }
+                    _ => orphans.push(task),
+                }
+            }
+            let queued = record.as_deref().is_none_or(|r| r.state == TaskState::Queued);
+            self.tasks.insert(task, record);
+            if queued {
+                self.push_ready(task);
+            }
+        }
+        Ok(())
+    }
+
     /// Applies one input as a batch of one.
     pub fn handle(&mut self, now: Now, input: CoordinatorInput, out: &mut Vec<CoordinatorOutput>) -> Result<()> {
         self.handle_batch(now, [input], out)
@@ -516,6 +748,8 @@ impl Coordinator {
                 "coordinator refuses input after a failed batch ({reason}); recover a new one from storage"
             )));
         }
+        self.last_mono = self.last_mono.max(now.mono);
+        self.now_wall_ms = unix_millis(now.wall);
         let storage = Arc::clone(&self.storage);
         let mut batch = Batch::new(&*storage, now);
         let applied = self.apply_all(now, inputs, &mut batch);
@@ -536,8 +770,13 @@ impl Coordinator {
     where
         I: IntoIterator<Item = CoordinatorInput>,
     {
+        self.batch_assign_bytes = 0;
+        self.more_work = false;
         for input in inputs {
             self.apply(now, input, batch)?;
+            if std::mem::take(&mut self.ready_changed) {
+                self.dispatch_all(batch)?;
+            }
         }
         self.batch_results.clear();
         self.finish_batch(batch)
@@ -550,8 +789,13 @@ impl Coordinator {
         self.last_batch_wrote
     }
 
-    /// When the driver must deliver the next [`CoordinatorInput::Tick`].
+    /// When the driver must deliver the next [`CoordinatorInput::Tick`]: the next
+    /// failure scan or retry, or at once when the last batch left work for the next
+    /// (dispatch cut short by [`ASSIGN_BYTES_PER_BATCH_MAX`], a deletion in progress).
     pub fn poll_timeout(&self) -> Option<Mono> {
+        if self.more_work {
+            return Some(self.last_mono);
+        }
         let first_delayed = self.delayed.first().map(|(at, _)| *at);
         Some(first_delayed.map_or(self.next_scan, |d| d.min(self.next_scan)))
     }
@@ -564,29 +808,16 @@ impl Coordinator {
                 ToCoordinator::Pull(p) => self.on_pull(&worker, p, batch),
                 ToCoordinator::Submit(s) => self.on_submit(now, &worker, s, batch),
             },
-            CoordinatorInput::SubmitJob { request, job } => self.on_submit_job(request, job, batch),
-            CoordinatorInput::CancelJob { request, job } => {
-                let tasks: Vec<TaskId> = self.job_tasks(job).collect();
-                if !self.jobs.contains_key(&job) {
-                    batch.reply(request, OperatorReply::Rejected(Error::invalid_input(format!("no job {job}"))));
-                    return Ok(());
-                }
-                let mut cancelled = 0;
-                for task in tasks {
-                    cancelled += u32::from(self.cancel_task(task, batch)?);
-                }
-                batch.reply(request, OperatorReply::Cancelled { tasks: cancelled });
-                Ok(())
+            CoordinatorInput::SubmitJob { request, job } => self.on_submit_job(now, request, job, batch),
+            CoordinatorInput::OpenJob { request, name, idempotency_key } => {
+                self.on_open_job(now, request, name, idempotency_key, batch)
             }
-            CoordinatorInput::CancelTask { request, task } => {
-                if !self.tasks.contains_key(&task) {
-                    batch.reply(request, OperatorReply::Rejected(Error::invalid_input(format!("no task {task}"))));
-                    return Ok(());
-                }
-                let cancelled = self.cancel_task(task, batch)?;
-                batch.reply(request, OperatorReply::Cancelled { tasks: u32::from(cancelled) });
-                Ok(())
+            CoordinatorInput::AppendTasks { request, job, first_index, tasks } => {
+                self.on_append_tasks(request, job, first_index, tasks, batch)
             }
+            CoordinatorInput::SealJob { request, job, tasks } => self.on_seal_job(request, job, tasks, batch),
+            CoordinatorInput::CancelJob { request, job } => self.on_cancel_job(request, job, batch),
+            CoordinatorInput::CancelTask { request, task } => self.on_cancel_task(request, task, batch),
             CoordinatorInput::Drain { request, worker } => self.on_drain(request, &worker, batch),
             CoordinatorInput::ResultBytes { result, bytes } => {
                 self.batch_results.insert(result, bytes);
@@ -596,568 +827,32 @@ impl Coordinator {
         }
     }
 
-    // ------------------------------------------------------------------ workers
-
-    fn on_register(&mut self, now: Now, id: WorkerId, reg: Register, batch: &mut Batch<'_>) -> Result<()> {
-        if let Some(reason) = self.register_refusal(&id, &reg) {
-            batch.send(&id, ToWorker::RegisterRejected { reason });
-            return Ok(());
-        }
-        let was_draining = self.workers.get(&id).is_some_and(|w| w.record.state == WorkerState::Draining);
-        if let Some(old) = self.workers.get(&id) {
-            // A worker that lost its connection to a restarted coordinator re-registers
-            // and its runs were stopped: that costs the tasks a re-run, not an attempt.
-            // (Its leases were granted by an earlier run exactly when its incarnation is
-            // one this run did not hand out.)
-            let charged = old.record.incarnation > self.incarnations_before_recovery;
-            let reason = if charged {
-                format!("worker {id} registered again; incarnation {} ended", old.record.incarnation)
-            } else {
-                format!(
-                    "worker {id} registered again after a coordinator restart; incarnation {} ended (no attempt charged)",
-                    old.record.incarnation
-                )
-            };
-            let leases: Vec<TaskId> = old.leases.iter().copied().collect();
-            for task in leases {
-                self.end_lease(now, task, reason.clone(), charged, batch)?;
-            }
-        }
-        self.counters.last_incarnation = self.counters.last_incarnation.next();
-        self.counters_dirty = true;
-        let incarnation = self.counters.last_incarnation;
-        let record = WorkerRecord {
-            id: id.clone(),
-            incarnation,
-            plugins: reg.plugins,
-            slots: reg.slots,
-            inventory: reg.inventory,
-            state: if was_draining { WorkerState::Draining } else { WorkerState::Active },
-            assigns_sent: 0,
-        };
-        let due_at = health::next_due_at(now.wall, self.settings.health.heartbeat_interval);
-        self.workers.insert(
-            id.clone(),
-            WorkerEntry {
-                record,
-                due_at,
-                last_beat: Some(now.wall),
-                leases: BTreeSet::new(),
-                credits: 0,
-                gpus_in_use: 0,
-            },
-        );
-        self.dirty_workers.insert(id.clone());
-        self.record(HistoryEvent::Registered { worker: id.clone(), incarnation }, batch)?;
-        batch.send(&id, ToWorker::Registered { incarnation, terms: self.settings.worker_terms() });
-        if was_draining {
-            batch.send(&id, ToWorker::Control(Control::Drain));
-        }
-        Ok(())
-    }
-
-    fn register_refusal(&self, id: &WorkerId, reg: &Register) -> Option<String> {
-        let limits = &self.settings.limits;
-        if reg.protocol_version != PROTOCOL_VERSION {
-            return Some(format!(
-                "protocol version mismatch: coordinator speaks {PROTOCOL_VERSION}, worker {id} speaks {}",
-                reg.protocol_version
-            ));
-        }
-        if reg.slots == 0 || reg.slots > limits.max_slots_per_worker {
-            return Some(format!(
-                "slots: worker {id} declares {} slots; the coordinator accepts 1 to {} (limits.max_slots_per_worker)",
-                reg.slots, limits.max_slots_per_worker
-            ));
-        }
-        if reg.plugins.is_empty() {
-            return Some(format!("plugins: worker {id} offers no plugins, so no task could ever match it"));
-        }
-        let live = self.workers.values().filter(|w| w.record.state != WorkerState::Failed).count();
-        if !self.workers.contains_key(id) && live >= limits.max_workers as usize {
-            return Some(format!("the coordinator already has {live} workers (limits.max_workers)"));
-        }
-        None
-    }
-
-    fn current_worker(&self, id: &WorkerId, incarnation: Incarnation) -> bool {
-        self.workers
-            .get(id)
-            .is_some_and(|w| w.record.incarnation == incarnation && w.record.state != WorkerState::Failed)
-    }
-
-    fn on_heartbeat(&mut self, now: Now, id: &WorkerId, beat: Heartbeat, batch: &mut Batch<'_>) -> Result<()> {
-        if !self.current_worker(id, beat.incarnation) {
-            batch.send(
-                id,
-                ToWorker::HeartbeatAck { incarnation: beat.incarnation, beat_seq: beat.beat_seq, reregister: true },
-            );
-            return Ok(());
-        }
-        if let Some(deltas) = &beat.metrics {
-            self.metrics.merge(deltas);
-        }
-        let worker = self.workers.get_mut(id).expect("checked by current_worker");
-        worker.due_at = beat.due_at;
-        // The heartbeat ledger lives in memory only: a beat costs no write and no
-        // fsync, and a restarted coordinator gives every worker a fresh deadline anyway.
-        worker.last_beat = Some(now.wall);
-
-        // Leases whose assignment the worker has had time to receive (seq at or below
-        // what it reports) but which it does not run were lost in transit.
-        let reported: BTreeSet<(TaskId, FencingToken)> = beat.running.iter().copied().collect();
-        let lost: Vec<TaskId> = worker
-            .leases
-            .iter()
-            .copied()
-            .filter(|task| {
-                let entry = &self.tasks[task];
-                match (&entry.record.state, entry.record.token) {
-                    (TaskState::Leased { seq, .. }, Some(token)) => {
-                        *seq <= beat.assigns_through && !reported.contains(&(*task, token))
-                    }
-                    _ => false,
-                }
-            })
-            .collect();
-        // Tasks the worker runs without holding their lease (cancelled, revoked): stop them.
-        let zombies: Vec<(TaskId, FencingToken)> =
-            beat.running.iter().copied().filter(|(task, token)| !self.holds_lease(id, *task, *token)).collect();
-        for task in lost {
-            self.end_lease(now, task, String::new(), false, batch)?;
-        }
-        for (task, token) in zombies {
-            batch.send(id, ToWorker::Control(Control::CancelTask { task, token }));
-        }
-        batch.send(
-            id,
-            ToWorker::HeartbeatAck { incarnation: beat.incarnation, beat_seq: beat.beat_seq, reregister: false },
-        );
-        Ok(())
-    }
-
-    fn holds_lease(&self, id: &WorkerId, task: TaskId, token: FencingToken) -> bool {
-        self.tasks.get(&task).is_some_and(|t| {
-            t.record.token == Some(token) && matches!(&t.record.state, TaskState::Leased { worker, .. } if worker == id)
-        })
-    }
-
-    fn on_pull(&mut self, id: &WorkerId, pull: Pull, batch: &mut Batch<'_>) -> Result<()> {
-        if !self.current_worker(id, pull.incarnation) {
-            return Ok(());
-        }
-        let max_credits = self.settings.limits.max_credits_per_pull;
-        let worker = self.workers.get_mut(id).expect("checked by current_worker");
-        if worker.record.state != WorkerState::Active {
-            return Ok(());
-        }
-        let in_flight = worker.record.assigns_sent.saturating_sub(pull.assigns_through);
-        let in_flight = u32::try_from(in_flight).unwrap_or(u32::MAX);
-        let unleased = worker.record.slots.saturating_sub(worker.leases.len() as u32);
-        worker.credits = pull.free_slots.saturating_sub(in_flight).min(unleased).min(max_credits);
-        self.dispatch_to(id, batch)
-    }
-
-    fn on_drain(&mut self, request: RequestId, id: &WorkerId, batch: &mut Batch<'_>) -> Result<()> {
-        let Some(worker) = self.workers.get_mut(id) else {
-            batch.reply(request, OperatorReply::Rejected(Error::invalid_input(format!("no worker named {id}"))));
-            return Ok(());
-        };
-        if worker.record.state == WorkerState::Failed {
-            batch.reply(
-                request,
-                OperatorReply::Rejected(Error::invalid_input(format!("worker {id} is failed; nothing to drain"))),
-            );
-            return Ok(());
-        }
-        worker.record.state = WorkerState::Draining;
-        worker.credits = 0;
-        self.dirty_workers.insert(id.clone());
-        self.record(HistoryEvent::Drained { worker: id.clone() }, batch)?;
-        batch.send(id, ToWorker::Control(Control::Drain));
-        batch.reply(request, OperatorReply::Draining);
-        Ok(())
-    }
-
     fn on_tick(&mut self, now: Now, batch: &mut Batch<'_>) -> Result<()> {
-        let mut promoted = false;
         while let Some(&(at, task)) = self.delayed.first() {
             if at > now.mono {
                 break;
             }
             self.delayed.pop_first();
-            if self.tasks.get(&task).is_some_and(|t| t.record.state == TaskState::Queued) {
+            if self.is_queued(task) {
                 self.push_ready(task);
-                promoted = true;
             }
         }
         if now.mono >= self.next_scan {
             self.next_scan = now.mono + self.settings.health.failure_scan_interval;
-            let failed: Vec<WorkerId> = self
-                .workers
-                .values()
-                .filter(|w| w.record.state != WorkerState::Failed)
-                .filter(|w| health::is_failed(now.wall, w.due_at, &self.settings.health))
-                .map(|w| w.record.id.clone())
-                .collect();
-            for id in failed {
-                self.declare_failed(now, &id, batch)?;
-            }
+            self.scan_failures(now, batch)?;
+            self.forget_failed_workers(now, batch)?;
+            self.abandon_stale_open_jobs(now, batch)?;
         }
-        if promoted {
-            self.dispatch_all(batch)?;
-        }
-        Ok(())
-    }
-
-    /// Marks a worker failed and re-queues (or dead-letters) everything it held.
-    fn declare_failed(&mut self, now: Now, id: &WorkerId, batch: &mut Batch<'_>) -> Result<()> {
-        let Some(worker) = self.workers.get_mut(id) else { return Ok(()) };
-        worker.record.state = WorkerState::Failed;
-        worker.credits = 0;
-        let incarnation = worker.record.incarnation;
-        let leases: Vec<TaskId> = worker.leases.iter().copied().collect();
-        self.dirty_workers.insert(id.clone());
-        self.record(HistoryEvent::DeclaredFailed { worker: id.clone(), incarnation }, batch)?;
-        let reason = format!("worker {id} (incarnation {incarnation}) was declared failed");
-        for task in leases {
-            self.end_lease(now, task, reason.clone(), true, batch)?;
-        }
-        self.dispatch_all(batch)
-    }
-
-    // ------------------------------------------------------------------ jobs and tasks
-
-    fn on_submit_job(&mut self, request: RequestId, job: JobSubmission, batch: &mut Batch<'_>) -> Result<()> {
-        if let Some(key) = &job.idempotency_key
-            && let Some(bytes) = batch.get(&idempotency_key(key))?
-        {
-            let existing: JobId = decode(&idempotency_key(key), &bytes)?;
-            let tasks = self.jobs.get(&existing).map_or(0, |j| j.tasks);
-            batch.reply(request, OperatorReply::JobAccepted { job: existing, tasks, existing: true });
-            return Ok(());
-        }
-        if let Err(e) = self.validate_job(&job) {
-            batch.reply(request, OperatorReply::Rejected(e));
-            return Ok(());
-        }
-        let id = JobId(self.counters.next_job);
-        self.counters.next_job += 1;
-        self.counters_dirty = true;
-        let count = job.tasks.len() as u32;
-        let record = JobRecord { id, name: job.name, tasks: count, idempotency_key: job.idempotency_key };
-        batch.put(&job_key(id), &record)?;
-        if let Some(key) = &record.idempotency_key {
-            batch.put(&idempotency_key(key), &id)?;
-        }
-        self.jobs.insert(id, record);
-        for (index, spec) in job.tasks.into_iter().enumerate() {
-            let task = TaskId::new(id, index as u32);
-            batch.put(&task_spec_key(task), &spec)?;
-            // No state record yet: a spec without one is a fresh queued task (see
-            // `recover`), so a job costs one write per task, not two.
-            let shape =
-                TaskShape { plugin: spec.plugin, method: spec.method, gpus: spec.gpus, deadline: spec.deadline };
-            self.tasks.insert(task, TaskEntry { record: TaskRecord::fresh(), shape });
-            self.push_ready(task);
-        }
-        self.record(HistoryEvent::JobAccepted { job: id, tasks: count }, batch)?;
-        batch.reply(request, OperatorReply::JobAccepted { job: id, tasks: count, existing: false });
-        self.dispatch_all(batch)
-    }
-
-    fn validate_job(&self, job: &JobSubmission) -> Result<()> {
-        let limits = &self.settings.limits;
-        if job.tasks.is_empty() {
-            return Err(Error::invalid_input("tasks: a job needs at least one task"));
-        }
-        if job.tasks.len() > limits.max_tasks_per_job as usize {
-            return Err(Error::invalid_input(format!(
-                "tasks: {} tasks exceed limits.max_tasks_per_job ({})",
-                job.tasks.len(),
-                limits.max_tasks_per_job
-            )));
-        }
-        for (i, spec) in job.tasks.iter().enumerate() {
-            if spec.plugin.trim().is_empty() {
-                return Err(Error::invalid_input(format!("tasks[{i}].plugin: must name a plugin")));
-            }
-            if spec.payload.len() > limits.max_payload_bytes as usize {
-                return Err(Error::invalid_input(format!(
-                    "tasks[{i}].payload: {} bytes exceed limits.max_payload_bytes ({})",
-                    spec.payload.len(),
-                    limits.max_payload_bytes
-                )));
-            }
-        }
-        Ok(())
-    }
-
-    fn job_tasks(&self, job: JobId) -> impl Iterator<Item = TaskId> + '_ {
-        self.tasks.range(TaskId::new(job, 0)..=TaskId::new(job, u32::MAX)).map(|(t, _)| *t)
-    }
-
-    fn on_submit(&mut self, now: Now, id: &WorkerId, submit: Submit, batch: &mut Batch<'_>) -> Result<()> {
-        let Submit { task, token, outcome, .. } = submit;
-        let verdict = self.judge_submit(id, task, token, &outcome);
-        match verdict {
-            SubmitVerdict::Accepted => match outcome {
-                Outcome::Succeeded { result, size_bytes }
-                    if size_bytes <= u64::from(self.settings.limits.max_result_bytes) =>
-                {
-                    self.release_lease_slot(task);
-                    let entry = self.tasks.get_mut(&task).expect("judged accepted");
-                    entry.record.state = TaskState::Committed { result, size_bytes };
-                    self.dirty_tasks.insert(task);
-                    if let Some(bytes) = self.batch_results.remove(&result) {
-                        batch.txn()?.put(&result_key(&result), &bytes)?;
-                    }
-                    self.record(HistoryEvent::Committed { task, worker: id.clone(), token, result }, batch)?;
-                }
-                Outcome::Succeeded { size_bytes, .. } => {
-                    let reason = format!(
-                        "result of {size_bytes} bytes exceeds limits.max_result_bytes ({})",
-                        self.settings.limits.max_result_bytes
-                    );
-                    self.end_lease(now, task, reason, true, batch)?;
-                }
-                Outcome::Failed { message } => self.end_lease(now, task, message, true, batch)?,
-            },
-            SubmitVerdict::Duplicate => {
-                self.record(HistoryEvent::DuplicateSubmit { task, worker: id.clone(), token }, batch)?;
-            }
-            SubmitVerdict::Stale => {
-                self.record(HistoryEvent::StaleRejected { task, worker: id.clone(), token }, batch)?;
-            }
-        }
-        batch.send(id, ToWorker::SubmitAck { task, token, verdict });
-        if verdict == SubmitVerdict::Accepted {
-            self.dispatch_all(batch)?;
-        }
-        Ok(())
-    }
-
-    /// The fencing rule: only the current token of a live lease is accepted; a repeat
-    /// of what was recorded is a duplicate; anything else is stale and changes nothing.
-    fn judge_submit(&self, id: &WorkerId, task: TaskId, token: FencingToken, outcome: &Outcome) -> SubmitVerdict {
-        let Some(entry) = self.tasks.get(&task) else { return SubmitVerdict::Stale };
-        #[cfg(feature = "planted-bugs")]
-        if self.settings.planted.skip_fencing_check && matches!(entry.record.state, TaskState::Leased { .. }) {
-            return SubmitVerdict::Accepted;
-        }
-        if entry.record.token != Some(token) {
-            return SubmitVerdict::Stale;
-        }
-        match (&entry.record.state, outcome) {
-            (TaskState::Leased { worker, .. }, _) if worker == id => SubmitVerdict::Accepted,
-            (TaskState::Committed { result, .. }, Outcome::Succeeded { result: submitted, .. })
-                if result == submitted =>
-            {
-                SubmitVerdict::Duplicate
-            }
-            (TaskState::Queued | TaskState::DeadLettered, Outcome::Failed { message }) => {
-                let recorded = entry.record.errors.last().map(String::as_str);
-                if recorded == Some(self.truncate(message).as_str()) {
-                    SubmitVerdict::Duplicate
-                } else {
-                    SubmitVerdict::Stale
-                }
-            }
-            _ => SubmitVerdict::Stale,
-        }
-    }
-
-    fn truncate(&self, message: &str) -> String {
-        rollout_core::text::truncate_at_char_boundary(message.to_owned(), self.settings.max_error_message_bytes)
-    }
-
-    /// Removes a task's lease from its worker's books (slots and GPUs).
-    fn release_lease_slot(&mut self, task: TaskId) {
-        let Some(entry) = self.tasks.get(&task) else { return };
-        if let TaskState::Leased { worker, .. } = &entry.record.state
-            && let Some(w) = self.workers.get_mut(worker)
-        {
-            w.leases.remove(&task);
-            w.gpus_in_use = w.gpus_in_use.saturating_sub(entry.shape.gpus);
-        }
-    }
-
-    /// Ends a task's current lease without a result. With `failed`, the attempt
-    /// counts against `tasks.max_attempts` (its error is recorded) and the retry waits
-    /// out the backoff; otherwise (the assignment was lost in transit) the task is
-    /// re-queued at once and the attempt is not held against it.
-    fn end_lease(&mut self, now: Now, task: TaskId, error: String, failed: bool, batch: &mut Batch<'_>) -> Result<()> {
-        self.release_lease_slot(task);
-        let error = self.truncate(&error);
-        let max_attempts = self.settings.tasks.max_attempts as usize;
-        let entry = self.tasks.get_mut(&task).ok_or_else(|| Error::internal(format!("no task {task}")))?;
-        if failed {
-            entry.record.errors.push(error.clone());
-            let excess = entry.record.errors.len().saturating_sub(max_attempts);
-            entry.record.errors.drain(..excess);
-        }
-        let attempt = entry.record.attempt;
-        self.dirty_tasks.insert(task);
-        if failed && entry.record.errors.len() >= max_attempts {
-            entry.record.state = TaskState::DeadLettered;
-            self.record(HistoryEvent::DeadLettered { task, attempts: attempt }, batch)?;
-        } else {
-            entry.record.state = TaskState::Queued;
-            let failures = entry.record.errors.len() as u32;
-            if failed {
-                let delay = self.retry_backoff(failures);
-                self.delayed.insert((now.mono + delay, task));
-            } else {
-                self.push_ready(task);
-            }
-            let error = if failed || !error.is_empty() { error } else { "assignment lost in transit".to_owned() };
-            self.record(HistoryEvent::Requeued { task, attempt, error }, batch)?;
-        }
-        Ok(())
-    }
-
-    /// `retry_backoff_initial × 2^(failures-1)`, capped at `retry_backoff_max`.
-    fn retry_backoff(&self, failures: u32) -> Duration {
-        let t = &self.settings.tasks;
-        let doublings = failures.saturating_sub(1).min(32);
-        t.retry_backoff_initial.saturating_mul(1u32 << doublings.min(31)).min(t.retry_backoff_max)
-    }
-
-    /// Cancels a task that is not finished; returns whether it changed state.
-    fn cancel_task(&mut self, task: TaskId, batch: &mut Batch<'_>) -> Result<bool> {
-        let Some(entry) = self.tasks.get(&task) else { return Ok(false) };
-        match entry.record.state.clone() {
-            TaskState::Queued => {}
-            TaskState::Leased { worker, .. } => {
-                if let Some(token) = entry.record.token {
-                    batch.send(&worker, ToWorker::Control(Control::CancelTask { task, token }));
-                }
-                self.release_lease_slot(task);
-            }
-            _ => return Ok(false),
-        }
-        let entry = self.tasks.get_mut(&task).expect("checked above");
-        entry.record.state = TaskState::Cancelled;
-        self.dirty_tasks.insert(task);
-        self.record(HistoryEvent::Cancelled { task }, batch)?;
-        Ok(true)
-    }
-
-    // ------------------------------------------------------------------ leasing
-
-    fn push_ready(&mut self, task: TaskId) {
-        let shape = &self.tasks[&task].shape;
-        self.ready_seq += 1;
-        self.ready.entry((shape.plugin.clone(), shape.gpus)).or_default().push_back((self.ready_seq, task));
-    }
-
-    /// Offers ready tasks to every worker with credits, one task per worker per round,
-    /// so a burst of work spreads across the cluster.
-    fn dispatch_all(&mut self, batch: &mut Batch<'_>) -> Result<()> {
-        loop {
-            let hungry: Vec<WorkerId> = self
-                .workers
-                .values()
-                .filter(|w| w.credits > 0 && w.record.state == WorkerState::Active)
-                .map(|w| w.record.id.clone())
-                .collect();
-            let mut progressed = false;
-            for id in hungry {
-                if let Some(task) = self.pick_task(&id) {
-                    self.lease(task, &id, batch)?;
-                    progressed = true;
-                }
-            }
-            if !progressed {
-                return Ok(());
-            }
-        }
-    }
-
-    fn dispatch_to(&mut self, id: &WorkerId, batch: &mut Batch<'_>) -> Result<()> {
-        while self.workers.get(id).is_some_and(|w| w.credits > 0) {
-            let Some(task) = self.pick_task(id) else { break };
-            self.lease(task, id, batch)?;
-        }
-        Ok(())
-    }
-
-    /// The oldest ready task this worker can run (plugin, free GPUs), removed from its
-    /// queue. Entries of tasks no longer queued (cancelled meanwhile) are dropped.
-    fn pick_task(&mut self, id: &WorkerId) -> Option<TaskId> {
-        let worker = self.workers.get(id)?;
-        let free_gpus = (worker.record.inventory.gpus.len() as u32).saturating_sub(worker.gpus_in_use);
-        loop {
-            let mut best: Option<(u64, ReadyKey)> = None;
-            for plugin in &worker.record.plugins {
-                let range = (plugin.clone(), 0)..=(plugin.clone(), free_gpus);
-                for (key, queue) in self.ready.range(range) {
-                    if let Some(&(seq, _)) = queue.front()
-                        && best.as_ref().is_none_or(|(b, _)| seq < *b)
-                    {
-                        best = Some((seq, key.clone()));
-                    }
-                }
-            }
-            let (_, key) = best?;
-            let queue = self.ready.get_mut(&key).expect("found above");
-            let (_, task) = queue.pop_front().expect("non-empty above");
-            if queue.is_empty() {
-                self.ready.remove(&key);
-            }
-            if self.tasks.get(&task).is_some_and(|t| t.record.state == TaskState::Queued) {
-                return Some(task);
-            }
-        }
-    }
-
-    fn lease(&mut self, task: TaskId, id: &WorkerId, batch: &mut Batch<'_>) -> Result<()> {
-        self.counters.last_token = self.counters.last_token.next();
-        self.counters_dirty = true;
-        let token = self.counters.last_token;
-        let worker = self.workers.get_mut(id).expect("dispatch only picks known workers");
-        worker.record.assigns_sent += 1;
-        worker.credits = worker.credits.saturating_sub(1);
-        worker.leases.insert(task);
-        let seq = worker.record.assigns_sent;
-        let incarnation = worker.record.incarnation;
-        let entry = self.tasks.get_mut(&task).expect("picked from the ready queue");
-        worker.gpus_in_use += entry.shape.gpus;
-        entry.record.attempt = Attempt(entry.record.attempt.get() + 1);
-        entry.record.token = Some(token);
-        entry.record.state = TaskState::Leased { worker: id.clone(), incarnation, seq };
-        let attempt = entry.record.attempt;
-        let (plugin, method) = (entry.shape.plugin.clone(), entry.shape.method.clone());
-        let deadline = entry.shape.deadline.unwrap_or(self.settings.default_task_deadline);
-        self.dirty_workers.insert(id.clone());
-        self.dirty_tasks.insert(task);
-        let spec_key = task_spec_key(task);
-        let spec: TaskSpec = match batch.get(&spec_key)? {
-            Some(bytes) => decode(&spec_key, &bytes)?,
-            None => return Err(Error::internal(format!("task {task} has no stored spec"))),
-        };
-        self.record(HistoryEvent::Leased { task, worker: id.clone(), token, attempt }, batch)?;
-        batch.send(
-            id,
-            ToWorker::Assign(Assignment {
-                incarnation,
-                seq,
-                task,
-                token,
-                attempt,
-                plugin,
-                method,
-                payload: spec.payload,
-                deadline,
-            }),
-        );
+        self.delete_expired(now, batch)?;
+        // Whatever was held back (or became ready) gets its chance.
+        self.ready_changed = true;
         Ok(())
     }
 
     // ------------------------------------------------------------------ durability
 
     /// Appends an event to the audit chain (in this batch) and to the outputs.
-    fn record(&mut self, event: HistoryEvent, batch: &mut Batch<'_>) -> Result<()> {
+    pub(crate) fn record(&mut self, event: HistoryEvent, batch: &mut Batch<'_>) -> Result<()> {
         self.counters.audit_seq += 1;
         let entry = AuditEntry::new(self.counters.audit_seq, batch.wall_unix_ms, &event, self.counters.audit_head);
         self.counters.audit_head = entry.hash;
@@ -1168,15 +863,20 @@ impl Coordinator {
     }
 
     /// Writes every record the batch changed.
-    fn finish_batch(&mut self, batch: &mut Batch<'_>) -> Result<()> {
+    pub(crate) fn finish_batch(&mut self, batch: &mut Batch<'_>) -> Result<()> {
         for id in std::mem::take(&mut self.dirty_workers) {
             if let Some(w) = self.workers.get(&id) {
                 batch.put(&worker_key(&id), &w.record)?;
             }
         }
         for task in std::mem::take(&mut self.dirty_tasks) {
-            if let Some(t) = self.tasks.get(&task) {
-                batch.put(&task_key(task), &t.record)?;
+            if let Some(Some(record)) = self.tasks.get(&task) {
+                batch.put(&task_key(task), &**record)?;
+            }
+        }
+        for job in std::mem::take(&mut self.dirty_jobs) {
+            if let Some(j) = self.jobs.get(&job) {
+                batch.put(&job_key(job), &j.record)?;
             }
         }
         let block = std::mem::take(&mut self.audit_block);
@@ -1186,85 +886,25 @@ impl Coordinator {
         if std::mem::take(&mut self.counters_dirty) {
             batch.put(COUNTERS, &self.counters)?;
         }
+        if self.format_unwritten && batch.txn.is_some() {
+            batch.put(FORMAT, &FORMAT_VERSION)?;
+            self.format_unwritten = false;
+        }
         Ok(())
     }
 
-    // ------------------------------------------------------------------ introspection
-
-    /// Every worker, in id order.
-    pub fn workers(&self) -> Vec<WorkerStatus> {
-        self.workers
-            .values()
-            .map(|w| WorkerStatus {
-                id: w.record.id.clone(),
-                incarnation: w.record.incarnation,
-                state: w.record.state,
-                due_at: w.due_at,
-                last_beat: w.last_beat,
-                slots: w.record.slots,
-                leased: w.leases.len() as u32,
-                plugins: w.record.plugins.clone(),
-                inventory: w.record.inventory.clone(),
-            })
-            .collect()
-    }
-
-    /// Every job's progress, in id order.
-    pub fn jobs(&self) -> Vec<JobStatus> {
-        self.jobs.values().map(|j| self.job_status(j)).collect()
-    }
-
-    /// One job's progress.
-    pub fn job(&self, job: JobId) -> Option<JobStatus> {
-        self.jobs.get(&job).map(|j| self.job_status(j))
-    }
-
-    fn job_status(&self, job: &JobRecord) -> JobStatus {
-        let mut s = JobStatus { job: job.id, name: job.name.clone(), tasks: job.tasks, ..JobStatus::default() };
-        for task in self.job_tasks(job.id) {
-            match self.tasks[&task].record.state {
-                TaskState::Queued => s.queued += 1,
-                TaskState::Leased { .. } => s.leased += 1,
-                TaskState::Committed { .. } => s.committed += 1,
-                TaskState::DeadLettered => s.dead_lettered += 1,
-                TaskState::Cancelled => s.cancelled += 1,
-            }
-        }
-        s
-    }
-
-    /// Every task of a job, in index order.
-    pub fn task_reports(&self, job: JobId) -> Vec<TaskReport> {
-        self.job_tasks(job)
-            .map(|task| {
-                let r = &self.tasks[&task].record;
-                TaskReport { task, state: r.state.clone(), attempts: r.attempt, errors: r.errors.clone() }
-            })
-            .collect()
-    }
-
-    /// A task's state and current token.
-    pub fn task_state(&self, task: TaskId) -> Option<(&TaskState, Option<FencingToken>)> {
-        self.tasks.get(&task).map(|t| (&t.record.state, t.record.token))
-    }
-
-    /// Every task's state, in task order (for the invariant checker).
-    pub fn task_states(&self) -> impl Iterator<Item = (TaskId, &TaskState)> {
-        self.tasks.iter().map(|(id, t)| (*id, &t.record.state))
-    }
-
-    /// Merged metrics.
-    pub fn metrics(&self) -> &ClusterMetrics {
-        &self.metrics
-    }
-
-    /// Latency percentiles, from merged histograms.
-    pub fn latencies(&self) -> Vec<LatencySummary> {
-        self.metrics.latencies()
+    pub(crate) fn truncate(&self, message: &str) -> String {
+        rollout_core::text::truncate_at_char_boundary(message.to_owned(), self.settings.max_error_message_bytes)
     }
 
     /// The settings in force.
     pub fn settings(&self) -> &CoordinatorSettings {
         &self.settings
     }
+}
+
+/// The shape of task `index` in run-length `shapes`.
+pub(crate) fn shape_in(shapes: &[(u32, Arc<TaskShape>)], index: u32) -> Option<&Arc<TaskShape>> {
+    let at = shapes.partition_point(|(end, _)| *end <= index);
+    shapes.get(at).map(|(_, shape)| shape)
 }

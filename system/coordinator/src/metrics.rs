@@ -2,6 +2,13 @@
 //! encoding); the coordinator merges them per (metric, plugin). Percentiles are
 //! computed only from merged histograms: averaging per-worker percentiles would be
 //! wrong.
+//!
+//! Deltas come from peers, so nothing is decoded before it is judged: names must be
+//! the ones workers ship ([`rollout_core::protocol::metric`]), plugins ones the worker
+//! offers, and a histogram's header must describe exactly the bytes that follow, with
+//! the precision and range workers use ([`check_histogram`]). A beat's cost is bounded
+//! by `limits.max_metric_series_per_beat` series and [`HISTOGRAM_BYTES_PER_BEAT_MAX`]
+//! bytes.
 
 use std::collections::BTreeMap;
 
@@ -9,11 +16,19 @@ use hdrhistogram::Histogram;
 use hdrhistogram::serialization::Deserializer;
 
 use rollout_core::protocol::MetricDeltas;
+use rollout_core::protocol::metric::{COUNTERS, HISTOGRAM_SIGNIFICANT_DIGITS, HISTOGRAM_VALUE_MAX, HISTOGRAMS};
 
 /// Largest encoded histogram accepted from a worker.
 pub const HISTOGRAM_BYTES_MAX: usize = 64 * 1024;
+/// Histogram bytes one beat may carry in all; later ones are dropped.
+pub const HISTOGRAM_BYTES_PER_BEAT_MAX: usize = 256 * 1024;
 /// Most distinct (metric, plugin) series kept; deltas for new series beyond it are dropped.
 pub const SERIES_MAX: usize = 4096;
+/// The V2 header: cookie, payload length, normalizing offset, significant digits,
+/// lowest and highest trackable value, integer-to-double ratio.
+pub const V2_HEADER_BYTES: usize = 40;
+/// The cookie of an uncompressed V2 histogram (the only encoding accepted).
+pub const V2_COOKIE: u32 = 0x1c84_9313;
 
 /// Percentiles of one merged latency histogram, in microseconds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +49,24 @@ pub struct LatencySummary {
     pub max_us: u64,
 }
 
+/// What a merge left out.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MergeOutcome {
+    /// Series dropped.
+    pub dropped: u32,
+    /// Why the first one was.
+    pub reason: Option<String>,
+}
+
+impl MergeOutcome {
+    fn drop(&mut self, reason: impl FnOnce() -> String) {
+        self.dropped += 1;
+        if self.reason.is_none() {
+            self.reason = Some(reason());
+        }
+    }
+}
+
 /// Merged counters and histograms.
 #[derive(Debug, Default)]
 pub struct ClusterMetrics {
@@ -42,42 +75,128 @@ pub struct ClusterMetrics {
     rejected_deltas: u64,
 }
 
+/// Checks an HdrHistogram V2 encoding before anything is allocated for it: the
+/// uncompressed cookie, a payload length equal to the bytes present, no normalizing
+/// offset, at most [`HISTOGRAM_SIGNIFICANT_DIGITS`] significant digits, a value range
+/// within `1..=`[`HISTOGRAM_VALUE_MAX`], and a ratio of 1. With those, decoding costs
+/// `O(bytes)` and the counts array is a few hundred KiB at most.
+pub fn check_histogram(bytes: &[u8]) -> Result<(), String> {
+    if bytes.len() > HISTOGRAM_BYTES_MAX {
+        return Err(format!("{} bytes exceed {HISTOGRAM_BYTES_MAX}", bytes.len()));
+    }
+    let Some(header) = bytes.get(..V2_HEADER_BYTES) else {
+        return Err(format!("{} bytes are shorter than the {V2_HEADER_BYTES}-byte V2 header", bytes.len()));
+    };
+    let u32_at = |at: usize| u32::from_be_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]]);
+    let u64_at = |at: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&header[at..at + 8]);
+        u64::from_be_bytes(b)
+    };
+    let cookie = u32_at(0);
+    if cookie != V2_COOKIE {
+        return Err(format!("cookie {cookie:#010x} is not the uncompressed V2 cookie {V2_COOKIE:#010x}"));
+    }
+    let payload = u32_at(4) as usize;
+    if payload != bytes.len() - V2_HEADER_BYTES {
+        return Err(format!("the header claims {payload} payload bytes; {} follow it", bytes.len() - V2_HEADER_BYTES));
+    }
+    if u32_at(8) != 0 {
+        return Err("a normalizing index offset is not supported".into());
+    }
+    let digits = u32_at(12);
+    if digits == 0 || digits > u32::from(HISTOGRAM_SIGNIFICANT_DIGITS) {
+        return Err(format!("{digits} significant digits; 1 to {HISTOGRAM_SIGNIFICANT_DIGITS} are accepted"));
+    }
+    let (low, high) = (u64_at(16), u64_at(24));
+    if low == 0 || high < low.saturating_mul(2) || high > HISTOGRAM_VALUE_MAX {
+        return Err(format!("trackable range {low}..={high} is outside 1..={HISTOGRAM_VALUE_MAX}"));
+    }
+    if f64::from_bits(u64_at(32)) != 1.0 {
+        return Err("an integer-to-double ratio other than 1 is not supported".into());
+    }
+    Ok(())
+}
+
 impl ClusterMetrics {
-    /// Merges one worker's deltas. Malformed or oversized histograms are counted in
-    /// [`ClusterMetrics::rejected_deltas`] and otherwise ignored: metrics never fail a beat.
-    pub fn merge(&mut self, deltas: &MetricDeltas) {
+    /// Merges one worker's deltas: only known metric names, plugins for which
+    /// `plugin_known` holds, at most `series_max` series and
+    /// [`HISTOGRAM_BYTES_PER_BEAT_MAX`] histogram bytes, histograms that pass
+    /// [`check_histogram`]. Everything else is dropped, counted in
+    /// [`ClusterMetrics::rejected_deltas`] and reported: metrics never fail a beat.
+    pub fn merge_from(
+        &mut self,
+        deltas: &MetricDeltas,
+        plugin_known: impl Fn(&str) -> bool,
+        series_max: usize,
+    ) -> MergeOutcome {
+        let mut outcome = MergeOutcome::default();
+        let mut series = 0usize;
         for (name, plugin, delta) in &deltas.counters {
+            series += 1;
+            if series > series_max {
+                outcome.drop(|| format!("more than {series_max} series (limits.max_metric_series_per_beat)"));
+                continue;
+            }
+            if !COUNTERS.contains(&name.as_str()) || !plugin_known(plugin) {
+                outcome.drop(|| format!("unknown counter {:?} or plugin {:?}", truncated(name), truncated(plugin)));
+                continue;
+            }
             let key = (name.clone(), plugin.clone());
             if self.counters.len() >= SERIES_MAX && !self.counters.contains_key(&key) {
-                self.rejected_deltas += 1;
+                outcome.drop(|| format!("the coordinator keeps at most {SERIES_MAX} series"));
                 continue;
             }
             let c = self.counters.entry(key).or_default();
             *c = c.saturating_add(*delta);
         }
+        let mut histogram_bytes = 0usize;
         for (name, plugin, bytes) in &deltas.histograms {
-            let key = (name.clone(), plugin.clone());
-            let decoded = (bytes.len() <= HISTOGRAM_BYTES_MAX)
-                .then(|| Deserializer::new().deserialize::<u64, _>(&mut bytes.as_slice()).ok())
-                .flatten();
-            let Some(delta) = decoded else {
-                self.rejected_deltas += 1;
-                continue;
-            };
-            if self.histograms.len() >= SERIES_MAX && !self.histograms.contains_key(&key) {
-                self.rejected_deltas += 1;
+            series += 1;
+            if series > series_max {
+                outcome.drop(|| format!("more than {series_max} series (limits.max_metric_series_per_beat)"));
                 continue;
             }
+            if !HISTOGRAMS.contains(&name.as_str()) || !plugin_known(plugin) {
+                outcome.drop(|| format!("unknown histogram {:?} or plugin {:?}", truncated(name), truncated(plugin)));
+                continue;
+            }
+            histogram_bytes += bytes.len();
+            if histogram_bytes > HISTOGRAM_BYTES_PER_BEAT_MAX {
+                outcome.drop(|| format!("more than {HISTOGRAM_BYTES_PER_BEAT_MAX} histogram bytes in one beat"));
+                continue;
+            }
+            if let Err(e) = check_histogram(bytes) {
+                outcome.drop(|| format!("histogram {name}/{}: {e}", truncated(plugin)));
+                continue;
+            }
+            let key = (name.clone(), plugin.clone());
+            if self.histograms.len() >= SERIES_MAX && !self.histograms.contains_key(&key) {
+                outcome.drop(|| format!("the coordinator keeps at most {SERIES_MAX} series"));
+                continue;
+            }
+            let Ok(delta) = Deserializer::new().deserialize::<u64, _>(&mut bytes.as_slice()) else {
+                outcome.drop(|| format!("histogram {name}/{}: its payload does not decode", truncated(plugin)));
+                continue;
+            };
             // A decoded histogram has a fixed range; the merged one must grow to fit any worker's.
             let merged = self.histograms.entry(key).or_insert_with(|| {
-                let mut h = Histogram::new(3).expect("3 significant figures is a valid precision");
+                let mut h =
+                    Histogram::new(HISTOGRAM_SIGNIFICANT_DIGITS).expect("3 significant figures is a valid precision");
                 h.auto(true);
                 h
             });
             if merged.add(&delta).is_err() {
-                self.rejected_deltas += 1;
+                outcome.drop(|| format!("histogram {name}/{}: does not merge", truncated(plugin)));
             }
         }
+        self.rejected_deltas += u64::from(outcome.dropped);
+        outcome
+    }
+
+    /// Counts `n` deltas dropped before they were looked at (e.g. shipped too often).
+    pub fn reject(&mut self, n: u32) {
+        self.rejected_deltas += u64::from(n);
     }
 
     /// The merged value of a counter.
@@ -106,19 +225,26 @@ impl ClusterMetrics {
             .collect()
     }
 
-    /// Deltas that were malformed, oversized or beyond the series bound.
+    /// Deltas that were malformed, oversized or beyond a bound.
     pub fn rejected_deltas(&self) -> u64 {
         self.rejected_deltas
     }
+}
+
+/// A peer's text, cut for a log line.
+fn truncated(text: &str) -> String {
+    rollout_core::text::truncate_at_char_boundary(text.to_owned(), 64)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use hdrhistogram::serialization::{Serializer, V2Serializer};
+    use rollout_core::protocol::metric::TASK_LATENCY_US;
 
     fn encoded(samples: &[u64]) -> Vec<u8> {
-        let mut h = Histogram::<u64>::new(3).expect("valid sigfig");
+        let mut h = Histogram::<u64>::new_with_bounds(1, HISTOGRAM_VALUE_MAX, HISTOGRAM_SIGNIFICANT_DIGITS)
+            .expect("valid bounds");
         for s in samples {
             h.record(*s).expect("in range");
         }
@@ -127,17 +253,38 @@ mod tests {
         out
     }
 
+    fn any_plugin(_: &str) -> bool {
+        true
+    }
+
+    fn histograms(items: Vec<Vec<u8>>) -> MetricDeltas {
+        MetricDeltas {
+            counters: vec![],
+            histograms: items.into_iter().map(|b| (TASK_LATENCY_US.into(), "echo".into(), b)).collect(),
+        }
+    }
+
+    /// A V2 header claiming `payload` bytes, with `digits` and `high`, and no payload.
+    fn header(payload: u32, digits: u32, high: u64) -> Vec<u8> {
+        let mut h = Vec::new();
+        h.extend_from_slice(&V2_COOKIE.to_be_bytes());
+        h.extend_from_slice(&payload.to_be_bytes());
+        h.extend_from_slice(&0u32.to_be_bytes());
+        h.extend_from_slice(&digits.to_be_bytes());
+        h.extend_from_slice(&1u64.to_be_bytes());
+        h.extend_from_slice(&high.to_be_bytes());
+        h.extend_from_slice(&1f64.to_be_bytes());
+        h
+    }
+
     #[test]
     fn percentiles_come_from_the_merged_histogram() {
         // Worker A saw 99 fast tasks, worker B one slow one: the merged p99 is fast,
         // the merged max is slow. Averaging per-worker p99s would say ~5000.
         let mut m = ClusterMetrics::default();
         let fast: Vec<u64> = vec![100; 99];
-        m.merge(&MetricDeltas { counters: vec![], histograms: vec![("lat".into(), "echo".into(), encoded(&fast))] });
-        m.merge(&MetricDeltas {
-            counters: vec![],
-            histograms: vec![("lat".into(), "echo".into(), encoded(&[10_000]))],
-        });
+        assert_eq!(m.merge_from(&histograms(vec![encoded(&fast)]), any_plugin, 16).dropped, 0);
+        assert_eq!(m.merge_from(&histograms(vec![encoded(&[10_000])]), any_plugin, 16).dropped, 0);
         let s = &m.latencies()[0];
         assert_eq!(s.count, 100);
         assert!(s.p99_us <= 101, "{s:?}");
@@ -148,13 +295,52 @@ mod tests {
     fn counters_add_up_and_garbage_is_rejected() {
         let mut m = ClusterMetrics::default();
         for _ in 0..3 {
-            m.merge(&MetricDeltas {
+            let deltas = MetricDeltas {
                 counters: vec![("tasks_succeeded".into(), "echo".into(), 5)],
-                histograms: vec![("lat".into(), "echo".into(), vec![1, 2, 3])],
-            });
+                histograms: vec![(TASK_LATENCY_US.into(), "echo".into(), vec![1, 2, 3])],
+            };
+            m.merge_from(&deltas, any_plugin, 16);
         }
         assert_eq!(m.counter("tasks_succeeded", "echo"), 15);
         assert_eq!(m.rejected_deltas(), 3);
         assert!(m.latencies().is_empty());
+    }
+
+    #[test]
+    fn headers_that_lie_are_refused_before_anything_is_allocated() {
+        // Each of these made the decoder allocate gigabytes (a 4 GiB payload buffer, or
+        // a counts array for 5 digits over the whole u64 range).
+        for (bytes, why) in [
+            (header(u32::MAX - 8, 3, 3_600_000_000), "payload bytes"),
+            (header(0, 5, u64::MAX / 4), "significant digits"),
+            (header(0, 3, u64::MAX / 4), "trackable range"),
+            ([&[0x1c, 0x84, 0x93, 0x14][..], &[0; 36]].concat(), "cookie"),
+            (vec![0; 12], "shorter"),
+        ] {
+            let err = check_histogram(&bytes).expect_err(why);
+            assert!(err.contains(why), "{why}: {err}");
+        }
+        check_histogram(&encoded(&[1, 2, 3])).expect("a worker's own encoding passes");
+    }
+
+    #[test]
+    fn unknown_names_unknown_plugins_and_excess_series_are_dropped() {
+        let mut m = ClusterMetrics::default();
+        let deltas = MetricDeltas {
+            counters: vec![
+                ("tasks_succeeded".into(), "echo".into(), 1),
+                ("made_up".into(), "echo".into(), 1),
+                ("tasks_failed".into(), "not-offered".into(), 1),
+                ("tasks_started".into(), "echo".into(), 1),
+            ],
+            histograms: vec![],
+        };
+        let outcome = m.merge_from(&deltas, |p| p == "echo", 3);
+        assert_eq!(outcome.dropped, 3, "{outcome:?}");
+        assert_eq!(m.counter("tasks_succeeded", "echo"), 1);
+        assert_eq!(m.counter("tasks_started", "echo"), 0, "beyond the series bound");
+        let too_many = histograms(vec![encoded(&[5; 10]); 10]);
+        let outcome = m.merge_from(&too_many, any_plugin, 1000);
+        assert_eq!(outcome.dropped, 0, "ten small histograms fit: {outcome:?}");
     }
 }

@@ -109,7 +109,7 @@ impl Checker {
         for (task, result) in &self.committed {
             match h.coord().task_state(*task) {
                 Some((TaskState::Committed { result: now, .. }, _)) => {
-                    assert_eq!(now, result, "single_commit: {task}'s result changed")
+                    assert_eq!(now, *result, "single_commit: {task}'s result changed")
                 }
                 other => panic!("single_commit: committed {task} is now {other:?}"),
             }
@@ -120,7 +120,7 @@ impl Checker {
             assert_eq!((status.tasks, accounted), (*tasks, *tasks), "no_lost_task: job {job}: {status:?}");
         }
         for w in h.coord().workers() {
-            for report in h.coord().jobs().iter().flat_map(|j| h.coord().task_reports(j.job)) {
+            for report in h.coord().jobs().iter().flat_map(|j| h.reports(j.job)) {
                 if let TaskState::Leased { worker, incarnation, .. } = &report.state
                     && *worker == w.id
                 {
@@ -140,10 +140,12 @@ fn run(ops: &[Op]) -> (Vec<String>, Vec<KeyValue>) {
     for op in ops {
         let out = match op.clone() {
             Op::Register(i) => {
+                let before = h.outputs.len();
                 let inc = h.register(WORKERS[i]);
                 fleet.incarnation.insert(i, inc);
                 fleet.received.remove(&i);
-                h.outputs.last().cloned().into_iter().collect()
+                // All of it: the leases the registration ended may go to others at once.
+                h.outputs[before..].to_vec()
             }
             Op::Beat { worker, keep_mask } => {
                 let Some(inc) = fleet.incarnation.get(&worker).copied() else { continue };

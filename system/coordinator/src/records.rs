@@ -1,17 +1,24 @@
-//! What the coordinator keeps durably, and where. Values are postcard-encoded.
+//! What the coordinator keeps durably, and where. Values are postcard-encoded (payloads
+//! and result bytes are stored as they are).
 //!
 //! Key layout (all under `c/`, big-endian numbers so keys sort numerically):
 //!
 //! | key | value |
 //! |---|---|
+//! | `c/format` | [`FORMAT_VERSION`] of this layout (u32) |
 //! | `c/counters` | [`Counters`] |
 //! | `c/w/<worker id>` | [`WorkerRecord`] |
-//! | `c/j/<job u64>` | [`JobRecord`] |
+//! | `c/j/<job u64>` | [`JobRecord`], with the job's task counts by state |
 //! | `c/idem/<key>` | [`JobId`] of the job submitted with that idempotency key |
-//! | `c/ts/<job u64><index u32>` | [`TaskSpec`] (written once) |
+//! | `c/js/<job u64><first index u32>` | [`ShapeRuns`] of the tasks appended from that index (one record per append) |
+//! | `c/tp/<job u64><index u32>` | a task's payload bytes (written once) |
 //! | `c/t/<job u64><index u32>` | [`TaskRecord`] (written at the first state change after queued, then at every one) |
 //! | `c/audit/<first seq u64>` | a block of [`crate::audit::AuditEntry`]: one batch's events |
-//! | `c/r/<content id, 32 bytes>` | the bytes of a small committed result (see [`stored_result`]) |
+//! | `c/r/<content id, 32 bytes>` | the bytes of a committed result (see [`stored_result`]) |
+//! | `c/rc/<content id, 32 bytes>` | how many committed tasks name that result (u64); the bytes go with the last |
+//!
+//! Recovery reads the job records, and only for unfinished jobs their shape runs and
+//! task records, in bounded pages; payloads are read when a task is leased.
 
 use std::time::Duration;
 
@@ -21,14 +28,24 @@ use serde::{Deserialize, Serialize};
 use rollout_core::traits::{Inventory, Storage};
 use rollout_core::{Attempt, ContentId, Error, FencingToken, Incarnation, JobId, Result, TaskId, WorkerId};
 
+/// The version of this key layout; a database written with another is refused at
+/// recovery, naming both.
+pub const FORMAT_VERSION: u32 = 2;
+
+pub(crate) const FORMAT: &[u8] = b"c/format";
 pub(crate) const COUNTERS: &[u8] = b"c/counters";
 pub(crate) const WORKER_PREFIX: &[u8] = b"c/w/";
 pub(crate) const JOB_PREFIX: &[u8] = b"c/j/";
 pub(crate) const IDEMPOTENCY_PREFIX: &[u8] = b"c/idem/";
-pub(crate) const TASK_SPEC_PREFIX: &[u8] = b"c/ts/";
+pub(crate) const SHAPES_PREFIX: &[u8] = b"c/js/";
+pub(crate) const PAYLOAD_PREFIX: &[u8] = b"c/tp/";
 pub(crate) const TASK_PREFIX: &[u8] = b"c/t/";
 pub(crate) const AUDIT_PREFIX: &[u8] = b"c/audit/";
 pub(crate) const RESULT_PREFIX: &[u8] = b"c/r/";
+pub(crate) const RESULT_REFS_PREFIX: &[u8] = b"c/rc/";
+
+/// Pairs read per storage call when recovery or a report walks a prefix.
+pub(crate) const SCAN_PAGE: usize = 4096;
 
 /// The coordinator-wide counters. Every id they hand out is never handed out again,
 /// across restarts, because the counter is committed with the record that uses it.
@@ -57,12 +74,68 @@ pub enum WorkerState {
 pub(crate) struct WorkerRecord {
     pub id: WorkerId,
     pub incarnation: Incarnation,
+    /// Sorted, without duplicates.
     pub plugins: Vec<String>,
     pub slots: u32,
     pub inventory: Inventory,
     pub state: WorkerState,
     /// Assignments sent to this incarnation (the last `seq` used).
     pub assigns_sent: u64,
+    /// When it was declared failed (coordinator wall clock), for its retention.
+    pub failed_at_unix_ms: Option<u64>,
+}
+
+/// How many of a job's tasks are in each state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskCounts {
+    /// Waiting for a worker.
+    pub queued: u32,
+    /// Running somewhere.
+    pub leased: u32,
+    /// Done.
+    pub committed: u32,
+    /// Out of attempts.
+    pub dead_lettered: u32,
+    /// Cancelled.
+    pub cancelled: u32,
+}
+
+impl TaskCounts {
+    /// Tasks that may still run.
+    pub fn live(&self) -> u32 {
+        self.queued + self.leased
+    }
+
+    /// Every task counted.
+    pub fn total(&self) -> u32 {
+        self.queued + self.leased + self.committed + self.dead_lettered + self.cancelled
+    }
+
+    pub(crate) fn slot(&mut self, kind: StateKind) -> &mut u32 {
+        match kind {
+            StateKind::Queued => &mut self.queued,
+            StateKind::Leased => &mut self.leased,
+            StateKind::Committed => &mut self.committed,
+            StateKind::DeadLettered => &mut self.dead_lettered,
+            StateKind::Cancelled => &mut self.cancelled,
+        }
+    }
+
+    pub(crate) fn add(&mut self, other: &TaskCounts) {
+        self.queued += other.queued;
+        self.leased += other.leased;
+        self.committed += other.committed;
+        self.dead_lettered += other.dead_lettered;
+        self.cancelled += other.cancelled;
+    }
+
+    pub(crate) fn subtract(&mut self, other: &TaskCounts) {
+        self.queued -= other.queued;
+        self.leased -= other.leased;
+        self.committed -= other.committed;
+        self.dead_lettered -= other.dead_lettered;
+        self.cancelled -= other.cancelled;
+    }
 }
 
 /// A submitted job.
@@ -70,11 +143,35 @@ pub(crate) struct WorkerRecord {
 pub(crate) struct JobRecord {
     pub id: JobId,
     pub name: String,
+    /// Tasks appended so far (all of them once sealed).
     pub tasks: u32,
     pub idempotency_key: Option<String>,
+    /// Sealed jobs run; open ones take appends and run nothing yet.
+    pub sealed: bool,
+    /// Counts by state (all zero while open).
+    pub counts: TaskCounts,
+    /// When the last task reached a terminal state (coordinator wall clock).
+    pub finished_at_unix_ms: Option<u64>,
 }
 
-/// What a task asks for. Written once when its job is accepted.
+/// What a task needs to be matched and assigned; its payload is stored apart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskShape {
+    /// The plugin to run it with.
+    pub plugin: String,
+    /// The method within the plugin.
+    pub method: String,
+    /// GPUs it needs on one host.
+    pub gpus: u32,
+    /// How long one attempt may run (`None`: the coordinator's default).
+    pub deadline: Option<Duration>,
+}
+
+/// The shapes of consecutive tasks, run-length encoded: `(count, shape)` pairs in index
+/// order. A job whose tasks all look alike costs one entry.
+pub(crate) type ShapeRuns = Vec<(u32, TaskShape)>;
+
+/// What a task asks for, as an operator submits it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskSpec {
     /// The plugin to run it with.
@@ -87,6 +184,31 @@ pub struct TaskSpec {
     pub gpus: u32,
     /// How long one attempt may run (`None`: the coordinator's default).
     pub deadline: Option<Duration>,
+}
+
+impl TaskSpec {
+    pub(crate) fn shape(&self) -> TaskShape {
+        TaskShape { plugin: self.plugin.clone(), method: self.method.clone(), gpus: self.gpus, deadline: self.deadline }
+    }
+
+    fn has_shape(&self, shape: &TaskShape) -> bool {
+        self.plugin == shape.plugin
+            && self.method == shape.method
+            && self.gpus == shape.gpus
+            && self.deadline == shape.deadline
+    }
+}
+
+/// The run-length encoded shapes of `specs`.
+pub(crate) fn shape_runs(specs: &[TaskSpec]) -> ShapeRuns {
+    let mut runs: ShapeRuns = Vec::new();
+    for spec in specs {
+        match runs.last_mut() {
+            Some((count, shape)) if spec.has_shape(shape) => *count += 1,
+            _ => runs.push((1, spec.shape())),
+        }
+    }
+    runs
 }
 
 /// Where a task is in its life. Every accepted task is in exactly one state.
@@ -103,7 +225,7 @@ pub enum TaskState {
         /// The assignment's sequence number within that incarnation.
         seq: u64,
     },
-    /// Done; the result is in the object store.
+    /// Done; the result is stored under its content id.
     Committed {
         /// The result's content id.
         result: ContentId,
@@ -116,7 +238,27 @@ pub enum TaskState {
     Cancelled,
 }
 
+/// A [`TaskState`] without its data, for counting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StateKind {
+    Queued,
+    Leased,
+    Committed,
+    DeadLettered,
+    Cancelled,
+}
+
 impl TaskState {
+    pub(crate) fn kind(&self) -> StateKind {
+        match self {
+            TaskState::Queued => StateKind::Queued,
+            TaskState::Leased { .. } => StateKind::Leased,
+            TaskState::Committed { .. } => StateKind::Committed,
+            TaskState::DeadLettered => StateKind::DeadLettered,
+            TaskState::Cancelled => StateKind::Cancelled,
+        }
+    }
+
     /// Whether the task will never run again.
     pub fn is_terminal(&self) -> bool {
         matches!(self, TaskState::Committed { .. } | TaskState::DeadLettered | TaskState::Cancelled)
@@ -142,6 +284,48 @@ impl TaskRecord {
     }
 }
 
+/// One task's state, attempts and error history, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskReport {
+    /// The task.
+    pub task: TaskId,
+    /// Its state.
+    pub state: TaskState,
+    /// Leases so far.
+    pub attempts: Attempt,
+    /// Failed attempts' errors, oldest first.
+    pub errors: Vec<String>,
+}
+
+/// A job as stored, for readers outside the machine (results, reports).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredJob {
+    /// Its id.
+    pub job: JobId,
+    /// Its name.
+    pub name: String,
+    /// Tasks appended (all of them once sealed).
+    pub tasks: u32,
+    /// Whether it was sealed (runs) or is still open for appends.
+    pub sealed: bool,
+    /// Counts by state.
+    pub counts: TaskCounts,
+    /// When it finished.
+    pub finished_at_unix_ms: Option<u64>,
+}
+
+/// What storage says about a job id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobLookup {
+    /// The job is there.
+    Found(StoredJob),
+    /// It existed and was deleted: finished and past `tasks.job_retention`, or opened
+    /// and never sealed within `tasks.open_job_timeout`.
+    Gone,
+    /// No job ever had this id.
+    Unknown,
+}
+
 pub(crate) fn worker_key(id: &WorkerId) -> Vec<u8> {
     [WORKER_PREFIX, id.as_str().as_bytes()].concat()
 }
@@ -161,26 +345,142 @@ fn task_suffix(task: TaskId) -> [u8; 12] {
     out
 }
 
-pub(crate) fn task_spec_key(task: TaskId) -> Vec<u8> {
-    [TASK_SPEC_PREFIX, &task_suffix(task)].concat()
+pub(crate) fn shapes_key(job: JobId, first: u32) -> Vec<u8> {
+    [SHAPES_PREFIX, &task_suffix(TaskId::new(job, first))].concat()
+}
+
+pub(crate) fn job_shapes_prefix(job: JobId) -> Vec<u8> {
+    [SHAPES_PREFIX, &job.get().to_be_bytes()].concat()
+}
+
+pub(crate) fn payload_key(task: TaskId) -> Vec<u8> {
+    [PAYLOAD_PREFIX, &task_suffix(task)].concat()
 }
 
 pub(crate) fn task_key(task: TaskId) -> Vec<u8> {
     [TASK_PREFIX, &task_suffix(task)].concat()
 }
 
+pub(crate) fn job_tasks_prefix(job: JobId) -> Vec<u8> {
+    [TASK_PREFIX, &job.get().to_be_bytes()].concat()
+}
+
 pub(crate) fn result_key(id: &ContentId) -> Vec<u8> {
     [RESULT_PREFIX, id.as_bytes()].concat()
 }
 
-/// The bytes of a committed result stored with its commit (given to the machine by
-/// [`crate::CoordinatorInput::ResultBytes`]); `None` if the result was not stored
-/// there (a large one lives in the object store).
+pub(crate) fn result_refs_key(id: &ContentId) -> Vec<u8> {
+    [RESULT_REFS_PREFIX, id.as_bytes()].concat()
+}
+
+/// The bytes of a committed result (given to the machine by
+/// [`crate::CoordinatorInput::ResultBytes`] and stored with its commit); `None` if
+/// no committed task names it (never committed, or deleted with its job).
 pub fn stored_result(storage: &dyn Storage, id: &ContentId) -> Result<Option<Vec<u8>>> {
     storage.get(&result_key(id))
 }
 
-/// Decodes the task id at the end of a `c/t/` or `c/ts/` key.
+/// A job's record as stored, or whether the id is one that was deleted.
+pub fn stored_job(storage: &dyn Storage, job: JobId) -> Result<JobLookup> {
+    if let Some(record) = load::<JobRecord>(storage, &job_key(job))? {
+        return Ok(JobLookup::Found(StoredJob {
+            job: record.id,
+            name: record.name,
+            tasks: record.tasks,
+            sealed: record.sealed,
+            counts: record.counts,
+            finished_at_unix_ms: record.finished_at_unix_ms,
+        }));
+    }
+    let counters: Counters = load(storage, COUNTERS)?.unwrap_or_default();
+    Ok(if job.get() < counters.next_job { JobLookup::Gone } else { JobLookup::Unknown })
+}
+
+/// Up to `limit` task reports of `job` from index `from` on, in index order, as
+/// stored (a task without a state record is queued and was never leased). Reads
+/// `limit` records at most, so a caller can page through a job of any size.
+pub fn stored_task_reports(storage: &dyn Storage, job: &StoredJob, from: u32, limit: usize) -> Result<Vec<TaskReport>> {
+    let end = job.tasks.min(from.saturating_add(u32::try_from(limit).unwrap_or(u32::MAX)));
+    if from >= end {
+        return Ok(Vec::new());
+    }
+    let prefix = job_tasks_prefix(job.job);
+    let after = (from > 0).then(|| task_key(TaskId::new(job.job, from - 1)));
+    let records = storage.scan_page(&prefix, after.as_deref(), (end - from) as usize)?;
+    let mut stored = std::collections::BTreeMap::new();
+    for (key, bytes) in records {
+        let task = task_from_key(TASK_PREFIX, &key)?;
+        if task.index < end {
+            stored.insert(task.index, decode::<TaskRecord>(&key, &bytes)?);
+        }
+    }
+    Ok((from..end)
+        .map(|index| {
+            let task = TaskId::new(job.job, index);
+            let record = stored.remove(&index).unwrap_or_else(TaskRecord::fresh);
+            TaskReport { task, state: record.state, attempts: record.attempt, errors: record.errors }
+        })
+        .collect())
+}
+
+/// Every task of every sealed job in storage with its state, in task order: the
+/// durable truth that recovery starts from (for checkers that must not trust the
+/// machine's memory). Reads in pages; meant for tests and the simulator.
+pub fn durable_task_states(storage: &dyn Storage) -> Result<Vec<(TaskId, TaskState)>> {
+    let mut out = Vec::new();
+    for (key, bytes) in scan_all(storage, JOB_PREFIX)? {
+        let job: JobRecord = decode(&key, &bytes)?;
+        if !job.sealed {
+            continue;
+        }
+        let stored = StoredJob {
+            job: job.id,
+            name: job.name,
+            tasks: job.tasks,
+            sealed: true,
+            counts: job.counts,
+            finished_at_unix_ms: job.finished_at_unix_ms,
+        };
+        let mut from = 0;
+        while from < stored.tasks {
+            let page = stored_task_reports(storage, &stored, from, SCAN_PAGE)?;
+            from += page.len() as u32;
+            out.extend(page.into_iter().map(|r| (r.task, r.state)));
+        }
+    }
+    Ok(out)
+}
+
+/// Every pair under `prefix`, read in pages of [`SCAN_PAGE`].
+pub(crate) fn scan_all(storage: &dyn Storage, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut all = Vec::new();
+    for_each_page(storage, prefix, |page| {
+        all.extend(page);
+        Ok(())
+    })?;
+    Ok(all)
+}
+
+/// Calls `f` with each page of at most [`SCAN_PAGE`] pairs under `prefix`, in key
+/// order, so a caller that keeps little of each page runs in bounded memory.
+pub(crate) fn for_each_page(
+    storage: &dyn Storage,
+    prefix: &[u8],
+    mut f: impl FnMut(Vec<(Vec<u8>, Vec<u8>)>) -> Result<()>,
+) -> Result<()> {
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = storage.scan_page(prefix, after.as_deref(), SCAN_PAGE)?;
+        let full = page.len() == SCAN_PAGE;
+        after = page.last().map(|(k, _)| k.clone());
+        f(page)?;
+        if !full {
+            return Ok(());
+        }
+    }
+}
+
+/// Decodes the task id at the end of a `c/t/`, `c/tp/` or `c/js/` key.
 pub(crate) fn task_from_key(prefix: &[u8], key: &[u8]) -> Result<TaskId> {
     let suffix = key.strip_prefix(prefix).filter(|s| s.len() == 12).ok_or_else(|| bad_key(key))?;
     let job = u64::from_be_bytes(suffix[..8].try_into().map_err(|_| bad_key(key))?);

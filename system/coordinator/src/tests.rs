@@ -169,7 +169,12 @@ impl Harness {
     }
 
     pub fn state(&self, task: TaskId) -> TaskState {
-        self.coord().task_state(task).expect("known task").0.clone()
+        self.coord().task_state(task).expect("known task").0
+    }
+
+    /// Every task report of `job`, read from the machine's storage.
+    pub fn reports(&self, job: JobId) -> Vec<crate::TaskReport> {
+        self.coord().task_reports(job, 0, usize::MAX).expect("storage reads").expect("known job")
     }
 
     pub fn events(&self) -> Vec<HistoryEvent> {
@@ -313,7 +318,7 @@ fn a_silent_worker_is_declared_failed_within_the_bound_and_its_leases_requeued()
     assert!(declared_at > due_at + Duration::from_secs(5), "not before the failure timeout");
     assert!(declared_at <= bound, "within the bound: {:?} late", declared_at.duration_since(bound));
     assert_eq!(h.state(a.task), TaskState::Queued);
-    assert_eq!(h.coord().task_reports(job)[0].errors.len(), 1, "the revoked attempt counts");
+    assert_eq!(h.reports(job)[0].errors.len(), 1, "the revoked attempt counts");
     // Its heartbeat now asks it to register again.
     let out = h.beat("w1", inc, vec![], 1);
     assert!(out.iter().any(|o| matches!(
@@ -455,7 +460,7 @@ fn failures_retry_with_backoff_then_dead_letter_with_history() {
             assert_eq!(pushed.len(), 1, "the retry goes to the waiting credit");
         }
     }
-    let report = &h.coord().task_reports(job)[0];
+    let report = &h.reports(job)[0];
     assert_eq!(report.state, TaskState::DeadLettered);
     assert_eq!(report.errors, ["boom 1", "boom 2", "boom 3"]);
     assert!(h.coord().job(job).expect("job").is_finished());
@@ -471,7 +476,7 @@ fn lost_assignments_are_requeued_without_penalty() {
     h.beat("w1", inc, vec![(got[1].task, got[1].token)], 2);
     assert_eq!(h.state(got[0].task), TaskState::Queued);
     assert!(matches!(h.state(got[1].task), TaskState::Leased { .. }));
-    assert!(h.coord().task_reports(job)[0].errors.is_empty(), "not held against the task");
+    assert!(h.reports(job)[0].errors.is_empty(), "not held against the task");
 }
 
 #[test]
@@ -581,7 +586,7 @@ fn re_registering_after_a_coordinator_restart_costs_no_attempt() {
     h.crash_and_restart();
     // The worker lost its stream to the old coordinator and registers again.
     let inc2 = h.register("w1");
-    let reports = h.coord().task_reports(job);
+    let reports = h.reports(job);
     for r in &reports {
         assert_eq!(r.state, TaskState::Queued, "{r:?}");
         assert!(r.errors.is_empty(), "a restart charges no attempt: {r:?}");
@@ -590,7 +595,7 @@ fn re_registering_after_a_coordinator_restart_costs_no_attempt() {
     assert_eq!(h.pull("w1", inc2, 2, 0).len(), 2);
     // Without a restart in between, registering again ends the leases as failures.
     let inc3 = h.register("w1");
-    let reports = h.coord().task_reports(job);
+    let reports = h.reports(job);
     assert!(reports.iter().all(|r| r.errors.len() == 1 && r.errors[0].contains("registered again")), "{reports:?}");
     let _ = inc3;
 }
@@ -692,7 +697,7 @@ fn metrics_from_beats_are_merged() {
         counters: vec![("tasks_succeeded".into(), "echo".into(), 3)],
         histograms: vec![("task_latency_us".into(), "echo".into(), bytes)],
     };
-    for _ in 0..2 {
+    let beat = |h: &mut Harness, deltas: &rollout_core::protocol::MetricDeltas| {
         h.from(
             "w1",
             ToCoordinator::Heartbeat(Heartbeat {
@@ -703,10 +708,29 @@ fn metrics_from_beats_are_merged() {
                 assigns_through: 0,
                 metrics: Some(deltas.clone()),
             }),
-        );
+        )
+    };
+    for _ in 0..2 {
+        h.advance(h.settings.health.heartbeat_interval);
+        beat(&mut h, &deltas);
     }
     assert_eq!(h.coord().metrics().counter("tasks_succeeded", "echo"), 6);
     assert_eq!(h.coord().latencies()[0].count, 2);
+    // Shipped again at once: dropped, and said so.
+    let out = beat(&mut h, &deltas);
+    assert_eq!(h.coord().metrics().counter("tasks_succeeded", "echo"), 6);
+    assert!(
+        out.iter().any(|o| matches!(o, CoordinatorOutput::Notice(Notice::MetricsRefused { dropped: 2, .. }))),
+        "{out:?}"
+    );
+    // A plugin the worker does not offer is not a series it may create.
+    h.advance(h.settings.health.heartbeat_interval);
+    let foreign = rollout_core::protocol::MetricDeltas {
+        counters: vec![("tasks_succeeded".into(), "someone-else".into(), 3)],
+        histograms: vec![],
+    };
+    beat(&mut h, &foreign);
+    assert_eq!(h.coord().metrics().counter("tasks_succeeded", "someone-else"), 0);
 }
 
 #[test]

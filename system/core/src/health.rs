@@ -11,6 +11,58 @@ pub fn next_due_at(now: SystemTime, interval: Duration) -> SystemTime {
     now + interval.saturating_mul(2)
 }
 
+/// What the coordinator keeps of one beat: see [`beat_deadline`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BeatDeadline {
+    /// From the beat's arrival to the deadline the coordinator keeps, on its own clock.
+    pub slack: Duration,
+    /// The worker's wall clock minus the coordinator's, as this beat shows it (less the
+    /// one-way latency), in milliseconds.
+    pub offset_ms: i64,
+}
+
+impl BeatDeadline {
+    /// Whether the measured offset is beyond `clock_skew_budget`.
+    pub fn beyond_budget(&self, cfg: &HealthConfig) -> bool {
+        self.offset_ms.unsigned_abs() > u64::try_from(cfg.clock_skew_budget.as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// The deadline the coordinator keeps for a beat that arrived at its wall time
+/// `received` announcing `due_at` on the worker's clock.
+///
+/// A worker announces `due_at = wall_now + 2 × heartbeat_interval`; the difference to
+/// `received + 2 × heartbeat_interval` is its clock's offset. The coordinator lets the
+/// offset move the deadline by at most `clock_skew_budget` either way, so the deadline
+/// is always within `received + 2 × heartbeat_interval ± clock_skew_budget` on the
+/// coordinator's own clock: a worker's clock ahead delays detection by no more than the
+/// budget, and a clock behind cannot get a healthy worker declared failed. (Safety does
+/// not rest on it: with `clock_skew_budget < 2 × heartbeat_interval` and
+/// `worker_self_fence_timeout < coordinator_failure_timeout`, a cut-off worker fences
+/// itself before the earliest such deadline plus the failure timeout.)
+pub fn beat_deadline(received: SystemTime, due_at: SystemTime, cfg: &HealthConfig) -> BeatDeadline {
+    let nominal = cfg.heartbeat_interval.saturating_mul(2);
+    let expected = received + nominal;
+    let offset_ms: i64 = match due_at.duration_since(expected) {
+        Ok(ahead) => i64::try_from(ahead.as_millis()).unwrap_or(i64::MAX),
+        Err(behind) => -i64::try_from(behind.duration().as_millis()).unwrap_or(i64::MAX),
+    };
+    let budget_ms = i64::try_from(cfg.clock_skew_budget.as_millis()).unwrap_or(i64::MAX);
+    let kept_ms = offset_ms.clamp(-budget_ms, budget_ms);
+    let slack = if kept_ms >= 0 {
+        nominal.saturating_add(Duration::from_millis(kept_ms.unsigned_abs()))
+    } else {
+        nominal.saturating_sub(Duration::from_millis(kept_ms.unsigned_abs()))
+    };
+    BeatDeadline { slack, offset_ms }
+}
+
+/// Whether a worker whose kept deadline passed `elapsed` ago is failed: the same rule
+/// as [`is_failed`], measured on the coordinator's monotonic clock.
+pub fn is_failed_after(elapsed: Duration, cfg: &HealthConfig) -> bool {
+    elapsed > cfg.clock_skew_budget && elapsed > cfg.coordinator_failure_timeout
+}
+
 /// How far `now` is past `due_at` (zero when not yet due).
 pub fn elapsed_past_due(now: SystemTime, due_at: SystemTime) -> Duration {
     now.duration_since(due_at).unwrap_or(Duration::ZERO)
@@ -22,8 +74,7 @@ pub fn elapsed_past_due(now: SystemTime, due_at: SystemTime) -> Duration {
 ///
 /// Monotone in `now`: once true, it stays true for every later `now`.
 pub fn is_failed(now: SystemTime, due_at: SystemTime, cfg: &HealthConfig) -> bool {
-    let elapsed = elapsed_past_due(now, due_at);
-    elapsed > cfg.clock_skew_budget && elapsed > cfg.coordinator_failure_timeout
+    is_failed_after(elapsed_past_due(now, due_at), cfg)
 }
 
 /// The earliest wall time at which [`is_failed`] becomes true for `due_at`
@@ -68,6 +119,42 @@ mod tests {
             let due_at = next_due_at(coord_now - skew, c.heartbeat_interval);
             // The coordinator judges right before the next beat would arrive.
             assert!(!is_failed(coord_now + c.heartbeat_interval, due_at, &c));
+        }
+    }
+
+    #[test]
+    fn the_kept_deadline_moves_with_the_workers_clock_only_within_the_budget() {
+        let c = HealthConfig::default();
+        let received = t(100_000);
+        let honest = beat_deadline(received, next_due_at(received, c.heartbeat_interval), &c);
+        assert_eq!(honest, BeatDeadline { slack: Duration::from_secs(1), offset_ms: 0 });
+        let ahead = beat_deadline(received, next_due_at(t(100_100), c.heartbeat_interval), &c);
+        assert_eq!(ahead, BeatDeadline { slack: Duration::from_millis(1_100), offset_ms: 100 });
+        assert!(!ahead.beyond_budget(&c));
+        // The year 3000 buys no more than the budget; an hour behind costs no more either.
+        let far = beat_deadline(received, t(32_503_680_000_000), &c);
+        assert_eq!(far.slack, Duration::from_millis(1_250));
+        assert!(far.beyond_budget(&c));
+        let behind =
+            beat_deadline(received, next_due_at(t(100_000) - Duration::from_secs(3600), c.heartbeat_interval), &c);
+        assert_eq!(behind, BeatDeadline { slack: Duration::from_millis(750), offset_ms: -3_600_000 });
+    }
+
+    proptest! {
+        #[test]
+        fn the_kept_deadline_is_within_the_budget_of_the_nominal_one(
+            received in 0u64..10_000_000_000, due in 0u64..20_000_000_000,
+            beat in 1u64..10_000, skew_frac in 0u64..100,
+        ) {
+            let c = HealthConfig {
+                heartbeat_interval: Duration::from_millis(beat),
+                clock_skew_budget: Duration::from_millis(beat * 2 * skew_frac / 100),
+                ..HealthConfig::default()
+            };
+            let d = beat_deadline(t(received), t(due), &c);
+            let nominal = Duration::from_millis(2 * beat);
+            prop_assert!(d.slack <= nominal + c.clock_skew_budget);
+            prop_assert!(d.slack + c.clock_skew_budget >= nominal);
         }
     }
 

@@ -48,6 +48,9 @@ pub enum HistoryEvent {
     Cancelled { task: TaskId },
     /// The worker was told to drain.
     Drained { worker: WorkerId },
+    /// A finished job outlived `tasks.job_retention`: its records, specs and results
+    /// were deleted (every one of its tasks had reached a terminal state).
+    JobExpired { job: JobId },
     /// Worker side: the task's user code started.
     TaskStarted { task: TaskId, worker: WorkerId, token: FencingToken },
     /// Worker side: the task's user code stopped (finished, failed or cancelled).

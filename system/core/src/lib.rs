@@ -4,6 +4,7 @@
 //! - [`time`]: [`Now`], the only way a state machine learns the time.
 //! - [`config`]: the effective configuration, its TOML/env loading and validation.
 //! - [`error`]: the error model, [`Error::Fatal`] vs [`Error::Recoverable`] with a retry hint.
+//! - [`framing`]: cutting batches of messages into frames by bytes.
 //! - [`health`]: the heartbeat deadline formulas shared by coordinator, worker and checker.
 //! - [`traits`]: the seams to the outside world (storage, objects, queue, secrets,
 //!   compute inventory, plugins, events), implemented in later crates.
@@ -16,6 +17,7 @@
 
 pub mod config;
 pub mod error;
+pub mod framing;
 pub mod health;
 pub mod history;
 pub mod ids;

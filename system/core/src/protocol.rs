@@ -26,6 +26,46 @@ use crate::config::HealthConfig;
 use crate::ids::{Attempt, ContentId, FencingToken, Incarnation, JobId, TaskId};
 use crate::traits::Inventory;
 
+/// Longest plugin, method or metric name, and longest GPU name or uuid, accepted from a
+/// peer. Names are identifiers, not documents.
+pub const NAME_BYTES_MAX: usize = 256;
+/// Most GPUs one worker may declare.
+pub const GPUS_PER_WORKER_MAX: usize = 256;
+/// Finished-but-unacknowledged submits a worker may hold per slot. When its backlog
+/// reaches `slots ×` this, it reports no free slots until acks arrive.
+pub const UNACKED_SUBMITS_PER_SLOT: usize = 4;
+/// Most tasks a heartbeat may report per slot of its worker: the runs, plus the
+/// finished-but-unacknowledged ones. A beat reporting more is answered, and only this
+/// many of its tasks are looked at.
+pub const RUNNING_PER_SLOT_MAX: usize = 1 + UNACKED_SUBMITS_PER_SLOT;
+
+/// The metrics workers ship (the coordinator accepts these names and no others).
+pub mod metric {
+    /// Counter: tasks started (one per `StartTask` output).
+    pub const TASKS_STARTED: &str = "tasks_started";
+    /// Counter: tasks whose outcome was a success, submitted to the coordinator.
+    pub const TASKS_SUCCEEDED: &str = "tasks_succeeded";
+    /// Counter: tasks that failed (including ones the plugin host cancelled on its own).
+    pub const TASKS_FAILED: &str = "tasks_failed";
+    /// Counter: tasks the worker cancelled (control channel or fencing) that have stopped.
+    pub const TASKS_CANCELLED: &str = "tasks_cancelled";
+    /// Histogram: task latency from `StartTask` to `TaskFinished`, in microseconds, of
+    /// tasks that succeeded or failed, in HdrHistogram V2 encoding (not deflated).
+    pub const TASK_LATENCY_US: &str = "task_latency_us";
+    /// The plugin name metrics are filed under when an assignment names a plugin the
+    /// worker did not advertise.
+    pub const UNKNOWN_PLUGIN: &str = "_unknown";
+    /// Every counter name.
+    pub const COUNTERS: [&str; 4] = [TASKS_STARTED, TASKS_SUCCEEDED, TASKS_FAILED, TASKS_CANCELLED];
+    /// Every histogram name.
+    pub const HISTOGRAMS: [&str; 1] = [TASK_LATENCY_US];
+    /// Significant digits of every shipped histogram (0.1% relative error).
+    pub const HISTOGRAM_SIGNIFICANT_DIGITS: u8 = 3;
+    /// The largest value a shipped histogram tracks (24 h in microseconds); longer
+    /// latencies are recorded as this.
+    pub const HISTOGRAM_VALUE_MAX: u64 = 24 * 60 * 60 * 1_000_000;
+}
+
 /// What a coordinator requires of its workers, sent with every [`ToWorker::Registered`].
 ///
 /// Its failure detection is sound only if its workers beat and self-fence on its

@@ -30,6 +30,11 @@ pub trait Storage: Send + Sync {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>>;
     /// Every committed pair whose key starts with `prefix`, in key order.
     fn scan(&self, prefix: &[u8]) -> Result<Vec<KeyValue>>;
+    /// One page of [`Storage::scan`]: at most `limit` committed pairs under `prefix`
+    /// whose keys sort after `after` (from the first when `None`), in key order. Fewer
+    /// than `limit` pairs means the prefix holds no more. Callers page through a prefix
+    /// of any size in bounded memory.
+    fn scan_page(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<KeyValue>>;
 }
 
 /// An open write transaction. Reads see the transaction's own writes. Dropping it

@@ -218,6 +218,37 @@ fn scan_table(
     Ok(pairs)
 }
 
+fn scan_table_page(
+    location: &Path,
+    table: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    prefix: &[u8],
+    after: Option<&[u8]>,
+    limit: usize,
+) -> Result<Vec<KeyValue>> {
+    use std::ops::Bound;
+    let error = |err: redb::StorageError| storage_error(location, err.into());
+    let start = match after {
+        Some(after) if after >= prefix => Bound::Excluded(after),
+        _ => Bound::Included(prefix),
+    };
+    let mut pairs = Vec::new();
+    if limit == 0 {
+        return Ok(pairs);
+    }
+    for entry in table.range::<&[u8]>((start, Bound::Unbounded)).map_err(error)? {
+        let (key, value) = entry.map_err(error)?;
+        let key = key.value();
+        if !key.starts_with(prefix) {
+            break;
+        }
+        pairs.push((key.to_vec(), value.value().to_vec()));
+        if pairs.len() == limit {
+            break;
+        }
+    }
+    Ok(pairs)
+}
+
 impl Storage for RedbStorage {
     fn begin_write(&self) -> Result<Box<dyn StorageTxn + '_>> {
         let mut txn = self.db.begin_write().map_err(|err| self.error(err))?;
@@ -244,6 +275,12 @@ impl Storage for RedbStorage {
         let read = self.db.begin_read().map_err(|err| self.error(err))?;
         let table = read.open_table(KV_TABLE).map_err(|err| self.error(err))?;
         scan_table(&self.location, &table, prefix)
+    }
+
+    fn scan_page(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<KeyValue>> {
+        let read = self.db.begin_read().map_err(|err| self.error(err))?;
+        let table = read.open_table(KV_TABLE).map_err(|err| self.error(err))?;
+        scan_table_page(&self.location, &table, prefix, after, limit)
     }
 }
 

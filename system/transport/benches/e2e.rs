@@ -145,7 +145,7 @@ impl Cluster {
         let mut operator = operator_client(&self.config, "ops", Some(&self.addr)).expect("operator");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let status = operator.status(pb::StatusRequest {}).await.expect("status").into_inner();
+            let status = operator.status(pb::StatusRequest::default()).await.expect("status").into_inner();
             if status.workers.iter().filter(|w| w.state == pb::WorkerState::Active as i32).count() == WORKERS.len() {
                 return;
             }

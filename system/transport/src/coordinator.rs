@@ -18,16 +18,15 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
-use rollout_coordinator::metrics::LatencySummary;
 use rollout_coordinator::{
-    Coordinator, CoordinatorInput, CoordinatorOutput, CoordinatorSettings, JobStatus, JobSubmission, OperatorReply,
-    RequestId, TaskReport, WorkerStatus,
+    Coordinator, CoordinatorInput, CoordinatorOutput, CoordinatorSettings, JobSubmission, Notice, OperatorReply,
+    RequestId, StatusPage, StatusQuery, TaskSpec,
 };
 use rollout_core::protocol::{Heartbeat, Outcome, Pull, Register, Submit, ToCoordinator, ToWorker};
 use rollout_core::traits::{EventEmitter, Storage};
 use rollout_core::{Error, Incarnation, JobId, Mono, Now, Result, TaskId, WorkerId};
 use rollout_proto::transport as pb;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::history::Stamper;
@@ -37,6 +36,9 @@ use crate::wire;
 
 /// Most inputs applied in one batch (one transaction).
 pub const BATCH_INPUTS_MAX: usize = 8192;
+/// Result bytes taken into one batch; the rest waits for the next (a batch's
+/// transaction, and the write sets in flight, stay bounded).
+pub const BATCH_RESULT_BYTES_MAX: usize = 64 << 20;
 /// Capacity of the driver's inbox; handlers wait when it is full (back-pressure).
 pub const INBOX_CAPACITY: usize = 65_536;
 /// Frames queued towards one worker's Work stream before further ones are dropped
@@ -80,6 +82,29 @@ impl NodeClock {
 pub enum OperatorRequest {
     /// Queue a job.
     SubmitJob(JobSubmission),
+    /// Open a job for appends.
+    OpenJob {
+        /// Its label.
+        name: String,
+        /// Its key.
+        idempotency_key: Option<String>,
+    },
+    /// Append tasks to an open job.
+    AppendTasks {
+        /// The job.
+        job: JobId,
+        /// Index of the first task given.
+        first_index: u32,
+        /// The tasks.
+        tasks: Vec<TaskSpec>,
+    },
+    /// Seal an open job.
+    SealJob {
+        /// The job.
+        job: JobId,
+        /// Tasks appended in all.
+        tasks: u32,
+    },
     /// Cancel a job's unfinished tasks.
     CancelJob(JobId),
     /// Cancel one task.
@@ -88,27 +113,18 @@ pub enum OperatorRequest {
     Drain(WorkerId),
 }
 
-/// A point-in-time view of the cluster.
-#[derive(Debug, Clone)]
-pub struct StatusSnapshot {
-    /// Workers, in id order.
-    pub workers: Vec<WorkerStatus>,
-    /// Jobs, in id order.
-    pub jobs: Vec<JobStatus>,
-    /// Latency percentiles from merged histograms.
-    pub latencies: Vec<LatencySummary>,
-}
-
 /// What flows down a Work stream: frames, or the error that ends it.
 pub(crate) type WorkItem = std::result::Result<pb::CoordinatorFrame, tonic::Status>;
 
 pub(crate) enum DriverMsg {
-    /// What one Work frame of a worker carried: submits (each with the bytes of a
-    /// small result, stored with its commit) and the frame's latest pull.
+    /// What one Work frame of a worker carried: submits (each with its result's
+    /// bytes, stored with its commit if it is accepted) and the frame's latest pull.
+    /// `permit` holds the bytes against the stream's budget until the batch is applied.
     WorkFrame {
         worker: WorkerId,
         submits: Vec<(Submit, Option<Vec<u8>>)>,
         pull: Option<Pull>,
+        permit: Option<OwnedSemaphorePermit>,
     },
     Register(WorkerId, Register, oneshot::Sender<ToWorker>),
     Heartbeat(WorkerId, Heartbeat, oneshot::Sender<ToWorker>),
@@ -129,8 +145,7 @@ pub(crate) enum DriverMsg {
         worker: WorkerId,
         conn: u64,
     },
-    Status(oneshot::Sender<StatusSnapshot>),
-    Reports(JobId, oneshot::Sender<Option<Vec<TaskReport>>>),
+    Status(StatusQuery, oneshot::Sender<StatusPage>),
 }
 
 /// A cheap, cloneable handle to the coordinator driver.
@@ -160,17 +175,10 @@ impl CoordinatorHandle {
         rx.await.map_err(|_| stopped())
     }
 
-    /// The cluster's current state.
-    pub async fn status(&self) -> Result<StatusSnapshot> {
+    /// A page of the cluster's current state (answered once what it shows is durable).
+    pub async fn status(&self, query: StatusQuery) -> Result<StatusPage> {
         let (tx, rx) = oneshot::channel();
-        self.send(DriverMsg::Status(tx)).await?;
-        rx.await.map_err(|_| stopped())
-    }
-
-    /// Every task of `job` (`None`: no such job).
-    pub async fn task_reports(&self, job: JobId) -> Result<Option<Vec<TaskReport>>> {
-        let (tx, rx) = oneshot::channel();
-        self.send(DriverMsg::Reports(job, tx)).await?;
+        self.send(DriverMsg::Status(query, tx)).await?;
         rx.await.map_err(|_| stopped())
     }
 }
@@ -215,7 +223,11 @@ pub fn spawn_coordinator_driver(opts: CoordinatorDriverOptions) -> Result<(Coord
     let machine = Coordinator::recover(Arc::clone(&pipeline) as Arc<dyn Storage>, opts.settings.clone(), clock.now())?;
     let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
     let durable = pipeline.durable();
+    let max_message_bytes = opts.settings.limits.max_message_bytes as usize;
     let driver = Driver {
+        max_message_bytes,
+        permits: Vec::new(),
+        batch_result_bytes: 0,
         machine: Some(machine),
         pipeline,
         durable,
@@ -253,6 +265,12 @@ struct Held {
 
 struct Driver {
     machine: Option<Coordinator>,
+    /// Frames to workers are cut to fit this.
+    max_message_bytes: usize,
+    /// Work-stream budget held by the inputs of the batch being gathered or applied.
+    permits: Vec<OwnedSemaphorePermit>,
+    /// Result bytes in the batch being gathered.
+    batch_result_bytes: usize,
     /// The machine's storage.
     pipeline: Arc<CommitPipeline>,
     durable: watch::Receiver<Durability>,
@@ -306,7 +324,7 @@ impl Driver {
                 () = tokio::time::sleep_until(deadline) => inputs.push(CoordinatorInput::Tick),
             }
             // Group commit: everything already waiting joins this batch.
-            while inputs.len() < BATCH_INPUTS_MAX {
+            while inputs.len() < BATCH_INPUTS_MAX && self.batch_result_bytes < BATCH_RESULT_BYTES_MAX {
                 match self.inbox.try_recv() {
                     Ok(DriverMsgBox(msg)) => self.take(msg, &mut inputs),
                     Err(_) => break,
@@ -318,16 +336,22 @@ impl Driver {
             if !inputs.is_empty() {
                 self.apply(std::mem::take(&mut inputs)).await?;
             }
+            // The batch was applied: its results are in the machine's write set, and
+            // the streams that sent them may send more.
+            self.permits.clear();
+            self.batch_result_bytes = 0;
         }
     }
 
     /// Turns a message into machine input, or answers it directly (queries, attaches).
     fn take(&mut self, msg: DriverMsg, inputs: &mut Vec<CoordinatorInput>) {
         match msg {
-            DriverMsg::WorkFrame { worker, submits, pull } => {
+            DriverMsg::WorkFrame { worker, submits, pull, permit } => {
+                self.permits.extend(permit);
                 // A result's bytes and its submit land in the same batch: one message.
                 for (submit, bytes) in submits {
                     if let (Some(bytes), Outcome::Succeeded { result, .. }) = (bytes, &submit.outcome) {
+                        self.batch_result_bytes += bytes.len();
                         inputs.push(CoordinatorInput::ResultBytes { result: *result, bytes });
                     }
                     inputs.push(CoordinatorInput::FromWorker {
@@ -353,6 +377,13 @@ impl Driver {
                 self.pending_requests.insert(id, reply);
                 inputs.push(match request {
                     OperatorRequest::SubmitJob(job) => CoordinatorInput::SubmitJob { request: id, job },
+                    OperatorRequest::OpenJob { name, idempotency_key } => {
+                        CoordinatorInput::OpenJob { request: id, name, idempotency_key }
+                    }
+                    OperatorRequest::AppendTasks { job, first_index, tasks } => {
+                        CoordinatorInput::AppendTasks { request: id, job, first_index, tasks }
+                    }
+                    OperatorRequest::SealJob { job, tasks } => CoordinatorInput::SealJob { request: id, job, tasks },
                     OperatorRequest::CancelJob(job) => CoordinatorInput::CancelJob { request: id, job },
                     OperatorRequest::CancelTask(task) => CoordinatorInput::CancelTask { request: id, task },
                     OperatorRequest::Drain(worker) => CoordinatorInput::Drain { request: id, worker },
@@ -380,16 +411,10 @@ impl Driver {
                     }
                 }
             }
-            DriverMsg::Status(reply) => {
+            DriverMsg::Status(query, reply) => {
                 if let Some(m) = &self.machine {
-                    let snapshot = StatusSnapshot { workers: m.workers(), jobs: m.jobs(), latencies: m.latencies() };
-                    self.answer_when_durable(move || drop(reply.send(snapshot)));
-                }
-            }
-            DriverMsg::Reports(job, reply) => {
-                if let Some(m) = &self.machine {
-                    let reports = m.job(job).map(|_| m.task_reports(job));
-                    self.answer_when_durable(move || drop(reply.send(reports)));
+                    let page = m.status(&query);
+                    self.answer_when_durable(move || drop(reply.send(page)));
                 }
             }
         }
@@ -516,6 +541,7 @@ impl Driver {
         for output in out {
             match output {
                 CoordinatorOutput::Event(event) => self.stamper.emit(&*self.emitter, now.wall, event),
+                CoordinatorOutput::Notice(notice) => log_notice(&notice),
                 CoordinatorOutput::Reply { request, reply } => {
                     if let Some(tx) = self.pending_requests.remove(&request) {
                         let _ = tx.send(reply);
@@ -560,14 +586,36 @@ impl Driver {
             }
         }
         for (to, frame) in frames {
-            let sent =
-                self.links.get(&to).and_then(|l| l.work.as_ref()).map(|(_, _, tx)| tx.try_send(Ok(frame)).is_ok());
-            if sent != Some(true) {
-                // Lost assignments are re-queued at the worker's next beat; lost acks
-                // are answered again when the worker re-sends its submit.
-                tracing::debug!(channel = "work", worker = %to, "work frame dropped: no open work stream or queue full");
+            // Cut by bytes: a batch may hold far more than one message of assignments.
+            for frame in wire::coordinator_frames(frame.acks, frame.assigns, self.max_message_bytes) {
+                let sent =
+                    self.links.get(&to).and_then(|l| l.work.as_ref()).map(|(_, _, tx)| tx.try_send(Ok(frame)).is_ok());
+                if sent != Some(true) {
+                    // Lost assignments are re-queued at the worker's next beat; lost acks
+                    // are answered again when the worker re-sends its submit.
+                    tracing::debug!(channel = "work", worker = %to, "work frame dropped: no open work stream or queue full");
+                }
             }
         }
+    }
+}
+
+/// Logs what the machine wants an operator to hear (it rate-limits these itself).
+fn log_notice(notice: &Notice) {
+    match notice {
+        Notice::ClockOffset { worker, offset_ms, budget_ms } => tracing::warn!(channel = "heartbeat",
+            event = "clock_offset", worker = %worker, offset_ms, budget_ms,
+            "worker {worker}'s clock is {offset_ms} ms off the coordinator's (health.clock_skew_budget is {budget_ms} ms): \
+             its deadlines are kept on the coordinator's clock; fix its time sync"),
+        Notice::MetricsRefused { worker, dropped, reason } => tracing::warn!(channel = "heartbeat",
+            event = "metrics_refused", worker = %worker, dropped, %reason, "metric deltas of a beat dropped"),
+        Notice::BeatTruncated { worker, reported, kept } => tracing::warn!(channel = "heartbeat",
+            event = "beat_truncated", worker = %worker, reported, kept,
+            "a beat reported more tasks than the worker's slots allow; the rest were ignored"),
+        Notice::JobAbandoned { job, tasks } => tracing::info!(channel = "operator", event = "job_abandoned",
+            %job, tasks, "an open job was not sealed within tasks.open_job_timeout; it is deleted"),
+        Notice::WorkerForgotten { worker } => tracing::info!(channel = "coordinator", event = "worker_forgotten",
+            worker = %worker, "a failed worker's record is deleted (health.failed_worker_retention)"),
     }
 }
 
@@ -624,7 +672,7 @@ mod tests {
             async move {
                 // After the submit has reached the driver (same inbox, so in order).
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                handle.status().await
+                handle.status(StatusQuery::default()).await
             }
         });
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -661,7 +709,8 @@ mod tests {
         fail.store(false, Ordering::SeqCst);
         let again = handle.operator(OperatorRequest::SubmitJob(job("retried"))).await.expect("reply");
         assert!(matches!(again, OperatorReply::JobAccepted { existing: false, .. }), "{again:?}");
-        let names: Vec<String> = handle.status().await.expect("status").jobs.into_iter().map(|j| j.name).collect();
+        let names: Vec<String> =
+            handle.status(StatusQuery::default()).await.expect("status").jobs.into_iter().map(|j| j.name).collect();
         assert_eq!(names, ["kept", "retried"], "the recovered machine holds exactly what was committed");
     }
 }

@@ -63,6 +63,7 @@ use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
+use crate::limiter::{LogLimiter, WindowCounter, source_of};
 use crate::net::{PeerInfo, TcpDialer, TlsConnector, lazy_channel};
 use crate::tls::{self, ALPN_H2, CertFiles, PeerRole};
 
@@ -374,24 +375,45 @@ fn claim(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 // ------------------------------------------------------------------ the server side
 
+/// Largest Enroll request decoded: a token, a worker id and a CSR fit in far less.
+/// The request comes from a peer without a certificate, so it is bounded tightly.
+pub const ENROLL_MESSAGE_BYTES_MAX: usize = 2 * CSR_PEM_BYTES_MAX;
+
 /// The `Enrollment` service: checks a bootstrap token and signs a worker's CSR with the
 /// CA in its TLS directory. Reachable without a client certificate (it is how a worker
-/// gets one); every other service refuses such connections.
+/// gets one); every other service refuses such connections. A source address whose
+/// enrollments failed `limits.max_failed_enrollments_per_minute` times in a minute is
+/// refused (`RESOURCE_EXHAUSTED`) for the rest of that minute, without a token check.
 #[derive(Debug, Clone)]
 pub struct EnrollmentApi {
     tls_dir: PathBuf,
+    failures_per_minute_max: u32,
+    failures: Arc<WindowCounter>,
+    refusals: Arc<LogLimiter>,
 }
 
 impl EnrollmentApi {
-    /// Enrollment against the CA, tokens and records in `tls_dir`.
+    /// Enrollment against the CA, tokens and records in `tls_dir`, with the default limits.
     pub fn new(tls_dir: impl Into<PathBuf>) -> Self {
-        EnrollmentApi { tls_dir: tls_dir.into() }
+        let limits = rollout_core::config::LimitsConfig::default();
+        Self::with_limits(tls_dir, &limits)
     }
 
-    /// The service, with message size limits, ready for a tonic router.
+    /// Enrollment against `tls_dir`, with `limits.max_failed_enrollments_per_minute`.
+    pub fn with_limits(tls_dir: impl Into<PathBuf>, limits: &rollout_core::config::LimitsConfig) -> Self {
+        EnrollmentApi {
+            tls_dir: tls_dir.into(),
+            failures_per_minute_max: limits.max_failed_enrollments_per_minute,
+            failures: Arc::new(WindowCounter::new(Duration::from_secs(60))),
+            refusals: Arc::new(LogLimiter::new(crate::net::REFUSAL_LOG_INTERVAL)),
+        }
+    }
+
+    /// The service, with message size limits ([`ENROLL_MESSAGE_BYTES_MAX`] in,
+    /// `max_message_bytes` out), ready for a tonic router.
     pub fn into_service(self, max_message_bytes: usize) -> pb::enrollment_server::EnrollmentServer<EnrollmentApi> {
         pb::enrollment_server::EnrollmentServer::new(self)
-            .max_decoding_message_size(max_message_bytes)
+            .max_decoding_message_size(ENROLL_MESSAGE_BYTES_MAX.min(max_message_bytes))
             .max_encoding_message_size(max_message_bytes)
     }
 }
@@ -403,6 +425,18 @@ impl pb::enrollment_server::Enrollment for EnrollmentApi {
         req: Request<pb::EnrollRequest>,
     ) -> std::result::Result<Response<pb::EnrollResponse>, Status> {
         let remote = req.extensions().get::<PeerInfo>().map(|p| p.remote.clone()).unwrap_or_default();
+        let source = source_of(&remote).to_owned();
+        let (failed, left) = self.failures.current(&source, tokio::time::Instant::now());
+        if failed >= self.failures_per_minute_max {
+            let status = Status::resource_exhausted(format!(
+                "{failed} enrollments from {source} failed within a minute \
+                 (limits.max_failed_enrollments_per_minute = {}); retry in {}s",
+                self.failures_per_minute_max,
+                left.as_secs().max(1)
+            ));
+            self.log_refusal(&source, &remote, &status);
+            return Err(status);
+        }
         let tls_dir = self.tls_dir.clone();
         let req = req.into_inner();
         // File I/O, fsyncs and signing: off the async threads.
@@ -415,11 +449,23 @@ impl pb::enrollment_server::Enrollment for EnrollmentApi {
                     "worker_enrolled");
             }
             Err(status) => {
-                tracing::warn!(channel = "tls", event = "enroll_refused", %remote, code = ?status.code(),
-                    reason = status.message(), "enroll_refused");
+                if status.code() != tonic::Code::Internal {
+                    self.failures.count(&source, tokio::time::Instant::now());
+                }
+                self.log_refusal(&source, &remote, status);
             }
         }
         outcome.map(|(_, _, response)| Response::new(response))
+    }
+}
+
+impl EnrollmentApi {
+    /// Logs a refused enrollment, once per source per interval.
+    fn log_refusal(&self, source: &str, remote: &str, status: &Status) {
+        if let Some(suppressed) = self.refusals.admit(source, tokio::time::Instant::now()) {
+            tracing::warn!(channel = "tls", event = "enroll_refused", %remote, code = ?status.code(),
+                reason = status.message(), suppressed, "enroll_refused");
+        }
     }
 }
 

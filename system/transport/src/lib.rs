@@ -17,6 +17,7 @@
 //! - [`plugins`]: the built-in `echo` and `sleep` plugins, and [`PluginRouter`], which
 //!   serves several plugin hosts as one.
 //! - [`history`]: JSON-lines history emitters.
+//! - [`limiter`]: per-source counting and log rate limits (failed enrollments, refusals).
 //! - [`node_env`]: what a driver takes from its host (wall clock, where blocking work
 //!   runs); the default is production's, a simulation supplies its own.
 //! - [`server`]: starting a coordinator or a worker from the effective config.
@@ -28,6 +29,7 @@
 pub mod coordinator;
 pub mod enroll;
 pub mod history;
+pub mod limiter;
 pub mod net;
 pub mod node_env;
 pub mod pipeline;
@@ -40,13 +42,14 @@ pub mod tls;
 pub mod wire;
 pub mod worker;
 
-pub use coordinator::{CoordinatorHandle, NodeClock, OperatorRequest, StatusSnapshot};
+pub use coordinator::{CoordinatorHandle, NodeClock, OperatorRequest};
 pub use history::{FileJsonEmitter, MemoryEmitter, NullEmitter, StdoutJsonEmitter};
+pub use net::ConnectionLimits;
 pub use node_env::{BlockingWork, NodeEnv, SystemWallClock, WallClock};
 pub use plugins::{BuiltinPlugins, PluginRouter};
 pub use server::{
-    CoordinatorOptions, RunningCoordinator, WorkerOptions, connect, operator_client, run_worker_process,
+    CoordinatorOptions, RunningCoordinator, ServeLimits, WorkerOptions, connect, operator_client, run_worker_process,
     serve_coordinator, serve_coordinator_with_enrollment, start_coordinator,
 };
-pub use service::{CoordinatorApi, INLINE_RESULT_BYTES_MAX, ResultStore};
+pub use service::{CoordinatorApi, ResultStore};
 pub use tls::{CertFiles, PeerRole, ensure_dev_ca, issue_client_cert, issue_operator_cert, issue_server_cert};

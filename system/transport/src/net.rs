@@ -10,6 +10,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -24,12 +25,65 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use crate::limiter::{LogLimiter, source_of};
 use crate::tls::{PeerRole, peer_role};
 
 /// How long a client may take to finish its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Verified connections waiting for the server to pick them up.
 const ACCEPTED_BACKLOG: usize = 64;
+/// A refused connection is logged once per source per this interval.
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How many connections the server keeps, and for how long one without a client
+/// certificate (from `[limits]`).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Connections open at once; beyond it, a new one is closed when accepted.
+    pub max_connections: usize,
+    /// Of those, connections without a client certificate (they may only enroll).
+    pub max_unauthenticated: usize,
+    /// TLS handshakes in progress at once; the next connection waits to start its own.
+    pub max_handshakes: usize,
+    /// A connection without a client certificate is closed this long after its handshake.
+    pub unauthenticated_timeout: Duration,
+}
+
+impl ConnectionLimits {
+    /// The limits of a config.
+    pub fn from_config(limits: &rollout_core::config::LimitsConfig) -> Self {
+        ConnectionLimits {
+            max_connections: limits.max_connections as usize,
+            max_unauthenticated: limits.max_unauthenticated_connections as usize,
+            max_handshakes: limits.max_handshakes_in_flight as usize,
+            unauthenticated_timeout: limits.unauthenticated_connection_timeout,
+        }
+    }
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits::from_config(&rollout_core::config::LimitsConfig::default())
+    }
+}
+
+/// One place in a connection count, given back when dropped.
+#[derive(Debug)]
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    /// A place, if fewer than `max` are taken.
+    fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
+        count.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
+        Some(Slot(Arc::clone(count)))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// What the server knows about a connection's peer; every request on the connection
 /// carries it as a request extension.
@@ -41,11 +95,29 @@ pub struct PeerInfo {
     pub remote: String,
 }
 
-/// A server-side TLS connection whose client certificate was verified.
+/// A server-side TLS connection whose client certificate was verified (or that has
+/// none, and may only enroll until its deadline).
 #[derive(Debug)]
 pub struct PeerStream<IO> {
     inner: tokio_rustls::server::TlsStream<IO>,
     info: PeerInfo,
+    /// Its places in the connection counts, given back when it closes.
+    _slots: (Slot, Option<Slot>),
+    /// When a connection without a client certificate is cut.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<IO> PeerStream<IO> {
+    /// An error once the deadline of a connection without a certificate has passed.
+    fn check_deadline(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        match &mut self.deadline {
+            Some(deadline) => deadline
+                .as_mut()
+                .poll(cx)
+                .map(|()| io::Error::new(io::ErrorKind::TimedOut, "connection without a client certificate timed out")),
+            None => Poll::Pending,
+        }
+    }
 }
 
 impl<IO> Connected for PeerStream<IO> {
@@ -58,12 +130,18 @@ impl<IO> Connected for PeerStream<IO> {
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for PeerStream<IO> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if let Poll::Ready(e) = self.check_deadline(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for PeerStream<IO> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(e) = self.check_deadline(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -107,14 +185,19 @@ pub fn tcp_incoming(listener: TcpListener) -> impl Stream<Item = io::Result<(Tcp
     })
 }
 
-/// Runs the TLS handshake on every accepted connection (concurrently, each bounded by
-/// [`HANDSHAKE_TIMEOUT`]) and yields only the verified ones. A failed handshake (no
-/// client certificate, a certificate from another CA, garbage) is logged as
-/// `mtls_handshake_failed` and dropped; it never ends the stream, so it never stops
-/// the server.
+/// Runs the TLS handshake on every accepted connection (at most
+/// `limits.max_handshakes` at once, each bounded by [`HANDSHAKE_TIMEOUT`]) and yields
+/// only the verified ones. A failed handshake (a certificate from another CA, garbage)
+/// is logged as `mtls_handshake_failed` and dropped; it never ends the stream, so it
+/// never stops the server. Beyond `limits.max_connections` open connections, a new one
+/// is closed at once; a connection without a client certificate counts against
+/// `limits.max_unauthenticated` too and is cut `limits.unauthenticated_timeout` after
+/// its handshake (it needs one Enroll call). Refusals are logged once per source per
+/// [`REFUSAL_LOG_INTERVAL`].
 pub fn tls_incoming<L, IO, E>(
     listener: L,
     config: Arc<ServerConfig>,
+    limits: ConnectionLimits,
 ) -> impl Stream<Item = Result<PeerStream<IO>, io::Error>> + Send + 'static
 where
     L: Stream<Item = Result<(IO, String), E>> + Send + 'static,
@@ -123,6 +206,10 @@ where
 {
     let (tx, rx) = mpsc::channel(ACCEPTED_BACKLOG);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes.max(1)));
+    let open = Arc::new(AtomicUsize::new(0));
+    let unauthenticated = Arc::new(AtomicUsize::new(0));
+    let refusals = Arc::new(LogLimiter::new(REFUSAL_LOG_INTERVAL));
     tokio::spawn(async move {
         let mut listener = std::pin::pin!(listener);
         while let Some(next) = listener.next().await {
@@ -136,28 +223,62 @@ where
             if tx.is_closed() {
                 break;
             }
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let Some(slot) = Slot::take(&open, limits.max_connections) else {
+                refused(&refusals, &remote, "connection_refused", "limits.max_connections connections are open");
+                drop(io);
+                continue;
+            };
+            // Back-pressure: beyond the handshake bound, accepting waits (the kernel's
+            // backlog holds the rest).
+            let Ok(permit) = Arc::clone(&handshakes).acquire_owned().await else { break };
+            let (acceptor, tx, unauthenticated, refusals) =
+                (acceptor.clone(), tx.clone(), Arc::clone(&unauthenticated), Arc::clone(&refusals));
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await;
+                drop(permit);
+                match handshake {
                     Ok(Ok(stream)) => {
+                        let certified = stream.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
                         let role =
                             stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| peer_role(c));
+                        let (extra, deadline) = if certified {
+                            (None, None)
+                        } else {
+                            let Some(extra) = Slot::take(&unauthenticated, limits.max_unauthenticated) else {
+                                refused(
+                                    &refusals,
+                                    &remote,
+                                    "connection_refused",
+                                    "limits.max_unauthenticated_connections connections without a certificate are open",
+                                );
+                                return;
+                            };
+                            (Some(extra), Some(Box::pin(tokio::time::sleep(limits.unauthenticated_timeout))))
+                        };
                         tracing::debug!(channel = "tls", event = "mtls_handshake_ok", %remote, ?role);
-                        let _ = tx.send(Ok(PeerStream { inner: stream, info: PeerInfo { role, remote } })).await;
+                        let peer = PeerStream {
+                            inner: stream,
+                            info: PeerInfo { role, remote },
+                            _slots: (slot, extra),
+                            deadline,
+                        };
+                        let _ = tx.send(Ok(peer)).await;
                     }
-                    Ok(Err(e)) => {
-                        tracing::warn!(channel = "tls", event = "mtls_handshake_failed", %remote, error = %e,
-                            "mtls_handshake_failed: connection refused");
-                    }
-                    Err(_) => {
-                        tracing::warn!(channel = "tls", event = "mtls_handshake_failed", %remote,
-                            "mtls_handshake_failed: handshake timed out");
-                    }
+                    Ok(Err(e)) => refused(&refusals, &remote, "mtls_handshake_failed", &e.to_string()),
+                    Err(_) => refused(&refusals, &remote, "mtls_handshake_failed", "handshake timed out"),
                 }
             });
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Logs a refused connection, once per source per [`REFUSAL_LOG_INTERVAL`].
+fn refused(refusals: &LogLimiter, remote: &str, event: &'static str, why: &str) {
+    if let Some(suppressed) = refusals.admit(source_of(remote), tokio::time::Instant::now()) {
+        tracing::warn!(channel = "tls", event, %remote, reason = why, suppressed,
+            "{event}: {why} (further refusals of this source are logged at most every {REFUSAL_LOG_INTERVAL:?})");
+    }
 }
 
 /// Opens byte streams to the coordinator. Implemented for TCP by [`TcpDialer`]; a

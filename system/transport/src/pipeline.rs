@@ -310,6 +310,55 @@ fn overlay_scan(pairs: Vec<KeyValue>, overlays: &[&Writes], prefix: &[u8]) -> Ve
     merged.into_iter().collect()
 }
 
+/// One page of the inner storage under `prefix` after `after`, with the overlays laid
+/// over it. Overlay deletes can empty an inner page, so the inner storage is read
+/// window by window until `limit` pairs are found or it has no more; each window's
+/// overlay keys are exactly those between the window's bounds.
+fn overlay_scan_page(
+    inner: &dyn Storage,
+    overlays: &[&Writes],
+    prefix: &[u8],
+    after: Option<&[u8]>,
+    limit: usize,
+) -> Result<Vec<KeyValue>> {
+    if overlays.iter().all(|w| w.is_empty()) {
+        return inner.scan_page(prefix, after, limit);
+    }
+    let mut found: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    let mut cursor: Option<Vec<u8>> = after.map(<[u8]>::to_vec);
+    loop {
+        let page = inner.scan_page(prefix, cursor.as_deref(), limit)?;
+        let full = limit > 0 && page.len() == limit;
+        let upper = if full { page.last().map(|(k, _)| k.clone()) } else { None };
+        let mut window: BTreeMap<Vec<u8>, Vec<u8>> = page.into_iter().collect();
+        let lower = match &cursor {
+            Some(c) if c.as_slice() >= prefix => Bound::Excluded(c.clone()),
+            _ => Bound::Included(prefix.to_vec()),
+        };
+        let high = match &upper {
+            Some(u) => Bound::Included(u.clone()),
+            None => Bound::Unbounded,
+        };
+        for writes in overlays {
+            for (key, value) in writes.range::<Vec<u8>, _>((lower.clone(), high.clone())) {
+                if !key.starts_with(prefix) {
+                    break;
+                }
+                match value {
+                    Some(value) => window.insert(key.clone(), value.clone()),
+                    None => window.remove(key),
+                };
+            }
+        }
+        found.extend(window);
+        if found.len() >= limit || upper.is_none() {
+            break;
+        }
+        cursor = upper;
+    }
+    Ok(found.into_iter().take(limit).collect())
+}
+
 impl Storage for CommitPipeline {
     fn begin_write(&self) -> Result<Box<dyn StorageTxn + '_>> {
         let layers = self.layers()?;
@@ -331,6 +380,12 @@ impl Storage for CommitPipeline {
         let pairs = self.shared.inner.scan(prefix)?;
         let overlays: Vec<&Writes> = layers.iter().map(|set| &set.writes).collect();
         Ok(overlay_scan(pairs, &overlays, prefix))
+    }
+
+    fn scan_page(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<KeyValue>> {
+        let layers = self.layers()?;
+        let overlays: Vec<&Writes> = layers.iter().map(|set| &set.writes).collect();
+        overlay_scan_page(&*self.shared.inner, &overlays, prefix, after, limit)
     }
 }
 

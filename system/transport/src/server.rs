@@ -9,9 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::Stream;
-use rollout_cloud_local::FsObjectStore;
 use rollout_coordinator::CoordinatorSettings;
-use rollout_core::traits::{EventEmitter, ObjectStore, PluginHost, Storage};
+use rollout_core::traits::{EventEmitter, PluginHost, Storage};
 use rollout_core::{Config, Error, Result, WorkerId};
 use rollout_proto::transport::operator_client::OperatorClient;
 use rollout_storage::RedbStorage;
@@ -25,7 +24,7 @@ use tonic::transport::{Channel, Server};
 
 use crate::coordinator::{CoordinatorDriverOptions, CoordinatorHandle, spawn_coordinator_driver};
 use crate::enroll::{EnrollmentApi, require_client_certificate};
-use crate::net::{TcpDialer, TlsConnector, lazy_channel, tcp_incoming, tls_incoming};
+use crate::net::{ConnectionLimits, TcpDialer, TlsConnector, lazy_channel, tcp_incoming, tls_incoming};
 use crate::node_env::NodeEnv;
 use crate::service::{CoordinatorApi, ResultStore, STREAMS_PER_CONNECTION_MAX};
 use crate::tls::{self, CertFiles};
@@ -37,6 +36,25 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// The database file under the data directory.
 pub const DATABASE_FILE: &str = "rollout.db";
 
+/// What the server enforces on its connections and messages.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeLimits {
+    /// Largest message decoded or encoded (`limits.max_message_bytes`).
+    pub max_message_bytes: usize,
+    /// Connection counts and the deadline of connections without a certificate.
+    pub connections: ConnectionLimits,
+}
+
+impl ServeLimits {
+    /// The limits of a config.
+    pub fn from_config(config: &Config) -> Self {
+        ServeLimits {
+            max_message_bytes: config.limits.max_message_bytes as usize,
+            connections: ConnectionLimits::from_config(&config.limits),
+        }
+    }
+}
+
 /// Serves both gRPC services on `incoming` (any stream of accepted byte streams, each
 /// with a peer address for logs) under mutual TLS, until `shutdown` completes.
 /// Enrollment is not served (Enroll answers `UNIMPLEMENTED`).
@@ -44,7 +62,7 @@ pub async fn serve_coordinator<L, IO, E, F>(
     api: CoordinatorApi,
     incoming: L,
     tls: Arc<ServerConfig>,
-    max_message_bytes: usize,
+    limits: ServeLimits,
     shutdown: F,
 ) -> Result<()>
 where
@@ -53,7 +71,7 @@ where
     E: std::fmt::Display + Send + 'static,
     F: Future<Output = ()> + Send,
 {
-    serve_coordinator_with_enrollment(api, None, incoming, tls, max_message_bytes, shutdown).await
+    serve_coordinator_with_enrollment(api, None, incoming, tls, limits, shutdown).await
 }
 
 /// [`serve_coordinator`], plus the Enrollment service when `enrollment` is given. The
@@ -65,7 +83,7 @@ pub async fn serve_coordinator_with_enrollment<L, IO, E, F>(
     enrollment: Option<EnrollmentApi>,
     incoming: L,
     tls: Arc<ServerConfig>,
-    max_message_bytes: usize,
+    limits: ServeLimits,
     shutdown: F,
 ) -> Result<()>
 where
@@ -74,6 +92,7 @@ where
     E: std::fmt::Display + Send + 'static,
     F: Future<Output = ()> + Send,
 {
+    let max_message_bytes = limits.max_message_bytes;
     let (coordinator, operator) = api.into_services(max_message_bytes);
     Server::builder()
         .max_concurrent_streams(Some(STREAMS_PER_CONNECTION_MAX))
@@ -82,7 +101,7 @@ where
         .add_service(InterceptedService::new(coordinator, require_client_certificate))
         .add_service(InterceptedService::new(operator, require_client_certificate))
         .add_optional_service(enrollment.map(|e| e.into_service(max_message_bytes)))
-        .serve_with_incoming_shutdown(tls_incoming(incoming, tls), shutdown)
+        .serve_with_incoming_shutdown(tls_incoming(incoming, tls, limits.connections), shutdown)
         .await
         .map_err(|e| Error::internal(format!("gRPC server failed: {e}")))
 }
@@ -162,7 +181,6 @@ pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordi
     std::fs::create_dir_all(data_dir)
         .map_err(|e| Error::config_invalid("storage.data_dir", format!("creating {}: {e}", data_dir.display())))?;
     let storage: Arc<dyn Storage> = Arc::new(RedbStorage::open(data_dir.join(DATABASE_FILE))?);
-    let objects: Arc<dyn ObjectStore> = Arc::new(FsObjectStore::open_in_data_dir(data_dir)?);
     let tls_dir = &config.transport.tls_dir;
     let server_tls = tls::server_config(&CertFiles::ca(tls_dir).cert, &CertFiles::coordinator(tls_dir))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -181,9 +199,10 @@ pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordi
     let local_addr = listener.local_addr().map_err(|e| Error::internal(format!("listener address of {addr}: {e}")))?;
     tracing::info!(channel = "transport", event = "transport_server_starting", addr = %local_addr,
         data_dir = %data_dir.display(), tls_dir = %tls_dir.display(), "transport_server_starting");
-    let api = CoordinatorApi::new(handle.clone(), ResultStore::new(storage_for_results, objects))
+    let api = CoordinatorApi::new(handle.clone(), ResultStore::new(storage_for_results), &config)
         .with_shutdown(shutdown_rx.clone());
-    let max_message_bytes = config.limits.max_message_bytes as usize;
+    let limits = ServeLimits::from_config(&config);
+    let enrollment_limits = config.limits;
     let mut stop = shutdown_rx;
     let tls_dir_for_enrollment = tls_dir.clone();
     let server = tokio::spawn(async move {
@@ -194,16 +213,8 @@ pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordi
                 }
             }
         };
-        let enrollment = Some(EnrollmentApi::new(tls_dir_for_enrollment));
-        serve_coordinator_with_enrollment(
-            api,
-            enrollment,
-            tcp_incoming(listener),
-            server_tls,
-            max_message_bytes,
-            shutdown,
-        )
-        .await
+        let enrollment = Some(EnrollmentApi::with_limits(tls_dir_for_enrollment, &enrollment_limits));
+        serve_coordinator_with_enrollment(api, enrollment, tcp_incoming(listener), server_tls, limits, shutdown).await
     });
     Ok(RunningCoordinator { local_addr, handle, shutdown: shutdown_tx, driver, server })
 }

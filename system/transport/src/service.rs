@@ -5,44 +5,50 @@
 //! Identity: every connection carries its peer's verified certificate role
 //! ([`PeerInfo`]). A worker may only speak for the worker id in its certificate; operator
 //! RPCs need an operator certificate. Anything else is `PERMISSION_DENIED`.
+//!
+//! Bounds: every message is limited by `limits.max_message_bytes` when it is decoded,
+//! every repeated field and name by [`crate::wire`]; a worker's Work stream may have
+//! at most `limits.max_work_bytes_in_flight` bytes of results on their way into the
+//! coordinator's batches (its next frames wait), so one worker cannot fill the
+//! coordinator's memory and the others do not wait for it.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::{Stream, StreamExt};
-use rollout_coordinator::{OperatorReply, TaskState, WorkerState, stored_result};
+use rollout_coordinator::{
+    JobLookup, JobPhase, JobsQuery, OperatorReply, StatusQuery, TaskState, WorkerState, stored_job, stored_result,
+    stored_task_reports,
+};
+use rollout_core::config::LimitsConfig;
 use rollout_core::protocol::{Outcome, Submit, ToWorker};
 use rollout_core::time::unix_millis;
-use rollout_core::traits::{ObjectStore, Storage};
-use rollout_core::{ContentId, Error, Fatal, Incarnation, JobId, PROTOCOL_VERSION, WorkerId};
+use rollout_core::traits::Storage;
+use rollout_core::{ContentId, Error, Fatal, Incarnation, JobId, PROTOCOL_VERSION, Recoverable, WorkerId};
 use rollout_proto::transport as pb;
 use rollout_proto::{WireError, required_task_id};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::coordinator::{CONTROL_QUEUED_MAX, CoordinatorHandle, DriverMsg, OperatorRequest, WORK_FRAMES_QUEUED_MAX};
 use crate::net::PeerInfo;
-use crate::node_env::BlockingWork;
 use crate::tls::PeerRole;
 use crate::wire::{self, WireOutcome};
 
-/// Concurrent HTTP/2 streams one connection may open (a worker needs three).
-pub const STREAMS_PER_CONNECTION_MAX: u32 = 64;
+/// Concurrent HTTP/2 streams one connection may open (a worker needs four: Work,
+/// Control, a beat and a registration).
+pub const STREAMS_PER_CONNECTION_MAX: u32 = 16;
+/// Task results streamed per storage read by `Results`.
+const RESULTS_PAGE: usize = 1024;
 
-/// Results up to this size are stored in the coordinator's database, in the same
-/// transaction (and fsync) as their commit; larger ones go to the object store first
-/// (write-ahead), one file each.
-pub const INLINE_RESULT_BYTES_MAX: usize = 64 * 1024;
-
-/// Where committed results are read from: the coordinator's database for small ones
-/// (see [`INLINE_RESULT_BYTES_MAX`]), the object store for the rest.
+/// Where committed results are read from: the coordinator's database, where each is
+/// stored with its commit (content-addressed, once however many tasks name it).
 #[derive(Clone)]
 pub struct ResultStore {
     storage: Arc<dyn Storage>,
-    objects: Arc<dyn ObjectStore>,
 }
 
 impl std::fmt::Debug for ResultStore {
@@ -52,17 +58,15 @@ impl std::fmt::Debug for ResultStore {
 }
 
 impl ResultStore {
-    /// Results in `storage` (the coordinator's) and `objects`.
-    pub fn new(storage: Arc<dyn Storage>, objects: Arc<dyn ObjectStore>) -> Self {
-        ResultStore { storage, objects }
+    /// Results in `storage` (the coordinator's, as committed: not the pipeline).
+    pub fn new(storage: Arc<dyn Storage>) -> Self {
+        ResultStore { storage }
     }
 
     /// The bytes of a committed result.
     pub fn get(&self, id: &ContentId) -> rollout_core::Result<Vec<u8>> {
-        match stored_result(&*self.storage, id)? {
-            Some(bytes) => Ok(bytes),
-            None => self.objects.get(id),
-        }
+        stored_result(&*self.storage, id)?
+            .ok_or_else(|| Error::internal(format!("result {} is not stored (its job was deleted?)", id.to_hex())))
     }
 }
 
@@ -72,9 +76,10 @@ impl ResultStore {
 pub struct CoordinatorApi {
     driver: CoordinatorHandle,
     results: ResultStore,
+    limits: LimitsConfig,
+    job_retention_ms: u64,
     shutdown: Option<watch::Receiver<bool>>,
     next_conn: Arc<AtomicU64>,
-    blocking: BlockingWork,
 }
 
 impl std::fmt::Debug for CoordinatorApi {
@@ -84,23 +89,17 @@ impl std::fmt::Debug for CoordinatorApi {
 }
 
 impl CoordinatorApi {
-    /// Services over a running driver; results are stored in and read from `results`.
-    pub fn new(driver: CoordinatorHandle, results: ResultStore) -> Self {
+    /// Services over a running driver; results are read from `results`; `config`
+    /// gives the limits the services enforce.
+    pub fn new(driver: CoordinatorHandle, results: ResultStore, config: &rollout_core::Config) -> Self {
         CoordinatorApi {
             driver,
             results,
+            limits: config.limits,
+            job_retention_ms: u64::try_from(config.tasks.job_retention.as_millis()).unwrap_or(u64::MAX),
             shutdown: None,
             next_conn: Arc::new(AtomicU64::new(1)),
-            blocking: BlockingWork::Pool,
         }
-    }
-
-    /// Where large result bytes are written before their submit reaches the machine
-    /// (default: the blocking pool; a simulation with an in-memory object store says
-    /// inline).
-    pub fn with_blocking(mut self, blocking: BlockingWork) -> Self {
-        self.blocking = blocking;
-        self
     }
 
     /// Ends every open stream once `shutdown` turns true, so a graceful server
@@ -182,8 +181,13 @@ fn rejected(e: Error) -> Status {
         Error::Fatal(Fatal::InvalidInput(m)) => Status::invalid_argument(m),
         Error::Fatal(Fatal::PermissionDenied(m)) => Status::permission_denied(m),
         Error::Fatal(Fatal::ProtocolMismatch { .. }) => Status::failed_precondition(e.to_string()),
+        Error::Recoverable { kind: Recoverable::ResourceExhausted(m), .. } => Status::resource_exhausted(m),
         other => Status::failed_precondition(other.to_string()),
     }
+}
+
+fn internal(e: Error) -> Status {
+    Status::internal(e.to_string())
 }
 
 async fn answer<T>(rx: oneshot::Receiver<T>) -> Result<T, Status> {
@@ -213,7 +217,10 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
                         settings: Some(wire::terms_to_wire(terms)),
                     }))
                 }
-                ToWorker::RegisterRejected { reason } => Err(Status::failed_precondition(reason)),
+                ToWorker::RegisterRejected { reason } => {
+                    tracing::warn!(channel = "register", worker = %worker, %reason, "registration refused");
+                    Err(Status::failed_precondition(reason))
+                }
                 other => Err(Status::internal(format!("unexpected answer to register: {other:?}"))),
             }
         }
@@ -294,12 +301,14 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
             .await
             .map_err(unavailable)?;
         tracing::info!(channel = "work", event = "work_stream_opened", worker = %worker, %incarnation);
+        let budget_bytes = self.limits.max_work_bytes_in_flight as usize;
         let pump = WorkPump {
             driver: self.driver.clone(),
-            objects: Arc::clone(&self.results.objects),
             worker: worker.clone(),
             incarnation,
-            blocking: self.blocking,
+            max_result_bytes: self.limits.max_result_bytes as usize,
+            budget: Arc::new(Semaphore::new(budget_bytes)),
+            budget_bytes,
         };
         let span = tracing::debug_span!("rpc", channel = "work", worker = %worker);
         let detach = DetachOnDrop { driver: self.driver.clone(), worker, conn };
@@ -336,10 +345,12 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
 /// Forwards one worker's inbound Work frames to the driver.
 struct WorkPump {
     driver: CoordinatorHandle,
-    objects: Arc<dyn ObjectStore>,
     worker: WorkerId,
     incarnation: Incarnation,
-    blocking: BlockingWork,
+    max_result_bytes: usize,
+    /// Result bytes this stream may have on their way into the coordinator's batches.
+    budget: Arc<Semaphore>,
+    budget_bytes: usize,
 }
 
 impl WorkPump {
@@ -348,61 +359,54 @@ impl WorkPump {
             return Err(Status::invalid_argument("malformed message: field work.frame: too many pulls or submits"));
         }
         let mut submits = Vec::with_capacity(frame.submits.len());
+        let mut bytes = 0usize;
         for s in frame.submits {
-            submits.push(wire::submit_from_wire(s).map_err(invalid)?);
+            let submit = wire::submit_from_wire(s).map_err(invalid)?;
+            let (submit, result) = to_submit(self.incarnation, submit, self.max_result_bytes);
+            bytes += result.as_ref().map_or(0, Vec::len);
+            submits.push((submit, result));
         }
-        let incarnation = self.incarnation;
-        let submits: Vec<(Submit, Option<Vec<u8>>)> = if submits
-            .iter()
-            .any(|(_, _, o)| matches!(o, WireOutcome::Result(b) if b.len() > INLINE_RESULT_BYTES_MAX))
-        {
-            // Large results are stored in the object store before their submit reaches
-            // the machine, so a committed result is always readable (write-ahead);
-            // content addressing makes a repeat a no-op. That is file I/O: blocking work.
-            let objects = Arc::clone(&self.objects);
-            self.blocking
-                .run(move || submits.into_iter().filter_map(|s| to_submit(incarnation, s, Some(&*objects))).collect())
-                .await
-                .map_err(|e| Status::internal(format!("storing results: {e}")))?
-        } else {
-            // Small results travel with their submit into the commit's transaction.
-            submits.into_iter().filter_map(|s| to_submit(incarnation, s, None)).collect()
-        };
         // The latest pull of a frame wins.
         let pull = frame.pulls.last().map(|pull| wire::pull_from_wire(self.incarnation, pull));
-        if !submits.is_empty() || pull.is_some() {
-            let msg = DriverMsg::WorkFrame { worker: self.worker.clone(), submits, pull };
-            self.driver.send(msg).await.map_err(unavailable)?;
+        if submits.is_empty() && pull.is_none() {
+            return Ok(());
         }
-        Ok(())
+        // Wait while this stream's earlier results are still on their way in (the
+        // driver gives the permit back once their batch is applied). A frame holds at
+        // most one message, and the budget at least one message (config validation).
+        let permits = u32::try_from(bytes.min(self.budget_bytes)).unwrap_or(u32::MAX);
+        let permit: Option<OwnedSemaphorePermit> = if permits == 0 {
+            None
+        } else {
+            Some(
+                Arc::clone(&self.budget)
+                    .acquire_many_owned(permits)
+                    .await
+                    .map_err(|_| Status::internal("work stream budget closed"))?,
+            )
+        };
+        let msg = DriverMsg::WorkFrame { worker: self.worker.clone(), submits, pull, permit };
+        self.driver.send(msg).await.map_err(unavailable)
     }
 }
 
-/// A checked submit from the wire as the machine takes it, with the bytes of a small
-/// result to store with the commit. A large result is put in `objects` first (`None`
-/// when that fails: the worker re-sends the submit).
+/// A checked submit from the wire as the machine takes it, with the bytes of its
+/// result to store with the commit, if it is accepted. A result over the limit travels
+/// without its bytes: the machine fails the attempt for its size and stores nothing.
 fn to_submit(
     incarnation: Incarnation,
     (task, token, outcome): (rollout_core::TaskId, rollout_core::FencingToken, WireOutcome),
-    objects: Option<&dyn ObjectStore>,
-) -> Option<(Submit, Option<Vec<u8>>)> {
-    let (outcome, inline) = match outcome {
+    max_result_bytes: usize,
+) -> (Submit, Option<Vec<u8>>) {
+    let (outcome, bytes) = match outcome {
         WireOutcome::Result(bytes) => {
-            let size_bytes = bytes.len() as u64;
-            match objects {
-                Some(objects) if bytes.len() > INLINE_RESULT_BYTES_MAX => match objects.put(&bytes) {
-                    Ok(result) => (Outcome::Succeeded { result, size_bytes }, None),
-                    Err(e) => {
-                        tracing::error!(channel = "work", error = %e, %task, "storing a result failed");
-                        return None;
-                    }
-                },
-                _ => (Outcome::Succeeded { result: ContentId::of(&bytes), size_bytes }, Some(bytes)),
-            }
+            let outcome = Outcome::Succeeded { result: ContentId::of(&bytes), size_bytes: bytes.len() as u64 };
+            let bytes = (bytes.len() <= max_result_bytes).then_some(bytes);
+            (outcome, bytes)
         }
         WireOutcome::Failure(message) => (Outcome::Failed { message }, None),
     };
-    Some((Submit { incarnation, task, token, outcome }, inline))
+    (Submit { incarnation, task, token, outcome }, bytes)
 }
 
 /// Tells the driver that a stream ended, so it stops routing to it.
@@ -429,24 +433,64 @@ impl Drop for DetachOnDrop {
 
 // ------------------------------------------------------------------ operator
 
+fn job_accepted(reply: OperatorReply) -> Result<Response<pb::SubmitJobResponse>, Status> {
+    match reply {
+        OperatorReply::JobAccepted { job, tasks, existing } => {
+            tracing::info!(channel = "operator", %job, tasks, existing, "job accepted");
+            Ok(Response::new(pb::SubmitJobResponse { job: job.get(), tasks, existing }))
+        }
+        OperatorReply::Rejected(e) => Err(rejected(e)),
+        other => Err(Status::internal(format!("unexpected reply: {other:?}"))),
+    }
+}
+
 #[tonic::async_trait]
 impl pb::operator_server::Operator for CoordinatorApi {
     async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
         let operator = authorize_operator(&req)?;
         let job = wire::job_from_wire(req.into_inner()).map_err(invalid)?;
         let span = tracing::info_span!("rpc", channel = "operator", operator = %operator, op = "submit_job");
-        async move {
-            match self.driver.operator(OperatorRequest::SubmitJob(job)).await.map_err(unavailable)? {
-                OperatorReply::JobAccepted { job, tasks, existing } => {
-                    tracing::info!(channel = "operator", %job, tasks, existing, "job accepted");
-                    Ok(Response::new(pb::SubmitJobResponse { job: job.get(), tasks }))
-                }
-                OperatorReply::Rejected(e) => Err(rejected(e)),
-                other => Err(Status::internal(format!("unexpected reply: {other:?}"))),
+        async move { job_accepted(self.driver.operator(OperatorRequest::SubmitJob(job)).await.map_err(unavailable)?) }
+            .instrument(span)
+            .await
+    }
+
+    async fn open_job(&self, req: Request<pb::OpenJobRequest>) -> Result<Response<pb::OpenJobResponse>, Status> {
+        let operator = authorize_operator(&req)?;
+        let pb::OpenJobRequest { name, idempotency_key } = req.into_inner();
+        wire::optional_text("open_job.name", name.clone()).map_err(invalid)?;
+        let idempotency_key = wire::optional_text("open_job.idempotency_key", idempotency_key).map_err(invalid)?;
+        match self.driver.operator(OperatorRequest::OpenJob { name, idempotency_key }).await.map_err(unavailable)? {
+            OperatorReply::JobOpened { job, tasks, sealed, existing } => {
+                tracing::info!(channel = "operator", %operator, %job, tasks, sealed, existing, "job opened");
+                Ok(Response::new(pb::OpenJobResponse { job: job.get(), tasks, sealed, existing }))
             }
+            OperatorReply::Rejected(e) => Err(rejected(e)),
+            other => Err(Status::internal(format!("unexpected reply: {other:?}"))),
         }
-        .instrument(span)
-        .await
+    }
+
+    async fn append_tasks(
+        &self,
+        req: Request<pb::AppendTasksRequest>,
+    ) -> Result<Response<pb::AppendTasksResponse>, Status> {
+        authorize_operator(&req)?;
+        let pb::AppendTasksRequest { job, first_index, tasks } = req.into_inner();
+        let tasks = wire::tasks_from_wire("append_tasks.tasks", tasks).map_err(invalid)?;
+        let request = OperatorRequest::AppendTasks { job: JobId(job), first_index, tasks };
+        match self.driver.operator(request).await.map_err(unavailable)? {
+            OperatorReply::TasksAppended { tasks, .. } => Ok(Response::new(pb::AppendTasksResponse { tasks })),
+            OperatorReply::Rejected(e) => Err(rejected(e)),
+            other => Err(Status::internal(format!("unexpected reply: {other:?}"))),
+        }
+    }
+
+    async fn seal_job(&self, req: Request<pb::SealJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        authorize_operator(&req)?;
+        let pb::SealJobRequest { job, tasks } = req.into_inner();
+        job_accepted(
+            self.driver.operator(OperatorRequest::SealJob { job: JobId(job), tasks }).await.map_err(unavailable)?,
+        )
     }
 
     async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::CancelJobResponse>, Status> {
@@ -471,8 +515,14 @@ impl pb::operator_server::Operator for CoordinatorApi {
 
     async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         authorize_operator(&req)?;
-        let snapshot = self.driver.status().await.map_err(unavailable)?;
-        let workers = snapshot
+        let req = req.into_inner();
+        let jobs_only = req.jobs_only;
+        let mut query = status_query(req).map_err(invalid)?;
+        if jobs_only {
+            query.workers_max = 0;
+        }
+        let page = self.driver.status(query).await.map_err(unavailable)?;
+        let workers = page
             .workers
             .into_iter()
             .map(|w| pb::WorkerStatus {
@@ -490,9 +540,11 @@ impl pb::operator_server::Operator for CoordinatorApi {
                 running: w.leased,
                 plugins: w.plugins,
                 inventory: Some(w.inventory.into()),
+                clock_offset_ms: w.clock_offset_ms.unwrap_or(0),
+                clock_offset_known: w.clock_offset_ms.is_some(),
             })
             .collect();
-        let jobs = snapshot
+        let jobs = page
             .jobs
             .into_iter()
             .map(|j| pb::JobStatus {
@@ -504,10 +556,17 @@ impl pb::operator_server::Operator for CoordinatorApi {
                 committed: j.committed,
                 dead_lettered: j.dead_lettered,
                 cancelled: j.cancelled,
+                phase: match j.phase {
+                    JobPhase::Open => pb::JobPhase::Open,
+                    JobPhase::Active => pb::JobPhase::Active,
+                    JobPhase::Finished => pb::JobPhase::Finished,
+                }
+                .into(),
+                finished_at_unix_ms: j.finished_at.map(unix_millis).unwrap_or(0),
             })
             .collect();
-        let latencies = snapshot
-            .latencies
+        let latencies = if jobs_only { Vec::new() } else { page.latencies };
+        let latencies = latencies
             .into_iter()
             .map(|l| pb::LatencySummary {
                 plugin: l.plugin,
@@ -518,54 +577,137 @@ impl pb::operator_server::Operator for CoordinatorApi {
                 max_us: l.max_us,
             })
             .collect();
-        Ok(Response::new(pb::StatusResponse { workers, jobs, latencies }))
+        let t = page.totals;
+        let totals = pb::ClusterTotals {
+            workers_active: t.workers_active,
+            workers_draining: t.workers_draining,
+            workers_failed: t.workers_failed,
+            jobs_open: t.jobs_open,
+            jobs_active: t.jobs_active,
+            jobs_finished: t.jobs_finished,
+            tasks_queued: t.tasks.queued.into(),
+            tasks_leased: t.tasks.leased.into(),
+            tasks_committed: t.tasks.committed.into(),
+            tasks_dead_lettered: t.tasks.dead_lettered.into(),
+            tasks_cancelled: t.tasks.cancelled.into(),
+        };
+        Ok(Response::new(pb::StatusResponse {
+            workers,
+            jobs,
+            latencies,
+            workers_more: page.workers_more,
+            jobs_more: page.jobs_more,
+            totals: Some(totals),
+            job_retention_ms: self.job_retention_ms,
+        }))
     }
 
     type ResultsStream = BoxStream<pb::TaskResult>;
 
     async fn results(&self, req: Request<pb::ResultsRequest>) -> Result<Response<Self::ResultsStream>, Status> {
         authorize_operator(&req)?;
-        let pb::ResultsRequest { job, include_bytes } = req.into_inner();
-        let Some(reports) = self.driver.task_reports(JobId(job)).await.map_err(unavailable)? else {
-            return Err(Status::not_found(format!("no job job-{job}")));
+        let pb::ResultsRequest { job, include_bytes, from_index } = req.into_inner();
+        let job = JobId(job);
+        let results = self.results.clone();
+        let storage = Arc::clone(&results.storage);
+        let retention = self.job_retention_ms;
+        // Served from storage (what is durable), never from the machine: a page of
+        // task records at a time, on the blocking pool.
+        let lookup = tokio::task::spawn_blocking(move || stored_job(&*storage, job))
+            .await
+            .map_err(|e| Status::internal(format!("reading {job}: {e}")))?
+            .map_err(internal)?;
+        let stored = match lookup {
+            JobLookup::Found(stored) if stored.sealed => stored,
+            JobLookup::Found(stored) => {
+                return Err(Status::failed_precondition(format!(
+                    "{job} is open ({} tasks appended) and has no results until it is sealed",
+                    stored.tasks
+                )));
+            }
+            JobLookup::Gone => {
+                return Err(Status::not_found(format!(
+                    "{job} expired: finished jobs and their results are deleted after tasks.job_retention ({}), \
+                     and jobs never sealed after tasks.open_job_timeout",
+                    rollout_core::config::duration_text::format(std::time::Duration::from_millis(retention))
+                )));
+            }
+            JobLookup::Unknown => return Err(Status::not_found(format!("no job {job}"))),
         };
         let (tx, rx) = mpsc::channel(256);
-        let results = self.results.clone();
-        // Read results on the blocking pool, streaming them out in task order.
         tokio::task::spawn_blocking(move || {
-            for r in reports {
-                let (state, content_id) = match &r.state {
-                    TaskState::Queued => (pb::TaskState::Queued, None),
-                    TaskState::Leased { .. } => (pb::TaskState::Leased, None),
-                    TaskState::Committed { result, .. } => (pb::TaskState::Committed, Some(*result)),
-                    TaskState::DeadLettered => (pb::TaskState::DeadLettered, None),
-                    TaskState::Cancelled => (pb::TaskState::Cancelled, None),
+            let mut from = from_index;
+            while from < stored.tasks {
+                let page = match stored_task_reports(&*results.storage, &stored, from, RESULTS_PAGE) {
+                    Ok(page) => page,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(internal(e)));
+                        return;
+                    }
                 };
-                let result = match (include_bytes, content_id) {
-                    (true, Some(id)) => match results.get(&id) {
-                        Ok(bytes) => bytes,
-                        Err(e) => {
-                            let _ = tx.blocking_send(Err(Status::internal(format!("result of {}: {e}", r.task))));
-                            return;
-                        }
-                    },
-                    _ => Vec::new(),
-                };
-                let item = pb::TaskResult {
-                    task: Some(r.task.into()),
-                    state: state.into(),
-                    attempts: r.attempts.get(),
-                    content_id: content_id.map(|c: ContentId| c.as_bytes().to_vec()).unwrap_or_default(),
-                    result,
-                    errors: r.errors,
-                };
-                if tx.blocking_send(Ok(item)).is_err() {
-                    return;
+                from += page.len() as u32;
+                for r in page {
+                    let (state, content_id) = match &r.state {
+                        TaskState::Queued => (pb::TaskState::Queued, None),
+                        TaskState::Leased { .. } => (pb::TaskState::Leased, None),
+                        TaskState::Committed { result, .. } => (pb::TaskState::Committed, Some(*result)),
+                        TaskState::DeadLettered => (pb::TaskState::DeadLettered, None),
+                        TaskState::Cancelled => (pb::TaskState::Cancelled, None),
+                    };
+                    let result = match (include_bytes, content_id) {
+                        (true, Some(id)) => match results.get(&id) {
+                            Ok(bytes) => bytes,
+                            Err(e) => {
+                                let _ = tx.blocking_send(Err(Status::internal(format!("result of {}: {e}", r.task))));
+                                return;
+                            }
+                        },
+                        _ => Vec::new(),
+                    };
+                    let item = pb::TaskResult {
+                        task: Some(r.task.into()),
+                        state: state.into(),
+                        attempts: r.attempts.get(),
+                        content_id: content_id.map(|c: ContentId| c.as_bytes().to_vec()).unwrap_or_default(),
+                        result,
+                        errors: r.errors,
+                    };
+                    if tx.blocking_send(Ok(item)).is_err() {
+                        return;
+                    }
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(self.until_shutdown(ReceiverStream::new(rx))))
     }
+}
+
+/// A status query from the wire.
+fn status_query(req: pb::StatusRequest) -> Result<StatusQuery, WireError> {
+    let default = StatusQuery::default();
+    let or_default = |n: u32, d: usize| if n == 0 { d } else { (n as usize).min(d.max(10_000)) };
+    let workers_after = if req.workers_after.is_empty() {
+        None
+    } else {
+        Some(rollout_proto::worker_id("status.workers_after", &req.workers_after)?)
+    };
+    let jobs = match pb::JobsView::try_from(req.jobs_view) {
+        Ok(pb::JobsView::Current) => {
+            let recent = if req.recent_finished == 0 { 10 } else { (req.recent_finished as usize).min(10_000) };
+            JobsQuery::Current { recent_finished: recent }
+        }
+        Ok(pb::JobsView::All) => JobsQuery::All { after: req.jobs_from.checked_sub(1).map(JobId) },
+        Ok(pb::JobsView::One) => JobsQuery::One(JobId(req.job)),
+        Err(_) => {
+            return Err(WireError { field: "status.jobs_view", reason: format!("unknown value {}", req.jobs_view) });
+        }
+    };
+    Ok(StatusQuery {
+        workers_after,
+        workers_max: or_default(req.workers_max, default.workers_max),
+        jobs,
+        jobs_max: or_default(req.jobs_max, default.jobs_max),
+    })
 }
 
 /// Checks a task id from the wire (used by clients reading results).

@@ -78,6 +78,9 @@ impl Storage for GatedStorage {
     fn scan(&self, prefix: &[u8]) -> Result<Vec<KeyValue>> {
         self.inner.scan(prefix)
     }
+    fn scan_page(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<KeyValue>> {
+        self.inner.scan_page(prefix, after, limit)
+    }
 }
 
 impl StorageTxn for GatedTxn<'_> {

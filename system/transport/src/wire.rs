@@ -5,9 +5,12 @@
 
 use std::time::Duration;
 
+use prost::Message;
 use rollout_coordinator::{JobSubmission, TaskSpec};
+pub use rollout_core::protocol::NAME_BYTES_MAX;
 use rollout_core::protocol::{
-    Assignment, Control, Heartbeat, MetricDeltas, Pull, Register, SubmitVerdict, ToWorker, WorkerTerms,
+    Assignment, Control, GPUS_PER_WORKER_MAX, Heartbeat, MetricDeltas, Pull, Register, SubmitVerdict, ToWorker,
+    WorkerTerms,
 };
 use rollout_core::time::{from_unix_millis, unix_millis};
 use rollout_core::{Attempt, FencingToken, Incarnation, JobId};
@@ -15,11 +18,10 @@ use rollout_proto::transport as pb;
 use rollout_proto::{WireError, required_task_id};
 
 /// Most entries of any repeated field in one message (pulls, submits, running tasks,
-/// metric series, plugins). Together with the message size limit this bounds the work
-/// one message can cause.
+/// metric series, plugins, tasks). Together with the message size limit this bounds the
+/// work one message can cause; the machines apply tighter limits of their own
+/// (`limits.max_plugins_per_worker`, `limits.max_metric_series_per_beat`, ...).
 pub const REPEATED_MAX: usize = 65_536;
-/// Longest plugin or method name accepted.
-pub const NAME_BYTES_MAX: usize = 256;
 
 fn bounded<T>(field: &'static str, items: &[T]) -> Result<(), WireError> {
     if items.len() > REPEATED_MAX {
@@ -44,7 +46,16 @@ pub fn register_from_wire(req: &pb::RegisterRequest) -> Result<Register, WireErr
         name("register.plugins", plugin)?;
     }
     let inventory = req.inventory.clone().unwrap_or_default();
-    bounded("register.inventory.gpus", &inventory.gpus)?;
+    if inventory.gpus.len() > GPUS_PER_WORKER_MAX {
+        return Err(WireError {
+            field: "register.inventory.gpus",
+            reason: format!("{} GPUs exceed the limit of {GPUS_PER_WORKER_MAX}", inventory.gpus.len()),
+        });
+    }
+    for gpu in &inventory.gpus {
+        name("register.inventory.gpus.name", &gpu.name)?;
+        name("register.inventory.gpus.uuid", &gpu.uuid)?;
+    }
     Ok(Register {
         protocol_version: req.protocol_version,
         plugins: req.plugins.clone(),
@@ -272,16 +283,87 @@ pub fn control_from_wire(m: pb::ControlMessage) -> Result<Control, WireError> {
     }
 }
 
+// ------------------------------------------------------------------ frames
+
+/// The bytes a message of encoded length `len` adds to its frame as one entry of a
+/// repeated field (tag, length prefix, body).
+fn entry_len(len: usize) -> usize {
+    1 + prost::encoding::encoded_len_varint(len as u64) + len
+}
+
+/// One batch's assignments and acks for one worker as Work frames, each within
+/// `max_message_bytes` encoded (acks first, then assignments in order).
+pub fn coordinator_frames(
+    acks: Vec<pb::SubmitAck>,
+    assigns: Vec<pb::Assign>,
+    max_message_bytes: usize,
+) -> Vec<pb::CoordinatorFrame> {
+    enum Item {
+        Ack(pb::SubmitAck),
+        Assign(pb::Assign),
+    }
+    let items = acks.into_iter().map(Item::Ack).chain(assigns.into_iter().map(Item::Assign));
+    let size = |item: &Item| match item {
+        Item::Ack(a) => entry_len(a.encoded_len()),
+        Item::Assign(a) => entry_len(a.encoded_len()),
+    };
+    rollout_core::framing::cut_by_size(items, max_message_bytes, size)
+        .into_iter()
+        .map(|group| {
+            let mut frame = pb::CoordinatorFrame::default();
+            for item in group {
+                match item {
+                    Item::Ack(a) => frame.acks.push(a),
+                    Item::Assign(a) => frame.assigns.push(a),
+                }
+            }
+            frame
+        })
+        .collect()
+}
+
+/// A worker's submits and pulls of one burst as Work frames, each within
+/// `max_message_bytes` encoded; the pulls go with the last frame, after every submit.
+pub fn worker_frames(frame: pb::WorkerFrame, max_message_bytes: usize) -> Vec<pb::WorkerFrame> {
+    let pb::WorkerFrame { hello, pulls, submits } = frame;
+    let pulls_len: usize = pulls.iter().map(|p| entry_len(p.encoded_len())).sum();
+    let budget = max_message_bytes.saturating_sub(pulls_len);
+    let mut frames: Vec<pb::WorkerFrame> =
+        rollout_core::framing::cut_by_size(submits, budget, |s| entry_len(s.encoded_len()))
+            .into_iter()
+            .map(|submits| pb::WorkerFrame { hello: None, pulls: Vec::new(), submits })
+            .collect();
+    if frames.is_empty() {
+        frames.push(pb::WorkerFrame::default());
+    }
+    if let Some(last) = frames.last_mut() {
+        last.pulls = pulls;
+    }
+    if let Some(first) = frames.first_mut() {
+        first.hello = hello;
+    }
+    frames
+}
+
 // ------------------------------------------------------------------ operator
 
-/// A job submission from the wire.
-pub fn job_from_wire(req: pb::SubmitJobRequest) -> Result<JobSubmission, WireError> {
-    bounded("submit_job.tasks", &req.tasks)?;
-    let mut tasks = Vec::with_capacity(req.tasks.len());
-    for t in req.tasks {
-        name("submit_job.tasks.plugin", &t.plugin)?;
-        name("submit_job.tasks.method", &t.method)?;
-        tasks.push(TaskSpec {
+/// Tasks from the wire (`field` names the repeated field for errors).
+pub fn tasks_from_wire(field: &'static str, tasks: Vec<pb::TaskSpec>) -> Result<Vec<TaskSpec>, WireError> {
+    if tasks.len() > REPEATED_MAX {
+        return Err(WireError {
+            field,
+            reason: format!(
+                "{} tasks exceed the {REPEATED_MAX} one message may carry; submit larger jobs in parts with \
+                 OpenJob, AppendTasks and SealJob (`rollout submit` does), up to limits.max_tasks_per_job",
+                tasks.len()
+            ),
+        });
+    }
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        name("tasks.plugin", &t.plugin)?;
+        name("tasks.method", &t.method)?;
+        out.push(TaskSpec {
             plugin: t.plugin,
             method: t.method,
             payload: t.payload,
@@ -289,13 +371,25 @@ pub fn job_from_wire(req: pb::SubmitJobRequest) -> Result<JobSubmission, WireErr
             deadline: (t.deadline_ms > 0).then(|| Duration::from_millis(t.deadline_ms)),
         });
     }
+    Ok(out)
+}
+
+/// A job submission from the wire.
+pub fn job_from_wire(req: pb::SubmitJobRequest) -> Result<JobSubmission, WireError> {
     name("submit_job.name", &req.name)?;
     name("submit_job.idempotency_key", &req.idempotency_key)?;
+    let tasks = tasks_from_wire("submit_job.tasks", req.tasks)?;
     Ok(JobSubmission {
         name: req.name,
         tasks,
         idempotency_key: (!req.idempotency_key.is_empty()).then_some(req.idempotency_key),
     })
+}
+
+/// An optional text field: empty means absent.
+pub fn optional_text(field: &'static str, text: String) -> Result<Option<String>, WireError> {
+    name(field, &text)?;
+    Ok((!text.is_empty()).then_some(text))
 }
 
 #[cfg(test)]
@@ -365,6 +459,65 @@ mod tests {
             assert_eq!(control_from_wire(control_to_wire(c.clone())), Ok(c));
         }
         assert_eq!(control_from_wire(pb::ControlMessage::default()).expect_err("empty").field, "control.command");
+    }
+
+    fn assign(payload_bytes: usize) -> pb::Assign {
+        assign_to_wire(Assignment {
+            incarnation: Incarnation(1),
+            seq: 1,
+            task: TaskId::new(JobId(1), 0),
+            token: FencingToken(1),
+            attempt: Attempt(1),
+            plugin: "p".repeat(NAME_BYTES_MAX),
+            method: "m".repeat(NAME_BYTES_MAX),
+            payload: vec![7; payload_bytes],
+            deadline: Duration::from_secs(1),
+        })
+    }
+
+    #[test]
+    fn frames_of_large_assignments_fit_the_message_limit_whatever_the_batch() {
+        let limit = 4 << 20;
+        let acks = vec![pb::SubmitAck { task: Some(TaskId::new(JobId(1), 2).into()), token: 9, verdict: 1 }; 3];
+        // The largest payload the config allows next to the message limit.
+        let payload = limit - rollout_core::config::FRAME_OVERHEAD_BYTES as usize;
+        let assigns = vec![assign(1_000_000); 6].into_iter().chain([assign(payload)]).collect();
+        let frames = coordinator_frames(acks, assigns, limit);
+        assert!(
+            frames.iter().all(|f| f.encoded_len() <= limit),
+            "{:?}",
+            frames.iter().map(|f| f.encoded_len()).collect::<Vec<_>>()
+        );
+        assert_eq!(frames.iter().map(|f| f.assigns.len()).sum::<usize>(), 7);
+        assert_eq!(frames.iter().map(|f| f.acks.len()).sum::<usize>(), 3);
+        assert_eq!(frames.len(), 3, "4 + 2 of a megabyte each, then the maximal one alone");
+    }
+
+    #[test]
+    fn worker_frames_fit_the_limit_and_pulls_come_last() {
+        let limit = 4 << 20;
+        let submit = |n: usize| pb::Submit {
+            task: Some(TaskId::new(JobId(1), n as u32).into()),
+            token: 3,
+            outcome: Some(pb::submit::Outcome::Result(vec![1; 1 << 20])),
+        };
+        let frame = pb::WorkerFrame {
+            hello: None,
+            pulls: vec![pb::Pull { free_slots: 6, assigns_through: 9 }],
+            submits: (0..6).map(submit).collect(),
+        };
+        let frames = worker_frames(frame, limit);
+        assert_eq!(frames.len(), 2);
+        assert!(frames.iter().all(|f| f.encoded_len() <= limit));
+        assert!(frames[0].pulls.is_empty() && frames[1].pulls.len() == 1);
+        assert_eq!(frames.iter().map(|f| f.submits.len()).sum::<usize>(), 6);
+    }
+
+    #[test]
+    fn a_job_too_large_for_one_message_names_the_way_out() {
+        let tasks = vec![pb::TaskSpec::default(); REPEATED_MAX + 1];
+        let err = tasks_from_wire("submit_job.tasks", tasks).expect_err("too many");
+        assert!(err.reason.contains("AppendTasks") && err.reason.contains("limits.max_tasks_per_job"), "{err}");
     }
 
     #[test]

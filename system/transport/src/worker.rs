@@ -107,6 +107,7 @@ pub async fn run_worker(opts: WorkerRuntimeOptions, channel: Channel) -> Result<
         .max_encoding_message_size(max_message_bytes);
     let (events_tx, mut events) = mpsc::channel(EVENTS_QUEUED_MAX);
     let mut driver = WorkerDriver {
+        max_message_bytes,
         id: settings.id.to_string(),
         reopen_backoff: Backoff::new(settings.reconnect_backoff_initial, settings.reconnect_backoff_max),
         stamper: Stamper::new(settings.id.as_str()),
@@ -125,6 +126,7 @@ pub async fn run_worker(opts: WorkerRuntimeOptions, channel: Channel) -> Result<
         results: BTreeMap::new(),
         frame: pb::WorkerFrame::default(),
         finished_in_place: VecDeque::new(),
+        register_failures: 0,
     };
     driver.input(WorkerInput::Start)?;
     loop {
@@ -162,6 +164,8 @@ pub async fn run_worker(opts: WorkerRuntimeOptions, channel: Channel) -> Result<
 }
 
 struct WorkerDriver {
+    /// Frames to the coordinator are cut to fit this.
+    max_message_bytes: usize,
     id: String,
     /// Delays between re-opens of a broken Control stream (the machine's own schedule).
     reopen_backoff: Backoff,
@@ -186,6 +190,8 @@ struct WorkerDriver {
     /// Ends of calls run in place ([`PluginHost::runs_in_place`]), fed to the machine
     /// after the input that started them.
     finished_in_place: VecDeque<Event>,
+    /// Registrations that failed in a row (logged at warn on the first and every power of two).
+    register_failures: u64,
 }
 
 impl WorkerDriver {
@@ -193,6 +199,7 @@ impl WorkerDriver {
         match event {
             Event::RegisterAnswer(Ok(resp)) => match wire::terms_from_wire(resp.settings) {
                 Ok(terms) => {
+                    self.register_failures = 0;
                     self.log_terms(terms);
                     let incarnation = Incarnation(resp.incarnation);
                     self.input(WorkerInput::Message(ToWorker::Registered { incarnation, terms }))
@@ -210,7 +217,13 @@ impl WorkerDriver {
                 }
                 _ => {
                     // Unreachable or restarting: the machine retries with its backoff.
-                    tracing::debug!(channel = "register", code = ?status.code(), error = %status.message(), "register failed");
+                    self.register_failures += 1;
+                    if self.register_failures == 1 || self.register_failures.is_power_of_two() {
+                        tracing::warn!(channel = "register", code = ?status.code(), error = %status.message(),
+                            failures = self.register_failures, "cannot register with the coordinator yet; retrying with backoff");
+                    } else {
+                        tracing::debug!(channel = "register", code = ?status.code(), error = %status.message(), "register failed");
+                    }
                     Ok(())
                 }
             },
@@ -427,19 +440,22 @@ impl WorkerDriver {
         Ok(())
     }
 
-    /// Sends the pulls and submits gathered since the last flush as one Work frame.
+    /// Sends the pulls and submits gathered since the last flush, as Work frames cut to
+    /// fit the message limit (results of up to a megabyte each add up fast).
     fn flush(&mut self) {
         if self.frame.pulls.is_empty() && self.frame.submits.is_empty() {
             return;
         }
         let frame = std::mem::take(&mut self.frame);
-        match &self.streams {
-            Some(s) => {
-                if s.work_tx.try_send(frame).is_err() {
-                    tracing::debug!(channel = "work", "work frame dropped: stream full or closed");
-                }
+        let Some(s) = &self.streams else {
+            tracing::debug!(channel = "work", "work frame dropped: no open stream");
+            return;
+        };
+        for frame in wire::worker_frames(frame, self.max_message_bytes) {
+            if s.work_tx.try_send(frame).is_err() {
+                // The submits are re-sent until acknowledged; the next pull follows.
+                tracing::debug!(channel = "work", "work frame dropped: stream full or closed");
             }
-            None => tracing::debug!(channel = "work", "work frame dropped: no open stream"),
         }
     }
 

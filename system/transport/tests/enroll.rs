@@ -124,7 +124,7 @@ async fn a_token_turns_a_bare_machine_into_a_worker_that_runs_a_task() {
         .job;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let status = operator.status(pb::StatusRequest {}).await.expect("status").into_inner();
+        let status = operator.status(pb::StatusRequest::default()).await.expect("status").into_inner();
         let progress = status.jobs.iter().find(|j| j.job == job).expect("job listed");
         if progress.committed == 1 {
             assert!(status.workers.iter().any(|w| w.worker_id == "w9"), "{:?}", status.workers);
@@ -327,12 +327,12 @@ async fn without_a_client_certificate_only_enroll_answers() {
     unauthenticated(worker.work(tokio_stream::iter(vec![hello])).await.expect_err("work"));
 
     let mut operator = pb::operator_client::OperatorClient::new(channel.clone());
-    unauthenticated(operator.status(pb::StatusRequest {}).await.expect_err("status"));
+    unauthenticated(operator.status(pb::StatusRequest::default()).await.expect_err("status"));
     let submit = pb::SubmitJobRequest { name: "x".into(), tasks: vec![], idempotency_key: "x".into() };
     unauthenticated(operator.submit_job(submit).await.expect_err("submit"));
     unauthenticated(operator.cancel_job(pb::CancelJobRequest { job: 1 }).await.expect_err("cancel"));
     unauthenticated(operator.drain(pb::DrainRequest { worker_id: "w1".into() }).await.expect_err("drain"));
-    let results = pb::ResultsRequest { job: 1, include_bytes: false };
+    let results = pb::ResultsRequest { job: 1, include_bytes: false, from_index: 0 };
     unauthenticated(operator.results(results).await.expect_err("results"));
 
     // The same connection reaches Enroll's own checks.

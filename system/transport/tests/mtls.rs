@@ -112,7 +112,7 @@ async fn a_worker_may_only_speak_for_itself() {
     // A worker certificate is not an operator certificate.
     let ca = CertFiles::ca(&tls).cert;
     let mut op_as_worker = pb::operator_client::OperatorClient::new(connect(&cluster.addr, &ca, &w1_cert).expect("ch"));
-    let err = op_as_worker.status(pb::StatusRequest {}).await.expect_err("worker as operator");
+    let err = op_as_worker.status(pb::StatusRequest::default()).await.expect_err("worker as operator");
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
 
     // Malformed input is an error reply naming the field, and the server lives on.
@@ -188,7 +188,7 @@ async fn two_workers_complete_every_task_of_a_job_exactly_once() {
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let status = operator.status(pb::StatusRequest {}).await.expect("status").into_inner();
+        let status = operator.status(pb::StatusRequest::default()).await.expect("status").into_inner();
         let job = status.jobs.iter().find(|j| j.job == accepted.job).expect("job listed");
         if job.committed == TASKS {
             assert_eq!(status.workers.len(), 2, "both workers registered: {:?}", status.workers);
@@ -199,7 +199,7 @@ async fn two_workers_complete_every_task_of_a_job_exactly_once() {
     }
 
     let mut results = operator
-        .results(pb::ResultsRequest { job: accepted.job, include_bytes: true })
+        .results(pb::ResultsRequest { job: accepted.job, include_bytes: true, from_index: 0 })
         .await
         .expect("results")
         .into_inner();

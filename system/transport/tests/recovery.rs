@@ -138,7 +138,7 @@ impl Harness {
         let deadline = tokio::time::Instant::now() + within;
         let mut operator = operator_client(&self.config, "ops", Some(&self.addr)).expect("operator");
         loop {
-            if let Ok(status) = operator.status(pb::StatusRequest {}).await {
+            if let Ok(status) = operator.status(pb::StatusRequest::default()).await {
                 let status = status.into_inner();
                 if status.jobs.iter().any(|j| j.job == job && j.committed == tasks) {
                     return;
@@ -274,7 +274,7 @@ async fn a_worker_follows_the_coordinators_health_settings_over_its_own() {
     // Every beat announces due_at = wall_now + 2 × heartbeat_interval: 200 ms ahead on
     // the coordinator's schedule, 1 000 ms on the worker's own.
     let mut operator = operator_client(&h.config, "ops", Some(&h.addr)).expect("operator");
-    let status = operator.status(pb::StatusRequest {}).await.expect("status").into_inner();
+    let status = operator.status(pb::StatusRequest::default()).await.expect("status").into_inner();
     let w1 = status.workers.iter().find(|w| w.worker_id == "w1").expect("w1 listed");
     let ahead = w1.due_at_unix_ms.saturating_sub(w1.last_beat_unix_ms);
     assert!((150..=400).contains(&ahead), "due_at is {ahead} ms past the last beat: {w1:?}");

@@ -20,7 +20,7 @@ use crate::settings::WorkerSettings;
 /// Finished-but-unacknowledged submits allowed per slot. When the backlog reaches
 /// `slots ×` this, the worker reports no free slots until acks arrive: a coordinator
 /// that stops answering submits cannot make the worker hold results without bound.
-pub const UNACKED_SUBMITS_PER_SLOT: usize = 4;
+pub use rollout_core::protocol::UNACKED_SUBMITS_PER_SLOT;
 /// Most heartbeats whose send time is remembered. Beats older than the self-fence
 /// timeout are forgotten anyway (an ack for one could not keep the worker alive); this
 /// caps the map should `Snapshot` commands arrive in a flood.

@@ -8,25 +8,12 @@ use hdrhistogram::Histogram;
 use hdrhistogram::serialization::{Serializer, V2Serializer};
 use rollout_core::protocol::MetricDeltas;
 
-/// Counter: tasks started (one per `StartTask` output).
-pub const TASKS_STARTED: &str = "tasks_started";
-/// Counter: tasks whose outcome was a success, submitted to the coordinator.
-pub const TASKS_SUCCEEDED: &str = "tasks_succeeded";
-/// Counter: tasks that failed (including ones the plugin host cancelled on its own).
-pub const TASKS_FAILED: &str = "tasks_failed";
-/// Counter: tasks the worker cancelled (control channel or fencing) that have stopped.
-pub const TASKS_CANCELLED: &str = "tasks_cancelled";
-/// Histogram: task latency from `StartTask` to `TaskFinished`, in microseconds, of
-/// tasks that succeeded or failed. Shipped in HdrHistogram V2 encoding (not deflated).
-pub const TASK_LATENCY_US: &str = "task_latency_us";
-/// The plugin name metrics are filed under when an assignment names a plugin the
-/// worker did not advertise; keeps the number of metric series bounded by the config.
-pub const UNKNOWN_PLUGIN: &str = "_unknown";
-
-/// The largest latency tracked exactly (24 h); longer ones are recorded as this.
-const LATENCY_US_MAX: u64 = 24 * 60 * 60 * 1_000_000;
-/// Three significant digits: 0.1% relative error, the usual HdrHistogram setting.
-const LATENCY_SIGNIFICANT_DIGITS: u8 = 3;
+use rollout_core::protocol::metric::{
+    HISTOGRAM_SIGNIFICANT_DIGITS as LATENCY_SIGNIFICANT_DIGITS, HISTOGRAM_VALUE_MAX as LATENCY_US_MAX,
+};
+pub use rollout_core::protocol::metric::{
+    TASK_LATENCY_US, TASKS_CANCELLED, TASKS_FAILED, TASKS_STARTED, TASKS_SUCCEEDED, UNKNOWN_PLUGIN,
+};
 
 /// Deltas since the last shipment. Keys are bounded by the advertised plugins
 /// (plus [`UNKNOWN_PLUGIN`]) times the fixed metric names.

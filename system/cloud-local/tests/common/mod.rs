@@ -56,6 +56,13 @@ impl Storage for MemStorage {
     fn scan(&self, prefix: &[u8]) -> Result<Vec<KeyValue>> {
         Ok(self.lock().iter().filter(|(k, _)| k.starts_with(prefix)).map(|(k, v)| (k.clone(), v.clone())).collect())
     }
+
+    fn scan_page(&self, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<Vec<KeyValue>> {
+        let mut page = self.scan(prefix)?;
+        page.retain(|(k, _)| after.is_none_or(|a| k.as_slice() > a));
+        page.truncate(limit);
+        Ok(page)
+    }
 }
 
 struct MemTxn<'a> {

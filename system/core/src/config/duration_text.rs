@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serializer};
 
-const UNITS: [(&str, u128); 6] = [
+const UNITS: [(&str, u128); 7] = [
+    ("d", 86_400_000_000_000),
     ("h", 3_600_000_000_000),
     ("m", 60_000_000_000),
     ("s", 1_000_000_000),
@@ -14,7 +15,7 @@ const UNITS: [(&str, u128); 6] = [
     ("ns", 1),
 ];
 
-/// Parses `"<digits><unit>"` with unit one of `ns`, `us`, `ms`, `s`, `m`, `h`.
+/// Parses `"<digits><unit>"` with unit one of `ns`, `us`, `ms`, `s`, `m`, `h`, `d`.
 pub fn parse(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
@@ -28,7 +29,7 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         .iter()
         .find(|(name, _)| *name == unit)
         .map(|(_, n)| *n)
-        .ok_or_else(|| format!("{text:?} has no valid unit: use one of ns, us, ms, s, m, h (e.g. \"500ms\")"))?;
+        .ok_or_else(|| format!("{text:?} has no valid unit: use one of ns, us, ms, s, m, h, d (e.g. \"500ms\")"))?;
     let count: u128 = digits.parse().map_err(|_| format!("{text:?} is too large"))?;
     let nanos = count
         .checked_mul(nanos_per_unit)

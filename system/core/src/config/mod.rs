@@ -69,6 +69,10 @@ pub struct HealthConfig {
     /// How often the coordinator scans heartbeat deadlines.
     #[serde(with = "duration_text")]
     pub failure_scan_interval: Duration,
+    /// How long the coordinator keeps a failed worker's record (shown by `rollout
+    /// status`) before forgetting it; a worker that registers again is new anyway.
+    #[serde(with = "duration_text")]
+    pub failed_worker_retention: Duration,
 }
 
 impl Default for HealthConfig {
@@ -79,6 +83,7 @@ impl Default for HealthConfig {
             coordinator_failure_timeout: Duration::from_secs(5),
             clock_skew_budget: Duration::from_millis(250),
             failure_scan_interval: Duration::from_millis(250),
+            failed_worker_retention: Duration::from_secs(3600),
         }
     }
 }
@@ -139,6 +144,14 @@ pub struct TasksConfig {
     /// Upper bound of the retry delay.
     #[serde(with = "duration_text")]
     pub retry_backoff_max: Duration,
+    /// How long a finished job (every task committed, dead-lettered or cancelled) keeps
+    /// its records, specs and results; then all of it is deleted.
+    #[serde(with = "duration_text")]
+    pub job_retention: Duration,
+    /// A job opened for streamed submission that is not sealed within this long is
+    /// abandoned: its appended tasks are deleted and never run.
+    #[serde(with = "duration_text")]
+    pub open_job_timeout: Duration,
 }
 
 impl Default for TasksConfig {
@@ -147,15 +160,23 @@ impl Default for TasksConfig {
             max_attempts: 3,
             retry_backoff_initial: Duration::from_millis(200),
             retry_backoff_max: Duration::from_secs(30),
+            job_retention: Duration::from_secs(7 * 24 * 3600),
+            open_job_timeout: Duration::from_secs(3600),
         }
     }
 }
+
+/// Bytes of every gRPC message reserved for framing around the one payload or result
+/// it must always be able to carry (task id, token, plugin and method names, field
+/// tags): a task payload or result may be at most `max_message_bytes` minus this.
+pub const FRAME_OVERHEAD_BYTES: u32 = 4096;
 
 /// Bounds on everything that could otherwise grow without limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
-    /// Largest encoded gRPC message accepted or sent.
+    /// Largest encoded gRPC message accepted or sent. Frames of assignments and
+    /// submits are cut to fit it.
     pub max_message_bytes: u32,
     /// Largest task payload.
     pub max_payload_bytes: u32,
@@ -169,6 +190,31 @@ pub struct LimitsConfig {
     pub max_slots_per_worker: u32,
     /// Most workers registered at once.
     pub max_workers: u32,
+    /// Most plugins one worker may offer at registration.
+    pub max_plugins_per_worker: u32,
+    /// Most metric series (counters and histograms together) one heartbeat may carry;
+    /// the rest are dropped and counted.
+    pub max_metric_series_per_beat: u32,
+    /// Most jobs open for streamed submission (opened, not yet sealed) at once.
+    pub max_open_jobs: u32,
+    /// Most connections the coordinator keeps open at once; further ones are closed
+    /// right after they are accepted.
+    pub max_connections: u32,
+    /// Most connections without a client certificate (they may only enroll) at once,
+    /// within `max_connections`.
+    pub max_unauthenticated_connections: u32,
+    /// Most TLS handshakes in progress at once; further connections wait to start theirs.
+    pub max_handshakes_in_flight: u32,
+    /// How long a connection without a client certificate may stay open.
+    #[serde(with = "duration_text")]
+    pub unauthenticated_connection_timeout: Duration,
+    /// Failed enrollments one source address may make per minute; beyond it, the
+    /// address is refused until the minute is over.
+    pub max_failed_enrollments_per_minute: u32,
+    /// Payload and result bytes one worker's Work stream may have on their way into the
+    /// coordinator's batches; its next frames wait (so one worker cannot fill the
+    /// coordinator's memory, and others are not slowed).
+    pub max_work_bytes_in_flight: u32,
 }
 
 impl Default for LimitsConfig {
@@ -181,6 +227,15 @@ impl Default for LimitsConfig {
             max_credits_per_pull: 1024,
             max_slots_per_worker: 1024,
             max_workers: 10_000,
+            max_plugins_per_worker: 256,
+            max_metric_series_per_beat: 256,
+            max_open_jobs: 64,
+            max_connections: 16_384,
+            max_unauthenticated_connections: 256,
+            max_handshakes_in_flight: 256,
+            unauthenticated_connection_timeout: Duration::from_secs(10),
+            max_failed_enrollments_per_minute: 10,
+            max_work_bytes_in_flight: 16 * 1024 * 1024,
         }
     }
 }
@@ -268,6 +323,7 @@ impl Config {
         non_zero("health.worker_self_fence_timeout", h.worker_self_fence_timeout)?;
         non_zero("health.coordinator_failure_timeout", h.coordinator_failure_timeout)?;
         non_zero("health.failure_scan_interval", h.failure_scan_interval)?;
+        non_zero("health.failed_worker_retention", h.failed_worker_retention)?;
         let t = &self.transport;
         non_empty("transport.listen_addr", &t.listen_addr)?;
         non_empty("transport.coordinator_addr", &t.coordinator_addr)?;
@@ -291,6 +347,8 @@ impl Config {
             "tasks.retry_backoff_max",
             k.retry_backoff_max,
         )?;
+        non_zero("tasks.job_retention", k.job_retention)?;
+        non_zero("tasks.open_job_timeout", k.open_job_timeout)?;
         let l = &self.limits;
         for (field, value) in [
             ("limits.max_message_bytes", l.max_message_bytes),
@@ -300,21 +358,20 @@ impl Config {
             ("limits.max_credits_per_pull", l.max_credits_per_pull),
             ("limits.max_slots_per_worker", l.max_slots_per_worker),
             ("limits.max_workers", l.max_workers),
+            ("limits.max_plugins_per_worker", l.max_plugins_per_worker),
+            ("limits.max_metric_series_per_beat", l.max_metric_series_per_beat),
+            ("limits.max_open_jobs", l.max_open_jobs),
+            ("limits.max_connections", l.max_connections),
+            ("limits.max_unauthenticated_connections", l.max_unauthenticated_connections),
+            ("limits.max_handshakes_in_flight", l.max_handshakes_in_flight),
+            ("limits.max_failed_enrollments_per_minute", l.max_failed_enrollments_per_minute),
+            ("limits.max_work_bytes_in_flight", l.max_work_bytes_in_flight),
         ] {
             if value == 0 {
                 return Err(Error::config_invalid(field, "must be at least 1"));
             }
         }
-        for (field, value) in
-            [("limits.max_payload_bytes", l.max_payload_bytes), ("limits.max_result_bytes", l.max_result_bytes)]
-        {
-            if value > l.max_message_bytes {
-                return Err(Error::config_invalid(
-                    field,
-                    format!("{value} does not fit in limits.max_message_bytes ({})", l.max_message_bytes),
-                ));
-            }
-        }
+        non_zero("limits.unauthenticated_connection_timeout", l.unauthenticated_connection_timeout)?;
         self.validate_cross_fields()
     }
 
@@ -325,8 +382,51 @@ impl Config {
     /// - `clock_skew_budget < 2 × heartbeat_interval`: within the budget, a healthy
     ///   worker's next beat always lands before its `due_at` is judged.
     ///
-    /// Accepts exactly the configs that satisfy both; the error names the field.
+    /// And the limits that must fit each other:
+    ///
+    /// - `max_payload_bytes` and `max_result_bytes`, plus [`FRAME_OVERHEAD_BYTES`], fit
+    ///   in `max_message_bytes`: a maximal payload travels in one Assign, a maximal
+    ///   result in one Submit, however frames are cut.
+    /// - `max_work_bytes_in_flight` holds at least one maximal message, so a worker's
+    ///   stream can always make progress.
+    /// - `max_unauthenticated_connections` is within `max_connections`.
+    ///
+    /// Accepts exactly the configs that satisfy these; the error names the field.
     pub fn validate_cross_fields(&self) -> Result<()> {
+        let l = &self.limits;
+        for (field, value) in
+            [("limits.max_payload_bytes", l.max_payload_bytes), ("limits.max_result_bytes", l.max_result_bytes)]
+        {
+            if u64::from(value) + u64::from(FRAME_OVERHEAD_BYTES) > u64::from(l.max_message_bytes) {
+                return Err(Error::config_invalid(
+                    field,
+                    format!(
+                        "{value} bytes plus {FRAME_OVERHEAD_BYTES} bytes of framing do not fit in \
+                         limits.max_message_bytes ({}); raise limits.max_message_bytes to at least {} or lower {field}",
+                        l.max_message_bytes,
+                        u64::from(value) + u64::from(FRAME_OVERHEAD_BYTES)
+                    ),
+                ));
+            }
+        }
+        if l.max_work_bytes_in_flight < l.max_message_bytes {
+            return Err(Error::config_invalid(
+                "limits.max_work_bytes_in_flight",
+                format!(
+                    "{} must be at least limits.max_message_bytes ({}), or a worker's largest frame could never be taken",
+                    l.max_work_bytes_in_flight, l.max_message_bytes
+                ),
+            ));
+        }
+        if l.max_unauthenticated_connections > l.max_connections {
+            return Err(Error::config_invalid(
+                "limits.max_unauthenticated_connections",
+                format!(
+                    "{} must not exceed limits.max_connections ({})",
+                    l.max_unauthenticated_connections, l.max_connections
+                ),
+            ));
+        }
         let h = &self.health;
         if h.worker_self_fence_timeout >= h.coordinator_failure_timeout {
             return Err(Error::config_invalid(

@@ -1,0 +1,212 @@
+//! A worker's result report: the fencing rule that judges it, the commit (with the
+//! result's bytes, stored only for an accepted submit), and the end of a lease without
+//! a result (retry with backoff, or dead-letter).
+
+use std::time::Duration;
+
+use rollout_core::history::HistoryEvent;
+use rollout_core::protocol::{Outcome, Submit, SubmitVerdict, ToWorker};
+use rollout_core::{ContentId, Error, FencingToken, Now, Result, TaskId, WorkerId};
+
+use crate::machine::{Batch, Coordinator};
+use crate::records::{StateKind, TaskRecord, TaskState, result_key, result_refs_key, task_key};
+
+impl Coordinator {
+    pub(crate) fn on_submit(&mut self, now: Now, id: &WorkerId, submit: Submit, batch: &mut Batch<'_>) -> Result<()> {
+        let Submit { task, token, outcome, .. } = submit;
+        let verdict = self.judge_submit(id, task, token, &outcome, batch)?;
+        match verdict {
+            SubmitVerdict::Accepted => match outcome {
+                Outcome::Succeeded { result, size_bytes }
+                    if size_bytes <= u64::from(self.settings.limits.max_result_bytes) =>
+                {
+                    self.release_lease_slot(task);
+                    let mut record = self.live_record(task)?;
+                    let committed = TaskState::Committed { result, size_bytes };
+                    let from = std::mem::replace(&mut record.state, committed);
+                    self.count_transition(task.job, from.kind(), StateKind::Committed);
+                    self.claim_result(&result, batch)?;
+                    self.retire(task, record, batch)?;
+                    self.record(HistoryEvent::Committed { task, worker: id.clone(), token, result }, batch)?;
+                }
+                Outcome::Succeeded { size_bytes, .. } => {
+                    let reason = format!(
+                        "result of {size_bytes} bytes exceeds limits.max_result_bytes ({})",
+                        self.settings.limits.max_result_bytes
+                    );
+                    self.end_lease(now, task, reason, true, batch)?;
+                }
+                Outcome::Failed { message } => self.end_lease(now, task, message, true, batch)?,
+            },
+            SubmitVerdict::Duplicate => {
+                self.record(HistoryEvent::DuplicateSubmit { task, worker: id.clone(), token }, batch)?;
+            }
+            SubmitVerdict::Stale => {
+                self.record(HistoryEvent::StaleRejected { task, worker: id.clone(), token }, batch)?;
+            }
+        }
+        batch.send(id, ToWorker::SubmitAck { task, token, verdict });
+        if verdict == SubmitVerdict::Accepted {
+            // A freed slot's credit comes with the worker's next pull; freed GPUs may
+            // let a held-back credit take a task now.
+            self.dispatch_to(id, batch)?;
+        }
+        Ok(())
+    }
+
+    /// The fencing rule: only the current token of a live lease is accepted; a repeat
+    /// of what was recorded is a duplicate; anything else is stale and changes nothing.
+    /// A task no longer in memory (finished) is judged from its stored record.
+    fn judge_submit(
+        &self,
+        id: &WorkerId,
+        task: TaskId,
+        token: FencingToken,
+        outcome: &Outcome,
+        batch: &Batch<'_>,
+    ) -> Result<SubmitVerdict> {
+        let stored;
+        let record = match self.tasks.get(&task) {
+            Some(Some(record)) => &**record,
+            Some(None) => return Ok(SubmitVerdict::Stale),
+            None => {
+                if !self.jobs.contains_key(&task.job) {
+                    return Ok(SubmitVerdict::Stale);
+                }
+                match batch.load::<TaskRecord>(&task_key(task))? {
+                    Some(r) => {
+                        stored = r;
+                        &stored
+                    }
+                    None => return Ok(SubmitVerdict::Stale),
+                }
+            }
+        };
+        #[cfg(feature = "planted-bugs")]
+        if self.settings.planted.skip_fencing_check && matches!(record.state, TaskState::Leased { .. }) {
+            return Ok(SubmitVerdict::Accepted);
+        }
+        if record.token != Some(token) {
+            return Ok(SubmitVerdict::Stale);
+        }
+        Ok(match (&record.state, outcome) {
+            (TaskState::Leased { worker, .. }, _) if worker == id => SubmitVerdict::Accepted,
+            (TaskState::Committed { result, .. }, Outcome::Succeeded { result: submitted, .. })
+                if result == submitted =>
+            {
+                SubmitVerdict::Duplicate
+            }
+            (TaskState::Queued | TaskState::DeadLettered, Outcome::Failed { message }) => {
+                let recorded = record.errors.last().map(String::as_str);
+                if recorded == Some(self.truncate(message).as_str()) {
+                    SubmitVerdict::Duplicate
+                } else {
+                    SubmitVerdict::Stale
+                }
+            }
+            _ => SubmitVerdict::Stale,
+        })
+    }
+
+    /// The record of a live task that has one (it was leased at least once).
+    fn live_record(&self, task: TaskId) -> Result<TaskRecord> {
+        match self.tasks.get(&task) {
+            Some(Some(record)) => Ok((**record).clone()),
+            _ => Err(Error::internal(format!("task {task} has no live record"))),
+        }
+    }
+
+    /// One more committed task names `result`: the first stores the bytes this batch
+    /// was given for it (none in a simulation, which carries ids only).
+    fn claim_result(&mut self, result: &ContentId, batch: &mut Batch<'_>) -> Result<()> {
+        let refs_key = result_refs_key(result);
+        let refs: u64 = batch.load(&refs_key)?.unwrap_or(0);
+        let bytes = self.batch_results.remove(result);
+        if refs == 0
+            && let Some(bytes) = bytes
+        {
+            batch.put_raw(&result_key(result), &bytes)?;
+        }
+        batch.put(&refs_key, &(refs + 1))
+    }
+
+    /// One committed task fewer names `result` (its job was deleted): the last one
+    /// takes the bytes with it.
+    pub(crate) fn release_result(&mut self, result: &ContentId, batch: &mut Batch<'_>) -> Result<()> {
+        let refs_key = result_refs_key(result);
+        let refs: u64 = batch.load(&refs_key)?.unwrap_or(0);
+        if refs <= 1 {
+            batch.delete(&refs_key)?;
+            batch.delete(&result_key(result))?;
+        } else {
+            batch.put(&refs_key, &(refs - 1))?;
+        }
+        Ok(())
+    }
+
+    /// Removes a task's lease from its worker's books (slots and GPUs).
+    pub(crate) fn release_lease_slot(&mut self, task: TaskId) {
+        let Some(Some(record)) = self.tasks.get(&task) else { return };
+        let gpus = self.jobs.get(&task.job).and_then(|j| j.shape(task.index)).map_or(0, |s| s.gpus);
+        if let TaskState::Leased { worker, .. } = &record.state
+            && let Some(w) = self.workers.get_mut(worker)
+        {
+            w.leases.remove(&task);
+            w.gpus_in_use = w.gpus_in_use.saturating_sub(gpus);
+        }
+    }
+
+    /// Ends a task's current lease without a result. With `failed`, the attempt
+    /// counts against `tasks.max_attempts` (its error is recorded) and the retry waits
+    /// out the backoff; otherwise (the assignment was lost in transit) the task is
+    /// re-queued at once and the attempt is not held against it.
+    pub(crate) fn end_lease(
+        &mut self,
+        now: Now,
+        task: TaskId,
+        error: String,
+        failed: bool,
+        batch: &mut Batch<'_>,
+    ) -> Result<()> {
+        let mut record = self.live_record(task)?;
+        if !matches!(record.state, TaskState::Leased { .. }) {
+            return Ok(());
+        }
+        self.release_lease_slot(task);
+        let error = self.truncate(&error);
+        let max_attempts = self.settings.tasks.max_attempts as usize;
+        if failed {
+            record.errors.push(error.clone());
+            let excess = record.errors.len().saturating_sub(max_attempts);
+            record.errors.drain(..excess);
+        }
+        let attempt = record.attempt;
+        if failed && record.errors.len() >= max_attempts {
+            let from = std::mem::replace(&mut record.state, TaskState::DeadLettered);
+            self.count_transition(task.job, from.kind(), StateKind::DeadLettered);
+            self.retire(task, record, batch)?;
+            self.record(HistoryEvent::DeadLettered { task, attempts: attempt }, batch)?;
+            return Ok(());
+        }
+        let failures = record.errors.len() as u32;
+        let from = std::mem::replace(&mut record.state, TaskState::Queued);
+        self.count_transition(task.job, from.kind(), StateKind::Queued);
+        self.tasks.insert(task, Some(Box::new(record)));
+        self.dirty_tasks.insert(task);
+        if failed {
+            let delay = self.retry_backoff(failures);
+            self.delayed.insert((now.mono + delay, task));
+        } else {
+            self.push_ready(task);
+        }
+        let error = if failed || !error.is_empty() { error } else { "assignment lost in transit".to_owned() };
+        self.record(HistoryEvent::Requeued { task, attempt, error }, batch)
+    }
+
+    /// `retry_backoff_initial × 2^(failures-1)`, capped at `retry_backoff_max`.
+    fn retry_backoff(&self, failures: u32) -> Duration {
+        let t = &self.settings.tasks;
+        let doublings = failures.saturating_sub(1).min(32);
+        t.retry_backoff_initial.saturating_mul(1u32 << doublings.min(31)).min(t.retry_backoff_max)
+    }
+}
