@@ -771,29 +771,39 @@ pub fn audit_verify(common: &CommonArgs) -> Result<(), Error> {
 }
 
 pub fn audit_export(common: &CommonArgs, out: Option<&Path>) -> Result<(), Error> {
+    use rollout_coordinator::audit;
     let (storage, path) = open_database(common)?;
-    let records = rollout_coordinator::audit::history(&storage)?;
-    let mut text = String::new();
-    for record in &records {
-        let line = serde_json::to_string(record)
+    // Two passes over the chain, each a page at a time: verify, then write.
+    audit::verify(&storage)?;
+    let base = audit::base(&storage)?;
+    let mut sink: Box<dyn Write> = match out {
+        Some(file) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(file)
+                .map_err(|e| Error::invalid_input(format!("{}: cannot write: {e}", file.display())))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let mut count = 0u64;
+    audit::for_each_entry(&storage, |entry| {
+        let record = audit::record_of(&entry)?;
+        let line = serde_json::to_string(&record)
             .map_err(|e| Error::internal(format!("encoding history record {}: {e}", record.seq)))?;
-        text.push_str(&line);
-        text.push('\n');
-    }
-    let count = records.len();
-    match out {
-        Some(file) => {
-            std::fs::write(file, text)
-                .map_err(|e| Error::invalid_input(format!("{}: cannot write: {e}", file.display())))?;
-            eprintln!(
-                "{count} history records from the audit chain of {} written to {}",
-                path.display(),
-                file.display()
-            );
-        }
-        None => std::io::stdout()
-            .write_all(text.as_bytes())
-            .map_err(|e| Error::internal(format!("writing to standard output: {e}")))?,
+        writeln!(sink, "{line}").map_err(|e| Error::internal(format!("writing the history: {e}")))?;
+        count += 1;
+        Ok(())
+    })?;
+    sink.flush().map_err(|e| Error::internal(format!("writing the history: {e}")))?;
+    if let Some(file) = out {
+        let from = if base.seq > 0 {
+            format!(" (entries 1..={} were deleted by the retention, tasks.job_retention)", base.seq)
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "{count} history records from the audit chain of {} written to {}{from}",
+            path.display(),
+            file.display()
+        );
     }
     Ok(())
 }

@@ -2,9 +2,10 @@
 //! transaction as the state change it records. Tampering with, dropping or
 //! reordering an entry breaks the chain, and [`verify`] names the first bad entry.
 //!
-//! Storage: the entries of one batch are stored together as one block under the key
-//! of the block's first entry ([`audit_key`]), so a batch adds one key however many
-//! events it records. The chain runs through every entry, across blocks.
+//! Storage: the entries of one batch are stored together as blocks of at most
+//! [`AUDIT_BLOCK_ENTRIES_MAX`], each under the key of its first entry ([`audit_key`]),
+//! so a batch adds a key per few hundred events, and no value is large. The chain runs
+//! through every entry, across blocks.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -13,7 +14,10 @@ use rollout_core::history::{HistoryEvent, HistoryRecord};
 use rollout_core::traits::Storage;
 use rollout_core::{Error, Result};
 
-use crate::records::{AUDIT_PREFIX, decode};
+use crate::records::{AUDIT_BASE, AUDIT_PREFIX, decode, for_each_page, load};
+
+/// Most entries stored in one block.
+pub const AUDIT_BLOCK_ENTRIES_MAX: usize = 256;
 
 /// One link of the chain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,71 +63,104 @@ pub fn audit_key(seq: u64) -> Vec<u8> {
     [AUDIT_PREFIX, &seq.to_be_bytes()].concat()
 }
 
-/// Walks the whole chain; returns the number of entries, or an error naming the first
-/// entry that does not verify.
+/// Where the kept part of the chain starts: the last entry deleted by the audit
+/// retention (`tasks.job_retention`), so the entries after it still verify.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct AuditBase {
+    /// The seq of the last deleted entry (0: nothing was deleted).
+    pub seq: u64,
+    /// Its hash (zeros: nothing was deleted).
+    pub hash: [u8; 32],
+}
+
+/// The chain's base as stored (the default when nothing was ever deleted).
+pub fn base(storage: &dyn Storage) -> Result<AuditBase> {
+    Ok(load(storage, AUDIT_BASE)?.unwrap_or_default())
+}
+
+/// Calls `f` with every kept entry, in order, a page of blocks at a time (bounded
+/// memory however long the chain).
+pub fn for_each_entry(storage: &dyn Storage, mut f: impl FnMut(AuditEntry) -> Result<()>) -> Result<()> {
+    for_each_page(storage, AUDIT_PREFIX, |page| {
+        for (key, bytes) in page {
+            let block: Vec<AuditEntry> = decode(&key, &bytes)?;
+            match block.first() {
+                Some(first) if key == audit_key(first.seq) => {}
+                _ => {
+                    return Err(Error::internal(format!(
+                        "audit chain broken: the block under {:?} is empty or stored under the wrong key",
+                        String::from_utf8_lossy(&key)
+                    )));
+                }
+            }
+            for entry in block {
+                f(entry)?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Walks the whole kept chain from its base; returns the number of entries, or an
+/// error naming the first entry that does not verify.
 pub fn verify(storage: &dyn Storage) -> Result<u64> {
-    let mut prev = [0u8; 32];
+    let base = base(storage)?;
+    let mut prev = base.hash;
     let mut count = 0u64;
-    for (key, bytes) in storage.scan(AUDIT_PREFIX)? {
-        let block: Vec<AuditEntry> = decode(&key, &bytes)?;
-        let first = block.first().map(|e| e.seq);
-        if first.is_none() || key != audit_key(first.unwrap_or_default()) {
+    for_each_entry(storage, |entry| {
+        let expected_seq = base.seq + count + 1;
+        if entry.seq != expected_seq {
             return Err(Error::internal(format!(
-                "audit chain broken after entry {count}: a block is empty or stored under the wrong key"
+                "audit chain broken: expected entry {expected_seq}, found entry {} (an entry is missing or misplaced)",
+                entry.seq
             )));
         }
-        for entry in block {
-            let expected_seq = count + 1;
-            if entry.seq != expected_seq {
-                return Err(Error::internal(format!(
-                    "audit chain broken: expected entry {expected_seq}, found entry {} (an entry is missing or misplaced)",
-                    entry.seq
-                )));
-            }
-            if entry.prev != prev {
-                return Err(Error::internal(format!(
-                    "audit chain broken at entry {}: it does not link to its predecessor",
-                    entry.seq
-                )));
-            }
-            if chain_hash(&entry.prev, entry.seq, entry.wall_unix_ms, &entry.event_json) != entry.hash {
-                return Err(Error::internal(format!(
-                    "audit chain broken at entry {}: its content was altered",
-                    entry.seq
-                )));
-            }
-            prev = entry.hash;
-            count += 1;
+        if entry.prev != prev {
+            return Err(Error::internal(format!(
+                "audit chain broken at entry {}: it does not link to its predecessor",
+                entry.seq
+            )));
         }
-    }
+        if chain_hash(&entry.prev, entry.seq, entry.wall_unix_ms, &entry.event_json) != entry.hash {
+            return Err(Error::internal(format!("audit chain broken at entry {}: its content was altered", entry.seq)));
+        }
+        prev = entry.hash;
+        count += 1;
+        Ok(())
+    })?;
     Ok(count)
 }
 
-/// Every entry, in order (for `rollout audit` and the checker).
+/// Every kept entry, in order (for tests and small chains; see [`for_each_entry`]).
 pub fn entries(storage: &dyn Storage) -> Result<Vec<AuditEntry>> {
     let mut all = Vec::new();
-    for (key, bytes) in storage.scan(AUDIT_PREFIX)? {
-        let block: Vec<AuditEntry> = decode(&key, &bytes)?;
-        all.extend(block);
-    }
+    for_each_entry(storage, |entry| {
+        all.push(entry);
+        Ok(())
+    })?;
     Ok(all)
 }
 
-/// The coordinator's complete history from its audit chain, after verifying the chain:
-/// one record per entry (node `coordinator`, the entry's seq and wall time), in order.
-/// Complete across crashes, unlike the stream a running coordinator emits after each
-/// commit.
+/// An entry as a history record (node `coordinator`, the entry's seq and wall time).
+pub fn record_of(entry: &AuditEntry) -> Result<HistoryRecord> {
+    Ok(HistoryRecord {
+        seq: entry.seq,
+        node: "coordinator".into(),
+        wall_unix_ms: entry.wall_unix_ms,
+        event: entry.event()?,
+    })
+}
+
+/// The coordinator's history from its audit chain, after verifying the chain: one
+/// record per kept entry, in order. Complete across crashes, unlike the stream a
+/// running coordinator emits after each commit (and complete from the chain's base:
+/// entries older than `tasks.job_retention` are deleted).
 pub fn history(storage: &dyn Storage) -> Result<Vec<HistoryRecord>> {
     verify(storage)?;
-    entries(storage)?
-        .into_iter()
-        .map(|entry| {
-            Ok(HistoryRecord {
-                seq: entry.seq,
-                node: "coordinator".into(),
-                wall_unix_ms: entry.wall_unix_ms,
-                event: entry.event()?,
-            })
-        })
-        .collect()
+    let mut records = Vec::new();
+    for_each_entry(storage, |entry| {
+        records.push(record_of(&entry)?);
+        Ok(())
+    })?;
+    Ok(records)
 }

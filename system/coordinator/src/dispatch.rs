@@ -145,7 +145,7 @@ impl Coordinator {
             .cloned()
             .ok_or_else(|| Error::internal(format!("task {task} has no shape")))?;
         let payload = batch
-            .get(&payload_key(task))?
+            .get_chunked(&payload_key(task))?
             .ok_or_else(|| Error::internal(format!("task {task} has no stored payload")))?;
         self.counters.last_token = self.counters.last_token.next();
         self.counters_dirty = true;

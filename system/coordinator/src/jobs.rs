@@ -255,7 +255,7 @@ impl Coordinator {
         let entry = self.jobs.get_mut(&job).ok_or_else(|| Error::internal(format!("appending to unknown {job}")))?;
         let first = entry.record.tasks;
         for (i, spec) in tasks.iter().enumerate() {
-            batch.put_raw(&payload_key(TaskId::new(job, first + i as u32)), &spec.payload)?;
+            batch.put_chunked(&payload_key(TaskId::new(job, first + i as u32)), &spec.payload)?;
         }
         let runs = shape_runs(tasks);
         batch.put(&shapes_key(job, first), &runs)?;
@@ -451,7 +451,7 @@ impl Coordinator {
             }
             batch.delete(&key)?;
         }
-        batch.delete(&payload_key(task))?;
+        batch.delete_chunked(&payload_key(task))?;
         Ok(())
     }
 

@@ -32,6 +32,8 @@ pub use records::{
 pub use status::{ClusterTotals, JobPhase, JobStatus, JobsQuery, StatusPage, StatusQuery, WorkerStatus};
 
 #[cfg(test)]
+mod boundary_tests;
+#[cfg(test)]
 mod prop_tests;
 #[cfg(test)]
 mod tests;

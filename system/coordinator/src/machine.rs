@@ -14,7 +14,7 @@ use rollout_core::traits::{Storage, StorageTxn};
 use rollout_core::{ContentId, Error, Incarnation, JobId, Mono, Now, Result, TaskId, WorkerId};
 use serde::Serialize;
 
-use crate::audit::{AuditEntry, audit_key};
+use crate::audit::{AUDIT_BLOCK_ENTRIES_MAX, AuditEntry, audit_key};
 use crate::metrics::ClusterMetrics;
 use crate::records::*;
 
@@ -58,6 +58,8 @@ pub const ASSIGN_BYTES_PER_BATCH_MAX: u64 = 64 << 20;
 /// Tasks of expired or abandoned jobs deleted per batch (so a huge job's deletion never
 /// stalls the commit path for long).
 pub const DELETIONS_PER_BATCH_MAX: u32 = 4096;
+/// Audit blocks deleted per batch by the audit retention.
+pub const AUDIT_BLOCKS_PRUNED_PER_BATCH: usize = 64;
 /// A worker is told about the same trouble (clock offset, refused metrics) at most this
 /// often.
 pub const NOTICE_INTERVAL: Duration = Duration::from_secs(60);
@@ -453,6 +455,8 @@ pub struct Coordinator {
     pub(crate) last_mono: Mono,
     /// The wall clock of the batch being applied (ms), for the records it stamps.
     pub(crate) now_wall_ms: u64,
+    /// When the oldest kept audit block is due for deletion (wall ms); `None`: look.
+    pub(crate) audit_prune_at: Option<u64>,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -491,12 +495,38 @@ impl<'s> Batch<'s> {
         self.txn()?.put(key, &bytes)
     }
 
-    pub(crate) fn put_raw(&mut self, key: &[u8], bytes: &[u8]) -> Result<()> {
-        self.txn()?.put(key, bytes)
-    }
-
     pub(crate) fn delete(&mut self, key: &[u8]) -> Result<bool> {
         self.txn()?.delete(key)
+    }
+
+    /// Stores `bytes` under `base` in chunks of [`CHUNK_BYTES`].
+    pub(crate) fn put_chunked(&mut self, base: &[u8], bytes: &[u8]) -> Result<()> {
+        let txn = self.txn()?;
+        if bytes.is_empty() {
+            return txn.put(&chunk_key(base, 0), &[]);
+        }
+        for (n, chunk) in bytes.chunks(CHUNK_BYTES).enumerate() {
+            txn.put(&chunk_key(base, n as u32), chunk)?;
+        }
+        Ok(())
+    }
+
+    /// The value stored under `base` by [`Batch::put_chunked`], if any.
+    pub(crate) fn get_chunked(&self, base: &[u8]) -> Result<Option<Vec<u8>>> {
+        let chunks = match &self.txn {
+            Some(txn) => txn.scan(base)?,
+            None => self.storage.scan(base)?,
+        };
+        join_chunks(base, chunks)
+    }
+
+    /// Deletes every chunk stored under `base`.
+    pub(crate) fn delete_chunked(&mut self, base: &[u8]) -> Result<()> {
+        let txn = self.txn()?;
+        for (key, _) in txn.scan(base)? {
+            txn.delete(&key)?;
+        }
+        Ok(())
     }
 
     pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
@@ -589,6 +619,7 @@ impl Coordinator {
             last_batch_wrote: false,
             last_mono: now.mono,
             now_wall_ms: unix_millis(now.wall),
+            audit_prune_at: None,
         };
         for (key, bytes) in scan_all(&*storage, WORKER_PREFIX)? {
             let record: WorkerRecord = decode(&key, &bytes)?;
@@ -842,10 +873,48 @@ impl Coordinator {
             self.scan_failures(now, batch)?;
             self.forget_failed_workers(now, batch)?;
             self.abandon_stale_open_jobs(now, batch)?;
+            self.prune_audit(now, batch)?;
         }
         self.delete_expired(now, batch)?;
         // Whatever was held back (or became ready) gets its chance.
         self.ready_changed = true;
+        Ok(())
+    }
+
+    /// Deletes audit blocks whose every entry is older than `tasks.job_retention`
+    /// (at most [`AUDIT_BLOCKS_PRUNED_PER_BATCH`] per batch), moving the chain's base
+    /// so what is kept still verifies. Reads storage only when the oldest kept block
+    /// may be due.
+    fn prune_audit(&mut self, now: Now, batch: &mut Batch<'_>) -> Result<()> {
+        let now_ms = unix_millis(now.wall);
+        if self.audit_prune_at.is_some_and(|at| now_ms < at) {
+            return Ok(());
+        }
+        let retention = u64::try_from(self.settings.tasks.job_retention.as_millis()).unwrap_or(u64::MAX);
+        let blocks = self.storage.scan_page(AUDIT_PREFIX, None, AUDIT_BLOCKS_PRUNED_PER_BATCH)?;
+        let full = blocks.len() == AUDIT_BLOCKS_PRUNED_PER_BATCH;
+        let mut base: Option<crate::audit::AuditBase> = None;
+        self.audit_prune_at = None;
+        for (key, bytes) in blocks {
+            let block: Vec<AuditEntry> = decode(&key, &bytes)?;
+            let Some(last) = block.last() else { continue };
+            let due = last.wall_unix_ms.saturating_add(retention);
+            if now_ms < due {
+                self.audit_prune_at = Some(due);
+                break;
+            }
+            batch.delete(&key)?;
+            base = Some(crate::audit::AuditBase { seq: last.seq, hash: last.hash });
+        }
+        if let Some(base) = base {
+            batch.put(AUDIT_BASE, &base)?;
+            if full && self.audit_prune_at.is_none() {
+                self.more_work = true;
+            }
+        } else if self.audit_prune_at.is_none() {
+            // Nothing kept yet (or nothing due): look again in a retention's time.
+            self.audit_prune_at = Some(now_ms.saturating_add(retention));
+        }
         Ok(())
     }
 
@@ -879,9 +948,11 @@ impl Coordinator {
                 batch.put(&job_key(job), &j.record)?;
             }
         }
+        // Blocks of a bounded size, however many events the batch recorded (cancelling
+        // a million tasks records a million).
         let block = std::mem::take(&mut self.audit_block);
-        if let Some(first) = block.first() {
-            batch.put(&audit_key(first.seq), &block)?;
+        for part in block.chunks(AUDIT_BLOCK_ENTRIES_MAX) {
+            batch.put(&audit_key(part[0].seq), &part)?;
         }
         if std::mem::take(&mut self.counters_dirty) {
             batch.put(COUNTERS, &self.counters)?;

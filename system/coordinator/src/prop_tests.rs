@@ -37,6 +37,21 @@ enum Op {
     SubmitJob {
         tasks: u32,
     },
+    /// Streamed submission: open (a key from a small set, so re-opens happen), append
+    /// (from a first index at, before or past the end), seal (with the count held, or
+    /// a wrong one).
+    OpenJob {
+        key: u8,
+    },
+    Append {
+        pick: usize,
+        tasks: u32,
+        back: u32,
+    },
+    Seal {
+        pick: usize,
+        off_by: u32,
+    },
     CancelJob {
         pick: usize,
     },
@@ -57,6 +72,10 @@ fn op() -> impl Strategy<Value = Op> {
         8 => (0..3usize, 0..16usize, any::<bool>(), 0..2u8, proptest::option::weighted(0.1, 0..40u64))
             .prop_map(|(worker, pick, fail, result, forge_token)| Op::Submit { worker, pick, fail, result, forge_token }),
         2 => (1..4u32).prop_map(|tasks| Op::SubmitJob { tasks }),
+        1 => (0..3u8).prop_map(|key| Op::OpenJob { key }),
+        2 => (0..4usize, 1..4u32, 0..3u32).prop_map(|(pick, tasks, back)| Op::Append { pick, tasks, back }),
+        1 => (0..4usize, proptest::bool::weighted(0.8))
+            .prop_map(|(pick, right)| Op::Seal { pick, off_by: u32::from(!right) }),
         1 => (0..4usize).prop_map(|pick| Op::CancelJob { pick }),
         1 => (0..3usize).prop_map(Op::Drain),
         4 => (0..3_000u64, proptest::bool::weighted(0.8)).prop_map(|(millis, beats)| Op::Advance { millis, beats }),
@@ -64,11 +83,13 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// What the simulated workers know: their incarnation and the assignments they got.
+/// What the simulated workers know: their incarnation and the assignments they got;
+/// and what the operator knows: the jobs it opened.
 #[derive(Default)]
 struct Fleet {
     incarnation: BTreeMap<usize, Incarnation>,
     received: BTreeMap<usize, Vec<Assignment>>,
+    opened: Vec<JobId>,
 }
 
 /// What the checker remembers from the history.
@@ -98,7 +119,9 @@ impl Checker {
                     assert!(first.is_none(), "single_commit: {task} committed twice");
                 }
                 CoordinatorOutput::Reply { reply: OperatorReply::JobAccepted { job, tasks, .. }, .. } => {
-                    self.accepted_jobs.insert(*job, *tasks);
+                    if let Some(before) = self.accepted_jobs.insert(*job, *tasks) {
+                        assert_eq!(before, *tasks, "{job} accepted twice with different counts");
+                    }
                 }
                 _ => {}
             }
@@ -118,6 +141,26 @@ impl Checker {
             let status = h.coord().job(*job).unwrap_or_else(|| panic!("no_lost_task: job {job} vanished"));
             let accounted = status.queued + status.leased + status.committed + status.dead_lettered + status.cancelled;
             assert_eq!((status.tasks, accounted), (*tasks, *tasks), "no_lost_task: job {job}: {status:?}");
+        }
+        // The counts the machine keeps (and serves status from) are the records' counts.
+        for job in h.coord().jobs() {
+            if job.phase == crate::JobPhase::Open {
+                continue;
+            }
+            let mut counts = crate::TaskCounts::default();
+            for r in h.reports(job.job) {
+                match r.state {
+                    TaskState::Queued => counts.queued += 1,
+                    TaskState::Leased { .. } => counts.leased += 1,
+                    TaskState::Committed { .. } => counts.committed += 1,
+                    TaskState::DeadLettered => counts.dead_lettered += 1,
+                    TaskState::Cancelled => counts.cancelled += 1,
+                }
+            }
+            let kept = (job.queued, job.leased, job.committed, job.dead_lettered, job.cancelled);
+            let stored = (counts.queued, counts.leased, counts.committed, counts.dead_lettered, counts.cancelled);
+            assert_eq!(kept, stored, "{}: the kept counts differ from the records", job.job);
+            assert_eq!(h.coord().job(job.job).map(|j| j.is_finished()), Some(counts.live() == 0));
         }
         for w in h.coord().workers() {
             for report in h.coord().jobs().iter().flat_map(|j| h.reports(j.job)) {
@@ -186,6 +229,39 @@ fn run(ops: &[Op]) -> (Vec<String>, Vec<KeyValue>) {
                 )
             }
             Op::SubmitJob { tasks } => h.submit_job((0..tasks).map(|_| spec("echo", 0)).collect()).1,
+            Op::OpenJob { key } => {
+                request += 1;
+                let out = h.input(CoordinatorInput::OpenJob {
+                    request: 1_000_000 + request,
+                    name: "streamed".into(),
+                    idempotency_key: Some(format!("k{key}")),
+                });
+                for o in &out {
+                    if let CoordinatorOutput::Reply { reply: OperatorReply::JobOpened { job, .. }, .. } = o
+                        && !fleet.opened.contains(job)
+                    {
+                        fleet.opened.push(*job);
+                    }
+                }
+                out
+            }
+            Op::Append { pick, tasks, back } => {
+                let Some(&job) = fleet.opened.get(pick % fleet.opened.len().max(1)) else { continue };
+                let have = h.coord().job(job).map_or(0, |j| j.tasks);
+                request += 1;
+                h.input(CoordinatorInput::AppendTasks {
+                    request: 1_000_000 + request,
+                    job,
+                    first_index: (have + 1).saturating_sub(back),
+                    tasks: (0..tasks).map(|_| spec("echo", 0)).collect(),
+                })
+            }
+            Op::Seal { pick, off_by } => {
+                let Some(&job) = fleet.opened.get(pick % fleet.opened.len().max(1)) else { continue };
+                let have = h.coord().job(job).map_or(0, |j| j.tasks);
+                request += 1;
+                h.input(CoordinatorInput::SealJob { request: 1_000_000 + request, job, tasks: have + off_by })
+            }
             Op::CancelJob { pick } => {
                 let jobs = h.coord().jobs();
                 let Some(job) = jobs.get(pick % jobs.len().max(1)) else { continue };

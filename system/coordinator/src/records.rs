@@ -11,11 +11,15 @@
 //! | `c/j/<job u64>` | [`JobRecord`], with the job's task counts by state |
 //! | `c/idem/<key>` | [`JobId`] of the job submitted with that idempotency key |
 //! | `c/js/<job u64><first index u32>` | [`ShapeRuns`] of the tasks appended from that index (one record per append) |
-//! | `c/tp/<job u64><index u32>` | a task's payload bytes (written once) |
+//! | `c/tp/<job u64><index u32><chunk u32>` | a task's payload, in chunks of [`CHUNK_BYTES`] (written once) |
 //! | `c/t/<job u64><index u32>` | [`TaskRecord`] (written at the first state change after queued, then at every one) |
-//! | `c/audit/<first seq u64>` | a block of [`crate::audit::AuditEntry`]: one batch's events |
-//! | `c/r/<content id, 32 bytes>` | the bytes of a committed result (see [`stored_result`]) |
-//! | `c/rc/<content id, 32 bytes>` | how many committed tasks name that result (u64); the bytes go with the last |
+//! | `c/audit/<first seq u64>` | a block of [`crate::audit::AuditEntry`]: (part of) one batch's events |
+//! | `c/audit_base` | [`crate::audit::AuditBase`]: the last entry deleted by the audit retention |
+//! | `c/r/<content id, 32 bytes><chunk u32>` | a committed result, in chunks of [`CHUNK_BYTES`] (see [`stored_result`]) |
+//! | `c/rc/<content id, 32 bytes>` | [`ResultRefs`]: how many committed tasks name that result, and its size; the bytes go with the last |
+//!
+//! Payloads and results are cut into chunks so that no value in the B-tree is large: a
+//! leaf holding a megabyte would be copied whole whenever a key beside it changes.
 //!
 //! Recovery reads the job records, and only for unfinished jobs their shape runs and
 //! task records, in bounded pages; payloads are read when a task is leased.
@@ -25,7 +29,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use rollout_core::traits::{Inventory, Storage};
+use rollout_core::traits::{Inventory, KeyValue, Storage};
 use rollout_core::{Attempt, ContentId, Error, FencingToken, Incarnation, JobId, Result, TaskId, WorkerId};
 
 /// The version of this key layout; a database written with another is refused at
@@ -41,11 +45,26 @@ pub(crate) const SHAPES_PREFIX: &[u8] = b"c/js/";
 pub(crate) const PAYLOAD_PREFIX: &[u8] = b"c/tp/";
 pub(crate) const TASK_PREFIX: &[u8] = b"c/t/";
 pub(crate) const AUDIT_PREFIX: &[u8] = b"c/audit/";
+pub(crate) const AUDIT_BASE: &[u8] = b"c/audit_base";
 pub(crate) const RESULT_PREFIX: &[u8] = b"c/r/";
 pub(crate) const RESULT_REFS_PREFIX: &[u8] = b"c/rc/";
 
 /// Pairs read per storage call when recovery or a report walks a prefix.
 pub(crate) const SCAN_PAGE: usize = 4096;
+/// Payloads and results are stored in chunks of at most this many bytes.
+pub const CHUNK_BYTES: usize = 32 * 1024;
+
+/// What the coordinator keeps about a stored result besides its chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ResultRefs {
+    /// Committed tasks that name it.
+    pub refs: u64,
+    /// Its length (0 chunks and size 0 for a result whose bytes were never given, as
+    /// in the simulator).
+    pub size_bytes: u64,
+    /// Whether its bytes are stored.
+    pub stored: bool,
+}
 
 /// The coordinator-wide counters. Every id they hand out is never handed out again,
 /// across restarts, because the counter is committed with the record that uses it.
@@ -353,8 +372,35 @@ pub(crate) fn job_shapes_prefix(job: JobId) -> Vec<u8> {
     [SHAPES_PREFIX, &job.get().to_be_bytes()].concat()
 }
 
+/// The prefix of a task's payload chunks.
 pub(crate) fn payload_key(task: TaskId) -> Vec<u8> {
     [PAYLOAD_PREFIX, &task_suffix(task)].concat()
+}
+
+/// The key of chunk `n` of the value stored under `base`.
+pub(crate) fn chunk_key(base: &[u8], n: u32) -> Vec<u8> {
+    [base, &n.to_be_bytes()].concat()
+}
+
+/// How many chunks a value of `len` bytes takes (at least one).
+pub(crate) fn chunks_of(len: usize) -> usize {
+    len.div_ceil(CHUNK_BYTES).max(1)
+}
+
+/// Reassembles a chunked value from its chunk pairs (in key order), checking that the
+/// chunks are numbered 0, 1, 2, ... under `base`.
+pub(crate) fn join_chunks(base: &[u8], chunks: Vec<KeyValue>) -> Result<Option<Vec<u8>>> {
+    if chunks.is_empty() {
+        return Ok(None);
+    }
+    let mut out = Vec::with_capacity(chunks.iter().map(|(_, v)| v.len()).sum());
+    for (n, (key, bytes)) in chunks.into_iter().enumerate() {
+        if key != chunk_key(base, n as u32) {
+            return Err(bad_key(&key));
+        }
+        out.extend_from_slice(&bytes);
+    }
+    Ok(Some(out))
 }
 
 pub(crate) fn task_key(task: TaskId) -> Vec<u8> {
@@ -365,6 +411,7 @@ pub(crate) fn job_tasks_prefix(job: JobId) -> Vec<u8> {
     [TASK_PREFIX, &job.get().to_be_bytes()].concat()
 }
 
+/// The prefix of a result's chunks.
 pub(crate) fn result_key(id: &ContentId) -> Vec<u8> {
     [RESULT_PREFIX, id.as_bytes()].concat()
 }
@@ -375,9 +422,25 @@ pub(crate) fn result_refs_key(id: &ContentId) -> Vec<u8> {
 
 /// The bytes of a committed result (given to the machine by
 /// [`crate::CoordinatorInput::ResultBytes`] and stored with its commit); `None` if
-/// no committed task names it (never committed, or deleted with its job).
+/// no committed task names it (never committed, or deleted with its job). The bytes
+/// read back are checked against their content id.
 pub fn stored_result(storage: &dyn Storage, id: &ContentId) -> Result<Option<Vec<u8>>> {
-    storage.get(&result_key(id))
+    let Some(refs) = load::<ResultRefs>(storage, &result_refs_key(id))? else { return Ok(None) };
+    if !refs.stored {
+        return Ok(None);
+    }
+    let base = result_key(id);
+    let chunks = storage.scan_page(&base, None, chunks_of(refs.size_bytes as usize))?;
+    let bytes = join_chunks(&base, chunks)?.unwrap_or_default();
+    if bytes.len() as u64 != refs.size_bytes || ContentId::of(&bytes) != *id {
+        return Err(Error::internal(format!(
+            "the stored result {} does not match its content id ({} of {} bytes read)",
+            id.to_hex(),
+            bytes.len(),
+            refs.size_bytes
+        )));
+    }
+    Ok(Some(bytes))
 }
 
 /// A job's record as stored, or whether the id is one that was deleted.

@@ -9,7 +9,7 @@ use rollout_core::protocol::{Outcome, Submit, SubmitVerdict, ToWorker};
 use rollout_core::{ContentId, Error, FencingToken, Now, Result, TaskId, WorkerId};
 
 use crate::machine::{Batch, Coordinator};
-use crate::records::{StateKind, TaskRecord, TaskState, result_key, result_refs_key, task_key};
+use crate::records::{ResultRefs, StateKind, TaskRecord, TaskState, result_key, result_refs_key, task_key};
 
 impl Coordinator {
     pub(crate) fn on_submit(&mut self, now: Now, id: &WorkerId, submit: Submit, batch: &mut Batch<'_>) -> Result<()> {
@@ -25,7 +25,7 @@ impl Coordinator {
                     let committed = TaskState::Committed { result, size_bytes };
                     let from = std::mem::replace(&mut record.state, committed);
                     self.count_transition(task.job, from.kind(), StateKind::Committed);
-                    self.claim_result(&result, batch)?;
+                    self.claim_result(&result, size_bytes, batch)?;
                     self.retire(task, record, batch)?;
                     self.record(HistoryEvent::Committed { task, worker: id.clone(), token, result }, batch)?;
                 }
@@ -118,28 +118,32 @@ impl Coordinator {
 
     /// One more committed task names `result`: the first stores the bytes this batch
     /// was given for it (none in a simulation, which carries ids only).
-    fn claim_result(&mut self, result: &ContentId, batch: &mut Batch<'_>) -> Result<()> {
+    fn claim_result(&mut self, result: &ContentId, size_bytes: u64, batch: &mut Batch<'_>) -> Result<()> {
         let refs_key = result_refs_key(result);
-        let refs: u64 = batch.load(&refs_key)?.unwrap_or(0);
+        let mut refs: ResultRefs = batch.load(&refs_key)?.unwrap_or(ResultRefs { refs: 0, size_bytes, stored: false });
         let bytes = self.batch_results.remove(result);
-        if refs == 0
+        if !refs.stored
             && let Some(bytes) = bytes
+            && bytes.len() as u64 == size_bytes
         {
-            batch.put_raw(&result_key(result), &bytes)?;
+            batch.put_chunked(&result_key(result), &bytes)?;
+            refs.stored = true;
         }
-        batch.put(&refs_key, &(refs + 1))
+        refs.refs += 1;
+        batch.put(&refs_key, &refs)
     }
 
     /// One committed task fewer names `result` (its job was deleted): the last one
     /// takes the bytes with it.
     pub(crate) fn release_result(&mut self, result: &ContentId, batch: &mut Batch<'_>) -> Result<()> {
         let refs_key = result_refs_key(result);
-        let refs: u64 = batch.load(&refs_key)?.unwrap_or(0);
-        if refs <= 1 {
+        let Some(mut refs) = batch.load::<ResultRefs>(&refs_key)? else { return Ok(()) };
+        if refs.refs <= 1 {
             batch.delete(&refs_key)?;
-            batch.delete(&result_key(result))?;
+            batch.delete_chunked(&result_key(result))?;
         } else {
-            batch.put(&refs_key, &(refs - 1))?;
+            refs.refs -= 1;
+            batch.put(&refs_key, &refs)?;
         }
         Ok(())
     }

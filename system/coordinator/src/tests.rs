@@ -59,6 +59,26 @@ impl Harness {
         out
     }
 
+    /// Feeds several inputs as one batch; returns its outputs.
+    pub fn input_batch(&mut self, inputs: Vec<CoordinatorInput>) -> Vec<CoordinatorOutput> {
+        let mut out = Vec::new();
+        let now = self.now;
+        self.coord.as_mut().expect("running").handle_batch(now, inputs, &mut out).expect("batch commits");
+        self.outputs.extend(out.iter().cloned());
+        out
+    }
+
+    /// A fresh operator request id.
+    pub fn next_request(&mut self) -> u64 {
+        self.next_request += 1;
+        self.next_request
+    }
+
+    /// The running machine's storage.
+    pub fn storage(&self) -> Arc<dyn Storage> {
+        Arc::clone(&self.coord().storage)
+    }
+
     pub fn advance(&mut self, by: Duration) {
         self.now = self.now.advanced(by);
     }
