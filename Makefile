@@ -18,10 +18,12 @@ test: fmt-check clippy sans-io no-openssl release-deps unit
 
 ## smoke: the real binaries end to end: 1 coordinator + 2 workers with a Rust cdylib and a
 ## Python sidecar plugin; kills w1 and checks it is declared failed in time and every task
-## completes exactly once (scripts/smoke.sh; a temp dir, not ./data); then the crash test below
+## completes exactly once (scripts/smoke.sh; a temp dir, not ./data); then the crash test below;
+## then six 1 MB payloads and results through one six-slot worker (scripts/big-payloads.sh)
 smoke: preflight build
 	ROLLOUT=$(ROLLOUT) scripts/smoke.sh
 	ROLLOUT=$(ROLLOUT) scripts/coordinator-crash.sh
+	ROLLOUT=$(ROLLOUT) scripts/big-payloads.sh
 
 ## crash-test: kill -9 the coordinator of a real cluster under load (twice) and restart it on the
 ## same data dir; every acknowledged job survives and each task is committed exactly once

@@ -481,7 +481,9 @@ else
     say "audit verify FAILED: $(cat "$tmp/audit.out")"
     failed+=("audit verify")
 fi
-if "$ROLLOUT" check --complete "$tmp/coordinator.audit.jsonl" "$tmp/w1.history.jsonl" "$tmp/w2.history.jsonl" >"$tmp/check.out" 2>&1; then
+states=()
+for f in "$tmp"/results/*.jsonl; do states+=(--states "$f"); done
+if "$ROLLOUT" check --complete "${states[@]}" "$tmp/coordinator.audit.jsonl" "$tmp/w1.history.jsonl" "$tmp/w2.history.jsonl" >"$tmp/check.out" 2>&1; then
     say "rollout check: $(tr '\n' ' ' <"$tmp/check.out")"
 else
     say "rollout check found a violation: $(tr '\n' ' ' <"$tmp/check.out")"

@@ -253,8 +253,8 @@ say "stopping the coordinator and w2 (SIGINT)"
 stop_all
 "$ROLLOUT" audit verify --config "$cfg" >"$tmp/audit.out" 2>&1 || die "audit verify failed: $(cat "$tmp/audit.out")"
 say "audit chain verified"
-"$ROLLOUT" check --complete "$history" "$tmp/w1.history.jsonl" "$tmp/w2.history.jsonl" >"$tmp/check.out" 2>&1 ||
-    die "rollout check found a violation: $(cat "$tmp/check.out")"
+"$ROLLOUT" check --complete --states "$tmp/results.jsonl" "$history" "$tmp/w1.history.jsonl" "$tmp/w2.history.jsonl" \
+    >"$tmp/check.out" 2>&1 || die "rollout check found a violation: $(cat "$tmp/check.out")"
 say "rollout check: $(tail -n 1 "$tmp/check.out")"
 ok=1
 say "passed"

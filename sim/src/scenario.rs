@@ -402,8 +402,8 @@ impl Scenario {
         } else {
             return Err(ScenarioError::NotFound(name_or_path.to_owned()));
         };
-        let text =
-            std::fs::read_to_string(&path).map_err(|source| ScenarioError::Read { path: path.clone(), source })?;
+        let text = rollout_core::text::read_text_bounded(&path, rollout_core::text::CONFIG_FILE_BYTES_MAX)
+            .map_err(|source| ScenarioError::Read { path: path.clone(), source })?;
         Scenario::parse(&text, &path)
     }
 

@@ -114,11 +114,14 @@ enum Command {
     /// Judge recorded histories with the simulator's invariant checker.
     ///
     /// Reads the JSON-lines histories of a coordinator and any workers (`--history`
-    /// files, or `sim run --trace` output), merges them by wall time without
-    /// reordering any one file, and checks single_commit, fenced_commit, self_fence and
-    /// no_overlap, then that every task of every accepted job is accounted for
-    /// (no_lost_task) and, with --complete, terminal (progress). Exits 1 naming the
-    /// first violated invariant and record, 2 on unreadable input.
+    /// files, `rollout audit export` or `sim run --trace` output), merges them by wall
+    /// time without reordering any one file, and checks single_commit, fenced_commit,
+    /// self_fence and no_overlap, and with --complete that every task of every accepted
+    /// job finished (progress). no_lost_task needs the coordinator's own account: with
+    /// --states (`rollout results JOB` output, one or more files), every task of every
+    /// accepted job that did not expire must be among its tasks, in the terminal state
+    /// the history shows if it shows one. Exits 1 naming the first violated invariant
+    /// and record, 2 on unreadable input (lines are at most 8 MiB).
     Check {
         /// History files (JSON lines), e.g. coordinator.jsonl w1.jsonl w2.jsonl.
         #[arg(required = true, value_name = "HISTORY.jsonl")]
@@ -130,6 +133,10 @@ enum Command {
         /// Require every task of every accepted job to have finished.
         #[arg(long)]
         complete: bool,
+        /// The coordinator's task states (`rollout results JOB` output) to check
+        /// no_lost_task against; repeat for several files.
+        #[arg(long, value_name = "RESULTS.jsonl")]
+        states: Vec<PathBuf>,
     },
     /// Create, list or revoke bootstrap tokens for `rollout worker --join`.
     Token {
@@ -348,7 +355,9 @@ fn main() -> ExitCode {
         Command::Audit { command: AuditCommand::Export { common, out } } => {
             report(ops::audit_export(&common, out.as_deref()))
         }
-        Command::Check { files, strict_overlap, complete } => check::run(&files, strict_overlap, complete),
+        Command::Check { files, strict_overlap, complete, states } => {
+            check::run(&files, &states, strict_overlap, complete)
+        }
         other => {
             init_logging();
             let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -22,8 +22,37 @@ fn emitter(history: Option<PathBuf>) -> Result<Arc<dyn EventEmitter>, Error> {
     })
 }
 
+/// Open files a process needs besides its connections (database, logs, plugins).
+const FILES_BESIDES_CONNECTIONS: u64 = 256;
+
+/// Raises the soft limit of open files to the hard limit: every connection is a file,
+/// and the default soft limit (often 1024) is far below `limits.max_connections`.
+/// Warns, naming the limit, when even the hard limit is below `needed`.
+fn raise_open_files(needed: u64) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let hard = limit.maximum.unwrap_or(1 << 20);
+    if limit.current.is_some_and(|soft| soft < hard)
+        && let Err(e) = setrlimit(Resource::Nofile, Rlimit { current: Some(hard), maximum: limit.maximum })
+    {
+        tracing::warn!(error = %e, "cannot raise the open-files limit (RLIMIT_NOFILE) to its hard limit {hard}");
+    }
+    let now = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    if now < needed {
+        tracing::warn!(
+            open_files = now,
+            needed,
+            "the open-files limit is {now}, below the {needed} that limits.max_connections and the process's own files \
+             need: connections beyond it fail; raise the hard limit (ulimit -Hn, or LimitNOFILE= in a systemd unit)"
+        );
+    } else {
+        tracing::debug!(open_files = now, "open-files limit");
+    }
+}
+
 pub async fn coordinator(common: &CommonArgs, listen: Option<String>, history: Option<PathBuf>) -> Result<(), Error> {
     let config = load_config(common)?;
+    raise_open_files(u64::from(config.limits.max_connections) + FILES_BESIDES_CONNECTIONS);
     let mut running =
         start_coordinator(CoordinatorOptions { config, emitter: emitter(history)?, listen_addr: listen }).await?;
     tracing::info!(addr = %running.local_addr, "coordinator running; Ctrl-C stops it");
@@ -45,6 +74,7 @@ pub async fn worker(
     history: Option<PathBuf>,
 ) -> Result<(), Error> {
     let config = load_config(common)?;
+    raise_open_files(FILES_BESIDES_CONNECTIONS + u64::from(slots));
     let id = WorkerId::new(id).map_err(|e| Error::invalid_input(format!("--id: {e}")))?;
     if slots == 0 || slots > config.limits.max_slots_per_worker {
         return Err(Error::invalid_input(format!(

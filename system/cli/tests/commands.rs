@@ -81,7 +81,24 @@ fn check_judges_recorded_histories_and_names_the_violation() {
     std::fs::write(dir.path().join("w1.jsonl"), worker.join("\n")).expect("write");
     let ok = rollout(&["check", "c.jsonl", "w1.jsonl", "--complete", "--strict-overlap"], dir.path());
     assert!(ok.status.success(), "{ok:?}");
-    assert!(String::from_utf8_lossy(&ok.stdout).contains("1 of 1 tasks"), "{ok:?}");
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(stdout.contains("1 of 1 tasks"), "{ok:?}");
+    assert!(stdout.contains("not checked: no_lost_task"), "without states it claims nothing: {stdout}");
+
+    // With the coordinator's states: no_lost_task is checked, and fails when it is lost.
+    let committed = r#"{"task":"job-1.0","state":"committed","attempts":1,"content_id":null,"errors":[]}"#;
+    std::fs::write(dir.path().join("states.jsonl"), committed).expect("write");
+    let held = rollout(&["check", "c.jsonl", "w1.jsonl", "--states", "states.jsonl"], dir.path());
+    assert!(held.status.success(), "{held:?}");
+    assert!(String::from_utf8_lossy(&held.stdout).contains("no_lost_task (1 tasks"), "{held:?}");
+    std::fs::write(dir.path().join("empty.jsonl"), "").expect("write");
+    let lost = rollout(&["check", "c.jsonl", "--states", "empty.jsonl"], dir.path());
+    assert_eq!(lost.status.code(), Some(1), "{lost:?}");
+    assert!(String::from_utf8_lossy(&lost.stderr).contains("no_lost_task"), "{lost:?}");
+    let queued = committed.replace("committed", "queued");
+    std::fs::write(dir.path().join("changed.jsonl"), queued).expect("write");
+    let changed = rollout(&["check", "c.jsonl", "--states", "changed.jsonl"], dir.path());
+    assert_eq!(changed.status.code(), Some(1), "a committed task reported queued: {changed:?}");
 
     // The same commit twice: single_commit, exit 1, naming the record.
     std::fs::write(dir.path().join("twice.jsonl"), [lines.join("\n"), lines[2].to_owned()].join("\n")).expect("write");

@@ -146,7 +146,7 @@ pub fn plugin_specs_from_config_file(path: &Path) -> Result<Vec<PluginSpec>> {
         }
         other => other,
     };
-    let text = std::fs::read_to_string(path)
+    let text = rollout_core::text::read_text_bounded(path, rollout_core::text::CONFIG_FILE_BYTES_MAX)
         .map_err(|e| Error::config_invalid(path.display().to_string(), format!("cannot read config file: {e}")))?;
     let base = path.parent().filter(|dir| !dir.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tables = plugin_tables_from_toml_str(&text).map_err(in_file)?;

@@ -352,7 +352,7 @@ fn read_record(path: &Path) -> Result<TokenRecord> {
 }
 
 fn read_use(path: &Path) -> Result<Option<TokenUse>> {
-    match fs::read_to_string(path) {
+    match rollout_core::text::read_text_bounded(path, 64 * 1024) {
         // A marker cut short by a crash still means "used".
         Ok(text) => Ok(Some(
             serde_json::from_str(&text).unwrap_or(TokenUse { worker: "(unrecorded)".into(), used_at_unix_ms: 0 }),

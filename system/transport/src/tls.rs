@@ -329,7 +329,8 @@ pub fn peer_role(cert_der: &[u8]) -> Option<PeerRole> {
 // ------------------------------------------------------------------ files
 
 pub(crate) fn read_text(path: &Path) -> Result<String> {
-    fs::read_to_string(path).map_err(|e| io_err("reading", path, &e))
+    // Certificates and keys are a few KiB; anything larger is the wrong file.
+    rollout_core::text::read_text_bounded(path, 1 << 20).map_err(|e| io_err("reading", path, &e))
 }
 
 pub(crate) fn write_public(path: &Path, bytes: &[u8]) -> Result<()> {

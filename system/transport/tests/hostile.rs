@@ -17,6 +17,7 @@ use rollout_core::history::HistoryEvent;
 use rollout_core::{Config, PROTOCOL_VERSION, WorkerId};
 use rollout_proto::transport as pb;
 use rollout_proto::transport::coordinator_client::CoordinatorClient;
+use rollout_transport::enroll::{self, CaPin};
 use rollout_transport::{
     BuiltinPlugins, CertFiles, MemoryEmitter, WorkerOptions, connect, operator_client, run_worker_process,
 };
@@ -441,5 +442,92 @@ async fn six_tasks_of_one_megabyte_each_commit_on_a_six_slot_worker() {
     }
     assert!(!worker.fenced(), "the worker's streams never broke");
     worker.stop().await;
+    started.coordinator.shutdown().await.expect("clean shutdown");
+}
+
+/// A TLS connection without a client certificate (what a worker uses to enroll),
+/// handshake done; `None` if the server refused it during the handshake.
+async fn anonymous_tls(addr: &str, pin: CaPin) -> Option<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let connector = tokio_rustls::TlsConnector::from(enroll::pinned_client_config(pin));
+    let name = rollout_transport::tls::server_name_of(addr).expect("name");
+    connector.connect(name, tcp).await.ok()
+}
+
+/// Waits until the server closes `stream` (EOF or an error), up to `within`.
+async fn closed_within(mut stream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>, within: Duration) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            // The server's HTTP/2 preface and settings: keep reading.
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_without_a_certificate_are_capped_and_cut() {
+    let _one = SERIAL.lock().await;
+    let mut config = fast_config();
+    config.limits.max_unauthenticated_connections = 40;
+    config.limits.unauthenticated_connection_timeout = Duration::from_secs(1);
+    let started = common::start(config, &["probe"]).await;
+    let probe = Probe::start(&started, "probe").await;
+    let pin = CaPin::of_file(&CertFiles::ca(&started.config.transport.tls_dir).cert).expect("pin");
+    let opened_at = tokio::time::Instant::now();
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        if let Some(stream) = anonymous_tls(&started.addr, pin).await {
+            idle.push(stream);
+        }
+    }
+    // Each is watched for its close; beyond the cap they close at once, the others at
+    // the timeout: all of them within it plus scheduling slack.
+    let watched: Vec<_> = idle.into_iter().map(|s| tokio::spawn(closed_within(s, Duration::from_secs(4)))).collect();
+    let mut closed = 0;
+    for w in watched {
+        closed += usize::from(w.await.expect("join"));
+    }
+    assert_eq!(closed, 200, "every connection without a certificate was closed by the server");
+    assert!(opened_at.elapsed() >= Duration::from_millis(900), "the ones within the cap lived until the timeout");
+    probe.assert_never_noticed().await;
+    started.coordinator.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_repeated_failed_enrollments_are_refused_early() {
+    let _one = SERIAL.lock().await;
+    let mut config = fast_config();
+    config.limits.max_failed_enrollments_per_minute = 3;
+    let started = common::start(config, &["probe"]).await;
+    let probe = Probe::start(&started, "probe").await;
+    let pin = CaPin::of_file(&CertFiles::ca(&started.config.transport.tls_dir).cert).expect("pin");
+    let name = rollout_transport::tls::server_name_of(&started.addr).expect("name");
+    let channel = rollout_transport::net::lazy_channel(rollout_transport::net::TlsConnector::new(
+        rollout_transport::net::TcpDialer::new(started.addr.clone()),
+        enroll::pinned_client_config(pin),
+        name,
+    ));
+    let mut client = pb::enrollment_client::EnrollmentClient::new(channel).max_encoding_message_size(8 << 20);
+    // A megabyte from someone without a certificate is not decoded at all.
+    let huge =
+        pb::EnrollRequest { bootstrap_token: "x".repeat(1 << 20), worker_id: "w9".into(), csr_pem: String::new() };
+    let refused = client.enroll(huge).await.expect_err("too large");
+    assert_eq!(refused.code(), tonic::Code::OutOfRange, "{refused:?}");
+    assert!(refused.message().contains("too large"), "{refused:?}");
+    // Three bad tokens, then the source is refused without a look at its token.
+    for _ in 0..3 {
+        let bad = pb::EnrollRequest { bootstrap_token: "nope".into(), worker_id: "w9".into(), csr_pem: String::new() };
+        assert_eq!(client.enroll(bad).await.expect_err("bad token").code(), tonic::Code::InvalidArgument);
+    }
+    let bad = pb::EnrollRequest { bootstrap_token: "nope".into(), worker_id: "w9".into(), csr_pem: String::new() };
+    let limited = client.enroll(bad).await.expect_err("rate-limited");
+    assert_eq!(limited.code(), tonic::Code::ResourceExhausted, "{limited:?}");
+    assert!(limited.message().contains("limits.max_failed_enrollments_per_minute"), "{limited:?}");
+    probe.assert_never_noticed().await;
     started.coordinator.shutdown().await.expect("clean shutdown");
 }

@@ -262,7 +262,7 @@ impl Config {
         let mut merged = toml::Table::new();
         let mut origins = BTreeMap::new();
         if let Some(path) = path {
-            let text = std::fs::read_to_string(path).map_err(|e| {
+            let text = crate::text::read_text_bounded(path, crate::text::CONFIG_FILE_BYTES_MAX).map_err(|e| {
                 Error::config_invalid(path.display().to_string(), format!("cannot read config file: {e}"))
             })?;
             let mut table: toml::Table = toml::from_str(&text).map_err(|e| {
