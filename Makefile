@@ -6,7 +6,7 @@ export CARGO_TERM_COLOR ?= never
 CARGO ?= cargo
 ROLLOUT = $(CARGO_TARGET_DIR)/debug/rollout
 
-.PHONY: run test smoke crash-test preflight build fmt fmt-check clippy sans-io no-openssl release-deps unit bench bench-e2e bench-storage bench-sim sim-soak
+.PHONY: run test smoke crash-test preflight build fmt fmt-check clippy sans-io no-openssl release-deps unit bench bench-e2e bench-storage bench-sim bench-recovery bench-submit sim-soak fuzz fuzz-seeds
 
 ## run: build, print the plan, then run a local cluster (coordinator + 2 workers over mTLS) through a demo job
 run: build
@@ -63,7 +63,7 @@ unit:
 	$(CARGO) test --workspace --all-features --locked
 
 ## bench: every benchmark (release builds; minutes, not part of `make test`)
-bench: bench-e2e bench-storage bench-sim
+bench: bench-e2e bench-storage bench-sim bench-recovery
 
 ## bench-e2e: end-to-end no-op tasks/s through 1 coordinator + 2 workers over loopback mTLS with
 ## fsync'd redb, and submit-to-start p50/p99 at half that load (BENCH_TASKS, BENCH_RUNS, ...: see
@@ -75,9 +75,31 @@ bench-e2e:
 bench-storage:
 	$(CARGO) bench -p rollout-storage --bench storage
 
+## bench-recovery: coordinator restart with BENCH_TASKS (1,000,000) tasks stored (time to accepting work,
+## peak RSS, against a full read of the same database) and status latency with BENCH_JOBS (100,000)
+## finished jobs (against one finished job), each in a fresh process
+bench-recovery:
+	$(CARGO) bench -p rollout-coordinator --bench scale
+
+## bench-submit: `rollout submit` of BENCH_TASKS (1,000,000) tasks through the real release binaries:
+## client and coordinator peak RSS against the file's size, tasks/s (scripts/bench-submit.sh)
+bench-submit:
+	$(CARGO) build --release -p rollout-cli --locked
+	ROLLOUT=$(CARGO_TARGET_DIR)/release/rollout scripts/bench-submit.sh
+
 ## bench-sim: simulated seconds per wall second (1 coordinator + 16 workers) and swarm seeds per minute
 bench-sim:
 	$(CARGO) bench -p sim --bench sim
+
+## fuzz: every cargo-fuzz target in fuzz/ for FUZZ_SECONDS (default 180) each, nightly toolchain,
+## memory and time bounded per input; the corpora in fuzz/corpus also run on stable in make test
+FUZZ_SECONDS ?= 180
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz.sh
+
+## fuzz-seeds: rewrite the seed inputs of fuzz/corpus/ from real messages (rollout_fuzz::seeds)
+fuzz-seeds:
+	$(CARGO) test -p rollout-fuzz --test corpus -- --ignored write_seed_corpus
 
 ## sim-soak: every scenario over SEEDS seeds (default 500) in a release build; prints any failing seed's repro command
 SEEDS ?= 500

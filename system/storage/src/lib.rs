@@ -21,7 +21,7 @@ mod values;
 mod watch;
 
 pub use mem_disk::{CrashMode, DEFAULT_CAPACITY_BYTES, MemDisk, MemDiskBackend, MemDiskError};
-pub use redb_storage::{DEFAULT_PATH, RedbStorage};
+pub use redb_storage::{DEFAULT_PATH, OpenOptions, RedbStorage};
 pub use values::{StorageExt, StorageTxnExt, decode_value, display_key, encode_value};
 #[cfg(feature = "watch")]
 pub use watch::{WATCH_CHANNEL_CAPACITY, WatchEvent};

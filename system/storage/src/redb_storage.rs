@@ -51,13 +51,36 @@ impl fmt::Debug for RedbStorage {
     }
 }
 
+/// How a database file is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// Bytes of pages redb keeps in memory (its read and write cache): the bound of the
+    /// process's memory for storage, whatever the database's size.
+    pub cache_bytes: usize,
+    /// Verify every page of the file when opening it (a read of the whole file: it
+    /// finds a damaged file at start rather than at the first read of the damage).
+    pub check_integrity_on_open: bool,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions { cache_bytes: 64 << 20, check_integrity_on_open: true }
+    }
+}
+
 impl RedbStorage {
-    /// Opens the database file at `path`, creating it (and its parent directories) when absent.
+    /// Opens the database file at `path` with the default [`OpenOptions`], creating it
+    /// (and its parent directories) when absent.
     ///
     /// Fails with `Fatal::Corrupt` naming the path when the file is not a redb database (e.g.
     /// text, random bytes) or is damaged beyond redb's repair, and with `Fatal::ConfigInvalid`
     /// naming the path when another process or handle has it open.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(path, OpenOptions::default())
+    }
+
+    /// [`RedbStorage::open`] with `options`.
+    pub fn open_with(path: impl AsRef<Path>, options: OpenOptions) -> Result<Self> {
         let path = path.as_ref();
         if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|err| {
@@ -67,7 +90,9 @@ impl RedbStorage {
                 )
             })?;
         }
-        let db = database_builder().create(path).map_err(|err| open_error(path, err))?;
+        let mut builder = Database::builder();
+        builder.set_check_integrity_on_open(options.check_integrity_on_open).set_cache_size(options.cache_bytes);
+        let db = builder.create(path).map_err(|err| open_error(path, err))?;
         RedbStorage::from_database(db, path.to_path_buf())
     }
 

@@ -538,9 +538,7 @@ fn enroll(
             }
         }
     }
-    let csr = CertificateSigningRequestParams::from_pem(&req.csr_pem).map_err(|e| {
-        Status::invalid_argument(format!("enroll.csr_pem: not a valid PEM PKCS#10 certificate signing request: {e}"))
-    })?;
+    let csr = parse_csr(&req.csr_pem)?;
     let issuer = tls::ca_issuer(tls_dir)
         .map_err(|e| Status::failed_precondition(format!("enrollment needs the CA key on the coordinator ({e})")))?;
     // The claim comes last among the checks and before the signature: a refused request
@@ -587,6 +585,20 @@ fn enroll(
     tls::write_public(&record, cert_pem.as_bytes()).map_err(|e| Status::internal(e.to_string()))?;
     let ca_pem = tls::read_text(&ca.cert).map_err(|e| Status::internal(e.to_string()))?;
     Ok((worker, id.clone(), pb::EnrollResponse { certificate_pem: cert_pem, ca_certificate_pem: ca_pem }))
+}
+
+/// A signing request from a peer: at most [`CSR_PEM_BYTES_MAX`], PEM PKCS#10, its
+/// signature checked. The error names the field.
+pub fn parse_csr(pem: &str) -> std::result::Result<CertificateSigningRequestParams, Status> {
+    if pem.len() > CSR_PEM_BYTES_MAX {
+        return Err(Status::invalid_argument(format!(
+            "enroll.csr_pem: {} bytes, over the limit of {CSR_PEM_BYTES_MAX}",
+            pem.len()
+        )));
+    }
+    CertificateSigningRequestParams::from_pem(pem).map_err(|e| {
+        Status::invalid_argument(format!("enroll.csr_pem: not a valid PEM PKCS#10 certificate signing request: {e}"))
+    })
 }
 
 /// `enrolled/<worker>.claimed`: created (`O_EXCL`) by the first unbound-token

@@ -13,7 +13,7 @@ use rollout_coordinator::CoordinatorSettings;
 use rollout_core::traits::{EventEmitter, PluginHost, Storage};
 use rollout_core::{Config, Error, Result, WorkerId};
 use rollout_proto::transport::operator_client::OperatorClient;
-use rollout_storage::RedbStorage;
+use rollout_storage::{OpenOptions, RedbStorage};
 use rollout_worker::WorkerSettings;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -180,7 +180,11 @@ pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordi
     let data_dir = &config.storage.data_dir;
     std::fs::create_dir_all(data_dir)
         .map_err(|e| Error::config_invalid("storage.data_dir", format!("creating {}: {e}", data_dir.display())))?;
-    let storage: Arc<dyn Storage> = Arc::new(RedbStorage::open(data_dir.join(DATABASE_FILE))?);
+    let options = OpenOptions {
+        cache_bytes: usize::try_from(config.storage.cache_bytes).unwrap_or(usize::MAX),
+        check_integrity_on_open: config.storage.check_integrity_on_open,
+    };
+    let storage: Arc<dyn Storage> = Arc::new(RedbStorage::open_with(data_dir.join(DATABASE_FILE), options)?);
     let tls_dir = &config.transport.tls_dir;
     let server_tls = tls::server_config(&CertFiles::ca(tls_dir).cert, &CertFiles::coordinator(tls_dir))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -124,11 +124,23 @@ impl Default for TransportConfig {
 pub struct StorageConfig {
     /// Root of the database file and the object store.
     pub data_dir: PathBuf,
+    /// Bytes of database pages kept in memory: the bound of the coordinator's memory for
+    /// storage whatever the database's size (more makes reads of results and payloads
+    /// cheaper).
+    pub cache_bytes: u64,
+    /// Verify every page of the database when the coordinator starts (a read of the
+    /// whole file, about a second per GiB: a damaged file is found at start, not at the
+    /// first read of the damage).
+    pub check_integrity_on_open: bool,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
-        StorageConfig { data_dir: PathBuf::from("./data") }
+        StorageConfig {
+            data_dir: PathBuf::from("./data"),
+            cache_bytes: 64 * 1024 * 1024,
+            check_integrity_on_open: true,
+        }
     }
 }
 
@@ -336,6 +348,9 @@ impl Config {
         )?;
         if self.storage.data_dir.as_os_str().is_empty() {
             return Err(Error::config_invalid("storage.data_dir", "must not be empty"));
+        }
+        if self.storage.cache_bytes < 1024 * 1024 {
+            return Err(Error::config_invalid("storage.cache_bytes", "must be at least 1 MiB (1048576)"));
         }
         let k = &self.tasks;
         if k.max_attempts == 0 {
