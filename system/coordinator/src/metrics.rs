@@ -115,6 +115,38 @@ pub fn check_histogram(bytes: &[u8]) -> Result<(), String> {
     if f64::from_bits(u64_at(32)) != 1.0 {
         return Err("an integer-to-double ratio other than 1 is not supported".into());
     }
+    check_payload(&bytes[V2_HEADER_BYTES..])
+}
+
+/// Walks the payload's LEB128-64b9B varints as the decoder will: a zig-zag value of
+/// `i64::MIN` (a run of zeros whose length cannot be negated: the decoder overflows
+/// on it) is refused, as is a truncated last varint.
+fn check_payload(mut payload: &[u8]) -> Result<(), String> {
+    while !payload.is_empty() {
+        let mut value: u64 = 0;
+        let mut used = 0;
+        loop {
+            let Some(&b) = payload.get(used) else {
+                return Err("the payload ends inside a varint".into());
+            };
+            if used == 8 {
+                // The ninth byte is used whole.
+                value |= u64::from(b) << 56;
+                used += 1;
+                break;
+            }
+            value |= u64::from(b & 0x7f) << (7 * used);
+            used += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        payload = &payload[used..];
+        let decoded = ((value >> 1) as i64) ^ -((value & 1) as i64);
+        if decoded == i64::MIN {
+            return Err("a run of zeros of 2^63 counts".into());
+        }
+    }
     Ok(())
 }
 
@@ -316,6 +348,10 @@ mod tests {
             (header(0, 3, u64::MAX / 4), "trackable range"),
             ([&[0x1c, 0x84, 0x93, 0x14][..], &[0; 36]].concat(), "cookie"),
             (vec![0; 12], "shorter"),
+            // A valid header, then the varint of u64::MAX: zig-zag i64::MIN, which the
+            // decoder negates (found by the `histogram` fuzz target).
+            ([&header(9, 3, 3_600_000_000)[..], &[0xff; 9]].concat(), "2^63"),
+            ([&header(2, 3, 3_600_000_000)[..], &[0x80, 0x80]].concat(), "inside a varint"),
         ] {
             let err = check_histogram(&bytes).expect_err(why);
             assert!(err.contains(why), "{why}: {err}");

@@ -496,6 +496,22 @@ pub fn durable_task_states(storage: &dyn Storage) -> Result<Vec<(TaskId, TaskSta
         if !job.sealed {
             continue;
         }
+        // The count a job record claims is checked against its shape records before it
+        // is used (a damaged record could claim four billion tasks).
+        let mut described = 0u64;
+        for_each_page(storage, &job_shapes_prefix(job.id), |page| {
+            for (key, bytes) in page {
+                let runs: ShapeRuns = decode(&key, &bytes)?;
+                described += runs.iter().map(|(n, _)| u64::from(*n)).sum::<u64>();
+            }
+            Ok(())
+        })?;
+        if described != u64::from(job.tasks) {
+            return Err(Error::internal(format!(
+                "{}: its record says {} tasks, its shape records describe {described}",
+                job.id, job.tasks
+            )));
+        }
         let stored = StoredJob {
             job: job.id,
             name: job.name,

@@ -36,8 +36,8 @@ use crate::wire;
 
 /// Most inputs applied in one batch (one transaction).
 pub const BATCH_INPUTS_MAX: usize = 8192;
-/// Result bytes taken into one batch; the rest waits for the next (a batch's
-/// transaction, and the write sets in flight, stay bounded).
+/// Result and payload bytes taken into one batch; the rest waits for the next (a
+/// batch's transaction, and the write sets in flight, stay bounded).
 pub const BATCH_RESULT_BYTES_MAX: usize = 64 << 20;
 /// Capacity of the driver's inbox; handlers wait when it is full (back-pressure).
 pub const INBOX_CAPACITY: usize = 65_536;
@@ -372,6 +372,12 @@ impl Driver {
                 inputs.push(CoordinatorInput::FromWorker { worker, message: ToCoordinator::Heartbeat(beat) });
             }
             DriverMsg::Operator(request, reply) => {
+                let payloads = |tasks: &[TaskSpec]| tasks.iter().map(|t| t.payload.len()).sum::<usize>();
+                self.batch_result_bytes += match &request {
+                    OperatorRequest::SubmitJob(job) => payloads(&job.tasks),
+                    OperatorRequest::AppendTasks { tasks, .. } => payloads(tasks),
+                    _ => 0,
+                };
                 self.next_request += 1;
                 let id = self.next_request;
                 self.pending_requests.insert(id, reply);
