@@ -5,7 +5,7 @@
 //! sit in a `BTreeMap` keyed by (true time in ns, insertion seq): a total order, so a
 //! run is a pure function of (scenario, seed, binary).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use rollout_coordinator::audit;
 use rollout_coordinator::{
     Coordinator, CoordinatorInput, CoordinatorOutput, CoordinatorSettings, JobSubmission, OperatorReply, TaskSpec,
-    TaskState, durable_task_states,
+    TaskState, WorkerState, durable_task_states,
 };
 use rollout_core::history::{HistoryEvent, HistoryRecord};
 use rollout_core::protocol::{ToCoordinator, ToWorker};
@@ -857,7 +857,12 @@ impl Sim {
             Err(e) => return self.fail("coordinator_recovery", format!("opening storage: {e}")),
         };
         match Coordinator::recover(storage, self.settings.clone(), now) {
-            Ok(c) => self.coord.machine = Some(c),
+            Ok(c) => {
+                let registered: BTreeSet<WorkerId> =
+                    c.workers().into_iter().filter(|w| w.state != WorkerState::Failed).map(|w| w.id).collect();
+                self.liveness.recovered(&registered);
+                self.coord.machine = Some(c);
+            }
             Err(e) => return self.fail("coordinator_recovery", format!("recover: {e}")),
         }
         self.liveness.coord_env(self.now, CoordEnv::Up);

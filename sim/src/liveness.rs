@@ -15,9 +15,11 @@
 //!   the last beat's arrival, on its own clock). A coordinator restart moves the bound
 //!   to `restart + max(failure_timeout, skew_budget) + scan_interval + slack`.
 //! - `rejoin`: a worker whose link is healthy again, alive and not registered at the
-//!   coordinator, is registered again by `reconnect_backoff_max + heartbeat_interval +
+//!   coordinator, is registered again by `register_timeout + reconnect_backoff_max +
 //!   slack` after the heal (or after being declared failed while healthy, or after the
-//!   last message its link lost since: a lost registration costs one more try).
+//!   last message its link lost since: a lost registration costs one more try). The
+//!   register timeout (two heartbeat intervals) is in it because a Register lost just
+//!   before the heal is only given up on then, and the next waits out a backoff.
 //! - `no_false_failure`: a worker declared failed had a disturbance (crash, restart, cut,
 //!   slow link, reset, lost message, clock jump, coordinator crash or slow disk) within
 //!   `failure_timeout + 2 × heartbeat_interval + scan_interval + slack` before.
@@ -27,7 +29,7 @@
 //! clock stepped by any amount, on a worker or on the coordinator, must break none of
 //! the three.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use rollout_core::WorkerId;
@@ -92,7 +94,8 @@ impl Bounds {
         Bounds {
             detect_ns: 2 * beat + skew + grace + scan + slack_ns,
             detect_after_restart_ns: grace + scan + slack_ns,
-            rejoin_ns: ns(config.transport.reconnect_backoff_max) + beat + slack_ns,
+            // The worker's register_timeout is two beats (WorkerSettings::from_config).
+            rejoin_ns: ns(config.transport.reconnect_backoff_max) + 2 * beat + slack_ns,
             quiet_ns: ns(h.coordinator_failure_timeout) + 2 * beat + scan + slack_ns,
         }
     }
@@ -197,6 +200,16 @@ impl Liveness {
         self.refresh();
     }
 
+    /// The coordinator recovered holding `registered` (the workers it keeps and has not
+    /// declared failed). Call before [`CoordEnv::Up`]. A batch cut by a power failure may
+    /// have reached the disk though the history never saw its events (a declaration of
+    /// failure, a registration): what the coordinator recovered is what it believes.
+    pub fn recovered(&mut self, registered: &BTreeSet<WorkerId>) {
+        for (id, w) in &mut self.workers {
+            w.registered = registered.contains(id);
+        }
+    }
+
     /// The coordinator's environment changed at true time `t`.
     pub fn coord_env(&mut self, t: u64, change: CoordEnv) {
         self.coord_disturbed_at = t;
@@ -289,9 +302,11 @@ impl Liveness {
                     invariant: "detect",
                     seq: None,
                     message: format!(
-                        "{id} was cut off but not declared failed by t={:.3}s (bound {:.3} s after the cut)",
+                        "{id} was cut off but not declared failed by t={:.3}s (bound {:.3} s after the cut, \
+                         or {:.3} s after a coordinator restart)",
                         by as f64 / 1e9,
-                        self.bounds.detect_ns as f64 / 1e9
+                        self.bounds.detect_ns as f64 / 1e9,
+                        self.bounds.detect_after_restart_ns as f64 / 1e9
                     ),
                 });
             }
@@ -387,6 +402,28 @@ mod tests {
         l2.worker_env(20 * S, &w1(), Env::Link { up: true, down: true });
         l2.observe(22 * S, &rec(2, registered())).expect("rejoined");
         assert!(l2.tick(40 * S).is_ok());
+    }
+
+    #[test]
+    fn a_declaration_the_history_never_saw_counts_once_the_coordinator_recovers_it() {
+        // w1 dies; the coordinator declares it failed in a batch cut by a power failure
+        // after the commit reached the disk: no event, but the recovered state says so.
+        let mut l = checker();
+        l.observe(S, &rec(0, registered())).expect("fine");
+        l.worker_env(2 * S, &w1(), Env::WorkerDown);
+        l.coord_env(8 * S, CoordEnv::Down);
+        l.recovered(&BTreeSet::new());
+        l.coord_env(9 * S, CoordEnv::Up);
+        assert!(l.tick(60 * S).is_ok(), "failed in the coordinator's own records");
+        // Recovered as registered, it must be declared failed within the restart bound.
+        let mut l = checker();
+        l.observe(S, &rec(0, registered())).expect("fine");
+        l.worker_env(2 * S, &w1(), Env::WorkerDown);
+        l.coord_env(8 * S, CoordEnv::Down);
+        l.recovered(&BTreeSet::from([w1()]));
+        l.coord_env(9 * S, CoordEnv::Up);
+        assert!(l.tick(14 * S).is_ok());
+        assert_eq!(l.tick(16 * S).expect_err("late").invariant, "detect");
     }
 
     #[test]

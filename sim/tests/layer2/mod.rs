@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -61,19 +61,9 @@ const STEPS_PER_CHECK: u32 = 10;
 /// [`STEPS_PER_CHECK`] as simulated time.
 pub const CHECK_EVERY: Duration = Duration::from_millis(STEPS_PER_CHECK as u64);
 
-/// The health settings of the transport's recovery tests: beats every 100 ms, a
-/// worker fences after 800 ms without an acknowledged beat, the coordinator declares
-/// it failed 1 s past its due time; skew budget 50 ms.
+/// [`Config::fast_failure_detection`] (the transport's recovery tests use it too), checked.
 pub fn fast_config() -> Config {
-    let mut config = Config::default();
-    config.health.heartbeat_interval = Duration::from_millis(100);
-    config.health.worker_self_fence_timeout = Duration::from_millis(800);
-    config.health.coordinator_failure_timeout = Duration::from_secs(1);
-    config.health.clock_skew_budget = Duration::from_millis(50);
-    config.health.failure_scan_interval = Duration::from_millis(50);
-    config.transport.reconnect_backoff_initial = Duration::from_millis(50);
-    config.transport.reconnect_backoff_max = Duration::from_millis(500);
-    config.tasks.retry_backoff_initial = Duration::from_millis(50);
+    let config = Config::fast_failure_detection();
     config.validate().expect("a valid fast config");
     config
 }
@@ -188,6 +178,9 @@ struct WorkerNode {
     config: Config,
     id: WorkerId,
     rng_seed: u64,
+    /// How often the host has started: each start is a new process, with its own seed
+    /// (and so its own boot in every Register), as a real restart draws one.
+    starts: Arc<AtomicU64>,
     history: Arc<Recorder>,
     wall: HostWallClock,
     tls: Arc<rustls::ClientConfig>,
@@ -204,7 +197,7 @@ impl WorkerNode {
             settings,
             plugins,
             emitter: self.history,
-            rng_seed: self.rng_seed,
+            rng_seed: self.rng_seed ^ self.starts.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9e37_79b9_7f4a_7c15),
             max_message_bytes: self.config.limits.max_message_bytes as usize,
             shutdown,
             env: NodeEnv { wall_clock: Arc::new(self.wall), blocking: BlockingWork::Inline },
@@ -275,6 +268,7 @@ impl Cluster {
                 config: config.clone(),
                 id,
                 rng_seed: rollout_core::rng::SplitMix64::new(seed ^ (i as u64 + 1)).next_u64(),
+                starts: Arc::new(AtomicU64::new(0)),
                 history,
                 wall: clocks.entry((*name).to_owned()).or_insert_with(HostWallClock::default).clone(),
                 tls: tls::client_config(&ca, &files).expect("worker TLS"),

@@ -241,7 +241,9 @@ pub async fn submit(op: &OperatorArgs, file: &Path, wait: bool) -> Result<(), Er
     for (name, plan) in plans {
         let key = hex::encode(plan.hash.finalize());
         let bytes = payload_bytes.get(&name).copied().unwrap_or(0);
-        let small = (plan.tasks as usize) <= TASKS_PER_APPEND_MAX && bytes + u64::from(plan.tasks) * 512 < one_message;
+        // Small enough for one message and for its buffer beside the other jobs': one SubmitJob.
+        let small_bytes = one_message.min((BUFFERED_BYTES_MAX / JOBS_PER_FILE_MAX) as u64);
+        let small = (plan.tasks as usize) <= TASKS_PER_APPEND_MAX && bytes + u64::from(plan.tasks) * 512 < small_bytes;
         let opened = if small {
             None
         } else {
@@ -526,12 +528,10 @@ async fn status_pages(client: &mut OperatorClient<Channel>, view: StatusView) ->
     .await?
     .into_inner();
     while view == StatusView::All && (all.workers_more || all.jobs_more) {
+        // Each list goes on from where it stopped; a finished one asks for (almost) nothing.
         request.workers_after = all.workers.last().map(|w| w.worker_id.clone()).unwrap_or_default();
-        request.jobs_from = all.jobs.last().map_or(0, |j| j.job + 1);
-        if !all.workers_more {
-            request.workers_max = 1;
-            request.workers_after = all.workers.last().map(|w| w.worker_id.clone()).unwrap_or_default();
-        }
+        request.workers_max = if all.workers_more { 0 } else { 1 };
+        request.jobs_from = if all.jobs_more { all.jobs.last().map_or(0, |j| j.job + 1) } else { u64::MAX };
         let page = retrying("status", || {
             let (mut c, r) = (client.clone(), request.clone());
             async move { c.status(r).await }
@@ -545,8 +545,6 @@ async fn status_pages(client: &mut OperatorClient<Channel>, view: StatusView) ->
         if all.jobs_more {
             all.jobs.extend(page.jobs);
             all.jobs_more = page.jobs_more;
-        } else {
-            request.jobs_from = u64::MAX;
         }
         all.totals = page.totals;
     }

@@ -71,6 +71,8 @@ fn register(c: &mut Coordinator) -> rollout_core::Incarnation {
         plugins: vec!["echo".into()],
         slots: 1000,
         inventory: Default::default(),
+        boot: 1,
+        adopted: None,
     };
     let out = feed(c, vec![CoordinatorInput::FromWorker { worker: worker(), message: ToCoordinator::Register(reg) }]);
     out.iter()

@@ -33,6 +33,22 @@ fn beat_with_due(h: &mut Harness, worker: &str, incarnation: rollout_core::Incar
     );
 }
 
+/// Submits `bytes` as the result of `a`, with the bytes in the same batch (as the driver does).
+fn submit_with_bytes(h: &mut Harness, a: &Assignment, bytes: &[u8]) -> Vec<CoordinatorOutput> {
+    h.input_batch(vec![
+        CoordinatorInput::ResultBytes { result: ContentId::of(bytes), bytes: bytes.to_vec() },
+        CoordinatorInput::FromWorker {
+            worker: w("w1"),
+            message: ToCoordinator::Submit(rollout_core::protocol::Submit {
+                incarnation: a.incarnation,
+                task: a.task,
+                token: a.token,
+                outcome: success(bytes),
+            }),
+        },
+    ])
+}
+
 fn declared_failed(h: &Harness, worker: &str) -> bool {
     h.events().iter().any(|e| matches!(e, HistoryEvent::DeclaredFailed { worker: id, .. } if *id == w(worker)))
 }
@@ -150,6 +166,8 @@ fn registrations_beyond_the_limits_are_refused_naming_the_limit() {
         plugins: vec!["echo".into()],
         slots: 1,
         inventory: Inventory::default(),
+        boot: 1,
+        adopted: None,
     };
     let many = Register { plugins: (0..9).map(|i| format!("p{i}")).collect(), ..base.clone() };
     assert!(register_refusal(&mut h, many).contains("limits.max_plugins_per_worker"));
@@ -207,46 +225,20 @@ fn a_stale_or_oversized_submit_stores_no_bytes() {
     let got = h.pull("w1", inc, 2, 0);
     let stale = Assignment { token: FencingToken(999), ..got[0].clone() };
     let bytes = vec![7u8; 100];
-    h.input(CoordinatorInput::ResultBytes { result: ContentId::of(&bytes), bytes: bytes.clone() });
-    // (ResultBytes are dropped at the end of their batch; here the submit has its own batch.)
-    let verdict = {
-        let out = h.input_batch(vec![
-            CoordinatorInput::ResultBytes { result: ContentId::of(&bytes), bytes: bytes.clone() },
-            CoordinatorInput::FromWorker {
-                worker: w("w1"),
-                message: ToCoordinator::Submit(rollout_core::protocol::Submit {
-                    incarnation: inc,
-                    task: stale.task,
-                    token: stale.token,
-                    outcome: success(&bytes),
-                }),
-            },
-        ]);
-        out.iter()
-            .find_map(|o| match o {
-                CoordinatorOutput::Send { message: ToWorker::SubmitAck { verdict, .. }, .. } => Some(*verdict),
-                _ => None,
-            })
-            .expect("acked")
-    };
+    let verdict = submit_with_bytes(&mut h, &stale, &bytes)
+        .iter()
+        .find_map(|o| match o {
+            CoordinatorOutput::Send { message: ToWorker::SubmitAck { verdict, .. }, .. } => Some(*verdict),
+            _ => None,
+        })
+        .expect("acked");
     assert_eq!(verdict, SubmitVerdict::Stale);
     let storage = h.storage();
     assert_eq!(stored_result(&*storage, &ContentId::of(&bytes)).expect("read"), None, "a stale submit stored nothing");
     assert!(storage.scan(b"c/r/").expect("scan").is_empty());
     // Over the limit: the attempt fails for its size, and nothing is stored either.
     let big = vec![1u8; 2048];
-    let out = h.input_batch(vec![
-        CoordinatorInput::ResultBytes { result: ContentId::of(&big), bytes: big.clone() },
-        CoordinatorInput::FromWorker {
-            worker: w("w1"),
-            message: ToCoordinator::Submit(rollout_core::protocol::Submit {
-                incarnation: inc,
-                task: got[1].task,
-                token: got[1].token,
-                outcome: success(&big),
-            }),
-        },
-    ]);
+    let out = submit_with_bytes(&mut h, &got[1], &big);
     assert!(out.iter().any(|o| matches!(o, CoordinatorOutput::Event(HistoryEvent::Requeued { error, .. }) if error.contains("limits.max_result_bytes"))));
     assert_eq!(stored_result(&*storage, &ContentId::of(&big)).expect("read"), None);
     assert!(storage.scan(b"c/r/").expect("scan").is_empty(), "nothing over the limit either");
@@ -368,35 +360,13 @@ fn a_finished_job_expires_with_its_results_and_shared_results_stay_while_named()
     let got = h.pull("w1", inc, 2, 0);
     for a in &got {
         // Both tasks have the same result: stored once, named twice.
-        h.input_batch(vec![
-            CoordinatorInput::ResultBytes { result: ContentId::of(b"same"), bytes: b"same".to_vec() },
-            CoordinatorInput::FromWorker {
-                worker: w("w1"),
-                message: ToCoordinator::Submit(rollout_core::protocol::Submit {
-                    incarnation: inc,
-                    task: a.task,
-                    token: a.token,
-                    outcome: success(b"same"),
-                }),
-            },
-        ]);
+        submit_with_bytes(&mut h, a, b"same");
     }
     assert!(h.coord().job(first).expect("kept").is_finished());
     h.advance(Duration::from_secs(1800));
     let (second, _) = h.submit_job(vec![spec("echo", 0)]);
     let a = h.pull("w1", inc, 1, 2).remove(0);
-    h.input_batch(vec![
-        CoordinatorInput::ResultBytes { result: ContentId::of(b"same"), bytes: b"same".to_vec() },
-        CoordinatorInput::FromWorker {
-            worker: w("w1"),
-            message: ToCoordinator::Submit(rollout_core::protocol::Submit {
-                incarnation: inc,
-                task: a.task,
-                token: a.token,
-                outcome: success(b"same"),
-            }),
-        },
-    ]);
+    submit_with_bytes(&mut h, &a, b"same");
     let refs = |h: &Harness| {
         h.storage()
             .get(&result_refs_key(&ContentId::of(b"same")))

@@ -331,9 +331,31 @@ pub(crate) struct WorkerEntry {
     pub leases: BTreeSet<TaskId>,
     pub credits: u32,
     pub gpus_in_use: u32,
+    /// The `boot` of the process that registered this incarnation (memory only: after a
+    /// restart every Register is a new registration).
+    pub boot: Option<u64>,
 }
 
 impl WorkerEntry {
+    /// A worker as `record` says, with a deadline (monotonic, and on the wall clock),
+    /// nothing leased and no credits.
+    pub(crate) fn new(record: WorkerRecord, deadline: Mono, due_at: SystemTime, last_beat: Option<SystemTime>) -> Self {
+        WorkerEntry {
+            record,
+            deadline,
+            due_at,
+            last_beat,
+            clock_offset_ms: None,
+            clock_noticed_at: None,
+            metrics_merged_at: None,
+            metrics_noticed_at: None,
+            leases: BTreeSet::new(),
+            credits: 0,
+            gpus_in_use: 0,
+            boot: None,
+        }
+    }
+
     pub(crate) fn offers(&self, plugin: &str) -> bool {
         self.record.plugins.binary_search_by(|p| p.as_str().cmp(plugin)).is_ok()
     }
@@ -623,19 +645,7 @@ impl Coordinator {
         };
         for (key, bytes) in scan_all(&*storage, WORKER_PREFIX)? {
             let record: WorkerRecord = decode(&key, &bytes)?;
-            let entry = WorkerEntry {
-                record,
-                deadline: now.mono,
-                due_at: now.wall,
-                last_beat: None,
-                clock_offset_ms: None,
-                clock_noticed_at: None,
-                metrics_merged_at: None,
-                metrics_noticed_at: None,
-                leases: BTreeSet::new(),
-                credits: 0,
-                gpus_in_use: 0,
-            };
+            let entry = WorkerEntry::new(record, now.mono, now.wall, None);
             coordinator.workers.insert(entry.record.id.clone(), entry);
         }
         let mut orphans = Vec::new();

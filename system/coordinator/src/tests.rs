@@ -22,6 +22,8 @@ pub(crate) struct Harness {
     pub settings: CoordinatorSettings,
     pub outputs: Vec<CoordinatorOutput>,
     next_request: u64,
+    /// Each [`Harness::register_with`] is a fresh worker process, with its own boot.
+    next_boot: u64,
 }
 
 pub(crate) fn w(name: &str) -> WorkerId {
@@ -43,7 +45,7 @@ impl Harness {
         let settings = CoordinatorSettings::from_config(&config);
         let storage = Arc::new(RedbStorage::open_in_memory(&disk).expect("open in-memory storage"));
         let coord = Coordinator::recover(storage, settings.clone(), now).expect("recover empty");
-        Harness { disk, coord: Some(coord), now, settings, outputs: Vec::new(), next_request: 0 }
+        Harness { disk, coord: Some(coord), now, settings, outputs: Vec::new(), next_request: 0, next_boot: 0 }
     }
 
     pub fn coord(&self) -> &Coordinator {
@@ -99,6 +101,7 @@ impl Harness {
                 .map(|i| Gpu { index: i, name: "H100".into(), uuid: format!("GPU-{i}"), memory_bytes: 80 << 30 })
                 .collect(),
         };
+        self.next_boot += 1;
         let out = self.from(
             worker,
             ToCoordinator::Register(Register {
@@ -106,6 +109,8 @@ impl Harness {
                 plugins: plugins.iter().map(|p| p.to_string()).collect(),
                 slots,
                 inventory,
+                boot: self.next_boot,
+                adopted: None,
             }),
         );
         out.iter()
@@ -249,6 +254,8 @@ fn protocol_mismatch_is_refused_naming_both_versions() {
             plugins: vec!["echo".into()],
             slots: 1,
             inventory: Inventory::default(),
+            boot: 1,
+            adopted: None,
         }),
     );
     let reason = out
@@ -273,6 +280,8 @@ fn registration_limits_name_the_field() {
                 plugins: plugins.into_iter().map(String::from).collect(),
                 slots,
                 inventory: Inventory::default(),
+                boot: 1,
+                adopted: None,
             }),
         );
         assert!(
@@ -618,6 +627,85 @@ fn re_registering_after_a_coordinator_restart_costs_no_attempt() {
     let reports = h.reports(job);
     assert!(reports.iter().all(|r| r.errors.len() == 1 && r.errors[0].contains("registered again")), "{reports:?}");
     let _ = inc3;
+}
+
+/// Registers `worker` as process `boot` that last adopted `adopted`; the answer's
+/// incarnation and `assigns_sent`, and the outputs.
+fn register_as(
+    h: &mut Harness,
+    worker: &str,
+    boot: u64,
+    adopted: Option<Incarnation>,
+) -> (Incarnation, u64, Vec<CoordinatorOutput>) {
+    let reg = Register {
+        protocol_version: PROTOCOL_VERSION,
+        plugins: vec!["echo".into()],
+        slots: 4,
+        inventory: Inventory::default(),
+        boot,
+        adopted,
+    };
+    let out = h.from(worker, ToCoordinator::Register(reg));
+    let (incarnation, assigns_sent) = out
+        .iter()
+        .find_map(|o| match o {
+            CoordinatorOutput::Send { message: ToWorker::Registered { incarnation, assigns_sent, .. }, .. } => {
+                Some((*incarnation, *assigns_sent))
+            }
+            _ => None,
+        })
+        .expect("registered");
+    (incarnation, assigns_sent, out)
+}
+
+#[test]
+fn a_register_sent_before_the_current_incarnation_was_adopted_ends_nothing() {
+    let mut h = Harness::new();
+    let (inc, sent, _) = register_as(&mut h, "w1", 7, None);
+    assert_eq!(sent, 0, "a new incarnation has sent nothing");
+    let (job, _) = h.submit_job(vec![spec("echo", 0), spec("echo", 0)]);
+    let got = h.pull("w1", inc, 2, 0);
+    assert_eq!(got.len(), 2);
+
+    // The same process's Register arrives again (a retry whose answer was slow, or a
+    // duplicate): the same answer, naming the assignments already sent; nothing ends,
+    // but the deadline moves as a registration's would.
+    let due_at = h.coord().workers()[0].due_at;
+    h.advance(Duration::from_millis(800));
+    let (again, sent, out) = register_as(&mut h, "w1", 7, None);
+    assert_eq!((again, sent), (inc, 2));
+    assert_eq!(h.coord().workers()[0].due_at, due_at + Duration::from_millis(800));
+    assert!(!out.iter().any(|o| matches!(o, CoordinatorOutput::Event(_))), "no event, no commit: {out:?}");
+    for r in h.reports(job) {
+        assert!(matches!(r.state, TaskState::Leased { .. }) && r.errors.is_empty(), "{r:?}");
+    }
+    assert_eq!(h.submit("w1", &got[0], success(b"done")), SubmitVerdict::Accepted);
+
+    // The process gave up that incarnation (it names it as adopted): a new one, and
+    // the old one's leases end.
+    let (inc2, sent, _) = register_as(&mut h, "w1", 7, Some(inc));
+    assert!(inc2 > inc && sent == 0);
+    assert_eq!(h.state(got[1].task), TaskState::Queued);
+    assert!(h.reports(job)[1].errors[0].contains("registered again"), "{:?}", h.reports(job));
+
+    // A restarted process (another boot) knows nothing of the old incarnation. (The
+    // re-queued task waits out its retry backoff; a fresh one is ready.)
+    h.submit_job(vec![spec("echo", 0)]);
+    let got = h.pull("w1", inc2, 1, 0);
+    assert_eq!(got.len(), 1);
+    let (inc3, _, _) = register_as(&mut h, "w1", 8, None);
+    assert!(inc3 > inc2);
+    assert_eq!(h.state(got[0].task), TaskState::Queued);
+
+    // A worker declared failed registers anew, whatever its Register says.
+    let mut failed = false;
+    for _ in 0..400 {
+        h.advance(Duration::from_millis(50));
+        failed |= h.tick().iter().any(|o| matches!(o, CoordinatorOutput::Event(HistoryEvent::DeclaredFailed { .. })));
+    }
+    assert!(failed, "w1 went silent and was declared failed");
+    let (inc4, _, _) = register_as(&mut h, "w1", 8, None);
+    assert!(inc4 > inc3);
 }
 
 #[test]

@@ -22,6 +22,27 @@ impl Coordinator {
             batch.send(&id, ToWorker::RegisterRejected { reason });
             return Ok(());
         }
+        let slack = self.settings.health.heartbeat_interval.saturating_mul(2);
+        if let Some(old) = self.workers.get_mut(&id)
+            && old.boot == Some(reg.boot)
+            && old.record.state != WorkerState::Failed
+            && reg.adopted < Some(old.record.incarnation)
+        {
+            // Sent by this incarnation's process before it adopted it: a retry whose
+            // first answer was slow or lost, or a late duplicate. Ending the incarnation
+            // would re-queue tasks the worker may be running; give the same answer. The
+            // process is alive, so its deadline moves as a new registration's would (a
+            // later deadline only ever delays a declaration, so this is always safe).
+            old.deadline = old.deadline.max(now.mono + slack);
+            old.due_at = old.due_at.max(now.wall + slack);
+            let (incarnation, assigns_sent) = (old.record.incarnation, old.record.assigns_sent);
+            let draining = old.record.state == WorkerState::Draining;
+            batch.send(&id, ToWorker::Registered { incarnation, terms: self.settings.worker_terms(), assigns_sent });
+            if draining {
+                batch.send(&id, ToWorker::Control(Control::Drain));
+            }
+            return Ok(());
+        }
         let was_draining = self.workers.get(&id).is_some_and(|w| w.record.state == WorkerState::Draining);
         if let Some(old) = self.workers.get(&id) {
             // A worker that lost its connection to a restarted coordinator re-registers
@@ -59,26 +80,12 @@ impl Coordinator {
             assigns_sent: 0,
             failed_at_unix_ms: None,
         };
-        let slack = self.settings.health.heartbeat_interval.saturating_mul(2);
-        self.workers.insert(
-            id.clone(),
-            WorkerEntry {
-                record,
-                deadline: now.mono + slack,
-                due_at: now.wall + slack,
-                last_beat: Some(now.wall),
-                clock_offset_ms: None,
-                clock_noticed_at: None,
-                metrics_merged_at: None,
-                metrics_noticed_at: None,
-                leases: BTreeSet::new(),
-                credits: 0,
-                gpus_in_use: 0,
-            },
-        );
+        let mut entry = WorkerEntry::new(record, now.mono + slack, now.wall + slack, Some(now.wall));
+        entry.boot = Some(reg.boot);
+        self.workers.insert(id.clone(), entry);
         self.dirty_workers.insert(id.clone());
         self.record(HistoryEvent::Registered { worker: id.clone(), incarnation }, batch)?;
-        batch.send(&id, ToWorker::Registered { incarnation, terms: self.settings.worker_terms() });
+        batch.send(&id, ToWorker::Registered { incarnation, terms: self.settings.worker_terms(), assigns_sent: 0 });
         if was_draining {
             batch.send(&id, ToWorker::Control(Control::Drain));
         }

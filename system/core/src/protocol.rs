@@ -133,6 +133,14 @@ pub struct Register {
     pub slots: u32,
     /// Its CPUs, memory and GPUs.
     pub inventory: Inventory,
+    /// Drawn once per worker process: a Register from the same process as the worker's
+    /// current incarnation is told apart from one by a restarted process.
+    pub boot: u64,
+    /// The highest incarnation this process has adopted (`None` before its first). A
+    /// Register naming an incarnation older than the worker's current one was sent
+    /// before the process adopted it: a retry or a late duplicate, answered with the
+    /// current incarnation, ending nothing.
+    pub adopted: Option<Incarnation>,
 }
 
 /// One heartbeat.
@@ -211,6 +219,10 @@ pub enum ToWorker {
         incarnation: Incarnation,
         /// The coordinator's terms, which the worker follows from now on.
         terms: WorkerTerms,
+        /// The highest assignment `seq` of this incarnation sent before this answer (0
+        /// for a new one). A worker adopting the answer counts them as received: one
+        /// that has not arrived is lost, and the worker's first beat says so.
+        assigns_sent: u64,
     },
     /// Registration refused; retrying the same registration will not help.
     RegisterRejected {

@@ -79,6 +79,8 @@ fn registered(c: &mut Coordinator) -> Incarnation {
         plugins: vec!["echo".into()],
         slots: 4,
         inventory: Default::default(),
+        boot: 1,
+        adopted: None,
     };
     let out = feed(c, CoordinatorInput::FromWorker { worker: worker_id(), message: ToCoordinator::Register(register) });
     out.iter()
@@ -285,6 +287,8 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
             memory_bytes: 1 << 34,
             gpus: vec![pb::Gpu { index: 0, name: "H100".into(), uuid: "GPU-0".into(), memory_bytes: 80 << 30 }],
         }),
+        boot: 0x5eed,
+        adopted: Some(3),
     };
     seeds.push(("register_request", register.encode_to_vec()));
     let many = pb::RegisterRequest { plugins: (0..300).map(|i| format!("p{i}")).collect(), ..register };

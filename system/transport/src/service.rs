@@ -209,12 +209,13 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
             let (tx, rx) = oneshot::channel();
             self.driver.send(DriverMsg::Register(worker.clone(), register, tx)).await.map_err(unavailable)?;
             match answer(rx).await? {
-                ToWorker::Registered { incarnation, terms } => {
+                ToWorker::Registered { incarnation, terms, assigns_sent } => {
                     tracing::info!(channel = "register", worker = %worker, %incarnation, "worker registered");
                     Ok(Response::new(pb::RegisterResponse {
                         protocol_version: PROTOCOL_VERSION,
                         incarnation: incarnation.get(),
                         settings: Some(wire::terms_to_wire(terms)),
+                        assigns_sent,
                     }))
                 }
                 ToWorker::RegisterRejected { reason } => {

@@ -61,6 +61,8 @@ pub fn register_from_wire(req: &pb::RegisterRequest) -> Result<Register, WireErr
         plugins: req.plugins.clone(),
         slots: req.slots,
         inventory: inventory.into(),
+        boot: req.boot,
+        adopted: req.adopted.map(Incarnation),
     })
 }
 
@@ -72,6 +74,8 @@ pub fn register_to_wire(worker: &str, reg: Register) -> pb::RegisterRequest {
         plugins: reg.plugins,
         slots: reg.slots,
         inventory: Some(reg.inventory.into()),
+        boot: reg.boot,
+        adopted: reg.adopted.map(Incarnation::get),
     }
 }
 

@@ -202,7 +202,8 @@ impl WorkerDriver {
                     self.register_failures = 0;
                     self.log_terms(terms);
                     let incarnation = Incarnation(resp.incarnation);
-                    self.input(WorkerInput::Message(ToWorker::Registered { incarnation, terms }))
+                    let assigns_sent = resp.assigns_sent;
+                    self.input(WorkerInput::Message(ToWorker::Registered { incarnation, terms, assigns_sent }))
                 }
                 // Without the coordinator's schedule the worker cannot keep its side of
                 // failure detection: as final as a refusal.

@@ -316,6 +316,7 @@ async fn without_a_client_certificate_only_enroll_answers() {
         plugins: vec!["echo".into()],
         slots: 1,
         inventory: None,
+        ..Default::default()
     };
     unauthenticated(worker.register(register).await.expect_err("register"));
     let beat = pb::HeartbeatRequest { worker_id: "w1".into(), incarnation: 1, beat_seq: 1, ..Default::default() };

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use rollout_core::history::HistoryEvent;
-use rollout_core::{Config, PROTOCOL_VERSION, WorkerId};
+use rollout_core::{PROTOCOL_VERSION, WorkerId};
 use rollout_proto::transport as pb;
 use rollout_proto::transport::coordinator_client::CoordinatorClient;
 use rollout_transport::enroll::{self, CaPin};
@@ -27,21 +27,8 @@ use tonic::transport::Channel;
 /// One test at a time: they measure this process's memory and timing.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// The heartbeat interval of `common::fast_config`.
 const BEAT: Duration = Duration::from_millis(100);
-
-fn fast_config() -> Config {
-    let mut config = Config::default();
-    config.health.heartbeat_interval = BEAT;
-    config.health.worker_self_fence_timeout = Duration::from_millis(800);
-    config.health.coordinator_failure_timeout = Duration::from_secs(1);
-    config.health.clock_skew_budget = Duration::from_millis(50);
-    config.health.failure_scan_interval = Duration::from_millis(50);
-    config.transport.reconnect_backoff_initial = Duration::from_millis(50);
-    config.transport.reconnect_backoff_max = Duration::from_millis(500);
-    config.tasks.retry_backoff_initial = Duration::from_millis(50);
-    config.validate().expect("a valid fast config");
-    config
-}
 
 /// Peak resident memory of this process since the last [`reset_peak_rss`], in bytes.
 fn peak_rss_bytes() -> u64 {
@@ -73,6 +60,7 @@ fn register_request(id: &str, plugins: Vec<String>) -> pb::RegisterRequest {
         plugins,
         slots: 4,
         inventory: Some(pb::Inventory { cpus: 2, memory_bytes: 1 << 30, gpus: vec![] }),
+        ..Default::default()
     }
 }
 
@@ -237,7 +225,7 @@ fn crafted_histogram(payload_len: u32, significant_digits: u32, highest: u64) ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crafted_histogram_headers_neither_allocate_nor_stall_the_coordinator() {
     let _one = SERIAL.lock().await;
-    let started = common::start(fast_config(), &["probe", "evil"]).await;
+    let started = common::start(common::fast_config(), &["probe", "evil"]).await;
     let probe = Probe::start(&started, "probe").await;
     let mut evil = worker_client(&started, "evil");
     let incarnation =
@@ -277,7 +265,7 @@ async fn crafted_histogram_headers_neither_allocate_nor_stall_the_coordinator() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_due_at_far_in_the_future_does_not_keep_a_silent_worker_alive() {
     let _one = SERIAL.lock().await;
-    let started = common::start(fast_config(), &["probe", "evil", "honest"]).await;
+    let started = common::start(common::fast_config(), &["probe", "evil", "honest"]).await;
     let probe = Probe::start(&started, "probe").await;
     let mut evil = worker_client(&started, "evil");
     let incarnation = evil
@@ -341,7 +329,7 @@ async fn a_due_at_far_in_the_future_does_not_keep_a_silent_worker_alive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registration_with_tens_of_thousands_of_plugin_names_is_refused() {
     let _one = SERIAL.lock().await;
-    let started = common::start(fast_config(), &["probe", "evil", "honest"]).await;
+    let started = common::start(common::fast_config(), &["probe", "evil", "honest"]).await;
     let probe = Probe::start(&started, "probe").await;
     let honest = HonestWorker::start(&started, "honest", 4);
     let mut evil = worker_client(&started, "evil");
@@ -372,7 +360,7 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_of_stale_one_mib_submits_stores_nothing() {
     let _one = SERIAL.lock().await;
-    let started = common::start(fast_config(), &["probe", "evil", "honest"]).await;
+    let started = common::start(common::fast_config(), &["probe", "evil", "honest"]).await;
     let probe = Probe::start(&started, "probe").await;
     let honest = HonestWorker::start(&started, "honest", 4);
     let mut evil = worker_client(&started, "evil");
@@ -429,7 +417,7 @@ async fn a_stream_of_stale_one_mib_submits_stores_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn six_tasks_of_one_megabyte_each_commit_on_a_six_slot_worker() {
     let _one = SERIAL.lock().await;
-    let started = common::start(fast_config(), &["w1"]).await;
+    let started = common::start(common::fast_config(), &["w1"]).await;
     // Queued before the worker is there, so all six are leased in one batch.
     let mut jobs = Vec::new();
     for i in 0..6u8 {
@@ -472,7 +460,7 @@ async fn closed_within(mut stream: tokio_rustls::client::TlsStream<tokio::net::T
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_without_a_certificate_are_capped_and_cut() {
     let _one = SERIAL.lock().await;
-    let mut config = fast_config();
+    let mut config = common::fast_config();
     config.limits.max_unauthenticated_connections = 40;
     config.limits.unauthenticated_connection_timeout = Duration::from_secs(1);
     let started = common::start(config, &["probe"]).await;
@@ -501,7 +489,7 @@ async fn idle_connections_without_a_certificate_are_capped_and_cut() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_and_repeated_failed_enrollments_are_refused_early() {
     let _one = SERIAL.lock().await;
-    let mut config = fast_config();
+    let mut config = common::fast_config();
     config.limits.max_failed_enrollments_per_minute = 3;
     let started = common::start(config, &["probe"]).await;
     let probe = Probe::start(&started, "probe").await;

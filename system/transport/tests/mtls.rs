@@ -48,6 +48,7 @@ fn register_request(worker: &str, protocol_version: u32) -> pb::RegisterRequest 
         plugins: vec!["echo".into()],
         slots: 4,
         inventory: Some(pb::Inventory { cpus: 2, memory_bytes: 1 << 30, gpus: vec![] }),
+        ..Default::default()
     }
 }
 

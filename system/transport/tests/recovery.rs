@@ -19,20 +19,6 @@ use rollout_transport::{
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-fn fast_config() -> Config {
-    let mut config = Config::default();
-    config.health.heartbeat_interval = Duration::from_millis(100);
-    config.health.worker_self_fence_timeout = Duration::from_millis(800);
-    config.health.coordinator_failure_timeout = Duration::from_secs(1);
-    config.health.clock_skew_budget = Duration::from_millis(50);
-    config.health.failure_scan_interval = Duration::from_millis(50);
-    config.transport.reconnect_backoff_initial = Duration::from_millis(50);
-    config.transport.reconnect_backoff_max = Duration::from_millis(500);
-    config.tasks.retry_backoff_initial = Duration::from_millis(50);
-    config.validate().expect("a valid fast config");
-    config
-}
-
 struct Harness {
     _dir: tempfile::TempDir,
     config: Config,
@@ -55,7 +41,8 @@ impl Harness {
 
     /// A coordinator, and certificates for `workers` (none started).
     async fn certified(workers: &[&str]) -> Harness {
-        let common::Started { dir, config, addr, coordinator, history } = common::start(fast_config(), workers).await;
+        let common::Started { dir, config, addr, coordinator, history } =
+            common::start(common::fast_config(), workers).await;
         let (stop_workers, _) = watch::channel(false);
         Harness {
             _dir: dir,

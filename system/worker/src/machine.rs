@@ -27,6 +27,8 @@ pub use rollout_core::protocol::UNACKED_SUBMITS_PER_SLOT;
 pub const OUTSTANDING_BEATS_MAX: usize = 256;
 /// Most Register send times remembered in one registration round (same reasoning).
 const REGISTER_SENDS_MAX: usize = 64;
+/// Mixed into the seed for [`Worker::boot`], so drawing it leaves the jitter sequence as it was.
+const BOOT_SALT: u64 = 0xb007_1d5e_ed00_0001;
 /// The failure message submitted when the plugin host cancels a run on its own.
 pub const CANCELLED_BY_HOST_MESSAGE: &str = "cancelled by the plugin host";
 
@@ -61,6 +63,8 @@ pub struct Worker {
     state: State,
     /// The highest incarnation ever adopted; older `Registered` answers are stale.
     highest_incarnation: Option<Incarnation>,
+    /// This process's identity in every Register, drawn once from the seed.
+    boot: u64,
     /// Set by a fence, cleared by the next registration.
     fenced: bool,
     /// Runs on the plugin host whose result the worker will submit.
@@ -141,6 +145,7 @@ impl Worker {
             backoff,
             state: State::NotStarted,
             highest_incarnation: None,
+            boot: SplitMix64::new(rng_seed ^ BOOT_SALT).next_u64(),
             fenced: false,
             running: BTreeMap::new(),
             stopping: BTreeMap::new(),
@@ -225,6 +230,11 @@ impl Worker {
             State::Registered(_) => Phase::Registered,
             State::Stopped => Phase::Stopped,
         }
+    }
+
+    /// This process's identity in its Registers (see [`Register::boot`]).
+    pub fn boot(&self) -> u64 {
+        self.boot
     }
 
     /// The current incarnation while registered.
@@ -369,6 +379,8 @@ impl Worker {
                         plugins: self.settings.plugins.clone(),
                         slots: self.settings.slots,
                         inventory: self.settings.inventory.clone(),
+                        boot: self.boot,
+                        adopted: self.highest_incarnation,
                     })));
                 }
             }
@@ -453,7 +465,9 @@ impl Worker {
 
     fn on_message(&mut self, now: Now, message: ToWorker, out: &mut Vec<WorkerOutput>) {
         match message {
-            ToWorker::Registered { incarnation, terms } => self.on_registered(now, incarnation, terms, out),
+            ToWorker::Registered { incarnation, terms, assigns_sent } => {
+                self.on_registered(now, incarnation, terms, assigns_sent, out)
+            }
             ToWorker::RegisterRejected { reason } => self.on_register_rejected(reason, out),
             ToWorker::HeartbeatAck { incarnation, beat_seq, reregister } => {
                 self.on_heartbeat_ack(now, incarnation, beat_seq, reregister, out)
@@ -464,7 +478,14 @@ impl Worker {
         }
     }
 
-    fn on_registered(&mut self, now: Now, incarnation: Incarnation, terms: WorkerTerms, out: &mut Vec<WorkerOutput>) {
+    fn on_registered(
+        &mut self,
+        now: Now,
+        incarnation: Incarnation,
+        terms: WorkerTerms,
+        assigns_sent: u64,
+        out: &mut Vec<WorkerOutput>,
+    ) {
         // While registered, a second answer is a late reply to an earlier retry; the
         // coordinator will answer our beats with `reregister` if it moved on.
         let State::Unregistered(registering) = &mut self.state else { return };
@@ -489,7 +510,9 @@ impl Worker {
             next_beat_at: later(now.mono, self.terms.heartbeat_interval),
             outstanding_beats: BTreeMap::new(),
             last_acked_sent_at: clock_start,
-            assigns_through: 0,
+            // Assignments sent before the answer (to a retried Register) that have not
+            // arrived count as received: not run, so the first beat reports them lost.
+            assigns_through: assigns_sent,
             draining: false,
         });
         self.send_heartbeat(now, out);

@@ -26,8 +26,9 @@ enum Op {
     WallJump(i64),
     /// Acknowledge the `back`-th most recent beat (possibly of an old incarnation).
     AckBeat { back: usize, reregister: bool },
-    /// A registration answer; `bump` 0 repeats the last incarnation (stale).
-    Registered { bump: u64 },
+    /// A registration answer; `bump` 0 repeats the last incarnation (stale); `sent`: the
+    /// assignments it says went out before it.
+    Registered { bump: u64, sent: u64 },
     /// An assignment; `seq_bump` 0 repeats a seq, `wrong_incarnation` misaddresses it.
     Assign { seq_bump: u64, job: u64, index: u32, wrong_incarnation: bool },
     /// A run on the host ends.
@@ -48,7 +49,7 @@ fn op() -> impl Strategy<Value = Op> {
         60 => Just(Op::TickAtTimeout),
         10 => (-5_000i64..5_000).prop_map(Op::WallJump),
         60 => (0usize..4, prop::bool::weighted(0.05)).prop_map(|(back, reregister)| Op::AckBeat { back, reregister }),
-        20 => (0u64..3).prop_map(|bump| Op::Registered { bump }),
+        20 => (0u64..3, prop_oneof![3 => Just(0u64), 1 => 1u64..4]).prop_map(|(bump, sent)| Op::Registered { bump, sent }),
         60 => (0u64..3, 0u64..3, 0u32..4, prop::bool::weighted(0.1)).prop_map(|(seq_bump, job, index, wrong_incarnation)| {
             Op::Assign { seq_bump, job, index, wrong_incarnation }
         }),
@@ -72,6 +73,10 @@ struct Model {
     highest_incarnation: u64,
     seq: u64,
     next_token: u64,
+    /// The answer last sent: its incarnation and `assigns_sent`.
+    answered: (u64, u64),
+    /// The incarnation adopted (its first beat seen) and the `assigns_sent` it came with.
+    adopted: Option<(Incarnation, u64)>,
 }
 
 fn input_for(op: &Op, h: &mut Harness, model: &mut Model) -> Option<WorkerInput> {
@@ -95,12 +100,14 @@ fn input_for(op: &Op, h: &mut Harness, model: &mut Model) -> Option<WorkerInput>
             let (incarnation, beat_seq) = *model.beats.iter().rev().nth(*back)?;
             WorkerInput::Message(ToWorker::HeartbeatAck { incarnation, beat_seq, reregister: *reregister })
         }
-        Op::Registered { bump } => {
+        Op::Registered { bump, sent } => {
             model.highest_incarnation += bump;
-            model.seq = 0;
+            model.seq = *sent;
+            model.answered = (model.highest_incarnation, *sent);
             WorkerInput::Message(ToWorker::Registered {
                 incarnation: Incarnation(model.highest_incarnation),
                 terms: terms(),
+                assigns_sent: *sent,
             })
         }
         Op::Assign { seq_bump, job, index, wrong_incarnation } => {
@@ -188,11 +195,26 @@ fn run(slots: u32, seed: u64, ops: &[Op]) -> Result<Coverage, TestCaseError> {
                     }
                     WorkerOutput::StartTask(a) => {
                         prop_assert!(deadline.is_some_and(|d| now.mono < d), "StartTask past the deadline");
+                        if let Some((incarnation, sent)) = model.adopted {
+                            prop_assert!(
+                                a.incarnation != incarnation || a.seq > sent,
+                                "started {a:?}, sent before the answer adopted ({sent})"
+                            );
+                        }
                         prop_assert!(model.host_running.insert((a.task, a.token)), "started twice: {a:?}");
                         coverage.starts += 1;
                     }
                     WorkerOutput::Send(ToCoordinator::Heartbeat(b)) => {
                         model.beats.push((b.incarnation, b.beat_seq));
+                        if b.beat_seq == 1 && matches!(input, WorkerInput::Message(ToWorker::Registered { .. })) {
+                            prop_assert_eq!(b.incarnation.get(), model.answered.0);
+                            prop_assert_eq!(
+                                b.assigns_through,
+                                model.answered.1,
+                                "the answer's assigns_sent counts as received"
+                            );
+                            model.adopted = Some((b.incarnation, model.answered.1));
+                        }
                         coverage.registrations += usize::from(b.beat_seq == 1);
                     }
                     WorkerOutput::Event(HistoryEvent::Fenced { .. }) => coverage.self_fences += 1,
@@ -263,7 +285,11 @@ fn any_message() -> impl Strategy<Value = ToWorker> {
     let inc = any::<u64>().prop_map(Incarnation);
     let task = (any::<u64>(), any::<u32>()).prop_map(|(job, index)| TaskId::new(JobId(job), index));
     prop_oneof![
-        inc.clone().prop_map(|incarnation| ToWorker::Registered { incarnation, terms: terms() }),
+        (inc.clone(), any::<u64>()).prop_map(|(incarnation, assigns_sent)| ToWorker::Registered {
+            incarnation,
+            terms: terms(),
+            assigns_sent
+        }),
         ".{0,64}".prop_map(|reason| ToWorker::RegisterRejected { reason }),
         (inc.clone(), any::<u64>(), any::<bool>()).prop_map(|(incarnation, beat_seq, reregister)| {
             ToWorker::HeartbeatAck { incarnation, beat_seq, reregister }

@@ -34,7 +34,9 @@ fn nothing_happens_before_start_and_start_registers_at_once() {
     let mut h = Harness::new(2);
     assert_eq!(h.worker.phase(), Phase::NotStarted);
     assert!(h.tick().is_empty());
-    assert!(h.message(ToWorker::Registered { incarnation: Incarnation(1), terms: terms() }).is_empty());
+    assert!(
+        h.message(ToWorker::Registered { incarnation: Incarnation(1), terms: terms(), assigns_sent: 0 }).is_empty()
+    );
     assert_eq!(h.worker.poll_timeout(), None);
 
     let out = h.input(WorkerInput::Start);
@@ -45,6 +47,8 @@ fn nothing_happens_before_start_and_start_registers_at_once() {
             plugins: vec!["echo".to_owned()],
             slots: 2,
             inventory: settings(2).inventory,
+            boot: h.worker.boot(),
+            adopted: None,
         }))]
     );
     assert_eq!(h.worker.phase(), Phase::Unregistered);
@@ -102,7 +106,9 @@ fn rejected_registration_is_fatal_and_final() {
     assert_eq!(h.worker.poll_timeout(), None, "no retries");
     h.at(60_000);
     assert!(h.tick().is_empty());
-    assert!(h.message(ToWorker::Registered { incarnation: Incarnation(3), terms: terms() }).is_empty());
+    assert!(
+        h.message(ToWorker::Registered { incarnation: Incarnation(3), terms: terms(), assigns_sent: 0 }).is_empty()
+    );
 }
 
 #[test]
@@ -111,7 +117,7 @@ fn registration_beats_and_pulls_at_once_and_starts_the_fence_clock_at_the_regist
     h.input(WorkerInput::Start);
     h.at(30);
     let wall = h.wall;
-    let out = h.message(ToWorker::Registered { incarnation: Incarnation(7), terms: terms() });
+    let out = h.message(ToWorker::Registered { incarnation: Incarnation(7), terms: terms(), assigns_sent: 0 });
     assert_eq!(h.worker.phase(), Phase::Registered);
     assert_eq!(h.worker.incarnation(), Some(Incarnation(7)));
     assert_eq!(out.len(), 2, "{out:?}");
@@ -138,7 +144,7 @@ fn the_coordinators_terms_set_the_beat_schedule_and_the_self_fence_deadline() {
     h.input(WorkerInput::Start);
     h.at(30);
     let wall = h.wall;
-    let out = h.message(ToWorker::Registered { incarnation: Incarnation(1), terms: coordinators });
+    let out = h.message(ToWorker::Registered { incarnation: Incarnation(1), terms: coordinators, assigns_sent: 0 });
     assert_eq!(h.worker.terms(), coordinators);
     assert_eq!(beats(&out)[0].due_at, wall + 400 * MS, "due_at = wall_now + 2 × the coordinator's interval");
     assert_eq!(h.worker.poll_timeout(), Some(mono_ms(230)), "next beat on the coordinator's interval");
@@ -154,7 +160,7 @@ fn the_coordinators_terms_set_the_beat_schedule_and_the_self_fence_deadline() {
 fn stale_or_late_registration_answers_are_ignored() {
     let mut h = Harness::registered(1, 5);
     assert!(
-        h.message(ToWorker::Registered { incarnation: Incarnation(6), terms: terms() }).is_empty(),
+        h.message(ToWorker::Registered { incarnation: Incarnation(6), terms: terms(), assigns_sent: 0 }).is_empty(),
         "already registered"
     );
     assert!(h.message(ToWorker::RegisterRejected { reason: "late".into() }).is_empty());
@@ -164,9 +170,34 @@ fn stale_or_late_registration_answers_are_ignored() {
     h.message(ToWorker::HeartbeatAck { incarnation: Incarnation(5), beat_seq: 1, reregister: true });
     let out = h.tick_at_timeout();
     assert_eq!(registers(&out).len(), 1);
-    assert!(h.message(ToWorker::Registered { incarnation: Incarnation(5), terms: terms() }).is_empty());
+    assert!(
+        h.message(ToWorker::Registered { incarnation: Incarnation(5), terms: terms(), assigns_sent: 0 }).is_empty()
+    );
     assert_eq!(h.worker.phase(), Phase::Unregistered);
-    assert_eq!(beats(&h.message(ToWorker::Registered { incarnation: Incarnation(9), terms: terms() })).len(), 1);
+    assert_eq!(
+        beats(&h.message(ToWorker::Registered { incarnation: Incarnation(9), terms: terms(), assigns_sent: 0 })).len(),
+        1
+    );
+}
+
+#[test]
+fn a_register_names_its_process_and_the_incarnation_it_leaves() {
+    let mut h = Harness::registered(2, 1);
+    let boot = h.worker.boot();
+    assert_ne!(Harness::with(settings(2), 43).worker.boot(), boot, "another process, another boot");
+    h.message(ToWorker::HeartbeatAck { incarnation: Incarnation(1), beat_seq: 1, reregister: true });
+    let out = h.tick_at_timeout();
+    let register = registers(&out)[0];
+    assert_eq!((register.boot, register.adopted), (boot, Some(Incarnation(1))));
+
+    // The answer came to an earlier retry of this round, after three assignments had
+    // gone out for the incarnation: they count as received, so one arriving late is
+    // not run (the coordinator re-queues it on the first beat) and a new one is.
+    let out = h.message(ToWorker::Registered { incarnation: Incarnation(2), terms: terms(), assigns_sent: 3 });
+    assert_eq!(pulls(&out)[0].assigns_through, 3);
+    assert!(started(&h.message(ToWorker::Assign(assignment(2, 2, task(1, 0), 10)))).is_empty());
+    let out = h.message(ToWorker::Assign(assignment(2, 4, task(1, 1), 11)));
+    assert_eq!(started(&out), [(task(1, 1), FencingToken(11))]);
 }
 
 #[test]
@@ -175,7 +206,7 @@ fn an_answer_to_a_register_older_than_the_fence_timeout_is_ignored() {
     h.input(WorkerInput::Start);
     h.at(4_000);
     assert!(
-        h.message(ToWorker::Registered { incarnation: Incarnation(1), terms: terms() }).is_empty(),
+        h.message(ToWorker::Registered { incarnation: Incarnation(1), terms: terms(), assigns_sent: 0 }).is_empty(),
         "registered from a Register sent 4 s ago, the worker would have to fence at once"
     );
     assert_eq!(h.worker.phase(), Phase::Unregistered);
@@ -250,7 +281,7 @@ fn self_fence_fires_exactly_at_the_deadline_on_the_monotonic_clock_whatever_the_
     let mut h = Harness::new(1);
     h.input(WorkerInput::Start);
     h.at(130);
-    h.message(ToWorker::Registered { incarnation: Incarnation(4), terms: terms() });
+    h.message(ToWorker::Registered { incarnation: Incarnation(4), terms: terms(), assigns_sent: 0 });
     assert_eq!(h.worker.self_fence_deadline(), Some(mono_ms(4_000)));
     let mut fenced_at = None;
     while fenced_at.is_none() {
@@ -338,7 +369,7 @@ fn self_fence_cancels_every_run_withholds_every_result_and_re_registers() {
 
     let out = h.tick_at_timeout();
     assert_eq!(registers(&out).len(), 1);
-    let out = h.message(ToWorker::Registered { incarnation: Incarnation(2), terms: terms() });
+    let out = h.message(ToWorker::Registered { incarnation: Incarnation(2), terms: terms(), assigns_sent: 0 });
     assert!(!h.worker.is_fenced());
     assert_eq!((beats(&out)[0].incarnation, beats(&out)[0].beat_seq), (Incarnation(2), 1), "beats restart at 1");
     assert_eq!(pulls(&out)[0].free_slots, 2);
@@ -351,7 +382,7 @@ fn a_run_still_being_cancelled_keeps_its_slot_after_re_registration() {
     h.message(ToWorker::Assign(assignment(1, 1, task(1, 0), 10)));
     h.run_until(4_000);
     h.tick_at_timeout();
-    let out = h.message(ToWorker::Registered { incarnation: Incarnation(2), terms: terms() });
+    let out = h.message(ToWorker::Registered { incarnation: Incarnation(2), terms: terms(), assigns_sent: 0 });
     assert_eq!(pulls(&out)[0].free_slots, 1, "the plugin host still runs the cancelled task");
     let out = finish(&mut h, task(1, 0), 10, TaskOutcome::Cancelled);
     assert!(submits(&out).is_empty());
@@ -475,7 +506,7 @@ fn submits_are_re_sent_every_two_beats_until_acknowledged() {
 fn failure_messages_are_truncated_and_a_cancellation_by_the_host_is_a_failure() {
     let mut h = Harness::with(rollout_worker::WorkerSettings { max_error_message_bytes: 9, ..settings(2) }, 1);
     h.input(WorkerInput::Start);
-    h.message(ToWorker::Registered { incarnation: Incarnation(1), terms: terms() });
+    h.message(ToWorker::Registered { incarnation: Incarnation(1), terms: terms(), assigns_sent: 0 });
     h.message(ToWorker::Assign(assignment(1, 1, task(1, 0), 10)));
     h.message(ToWorker::Assign(assignment(1, 2, task(1, 1), 11)));
     let out = finish(&mut h, task(1, 0), 10, TaskOutcome::Failed { message: "ééééé!".into() });
@@ -642,7 +673,10 @@ fn scripted_run(seed: u64) -> Vec<String> {
     }
     let registered_at = h.ms() + 100;
     h.at(registered_at);
-    record(&mut h, WorkerInput::Message(ToWorker::Registered { incarnation: Incarnation(1), terms: terms() }));
+    record(
+        &mut h,
+        WorkerInput::Message(ToWorker::Registered { incarnation: Incarnation(1), terms: terms(), assigns_sent: 0 }),
+    );
     record(&mut h, WorkerInput::Message(ToWorker::Assign(assignment(1, 1, task(1, 0), 10))));
     record(&mut h, WorkerInput::Message(ack(1, 1)));
     h.at(registered_at + 700);
@@ -689,6 +723,7 @@ fn a_result_above_the_coordinators_limit_is_submitted_as_a_failure_naming_the_li
     h.message(ToWorker::Registered {
         incarnation: Incarnation(1),
         terms: WorkerTerms { max_result_bytes: 4, ..terms() },
+        assigns_sent: 0,
     });
     h.message(ToWorker::Assign(assignment(1, 1, task(1, 0), 10)));
     let out = finish(&mut h, task(1, 0), 10, succeeded(b"12345"));

@@ -188,3 +188,12 @@ fn edit_distance_is_levenshtein() {
     assert_eq!(edit_distance("", "abc"), 3);
     assert_eq!(edit_distance("same", "same"), 0);
 }
+
+#[test]
+fn the_fast_failure_detection_preset_is_valid_and_faster() {
+    let fast = Config::fast_failure_detection();
+    fast.validate().expect("valid");
+    let default = Config::default();
+    assert!(fast.health.coordinator_failure_timeout < default.health.coordinator_failure_timeout);
+    assert!(fast.health.heartbeat_interval < default.health.heartbeat_interval);
+}

@@ -1,5 +1,6 @@
 //! What every transport test starts from: a temp dir, a CA with a coordinator, worker
 //! and operator certificates, and a coordinator on an ephemeral loopback port.
+#![allow(dead_code, reason = "each test binary uses its own part of it")]
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,6 +10,13 @@ use rollout_transport::{
     CoordinatorOptions, MemoryEmitter, RunningCoordinator, ensure_dev_ca, issue_client_cert, issue_operator_cert,
     issue_server_cert, start_coordinator,
 };
+
+/// [`Config::fast_failure_detection`], checked.
+pub fn fast_config() -> Config {
+    let config = Config::fast_failure_detection();
+    config.validate().expect("a valid fast config");
+    config
+}
 
 /// A coordinator ready for workers `workers` and operator "ops".
 pub struct Started {

@@ -91,7 +91,7 @@ impl Harness {
         let mut h = Self::new(slots);
         h.input(WorkerInput::Start);
         h.at(30);
-        h.message(ToWorker::Registered { incarnation: Incarnation(incarnation), terms: terms() });
+        h.message(ToWorker::Registered { incarnation: Incarnation(incarnation), terms: terms(), assigns_sent: 0 });
         h
     }
 
