@@ -24,6 +24,12 @@ pub const HISTOGRAM_BYTES_MAX: usize = 64 * 1024;
 pub const HISTOGRAM_BYTES_PER_BEAT_MAX: usize = 256 * 1024;
 /// Most distinct (metric, plugin) series kept; deltas for new series beyond it are dropped.
 pub const SERIES_MAX: usize = 4096;
+/// Most observations one histogram delta may carry (2^40: a million a second for
+/// twelve days, in one beat). Its counts are summed by every percentile read.
+pub const HISTOGRAM_DELTA_COUNT_MAX: u64 = 1 << 40;
+/// Most observations a merged histogram holds; a delta that would pass it is dropped,
+/// so no sum over a histogram's counts can overflow.
+pub const HISTOGRAM_TOTAL_COUNT_MAX: u64 = 1 << 62;
 /// The V2 header: cookie, payload length, normalizing offset, significant digits,
 /// lowest and highest trackable value, integer-to-double ratio.
 pub const V2_HEADER_BYTES: usize = 40;
@@ -120,8 +126,10 @@ pub fn check_histogram(bytes: &[u8]) -> Result<(), String> {
 
 /// Walks the payload's LEB128-64b9B varints as the decoder will: a zig-zag value of
 /// `i64::MIN` (a run of zeros whose length cannot be negated: the decoder overflows
-/// on it) is refused, as is a truncated last varint.
+/// on it) is refused, as is a truncated last varint, and counts that add up to more
+/// than [`HISTOGRAM_DELTA_COUNT_MAX`] (summing them would overflow `u64`).
 fn check_payload(mut payload: &[u8]) -> Result<(), String> {
+    let mut total: u64 = 0;
     while !payload.is_empty() {
         let mut value: u64 = 0;
         let mut used = 0;
@@ -145,6 +153,12 @@ fn check_payload(mut payload: &[u8]) -> Result<(), String> {
         let decoded = ((value >> 1) as i64) ^ -((value & 1) as i64);
         if decoded == i64::MIN {
             return Err("a run of zeros of 2^63 counts".into());
+        }
+        if decoded > 0 {
+            total = total.saturating_add(decoded as u64);
+            if total > HISTOGRAM_DELTA_COUNT_MAX {
+                return Err(format!("more than {HISTOGRAM_DELTA_COUNT_MAX} observations in one delta"));
+            }
         }
     }
     Ok(())
@@ -218,6 +232,15 @@ impl ClusterMetrics {
                 h.auto(true);
                 h
             });
+            if merged.len().saturating_add(delta.len()) > HISTOGRAM_TOTAL_COUNT_MAX {
+                outcome.drop(|| {
+                    format!(
+                        "histogram {name}/{}: would hold more than {HISTOGRAM_TOTAL_COUNT_MAX} observations",
+                        truncated(plugin)
+                    )
+                });
+                continue;
+            }
             if merged.add(&delta).is_err() {
                 outcome.drop(|| format!("histogram {name}/{}: does not merge", truncated(plugin)));
             }
@@ -357,6 +380,46 @@ mod tests {
             assert!(err.contains(why), "{why}: {err}");
         }
         check_histogram(&encoded(&[1, 2, 3])).expect("a worker's own encoding passes");
+    }
+
+    /// The payload varint (LEB128, zig-zag) of a bucket count.
+    fn count_varint(count: u64) -> Vec<u8> {
+        let mut v = count << 1;
+        let mut out = Vec::new();
+        loop {
+            let byte = (v & 0x7f) as u8;
+            v >>= 7;
+            if v == 0 {
+                out.push(byte);
+                return out;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+
+    #[test]
+    fn counts_that_would_overflow_a_sum_are_refused() {
+        // Two buckets of 2^39 + 1 observations: over the per-delta bound. (The fuzzer's
+        // input had counts near 2^63 whose sum overflowed in value_at_quantile.)
+        let big = count_varint((1 << 39) + 1);
+        let payload = [&big[..], &big[..]].concat();
+        let bytes = [&header(payload.len() as u32, 3, 3_600_000_000)[..], &payload].concat();
+        let err = check_histogram(&bytes).expect_err("too many observations");
+        assert!(err.contains("observations"), "{err}");
+        let one = count_varint(1 << 39);
+        let bytes = [&header(one.len() as u32, 3, 3_600_000_000)[..], &one].concat();
+        check_histogram(&bytes).expect("2^39 observations pass");
+
+        // A merged histogram near its bound takes no delta that would pass it.
+        let mut m = ClusterMetrics::default();
+        let mut full = Histogram::new(HISTOGRAM_SIGNIFICANT_DIGITS).expect("valid");
+        full.auto(true);
+        full.record_n(100, HISTOGRAM_TOTAL_COUNT_MAX - 5).expect("in range");
+        m.histograms.insert((TASK_LATENCY_US.into(), "echo".into()), full);
+        let outcome = m.merge_from(&histograms(vec![encoded(&[100; 10])]), any_plugin, 16);
+        assert_eq!(outcome.dropped, 1, "{outcome:?}");
+        assert_eq!(m.latencies()[0].count, HISTOGRAM_TOTAL_COUNT_MAX - 5);
+        assert_eq!(m.merge_from(&histograms(vec![encoded(&[100; 5])]), any_plugin, 16).dropped, 0);
     }
 
     #[test]
