@@ -420,32 +420,45 @@ pub fn check_recorded(
     require_complete: bool,
 ) -> Result<RecordedVerdict, Violation> {
     let checker = check_history(records, strict_overlap)?;
-    let mut acked: Vec<(JobId, u32)> = Vec::new();
-    let mut terminal: BTreeSet<TaskId> = BTreeSet::new();
+    // Per accepted job, its task count and the indexes seen ending. This costs what
+    // the history holds, never what a job_accepted line claims (one line may claim
+    // four billion tasks).
+    let mut jobs: BTreeMap<JobId, (u32, BTreeSet<u32>)> = BTreeMap::new();
+    let mut ended: Vec<TaskId> = Vec::new();
     for record in records {
         match &record.event {
-            HistoryEvent::JobAccepted { job, tasks } => acked.push((*job, *tasks)),
+            HistoryEvent::JobAccepted { job, tasks } => jobs.entry(*job).or_default().0 = *tasks,
             HistoryEvent::Committed { task, .. }
             | HistoryEvent::DeadLettered { task, .. }
-            | HistoryEvent::Cancelled { task } => {
-                terminal.insert(*task);
-            }
+            | HistoryEvent::Cancelled { task } => ended.push(*task),
             _ => {}
         }
     }
-    let held: Vec<(TaskId, FinalState)> = acked
-        .iter()
-        .flat_map(|(job, n)| (0..*n).map(move |i| TaskId::new(*job, i)))
-        .map(|t| (t, if terminal.contains(&t) { FinalState::Terminal } else { FinalState::Pending }))
-        .collect();
-    let done = held.iter().filter(|(_, s)| *s == FinalState::Terminal).count();
-    checker.finish(&acked, held.iter().copied(), require_complete)?;
+    for task in ended {
+        if let Some((tasks, done)) = jobs.get_mut(&task.job)
+            && task.index < *tasks
+        {
+            done.insert(task.index);
+        }
+    }
+    let (mut tasks, mut terminal) = (0usize, 0usize);
+    for (job, (count, done)) in &jobs {
+        tasks = tasks.saturating_add(*count as usize);
+        terminal += done.len();
+        if require_complete && !checker.expired.contains(job) && done.len() < *count as usize {
+            // The first index not seen ending: found within done.len() + 1 steps.
+            if let Some(index) = (0..*count).find(|i| !done.contains(i)) {
+                let task = TaskId::new(*job, index);
+                return Err(end("progress", format!("{task} is not terminal at the end of the run")));
+            }
+        }
+    }
     Ok(RecordedVerdict {
         records: records.len(),
         commits: checker.commits,
         overlaps: checker.overlaps,
-        tasks: held.len(),
-        terminal: done,
+        tasks,
+        terminal,
     })
 }
 
@@ -479,6 +492,30 @@ mod tests {
             merged.iter().filter(|r| !matches!(r.event, HistoryEvent::Committed { .. })).cloned().collect();
         assert!(check_recorded(&partial, true, false).is_ok());
         assert_eq!(check_recorded(&partial, true, true).expect_err("incomplete").invariant, "progress");
+    }
+
+    #[test]
+    fn a_job_accepted_line_claiming_billions_of_tasks_costs_what_the_history_holds() {
+        // Found by the history_jsonl fuzz target: one 100-byte line claiming millions of
+        // tasks made the verdict list every claimed task. Two of four billion ended.
+        let job = JobId(7);
+        let cancelled = |index| ("coordinator", HistoryEvent::Cancelled { task: TaskId::new(job, index) });
+        let h = history(vec![
+            ("coordinator", HistoryEvent::JobAccepted { job, tasks: u32::MAX }),
+            cancelled(0),
+            cancelled(1),
+            cancelled(u32::MAX),
+        ]);
+        let verdict = check_recorded(&h, true, false).expect("safe");
+        assert_eq!(
+            (verdict.tasks, verdict.terminal),
+            (u32::MAX as usize, 2),
+            "an index past the count is not its task"
+        );
+        let v = check_recorded(&h, true, true).expect_err("incomplete");
+        assert_eq!(v.invariant, "progress");
+        assert!(v.message.contains("job-7.2"), "{}", v.message);
+        assert_eq!(check_states(&h, &[]).expect_err("none reported").invariant, "no_lost_task");
     }
 
     #[test]
