@@ -1,0 +1,332 @@
+//! The simulated network: one link per worker, FIFO per direction like a TCP stream,
+//! with latency, partitions that hold stream messages back (TCP retransmits), resets
+//! that lose them, keepalives that notice a dead connection, and unary calls that may
+//! overtake, be lost or be duplicated.
+
+use std::collections::VecDeque;
+
+use rollout_core::TaskId;
+use rollout_core::protocol::{ToCoordinator, ToWorker};
+use rollout_worker::WorkerInput;
+
+use super::report::MessageRecord;
+use super::{Ev, NS_PER_MS, Sim};
+use crate::liveness::Env;
+
+/// Which way a message travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Dir {
+    /// Worker → coordinator.
+    Up = 0,
+    /// Coordinator → worker.
+    Down = 1,
+}
+
+/// A message on a link, either way.
+#[derive(Debug, Clone)]
+pub(super) enum Wire {
+    Up(ToCoordinator),
+    Down(ToWorker),
+}
+
+impl Wire {
+    pub(super) fn dir(&self) -> Dir {
+        match self {
+            Wire::Up(_) => Dir::Up,
+            Wire::Down(_) => Dir::Down,
+        }
+    }
+
+    pub(super) fn kind(&self) -> &'static str {
+        match self {
+            Wire::Up(m) => m.kind(),
+            Wire::Down(m) => m.kind(),
+        }
+    }
+
+    /// Unary calls (Register, Heartbeat and their answers) travel on their own HTTP/2
+    /// streams; everything else on the worker's Work and Control streams.
+    pub(super) fn unary(&self) -> bool {
+        match self {
+            Wire::Up(m) => matches!(m, ToCoordinator::Register(_) | ToCoordinator::Heartbeat(_)),
+            Wire::Down(m) => {
+                matches!(
+                    m,
+                    ToWorker::Registered { .. } | ToWorker::RegisterRejected { .. } | ToWorker::HeartbeatAck { .. }
+                )
+            }
+        }
+    }
+
+    /// The task it is about, for the timeline.
+    fn task(&self) -> Option<TaskId> {
+        match self {
+            Wire::Up(ToCoordinator::Submit(s)) => Some(s.task),
+            Wire::Down(ToWorker::Assign(a)) => Some(a.task),
+            Wire::Down(ToWorker::SubmitAck { task, .. }) => Some(*task),
+            _ => None,
+        }
+    }
+}
+
+/// One direction of a link.
+#[derive(Default)]
+pub(super) struct Half {
+    pub(super) blocked: bool,
+    /// When the last stream message sent this way arrives (FIFO).
+    last: u64,
+    /// Stream messages held by a partition, delivered in order when it heals.
+    held: VecDeque<(Wire, Option<u32>)>,
+}
+
+/// One coordinator–worker connection.
+#[derive(Default)]
+pub(super) struct Link {
+    /// Bumped on reset: messages sent on an older connection are lost.
+    pub(super) conn: u64,
+    halves: [Half; 2],
+    /// Extra one-way latency of a slow link.
+    pub(super) extra_ns: u64,
+    /// Bumped whenever the link becomes blocked: a keepalive check of an older
+    /// blocking is void.
+    blocked_generation: u64,
+}
+
+impl Link {
+    pub(super) fn half(&self, dir: Dir) -> &Half {
+        &self.halves[dir as usize]
+    }
+
+    pub(super) fn half_mut(&mut self, dir: Dir) -> &mut Half {
+        &mut self.halves[dir as usize]
+    }
+
+    pub(super) fn blocked(&self, dir: Dir) -> bool {
+        self.half(dir).blocked
+    }
+
+    fn blocked_any(&self) -> bool {
+        self.halves.iter().any(|h| h.blocked)
+    }
+
+    /// What the liveness checker is told about this link.
+    pub(super) fn env(&self) -> Env {
+        Env::Link { up: !self.blocked(Dir::Up), down: !self.blocked(Dir::Down) }
+    }
+
+    /// Forgets everything held (the connection is gone); the held messages' log
+    /// indexes, to mark them lost.
+    fn drop_held(&mut self) -> Vec<Option<u32>> {
+        self.halves.iter_mut().flat_map(|h| h.held.drain(..).map(|(_, r)| r)).collect()
+    }
+}
+
+impl Sim {
+    fn latency(&mut self) -> u64 {
+        let [lo, hi] = self.scenario.network.latency_us;
+        (lo + self.rng_net.below(hi - lo + 1)) * 1_000
+    }
+
+    /// Logs a message for the timeline; its index.
+    fn log_message(&mut self, w: usize, msg: &Wire, at: Option<u64>) -> Option<u32> {
+        if !self.options.record {
+            return None;
+        }
+        let record = MessageRecord {
+            worker: w,
+            up: msg.dir() == Dir::Up,
+            kind: msg.kind(),
+            task: msg.task(),
+            sent_ns: self.now,
+            delivered_ns: at,
+        };
+        self.message_log.push(record);
+        Some((self.message_log.len() - 1) as u32)
+    }
+
+    fn set_delivery(&mut self, rec: Option<u32>, at: Option<u64>) {
+        if let Some(r) = rec.and_then(|r| self.message_log.get_mut(r as usize)) {
+            r.delivered_ns = at;
+        }
+    }
+
+    /// A message sent but dropped on arrival (reset, partition, dead receiver).
+    fn lost_in_flight(&mut self, w: usize, rec: Option<u32>) {
+        self.messages.1 += 1;
+        self.set_delivery(rec, None);
+        let id = self.workers[w].id.clone();
+        self.liveness.worker_env(self.now, &id, Env::Disturbed);
+    }
+
+    /// When a message sent now on link `w` arrives: none if it is lost at once.
+    /// Stream messages keep FIFO order per direction; unary calls may overtake, and may
+    /// be lost or duplicated (a client retry after a lost answer).
+    fn arrival(&mut self, w: usize, dir: Dir, unary: bool) -> Vec<u64> {
+        if self.links[w].blocked(dir) {
+            return Vec::new();
+        }
+        let extra = self.links[w].extra_ns;
+        let at = self.now + self.latency() + extra;
+        if !unary {
+            let half = self.links[w].half_mut(dir);
+            let at = at.max(half.last);
+            half.last = at;
+            return vec![at];
+        }
+        let net = &self.scenario.network;
+        let (loss, dup) = (net.unary_loss, net.unary_duplicate);
+        if loss > 0.0 && self.rng_net.unit_f64() < loss {
+            return Vec::new();
+        }
+        if dir == Dir::Up && dup > 0.0 && self.rng_net.unit_f64() < dup {
+            let again = self.now + self.latency() + extra;
+            return vec![at, again];
+        }
+        vec![at]
+    }
+
+    /// Sends `msg` on link `w`.
+    pub(super) fn send(&mut self, w: usize, msg: Wire) {
+        self.messages.0 += 1;
+        let (dir, unary) = (msg.dir(), msg.unary());
+        if self.links[w].blocked(dir) && !unary {
+            let rec = self.log_message(w, &msg, None);
+            self.links[w].half_mut(dir).held.push_back((msg, rec));
+            return;
+        }
+        let arrivals = self.arrival(w, dir, unary);
+        if arrivals.is_empty() {
+            self.messages.1 += 1;
+            self.log_message(w, &msg, None);
+            let id = self.workers[w].id.clone();
+            self.liveness.worker_env(self.now, &id, Env::Disturbed);
+            return;
+        }
+        let conn = self.links[w].conn;
+        for at in arrivals {
+            let rec = self.log_message(w, &msg, Some(at));
+            self.push(at, Ev::Deliver { w, conn, msg: msg.clone(), rec });
+        }
+    }
+
+    /// A message arrives at the end of link `w` (sent on connection `conn`).
+    pub(super) fn deliver(&mut self, w: usize, conn: u64, msg: Wire, rec: Option<u32>) {
+        let dir = msg.dir();
+        let link = &mut self.links[w];
+        if link.conn == conn && link.blocked(dir) && !msg.unary() {
+            link.half_mut(dir).held.push_back((msg, rec));
+            return;
+        }
+        let receiver_up = match dir {
+            Dir::Up => self.coord.machine.is_some(),
+            Dir::Down => self.workers[w].machine.is_some(),
+        };
+        if link.conn != conn || link.blocked(dir) || !receiver_up {
+            self.lost_in_flight(w, rec);
+            return;
+        }
+        match msg {
+            Wire::Up(message) => {
+                let worker = self.workers[w].id.clone();
+                self.coord_enqueue(rollout_coordinator::CoordinatorInput::FromWorker { worker, message });
+            }
+            Wire::Down(message) => self.worker_input(w, WorkerInput::Message(message)),
+        }
+    }
+
+    /// Blocks link `w` in the given directions (a partition).
+    pub(super) fn block(&mut self, w: usize, up: bool, down: bool) {
+        let link = &mut self.links[w];
+        link.half_mut(Dir::Up).blocked |= up;
+        link.half_mut(Dir::Down).blocked |= down;
+        self.link_changed(w);
+    }
+
+    /// One step of a flapping link: cut or healed, and the next step scheduled.
+    pub(super) fn flap(&mut self, w: usize, cut: bool, period: u64, until: u64) {
+        let link = &mut self.links[w];
+        link.half_mut(Dir::Up).blocked = cut;
+        link.half_mut(Dir::Down).blocked = cut;
+        self.link_changed(w);
+        if self.now < until {
+            self.push((self.now + period).min(until), Ev::Flap { w, cut: !cut, period, until });
+        } else if cut {
+            self.push(self.now, Ev::Flap { w, cut: false, period, until });
+        }
+    }
+
+    /// The keepalive check of link `w`: still blocked since `generation`, the
+    /// connection is declared dead and reset.
+    pub(super) fn keepalive(&mut self, w: usize, conn: u64, generation: u64) {
+        let link = &self.links[w];
+        if link.conn == conn && link.blocked_generation == generation && link.blocked_any() {
+            self.reset_link(w, "keepalive timeout");
+        }
+    }
+
+    /// Link `w` works again at full speed.
+    pub(super) fn heal(&mut self, w: usize) {
+        let link = &mut self.links[w];
+        let was = (link.blocked(Dir::Up), link.blocked(Dir::Down), link.extra_ns);
+        link.half_mut(Dir::Up).blocked = false;
+        link.half_mut(Dir::Down).blocked = false;
+        link.extra_ns = 0;
+        if was != (false, false, 0) {
+            self.link_changed(w);
+            let name = self.workers[w].id.to_string();
+            self.close_span(&name, "partition");
+            self.close_span(&name, "slow");
+        }
+    }
+
+    fn link_changed(&mut self, w: usize) {
+        let link = &mut self.links[w];
+        let change = link.env();
+        let blocked = link.blocked_any();
+        link.blocked_generation += 1;
+        let (conn, generation) = (link.conn, link.blocked_generation);
+        let id = self.workers[w].id.clone();
+        self.liveness.worker_env(self.now, &id, change);
+        if blocked {
+            // The transport's keepalive notices a dead connection after this long.
+            self.push(self.now + self.scenario.network.keepalive_ms * NS_PER_MS, Ev::Keepalive { w, conn, generation });
+        }
+        // What the partition held goes out now, in order, on the same connection.
+        for dir in [Dir::Up, Dir::Down] {
+            if self.links[w].blocked(dir) {
+                continue;
+            }
+            for (msg, rec) in std::mem::take(&mut self.links[w].half_mut(dir).held) {
+                let at = (self.now + self.latency() + self.links[w].extra_ns).max(self.links[w].half(dir).last);
+                self.links[w].half_mut(dir).last = at;
+                self.set_delivery(rec, Some(at));
+                self.push(at, Ev::Deliver { w, conn, msg, rec });
+            }
+        }
+    }
+
+    /// The connection of link `w` breaks: whatever was in flight or held is lost, and
+    /// the worker's transport tells its machine.
+    pub(super) fn reset_link(&mut self, w: usize, why: &str) {
+        let link = &mut self.links[w];
+        link.conn += 1;
+        for rec in link.drop_held() {
+            self.messages.1 += 1;
+            self.set_delivery(rec, None);
+        }
+        let id = self.workers[w].id.clone();
+        self.liveness.worker_env(self.now, &id, Env::Disturbed);
+        if why != "reset" {
+            self.instant_span(id.as_str(), why.into());
+        }
+        self.worker_input(w, WorkerInput::Disconnected);
+    }
+
+    /// The worker process of link `w` is gone: its connection with it, silently (the
+    /// coordinator learns of it from missed beats).
+    pub(super) fn drop_connection(&mut self, w: usize) {
+        let link = &mut self.links[w];
+        link.conn += 1;
+        link.drop_held();
+    }
+}

@@ -1,0 +1,234 @@
+//! Worker hosts: the real machine, its clock, and the simulated plugin host (runs that
+//! take a drawn time and end as drawn: success, failure, or a hang stopped at the
+//! task's deadline).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use rollout_core::history::HistoryEvent;
+use rollout_core::protocol::{Assignment, ToCoordinator};
+use rollout_core::traits::Inventory;
+use rollout_core::{ContentId, FencingToken, Mono, TaskId, WorkerId};
+use rollout_worker::{TaskOutcome, Worker, WorkerInput, WorkerOutput, WorkerSettings};
+
+use super::clock::Clock;
+use super::network::Wire;
+use super::{Ev, NS_PER_MS, Sim};
+use crate::liveness::Env;
+
+/// One plugin run; its id tells a current finish event from a stale one.
+struct Run {
+    id: u64,
+}
+
+pub(super) struct WorkerNode {
+    pub(super) id: WorkerId,
+    pub(super) machine: Option<Worker>,
+    pub(super) clock: Clock,
+    pub(super) epoch: u64,
+    timer_generation: u64,
+    /// When the pending timer event fires (true ns), if one is pending.
+    timer_at: Option<u64>,
+    /// Plugin runs on this host; an entry lives until its `TaskFinished` is delivered.
+    runs: BTreeMap<(TaskId, FencingToken), Run>,
+    /// Suspended since then until the `Resume` event: everything aimed at the host
+    /// waits for it, in `held`.
+    pub(super) paused_since: Option<u64>,
+    pub(super) held: VecDeque<Ev>,
+}
+
+impl WorkerNode {
+    pub(super) fn new(id: WorkerId, clock: Clock) -> WorkerNode {
+        WorkerNode {
+            id,
+            machine: None,
+            clock,
+            epoch: 0,
+            timer_generation: 0,
+            timer_at: None,
+            runs: BTreeMap::new(),
+            paused_since: None,
+            held: VecDeque::new(),
+        }
+    }
+}
+
+impl Sim {
+    pub(super) fn worker_start(&mut self, w: usize) {
+        let node = &mut self.workers[w];
+        if node.machine.is_some() {
+            return;
+        }
+        let settings = WorkerSettings::from_config(
+            node.id.clone(),
+            self.scenario.cluster.slots,
+            vec!["sim".into()],
+            Inventory { cpus: 8, memory_bytes: 16 << 30, gpus: Vec::new() },
+            &self.worker_config,
+        );
+        node.machine = Some(Worker::new(settings, self.rng_worker_seeds.next_u64()));
+        let id = node.id.clone();
+        self.liveness.worker_env(self.now, &id, Env::WorkerUp);
+        self.worker_input(w, WorkerInput::Start);
+    }
+
+    pub(super) fn worker_crash(&mut self, w: usize) {
+        let node = &mut self.workers[w];
+        if node.machine.take().is_none() {
+            return;
+        }
+        // A suspended host that dies stays dead: what it held is gone with it.
+        if let Some(since) = node.paused_since.take() {
+            node.clock.stalled_ns += self.now - since;
+            node.held.clear();
+        }
+        node.epoch += 1;
+        node.timer_generation += 1;
+        node.timer_at = None;
+        // The plugin host dies with the worker: its runs stop now. The machine cannot
+        // say so, so the simulator records the stops on its behalf.
+        let stopped: Vec<_> = std::mem::take(&mut node.runs).into_keys().collect();
+        let (id, wall) = (node.id.clone(), node.clock.now(self.now).wall);
+        for (task, token) in stopped {
+            self.record(id.as_str(), wall, HistoryEvent::TaskStopped { task, worker: id.clone(), token });
+        }
+        self.drop_connection(w);
+        self.liveness.worker_env(self.now, &id, Env::WorkerDown);
+    }
+
+    pub(super) fn worker_input(&mut self, w: usize, input: WorkerInput) {
+        let node = &mut self.workers[w];
+        let Some(machine) = node.machine.as_mut() else { return };
+        let now = node.clock.now(self.now);
+        let before = machine.self_fence_deadline();
+        let mut out = Vec::new();
+        machine.handle(now, input, &mut out);
+        let after = machine.self_fence_deadline();
+        let id = node.id.clone();
+        let past = |d: Option<Mono>| d.is_some_and(|d| now.mono >= d);
+        if past(before) || past(after) {
+            // At or past its self-fence deadline a worker must neither submit nor start.
+            for o in &out {
+                if matches!(o, WorkerOutput::Send(ToCoordinator::Submit(_)) | WorkerOutput::StartTask(_)) {
+                    self.fail("self_fence", format!("{id} at mono {:?} past its deadline {before:?}: {o:?}", now.mono));
+                }
+            }
+        }
+        for o in out {
+            match o {
+                WorkerOutput::Send(msg) => self.send(w, Wire::Up(msg)),
+                WorkerOutput::StartTask(a) => {
+                    let (after_ns, outcome) = self.plugin_call(&a);
+                    self.start_run(w, a.task, a.token, after_ns, outcome);
+                }
+                WorkerOutput::CancelTask { task, token } => {
+                    // Cancellation is immediate: the run stops and reports at once.
+                    if self.workers[w].runs.contains_key(&(task, token)) {
+                        self.start_run(w, task, token, 0, TaskOutcome::Cancelled);
+                    }
+                }
+                WorkerOutput::Event(e) => self.record(id.as_str(), now.wall, e),
+                WorkerOutput::Fatal(message) => self.fail("worker_fatal", format!("{id}: {message}")),
+            }
+        }
+        self.worker_set_timer(w);
+    }
+
+    /// The simulated plugin: how long the call of `a` takes and how it ends, drawn from
+    /// the workload. The plugin host stops a call at its deadline.
+    fn plugin_call(&mut self, a: &Assignment) -> (u64, TaskOutcome) {
+        let wl = &self.scenario.workload;
+        let [lo, hi] = wl.task_duration_ms;
+        let (p_fail, p_hang) = (wl.failure_probability, wl.hang_probability);
+        let mut dur = (lo + self.rng_plugin.below(hi - lo + 1)) * NS_PER_MS;
+        let mut outcome = if self.rng_plugin.unit_f64() < p_fail {
+            TaskOutcome::Failed { message: "simulated failure".into() }
+        } else {
+            let mut bytes = a.payload.clone();
+            bytes.extend_from_slice(a.task.to_string().as_bytes());
+            TaskOutcome::Succeeded { result: ContentId::of(&bytes), size_bytes: bytes.len() as u64 }
+        };
+        if p_hang > 0.0 && self.rng_plugin.unit_f64() < p_hang {
+            dur = u64::MAX;
+        }
+        let deadline = u64::try_from(a.deadline.as_nanos()).unwrap_or(u64::MAX);
+        if dur > deadline {
+            dur = deadline;
+            outcome = TaskOutcome::Failed { message: format!("plugin call exceeded its deadline of {:?}", a.deadline) };
+        }
+        (dur, outcome)
+    }
+
+    /// (Re)places the plugin run of `(task, token)`: a new run id makes any earlier
+    /// finish event of that run stale.
+    fn start_run(&mut self, w: usize, task: TaskId, token: FencingToken, after_ns: u64, outcome: TaskOutcome) {
+        self.next_run += 1;
+        let run = self.next_run;
+        let node = &mut self.workers[w];
+        node.runs.insert((task, token), Run { id: run });
+        let epoch = node.epoch;
+        self.push(self.now.saturating_add(after_ns), Ev::PluginFinish { w, epoch, task, token, run, outcome });
+    }
+
+    /// A plugin run ends (unless the host restarted or the run was replaced since).
+    pub(super) fn plugin_finish(
+        &mut self,
+        w: usize,
+        epoch: u64,
+        (task, token): (TaskId, FencingToken),
+        run: u64,
+        outcome: TaskOutcome,
+    ) {
+        let node = &mut self.workers[w];
+        if node.epoch != epoch || node.runs.get(&(task, token)).is_none_or(|r| r.id != run) {
+            return;
+        }
+        node.runs.remove(&(task, token));
+        self.worker_input(w, WorkerInput::TaskFinished { task, token, outcome });
+    }
+
+    pub(super) fn worker_timer(&mut self, w: usize, generation: u64) {
+        if generation == self.workers[w].timer_generation {
+            self.workers[w].timer_at = None;
+            self.worker_input(w, WorkerInput::Tick);
+        }
+    }
+
+    pub(super) fn worker_set_timer(&mut self, w: usize) {
+        let now = self.now;
+        let node = &mut self.workers[w];
+        let at = node.machine.as_ref().and_then(|m| m.poll_timeout());
+        let t = at.map(|at| node.clock.true_time_of(at).max(now + 1_000));
+        if t.is_some() && t == node.timer_at {
+            return;
+        }
+        node.timer_generation += 1;
+        node.timer_at = t;
+        let Some(t) = t else { return };
+        let generation = node.timer_generation;
+        self.push(t, Ev::WorkerTimer { w, generation });
+    }
+
+    /// The end of a pause: the monotonic clock carries on from where it stood (it lost
+    /// the pause), the wall clock is right again (the host's time sync), and what
+    /// arrived or fell due meanwhile happens now, in order.
+    pub(super) fn resume(&mut self, w: usize, epoch: u64) {
+        let node = &mut self.workers[w];
+        if node.epoch != epoch {
+            return;
+        }
+        let Some(since) = node.paused_since.take() else { return };
+        let paused = self.now - since;
+        node.clock.stalled_ns += paused;
+        node.clock.wall_offset_ns += paused as i128;
+        let held: Vec<Ev> = node.held.drain(..).collect();
+        let id = node.id.clone();
+        self.close_span(id.as_str(), "paused");
+        let env = self.links[w].env();
+        self.liveness.worker_env(self.now, &id, env);
+        for ev in held {
+            self.dispatch(ev);
+        }
+        // Timers set while it slept were set on a clock that stood still.
+        self.worker_set_timer(w);
+    }
+}
