@@ -175,6 +175,7 @@ fn print_summary(r: &RunReport, wall_s: f64) {
     println!("batches           {} ({} inputs)", r.batches.0, r.batches.1);
     println!("overlaps          {} (non-strict)", r.overlaps);
     println!("stale submits     {} rejected", r.stale_rejected);
+    println!("frames broken     {} (work frames over limits.max_message_bytes)", r.frames_broken);
     println!("faults            {}", r.faults.len());
     println!("audit entries     {} verified", r.audit_entries);
     println!("history           {} events", r.history.len());

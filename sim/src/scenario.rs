@@ -59,8 +59,10 @@ pub struct Scenario {
     pub seeds: Vec<u64>,
     /// Simulated run length, in seconds.
     pub duration_s: u64,
-    /// A deliberately planted coordinator bug (test builds with the `planted-bugs`
-    /// feature only), e.g. `skip_fencing_check`.
+    /// A deliberately planted bug: in the coordinator (test builds with the
+    /// `planted-bugs` feature only), e.g. `skip_fencing_check`; or `frames_by_count`, in
+    /// the simulator's model of the transport (a burst of Work messages goes as one
+    /// frame, whatever its size: the framing before it was cut by bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub planted_bug: Option<String>,
     /// Overrides of the effective rollout config, in the config file's shape, e.g.
@@ -162,6 +164,18 @@ pub struct Workload {
     /// Each task's deadline (ms); none: the coordinator's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_deadline_ms: Option<u64>,
+    /// Each task's payload size in bytes (at most `limits.max_payload_bytes`); 0: a
+    /// short name. Messages are measured on the wire, so large payloads fill frames.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub payload_bytes: u32,
+    /// Each successful attempt's result size in bytes (at most
+    /// `limits.max_result_bytes`); 0: the payload plus the task id.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub result_bytes: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 fn default_submit_start_ms() -> u64 {
@@ -272,6 +286,11 @@ pub struct Strictness {
     /// `detect` and `rejoin` (the liveness bounds of DESIGN.md) fail the run.
     #[serde(default = "yes")]
     pub liveness: bool,
+    /// `all_committed`: at the end every task of every job is committed, none
+    /// dead-lettered or pending (for workloads whose plugins never fail, hang or get
+    /// cancelled: then only the system itself can lose an attempt's work).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub all_committed: bool,
 }
 
 fn yes() -> bool {
@@ -280,7 +299,7 @@ fn yes() -> bool {
 
 impl Default for Strictness {
     fn default() -> Self {
-        Strictness { no_overlap: true, progress: true, no_false_failure: true, liveness: true }
+        Strictness { no_overlap: true, progress: true, no_false_failure: true, liveness: true, all_committed: false }
     }
 }
 
@@ -461,8 +480,25 @@ impl Scenario {
         if self.workload.task_deadline_ms == Some(0) {
             return Err(bad("workload.task_deadline_ms".into(), "must be positive"));
         }
-        if let Err(message) = self.effective_config() {
-            return Err(bad("config".into(), &message));
+        let config = self.effective_config().map_err(|message| bad("config".into(), &message))?;
+        let limits = &config.limits;
+        for (key, value, limit, limit_key) in [
+            ("workload.payload_bytes", self.workload.payload_bytes, limits.max_payload_bytes, "max_payload_bytes"),
+            ("workload.result_bytes", self.workload.result_bytes, limits.max_result_bytes, "max_result_bytes"),
+        ] {
+            if value > limit {
+                return Err(bad(key.into(), &format!("{value} exceeds limits.{limit_key} ({limit}) of the config")));
+            }
+        }
+        if self.invariants.all_committed {
+            let wl = &self.workload;
+            let cancels = self.faults.iter().any(|f| matches!(f.kind, FaultKind::CancelJob | FaultKind::CancelTask));
+            if wl.failure_probability > 0.0 || wl.hang_probability > 0.0 || cancels {
+                return Err(bad(
+                    "invariants.all_committed".into(),
+                    "needs a workload without failures or hangs, and no cancels",
+                ));
+            }
         }
         if self.coordinator.storage == StorageKind::Model {
             let cut_scheduled = self.faults.iter().any(|f| f.kind == FaultKind::PowerCut);

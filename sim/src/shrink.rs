@@ -145,23 +145,31 @@ pub fn shrink(scenario: &Scenario, seed: u64, progress: &mut dyn FnMut(&str)) ->
             true
         });
     }
-    search.faults(&mut best);
-    search.count(&mut best, "jobs", |s| s.workload.jobs, |s, n| s.workload.jobs = n);
-    search.count(&mut best, "tasks per job", |s| s.workload.tasks_per_job, |s, n| s.workload.tasks_per_job = n);
-    // Workers from the last, while no fault names the one removed.
-    while best.cluster.workers > 1 {
-        let last = best.cluster.workers as usize - 1;
-        if best.faults.iter().any(|f| f.node.as_deref().and_then(|n| best.node(n)) == Some(NodeRef::Worker(last))) {
-            break;
+    // Each pass may open the way for another (one worker left takes every task, so
+    // fewer tasks may do): repeat them until a round changes nothing.
+    for _ in 0..4 {
+        let before = best.clone();
+        search.faults(&mut best);
+        search.count(&mut best, "jobs", |s| s.workload.jobs, |s, n| s.workload.jobs = n);
+        search.count(&mut best, "tasks per job", |s| s.workload.tasks_per_job, |s, n| s.workload.tasks_per_job = n);
+        // Workers from the last, while no fault names the one removed.
+        while best.cluster.workers > 1 {
+            let last = best.cluster.workers as usize - 1;
+            if best.faults.iter().any(|f| f.node.as_deref().and_then(|n| best.node(n)) == Some(NodeRef::Worker(last))) {
+                break;
+            }
+            if !search.attempt(&mut best, "one worker fewer", |s| {
+                s.cluster.workers -= 1;
+                true
+            }) {
+                break;
+            }
         }
-        if !search.attempt(&mut best, "one worker fewer", |s| {
-            s.cluster.workers -= 1;
-            true
-        }) {
+        search.count(&mut best, "slots", |s| s.cluster.slots, |s, n| s.cluster.slots = n);
+        if best == before {
             break;
         }
     }
-    search.count(&mut best, "slots", |s| s.cluster.slots, |s, n| s.cluster.slots = n);
     search.attempt(&mut best, "no plugin failures", |s| {
         s.workload.failure_probability = 0.0;
         true

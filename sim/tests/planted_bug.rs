@@ -40,3 +40,33 @@ fn a_run_that_does_not_fail_is_not_shrunk() {
     let err = sim::shrink::shrink(&scenario, 1, &mut |_| {}).expect_err("nothing to shrink");
     assert!(err.contains("does not fail"), "{err}");
 }
+
+/// The frame-size bug of the transport before Work frames were cut by bytes, planted in
+/// the simulator's model of the transport: a batch's assignments went as one frame,
+/// over `limits.max_message_bytes`, the stream broke, the worker registered again, and
+/// each registration cost the leases an attempt until the tasks were dead-lettered.
+#[test]
+fn a_planted_frame_size_bug_is_found_within_k_seeds_and_shrunk() {
+    const K: u64 = 5;
+    let mut scenario = Scenario::load("large_messages", &scenarios_dir()).expect("ships");
+    let clean = run(&scenario, 0);
+    assert!(clean.violation.is_none(), "without the bug the scenario passes: {:?}", clean.violation);
+    assert_eq!(clean.frames_broken, 0);
+    scenario.planted_bug = Some(sim::FRAMES_BY_COUNT.into());
+    let found = (0..K).find_map(|seed| run(&scenario, seed).violation.map(|v| (seed, v)));
+    let (seed, violation) = found.unwrap_or_else(|| panic!("the planted bug went unnoticed for {K} seeds"));
+    assert_eq!(violation.invariant, "all_committed", "{violation}");
+    assert!(violation.message.contains("over the message limit"), "{violation}");
+
+    let shrunk = sim::shrink::shrink(&scenario, seed, &mut |_| {}).expect("shrinks");
+    assert_eq!(shrunk.invariant, "all_committed");
+    let small = &shrunk.scenario;
+    assert!(small.faults.is_empty(), "no fault is needed: {:?}", small.faults);
+    assert_eq!(small.cluster.workers, 1, "one worker is enough");
+    // From 4 jobs of 18 tasks on 3 workers; fewer tasks let the worker's later, smaller
+    // pulls get through one by one.
+    assert_eq!(small.workload.jobs, 1, "one job is enough");
+    assert!(small.workload.tasks_per_job <= 12, "tasks left: {:?}", small.workload);
+    let back = run(small, seed);
+    assert!(back.violation.is_some_and(|v| v.invariant == "all_committed") && back.frames_broken > 0);
+}

@@ -2,11 +2,12 @@
 //! driver's commit loop (inputs arriving during a commit form the next batch; outputs
 //! leave once their batch's commit has finished).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use rollout_coordinator::{Coordinator, CoordinatorInput, CoordinatorOutput, WorkerState};
 use rollout_core::WorkerId;
+use rollout_core::protocol::Channel;
 use rollout_core::traits::Storage;
 use rollout_storage::{CrashMode, MemDisk, RedbStorage};
 
@@ -208,15 +209,24 @@ impl Sim {
             return;
         }
         let Some(outputs) = self.coord.pending.pop_front() else { return };
+        // Like the driver: unary answers and control commands go at once, each worker's
+        // Work messages of the batch after them as one burst.
+        let mut work: BTreeMap<usize, Vec<Wire>> = BTreeMap::new();
         for o in outputs {
             match o {
                 CoordinatorOutput::Send { to, message } => match self.worker_index.get(&to) {
+                    Some(&w) if message.channel() == Channel::Work => {
+                        work.entry(w).or_default().push(Wire::Down(message))
+                    }
                     Some(&w) => self.send(w, Wire::Down(message)),
                     None => self.fail("sim", format!("coordinator sent to unknown worker {to}")),
                 },
                 CoordinatorOutput::Reply { request, reply } => self.operator_reply(request, reply),
                 CoordinatorOutput::Event(_) | CoordinatorOutput::Notice(_) => {}
             }
+        }
+        for (w, burst) in work {
+            self.send_work(w, burst);
         }
         if !self.coord.inbox.is_empty() && !self.coord.run_scheduled {
             self.coord.run_scheduled = true;

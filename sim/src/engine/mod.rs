@@ -46,6 +46,8 @@ pub use report::{FaultSpan, MessageRecord, Options, RunReport};
 use worker::WorkerNode;
 
 const NS_PER_MS: u64 = 1_000_000;
+/// The planted bug of the simulator's own transport model: Work frames by count.
+pub const FRAMES_BY_COUNT: &str = "frames_by_count";
 
 /// Slack on the liveness bounds: clock offsets both ways, the network's worst latency
 /// both ways, a commit, and a little for drift and scheduling.
@@ -120,6 +122,13 @@ enum Ev {
     SubmitRetry {
         job: u32,
     },
+    /// The Work stream of link `w` (connection `conn`) ended on a frame of `bytes` over
+    /// the message limit; the worker's transport notices now.
+    StreamBroken {
+        w: usize,
+        conn: u64,
+        bytes: usize,
+    },
 }
 
 struct Sim {
@@ -156,6 +165,12 @@ struct Sim {
     message_log: Vec<MessageRecord>,
     fault_log: Vec<FaultSpan>,
     stale_rejected: u64,
+    /// Work frames that could not be sent: over `limits.max_message_bytes`.
+    frames_broken: u64,
+    /// `limits.max_message_bytes`: the transport's frame limit.
+    max_message_bytes: usize,
+    /// The planted bug `frames_by_count`: a burst of Work messages is one frame.
+    frames_by_count: bool,
     audit_entries: u64,
     /// Every task's state on the coordinator's disk at the end.
     final_states: Vec<(TaskId, TaskState)>,
@@ -224,7 +239,10 @@ impl Sim {
         };
         let config = scenario.effective_config().map_err(|e| setup(format!("config: {e}")))?;
         let mut settings = CoordinatorSettings::from_config(&config);
-        if let Some(bug) = &scenario.planted_bug {
+        // `frames_by_count` is planted in the simulator's model of the transport's
+        // framing; every other bug in the coordinator.
+        let frames_by_count = scenario.planted_bug.as_deref() == Some(FRAMES_BY_COUNT);
+        if let Some(bug) = scenario.planted_bug.as_deref().filter(|b| *b != FRAMES_BY_COUNT) {
             settings.plant_bug(bug).map_err(setup)?;
         }
         let mut faults = scenario.faults.clone();
@@ -260,6 +278,9 @@ impl Sim {
             message_log: Vec::new(),
             fault_log: Vec::new(),
             stale_rejected: 0,
+            frames_broken: 0,
+            max_message_bytes: config.limits.max_message_bytes as usize,
+            frames_by_count,
             audit_entries: 0,
             final_states: Vec::new(),
             now: 0,
@@ -322,6 +343,7 @@ impl Sim {
             Ev::Keepalive { w, generation, .. } => ("keepalive", *w as u64, *generation),
             Ev::Submit { job } => ("submit", u64::from(*job), 0),
             Ev::SubmitRetry { job } => ("submit_retry", u64::from(*job), 0),
+            Ev::StreamBroken { w, conn, .. } => ("stream_broken", *w as u64, *conn),
         };
         self.hasher.update(t.to_le_bytes());
         self.hasher.update(tag.as_bytes());
@@ -366,7 +388,10 @@ impl Sim {
             Ev::CoordRun => self.coord_run(),
             Ev::CoordRelease { epoch } => self.coord_release(epoch),
             Ev::CoordTimer { generation } => self.coord_timer(generation),
-            Ev::WorkerTimer { w, .. } | Ev::Deliver { w, msg: Wire::Down(_), .. } | Ev::PluginFinish { w, .. }
+            Ev::WorkerTimer { w, .. }
+            | Ev::Deliver { w, msg: Wire::Down(_), .. }
+            | Ev::PluginFinish { w, .. }
+            | Ev::StreamBroken { w, .. }
                 if self.workers[w].paused_since.is_some() =>
             {
                 // A suspended host reads nothing and runs nothing: it all happens on resume.
@@ -391,6 +416,7 @@ impl Sim {
             }
             Ev::Submit { job } => self.submit(job),
             Ev::SubmitRetry { job } => self.submit_retry(job),
+            Ev::StreamBroken { w, conn, bytes } => self.stream_broken(w, conn, bytes),
         }
     }
 }

@@ -6,7 +6,8 @@
 use std::collections::VecDeque;
 
 use rollout_core::TaskId;
-use rollout_core::protocol::{ToCoordinator, ToWorker};
+use rollout_core::framing;
+use rollout_core::protocol::{Channel, ToCoordinator, ToWorker};
 use rollout_worker::WorkerInput;
 
 use super::report::MessageRecord;
@@ -47,15 +48,23 @@ impl Wire {
     /// Unary calls (Register, Heartbeat and their answers) travel on their own HTTP/2
     /// streams; everything else on the worker's Work and Control streams.
     pub(super) fn unary(&self) -> bool {
+        self.channel() == Channel::Unary
+    }
+
+    pub(super) fn channel(&self) -> Channel {
         match self {
-            Wire::Up(m) => matches!(m, ToCoordinator::Register(_) | ToCoordinator::Heartbeat(_)),
-            Wire::Down(m) => {
-                matches!(
-                    m,
-                    ToWorker::Registered { .. } | ToWorker::RegisterRejected { .. } | ToWorker::HeartbeatAck { .. }
-                )
-            }
+            Wire::Up(m) => m.channel(),
+            Wire::Down(m) => m.channel(),
         }
+    }
+
+    /// Its size in a Work frame (the protocol's upper bound on the encoded size).
+    fn work_entry_bytes(&self) -> usize {
+        match self {
+            Wire::Up(m) => m.work_entry_bytes(),
+            Wire::Down(m) => m.work_entry_bytes(),
+        }
+        .unwrap_or(0)
     }
 
     /// The task it is about, for the timeline.
@@ -209,6 +218,67 @@ impl Sim {
         }
     }
 
+    /// Sends one burst of Work-stream messages on link `w` the way the transport does:
+    /// cut into frames of at most `limits.max_message_bytes` (acks before assignments
+    /// down; pulls after every submit up). A frame over the limit cannot be encoded:
+    /// like tonic, the sender's stream ends there with an error, the frames before it
+    /// still go out, and the worker's transport reports the broken stream once they are
+    /// through. With the planted bug `frames_by_count`, a burst is one frame whatever
+    /// its size (the framing before the fix).
+    pub(super) fn send_work(&mut self, w: usize, burst: Vec<Wire>) {
+        let Some(dir) = burst.first().map(Wire::dir) else { return };
+        let limit = self.max_message_bytes;
+        let frames: Vec<Vec<Wire>> = if self.frames_by_count {
+            vec![burst]
+        } else {
+            match dir {
+                Dir::Up => {
+                    let msgs = burst.into_iter().filter_map(|m| if let Wire::Up(m) = m { Some(m) } else { None });
+                    framing::frames_up(msgs.collect(), limit)
+                        .into_iter()
+                        .map(|f| f.into_iter().map(Wire::Up).collect())
+                        .collect()
+                }
+                Dir::Down => {
+                    let msgs = burst.into_iter().filter_map(|m| if let Wire::Down(m) = m { Some(m) } else { None });
+                    framing::frames_down(msgs.collect(), limit)
+                        .into_iter()
+                        .map(|f| f.into_iter().map(Wire::Down).collect())
+                        .collect()
+                }
+            }
+        };
+        let mut frames = frames.into_iter();
+        while let Some(frame) = frames.next() {
+            let bytes: usize = frame.iter().map(Wire::work_entry_bytes).sum();
+            if bytes > limit {
+                self.frames_broken += 1;
+                for msg in frame.into_iter().chain(frames.flatten()) {
+                    self.messages.0 += 1;
+                    self.messages.1 += 1;
+                    self.log_message(w, &msg, None);
+                }
+                // The error reaches the worker behind the frames already sent.
+                let conn = self.links[w].conn;
+                let at = (self.now + self.latency()).max(self.links[w].half(dir).last);
+                self.push(at, Ev::StreamBroken { w, conn, bytes });
+                return;
+            }
+            for msg in frame {
+                self.send(w, msg);
+            }
+        }
+    }
+
+    /// The Work stream of link `w` ended on a frame of `bytes` over the limit.
+    pub(super) fn stream_broken(&mut self, w: usize, conn: u64, bytes: usize) {
+        if self.links[w].conn != conn {
+            return;
+        }
+        let why = format!("work frame of {bytes} bytes over limits.max_message_bytes ({})", self.max_message_bytes);
+        self.break_link(w, &why, false);
+    }
+
     /// A message arrives at the end of link `w` (sent on connection `conn`).
     pub(super) fn deliver(&mut self, w: usize, conn: u64, msg: Wire, rec: Option<u32>) {
         let dir = msg.dir();
@@ -230,7 +300,10 @@ impl Sim {
                 let worker = self.workers[w].id.clone();
                 self.coord_enqueue(rollout_coordinator::CoordinatorInput::FromWorker { worker, message });
             }
-            Wire::Down(message) => self.worker_input(w, WorkerInput::Message(message)),
+            Wire::Down(message) => {
+                self.workers[w].oracle.received(&message);
+                self.worker_input(w, WorkerInput::Message(message))
+            }
         }
     }
 
@@ -308,6 +381,12 @@ impl Sim {
     /// The connection of link `w` breaks: whatever was in flight or held is lost, and
     /// the worker's transport tells its machine.
     pub(super) fn reset_link(&mut self, w: usize, why: &str) {
+        self.break_link(w, why, true);
+    }
+
+    /// [`Self::reset_link`]; `environment`: the network or a crash did it (the liveness
+    /// checker excuses what follows), not the system itself.
+    fn break_link(&mut self, w: usize, why: &str, environment: bool) {
         let link = &mut self.links[w];
         link.conn += 1;
         for rec in link.drop_held() {
@@ -315,7 +394,9 @@ impl Sim {
             self.set_delivery(rec, None);
         }
         let id = self.workers[w].id.clone();
-        self.liveness.worker_env(self.now, &id, Env::Disturbed);
+        if environment {
+            self.liveness.worker_env(self.now, &id, Env::Disturbed);
+        }
         if why != "reset" {
             self.instant_span(id.as_str(), why.into());
         }

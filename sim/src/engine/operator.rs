@@ -21,7 +21,7 @@ impl Sim {
             .map(|k| TaskSpec {
                 plugin: "sim".into(),
                 method: "run".into(),
-                payload: format!("job{job}-task{k}").into_bytes(),
+                payload: payload(job, k, wl.payload_bytes as usize),
                 gpus: 0,
                 deadline: wl.task_deadline_ms.map(Duration::from_millis),
             })
@@ -56,4 +56,13 @@ impl Sim {
             self.submit(job);
         }
     }
+}
+
+/// Task `k` of job `job`'s payload: its name, padded with zeros to `size` bytes.
+fn payload(job: u32, k: u32, size: usize) -> Vec<u8> {
+    let mut bytes = format!("job{job}-task{k}").into_bytes();
+    if bytes.len() < size {
+        bytes.resize(size, 0);
+    }
+    bytes
 }

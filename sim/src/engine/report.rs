@@ -90,6 +90,8 @@ pub struct RunReport {
     pub stale_rejected: u64,
     /// Audit entries verified at the end.
     pub audit_entries: u64,
+    /// Work frames over `limits.max_message_bytes`, each of which broke its stream.
+    pub frames_broken: u64,
 }
 
 impl RunReport {
@@ -124,6 +126,7 @@ impl RunReport {
             faults: scenario.faults.clone(),
             stale_rejected: 0,
             audit_entries: 0,
+            frames_broken: 0,
         }
     }
 }
@@ -198,6 +201,21 @@ impl Sim {
         if let Err(v) = self.checker.finish(&acked, held, progress) {
             self.violation = Some(v);
         }
+        if self.scenario.invariants.all_committed {
+            let expected = u64::from(self.scenario.workload.jobs) * u64::from(self.scenario.workload.tasks_per_job);
+            let committed = self.final_states.iter().filter(|(_, s)| matches!(s, TaskState::Committed { .. })).count();
+            if let Some((task, state)) =
+                self.final_states.iter().find(|(_, s)| !matches!(s, TaskState::Committed { .. }))
+            {
+                let message = format!(
+                    "{task} ended {state:?} though no attempt of the workload fails ({committed} of {expected} committed; {} work frame(s) over the message limit)",
+                    self.frames_broken
+                );
+                self.fail("all_committed", message);
+            } else if (committed as u64) < expected {
+                self.fail("all_committed", format!("{committed} of {expected} tasks committed"));
+            }
+        }
         self.coord.machine = Some(coord);
         // audit_chain: the hash chain on disk verifies, entry by entry.
         let audit = self.coord.disk.open(true).and_then(|s| audit::verify(&*s).map_err(|e| e.to_string()));
@@ -241,6 +259,7 @@ impl Sim {
             faults: self.faults,
             stale_rejected: self.stale_rejected,
             audit_entries: self.audit_entries,
+            frames_broken: self.frames_broken,
         }
     }
 }

@@ -5,15 +5,16 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use rollout_core::history::HistoryEvent;
-use rollout_core::protocol::{Assignment, ToCoordinator};
+use rollout_core::protocol::{Assignment, Channel, ToCoordinator};
 use rollout_core::traits::Inventory;
-use rollout_core::{ContentId, FencingToken, Mono, TaskId, WorkerId};
+use rollout_core::{ContentId, FencingToken, TaskId, WorkerId};
 use rollout_worker::{TaskOutcome, Worker, WorkerInput, WorkerOutput, WorkerSettings};
 
 use super::clock::Clock;
 use super::network::Wire;
 use super::{Ev, NS_PER_MS, Sim};
 use crate::liveness::Env;
+use rollout_core::oracle::SelfFenceOracle;
 
 /// One plugin run; its id tells a current finish event from a stale one.
 struct Run {
@@ -34,6 +35,8 @@ pub(super) struct WorkerNode {
     /// waits for it, in `held`.
     pub(super) paused_since: Option<u64>,
     pub(super) held: VecDeque<Ev>,
+    /// The self-fence rule rebuilt from this process's messages.
+    pub(super) oracle: SelfFenceOracle,
 }
 
 impl WorkerNode {
@@ -48,6 +51,7 @@ impl WorkerNode {
             runs: BTreeMap::new(),
             paused_since: None,
             held: VecDeque::new(),
+            oracle: SelfFenceOracle::default(),
         }
     }
 }
@@ -66,6 +70,7 @@ impl Sim {
             &self.worker_config,
         );
         node.machine = Some(Worker::new(settings, self.rng_worker_seeds.next_u64()));
+        node.oracle = SelfFenceOracle::default();
         let id = node.id.clone();
         self.liveness.worker_env(self.now, &id, Env::WorkerUp);
         self.worker_input(w, WorkerInput::Start);
@@ -99,22 +104,34 @@ impl Sim {
         let node = &mut self.workers[w];
         let Some(machine) = node.machine.as_mut() else { return };
         let now = node.clock.now(self.now);
-        let before = machine.self_fence_deadline();
         let mut out = Vec::new();
         machine.handle(now, input, &mut out);
-        let after = machine.self_fence_deadline();
         let id = node.id.clone();
-        let past = |d: Option<Mono>| d.is_some_and(|d| now.mono >= d);
-        if past(before) || past(after) {
-            // At or past its self-fence deadline a worker must neither submit nor start.
-            for o in &out {
-                if matches!(o, WorkerOutput::Send(ToCoordinator::Submit(_)) | WorkerOutput::StartTask(_)) {
-                    self.fail("self_fence", format!("{id} at mono {:?} past its deadline {before:?}: {o:?}", now.mono));
+        // At or past its self-fence deadline a worker must neither submit nor start:
+        // judged by the oracle, from what the worker sent and received.
+        let mut broken = None;
+        for o in &out {
+            let acting = match o {
+                WorkerOutput::Send(ToCoordinator::Submit(s)) => Some(s.incarnation),
+                WorkerOutput::StartTask(a) => Some(a.incarnation),
+                WorkerOutput::Send(msg) => {
+                    node.oracle.sent(now.mono, msg);
+                    None
                 }
+                _ => None,
+            };
+            if let Some(Err(why)) = acting.map(|inc| node.oracle.judge(now.mono, inc)) {
+                broken.get_or_insert(format!("{id} {why}: {o:?}"));
             }
         }
+        if let Some(message) = broken {
+            self.fail("self_fence", message);
+        }
+        // Like the driver: unary calls go at once, Work messages as one burst at the end.
+        let mut work = Vec::new();
         for o in out {
             match o {
+                WorkerOutput::Send(msg) if msg.channel() == Channel::Work => work.push(Wire::Up(msg)),
                 WorkerOutput::Send(msg) => self.send(w, Wire::Up(msg)),
                 WorkerOutput::StartTask(a) => {
                     let (after_ns, outcome) = self.plugin_call(&a);
@@ -130,6 +147,7 @@ impl Sim {
                 WorkerOutput::Fatal(message) => self.fail("worker_fatal", format!("{id}: {message}")),
             }
         }
+        self.send_work(w, work);
         self.worker_set_timer(w);
     }
 
@@ -145,6 +163,9 @@ impl Sim {
         } else {
             let mut bytes = a.payload.clone();
             bytes.extend_from_slice(a.task.to_string().as_bytes());
+            if wl.result_bytes > 0 {
+                bytes.resize(wl.result_bytes as usize, 0);
+            }
             TaskOutcome::Succeeded { result: ContentId::of(&bytes), size_bytes: bytes.len() as u64 }
         };
         if p_hang > 0.0 && self.rng_plugin.unit_f64() < p_hang {

@@ -21,6 +21,7 @@ pub mod framing;
 pub mod health;
 pub mod history;
 pub mod ids;
+pub mod oracle;
 pub mod protocol;
 pub mod rng;
 pub mod text;

@@ -120,6 +120,46 @@ impl ToCoordinator {
             ToCoordinator::Submit(_) => "submit",
         }
     }
+
+    /// Which of the worker's channels carries it.
+    pub fn channel(&self) -> Channel {
+        match self {
+            ToCoordinator::Register(_) | ToCoordinator::Heartbeat(_) => Channel::Unary,
+            ToCoordinator::Pull(_) | ToCoordinator::Submit(_) => Channel::Work,
+        }
+    }
+
+    /// For a Work-stream message, an upper bound on the bytes it adds to a Work frame
+    /// (its protobuf entry: tag, length and body, with every varint at its widest and
+    /// a result of `size_bytes`), at most [`WIRE_SIZE_SLACK`] above the exact size; the
+    /// transport's tests hold the estimate to both. `None` for unary calls.
+    pub fn work_entry_bytes(&self) -> Option<usize> {
+        match self {
+            ToCoordinator::Pull(_) => Some(24),
+            ToCoordinator::Submit(s) => Some(match &s.outcome {
+                Outcome::Succeeded { size_bytes, .. } => 48 + usize::try_from(*size_bytes).unwrap_or(usize::MAX),
+                Outcome::Failed { message } => 64 + message.len(),
+            }),
+            ToCoordinator::Register(_) | ToCoordinator::Heartbeat(_) => None,
+        }
+    }
+}
+
+/// How far [`ToCoordinator::work_entry_bytes`] and [`ToWorker::work_entry_bytes`] may
+/// overestimate a message's encoded size.
+pub const WIRE_SIZE_SLACK: usize = 96;
+
+/// The channel a message travels on between a worker and the coordinator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// Its own call (Register, Heartbeat and their answers): may overtake stream
+    /// messages, and may be lost or retried on its own.
+    Unary,
+    /// The Work stream, in order: pulls and submits up; assignments and submit acks
+    /// down, in frames of at most `limits.max_message_bytes`.
+    Work,
+    /// The Control stream, in order: commands down.
+    Control,
 }
 
 /// A worker's registration.
@@ -264,6 +304,28 @@ impl ToWorker {
             ToWorker::Assign(_) => "assign",
             ToWorker::SubmitAck { .. } => "submit_ack",
             ToWorker::Control(_) => "control",
+        }
+    }
+
+    /// Which of the worker's channels carries it.
+    pub fn channel(&self) -> Channel {
+        match self {
+            ToWorker::Registered { .. } | ToWorker::RegisterRejected { .. } | ToWorker::HeartbeatAck { .. } => {
+                Channel::Unary
+            }
+            ToWorker::Assign(_) | ToWorker::SubmitAck { .. } => Channel::Work,
+            ToWorker::Control(_) => Channel::Control,
+        }
+    }
+
+    /// For a Work-stream message, an upper bound on the bytes it adds to a Work frame,
+    /// at most [`WIRE_SIZE_SLACK`] above the exact size (see
+    /// [`ToCoordinator::work_entry_bytes`]). `None` for the other channels.
+    pub fn work_entry_bytes(&self) -> Option<usize> {
+        match self {
+            ToWorker::Assign(a) => Some(96 + a.plugin.len() + a.method.len() + a.payload.len()),
+            ToWorker::SubmitAck { .. } => Some(48),
+            _ => None,
         }
     }
 }

@@ -401,6 +401,62 @@ mod tests {
     use super::*;
     use rollout_core::{JobId, TaskId};
 
+    mod wire_size_bounds {
+        use super::*;
+        use proptest::prelude::*;
+        use rollout_core::protocol::{
+            Assignment, Outcome, Submit, SubmitVerdict, ToCoordinator, ToWorker, WIRE_SIZE_SLACK,
+        };
+        use rollout_core::{Attempt, ContentId, FencingToken, Incarnation};
+
+        /// The simulator measures Work-stream messages with `work_entry_bytes`; it must
+        /// never undercount what the transport puts on the wire, nor overcount by much.
+        fn within_bound(estimate: Option<usize>, exact: usize) -> Result<(), TestCaseError> {
+            let estimate = estimate.expect("a Work-stream message has a size");
+            prop_assert!(exact <= estimate, "estimate {estimate} below the exact {exact}");
+            prop_assert!(estimate - exact <= WIRE_SIZE_SLACK, "estimate {estimate} too far above {exact}");
+            Ok(())
+        }
+
+        proptest! {
+            #[test]
+            fn work_entry_bytes_bound_the_encoded_size(
+                job in any::<u64>(), index in any::<u32>(), token in any::<u64>(), seq in any::<u64>(),
+                attempt in any::<u32>(), plugin in "[a-z]{0,40}", method in "[a-z]{0,40}",
+                payload_len in prop_oneof![0usize..300, 100_000usize..140_000], deadline_ms in any::<u64>(),
+                failure in ".{0,300}", verdict in 0u8..3,
+            ) {
+                let task = TaskId::new(JobId(job), index);
+                let assign = Assignment {
+                    incarnation: Incarnation(1), seq, task, token: FencingToken(token), attempt: Attempt(attempt),
+                    plugin, method, payload: vec![7; payload_len], deadline: Duration::from_millis(deadline_ms),
+                };
+                let exact = entry_len(assign_to_wire(assign.clone()).encoded_len());
+                within_bound(ToWorker::Assign(assign).work_entry_bytes(), exact)?;
+
+                let verdict = [SubmitVerdict::Accepted, SubmitVerdict::Duplicate, SubmitVerdict::Stale][verdict as usize];
+                let ack = pb::SubmitAck { task: Some(task.into()), token, verdict: verdict_to_wire(verdict).into() };
+                let message = ToWorker::SubmitAck { task, token: FencingToken(token), verdict };
+                within_bound(message.work_entry_bytes(), entry_len(ack.encoded_len()))?;
+
+                // A success carries its result's bytes; a failure its message, as the
+                // worker driver writes them.
+                let submit = |outcome| ToCoordinator::Submit(Submit { incarnation: Incarnation(1), task, token: FencingToken(token), outcome });
+                let wire = |outcome| pb::Submit { task: Some(task.into()), token, outcome: Some(outcome) };
+                let ok = Outcome::Succeeded { result: ContentId::of(b"r"), size_bytes: payload_len as u64 };
+                let exact = entry_len(wire(pb::submit::Outcome::Result(vec![1; payload_len])).encoded_len());
+                within_bound(submit(ok).work_entry_bytes(), exact)?;
+                let failed = pb::submit::Outcome::Failure(pb::TaskFailure { message: failure.clone(), detail: String::new() });
+                let exact = entry_len(wire(failed).encoded_len());
+                within_bound(submit(Outcome::Failed { message: failure }).work_entry_bytes(), exact)?;
+
+                let pull = pb::Pull { free_slots: attempt, assigns_through: seq };
+                let message = ToCoordinator::Pull(rollout_core::protocol::Pull { incarnation: Incarnation(1), free_slots: attempt, assigns_through: seq });
+                within_bound(message.work_entry_bytes(), entry_len(pull.encoded_len()))?;
+            }
+        }
+    }
+
     #[test]
     fn a_submit_without_task_or_outcome_names_the_field() {
         let err = submit_from_wire(pb::Submit::default()).expect_err("no task");

@@ -1,5 +1,6 @@
 //! Random input sequences against the worker's safety properties:
-//! - `self_fence`: no Submit (and no StartTask) at or after the self-fence deadline;
+//! - `self_fence`: no Submit (and no StartTask) at or after the self-fence deadline, as
+//!   rebuilt by `SelfFenceOracle` from the messages (not the machine's own deadline);
 //! - never more than `slots` runs on the plugin host at once;
 //! - the timer never lies in the past, and no input makes the machine panic.
 
@@ -12,6 +13,7 @@ use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
 use rollout_core::history::HistoryEvent;
+use rollout_core::oracle::SelfFenceOracle;
 use rollout_core::protocol::{Control, SubmitVerdict, ToCoordinator, ToWorker};
 use rollout_core::{ContentId, FencingToken, Incarnation, JobId, TaskId};
 use rollout_worker::{TaskOutcome, WorkerInput, WorkerOutput};
@@ -77,6 +79,8 @@ struct Model {
     answered: (u64, u64),
     /// The incarnation adopted (its first beat seen) and the `assigns_sent` it came with.
     adopted: Option<(Incarnation, u64)>,
+    /// The self-fence rule rebuilt from the messages in and out.
+    fence: SelfFenceOracle,
 }
 
 fn input_for(op: &Op, h: &mut Harness, model: &mut Model) -> Option<WorkerInput> {
@@ -179,22 +183,32 @@ fn run(slots: u32, seed: u64, ops: &[Op]) -> Result<Coverage, TestCaseError> {
             if let WorkerInput::TaskFinished { task, token, .. } = &input {
                 model.host_running.remove(&(*task, *token));
             }
-            let deadline = h.worker.self_fence_deadline();
             let now = h.now();
+            if let WorkerInput::Message(message) = &input {
+                model.fence.received(message);
+            }
             let out = h.input(input.clone());
             for output in &out {
+                // self_fence, judged by the oracle from the messages alone, not by the
+                // machine's own deadline.
+                let acting = match output {
+                    WorkerOutput::Send(ToCoordinator::Submit(s)) => Some(s.incarnation),
+                    WorkerOutput::StartTask(a) => Some(a.incarnation),
+                    WorkerOutput::Send(message) => {
+                        model.fence.sent(now.mono, message);
+                        None
+                    }
+                    _ => None,
+                };
+                if let Some(Err(why)) = acting.map(|incarnation| model.fence.judge(now.mono, incarnation)) {
+                    prop_assert!(false, "self_fence: {why}: {output:?} after {input:?}");
+                }
                 match output {
                     WorkerOutput::Send(ToCoordinator::Submit(s)) => {
-                        prop_assert!(
-                            deadline.is_some_and(|d| now.mono < d),
-                            "self_fence: Submit at {:?} with deadline {deadline:?} after {input:?}",
-                            now.mono
-                        );
                         model.submits.push((s.task, s.token));
                         coverage.submits += 1;
                     }
                     WorkerOutput::StartTask(a) => {
-                        prop_assert!(deadline.is_some_and(|d| now.mono < d), "StartTask past the deadline");
                         if let Some((incarnation, sent)) = model.adopted {
                             prop_assert!(
                                 a.incarnation != incarnation || a.seq > sent,
