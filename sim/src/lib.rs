@@ -15,7 +15,9 @@ pub mod shrink;
 mod swarm;
 pub mod timeline;
 
-pub use engine::{FRAMES_BY_COUNT, FaultSpan, MessageRecord, Options, RunReport, run, run_with};
+pub use engine::{
+    FRAMES_BY_COUNT, FaultSpan, MessageRecord, Options, RELEASE_BEFORE_DURABLE, RunReport, run, run_with,
+};
 pub use scenario::Scenario;
 
 /// The shipped scenarios' folder (`<workspace>/scenarios`).

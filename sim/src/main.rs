@@ -176,6 +176,7 @@ fn print_summary(r: &RunReport, wall_s: f64) {
     println!("overlaps          {} (non-strict)", r.overlaps);
     println!("stale submits     {} rejected", r.stale_rejected);
     println!("frames broken     {} (work frames over limits.max_message_bytes)", r.frames_broken);
+    println!("sets dropped      {} (batches applied over a sync that failed)", r.sets_dropped);
     println!("faults            {}", r.faults.len());
     println!("audit entries     {} verified", r.audit_entries);
     println!("history           {} events", r.history.len());

@@ -60,9 +60,11 @@ pub struct Scenario {
     /// Simulated run length, in seconds.
     pub duration_s: u64,
     /// A deliberately planted bug: in the coordinator (test builds with the
-    /// `planted-bugs` feature only), e.g. `skip_fencing_check`; or `frames_by_count`, in
+    /// `planted-bugs` feature only), e.g. `skip_fencing_check`; `frames_by_count`, in
     /// the simulator's model of the transport (a burst of Work messages goes as one
-    /// frame, whatever its size: the framing before it was cut by bytes).
+    /// frame, whatever its size: the framing before it was cut by bytes); or
+    /// `release_before_durable`, in the commit loop (a batch's outputs leave before its
+    /// writes are synced).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub planted_bug: Option<String>,
     /// Overrides of the effective rollout config, in the config file's shape, e.g.
@@ -364,6 +366,11 @@ pub enum FaultKind {
     /// The coordinator loses power during its next commit: the commit fails, and the
     /// unsynced writes are torn or reordered (drawn from the seed) before it restarts.
     PowerCut,
+    /// The coordinator's next sync (fsync) reports an error while the disk survives:
+    /// the commit pipeline is poisoned, the batches applied over the failed one are
+    /// dropped with what they would have sent, and the driver recovers its machine from
+    /// the disk.
+    SyncFailure,
     /// The operator drains worker `node`: it finishes what it runs and takes nothing new.
     Drain,
     /// The operator cancels workload job number `job` (0-based; if acknowledged by then).
@@ -550,7 +557,8 @@ impl Scenario {
                     | FaultKind::Drain
                     | FaultKind::Pause
             );
-            let needs_coordinator = matches!(fault.kind, FaultKind::DiskLatency | FaultKind::PowerCut);
+            let needs_coordinator =
+                matches!(fault.kind, FaultKind::DiskLatency | FaultKind::PowerCut | FaultKind::SyncFailure);
             let operator = matches!(fault.kind, FaultKind::CancelJob | FaultKind::CancelTask);
             match (fault.kind, node) {
                 (FaultKind::Heal, None | Some(NodeRef::Worker(_))) => {}

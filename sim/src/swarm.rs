@@ -84,6 +84,7 @@ pub fn draw(scenario: &Scenario, config: &Config, rng: &mut SplitMix64) -> Vec<F
                 fault.node = Some("coordinator".into());
                 fault.for_ms = Some(200 + rng.below(5_000));
             }
+            FaultKind::SyncFailure => fault.node = Some("coordinator".into()),
             FaultKind::Drain => {}
             FaultKind::Heal | FaultKind::Restart | FaultKind::CancelJob | FaultKind::CancelTask => continue,
         }

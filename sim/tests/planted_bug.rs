@@ -70,3 +70,29 @@ fn a_planted_frame_size_bug_is_found_within_k_seeds_and_shrunk() {
     let back = run(small, seed);
     assert!(back.violation.is_some_and(|v| v.invariant == "all_committed") && back.frames_broken > 0);
 }
+
+/// The commit pipeline's release rule, planted wrong in the driver's commit loop: a
+/// batch's outputs leave as soon as it is applied, before its writes are synced. A
+/// failed sync or a crash then loses writes the world has already seen (a lease a worker
+/// runs, a fencing token it holds), and the recovered coordinator hands them out again.
+#[test]
+fn a_planted_pipeline_release_bug_is_found_within_k_seeds_and_shrunk() {
+    const K: u64 = 5;
+    let mut scenario = Scenario::load("pipeline_failures", &scenarios_dir()).expect("ships");
+    assert!(run(&scenario, 0).violation.is_none(), "without the bug the scenario passes");
+    scenario.planted_bug = Some(sim::RELEASE_BEFORE_DURABLE.into());
+    let found = (0..K).find_map(|seed| run(&scenario, seed).violation.map(|v| (seed, v)));
+    let (seed, violation) = found.unwrap_or_else(|| panic!("the planted bug went unnoticed for {K} seeds"));
+    assert!(
+        matches!(violation.invariant, "fenced_commit" | "single_commit" | "no_lost_task" | "progress"),
+        "{violation}"
+    );
+
+    let shrunk = sim::shrink::shrink(&scenario, seed, &mut |_| {}).expect("shrinks");
+    assert_eq!(shrunk.invariant, violation.invariant);
+    let small = &shrunk.scenario;
+    assert!(small.swarm.is_none() && small.faults.len() <= 2, "faults left: {:?}", small.faults);
+    assert!(small.faults.iter().all(|f| f.node.as_deref() == Some("coordinator")), "{:?}", small.faults);
+    assert!(small.cluster.workers <= 2, "workers left: {}", small.cluster.workers);
+    assert!(run(small, seed).violation.is_some_and(|v| v.invariant == violation.invariant));
+}

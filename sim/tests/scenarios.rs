@@ -144,3 +144,12 @@ fn recording_for_a_timeline_does_not_change_the_run() {
     assert!(!recorded.message_log.is_empty() && !recorded.fault_log.is_empty());
     assert!(plain.message_log.is_empty());
 }
+
+#[test]
+fn a_failed_sync_takes_batches_applied_over_it_down_with_it() {
+    // The pipeline scenario exists for this: batch N+1 applied while N syncs, then N's
+    // sync fails. Seen in its fixed seeds, and none of them breaks an invariant.
+    let scenario = Scenario::load("pipeline_failures", &sim::scenarios_dir()).expect("ships");
+    let dropped: u64 = SEEDS.iter().map(|&seed| run(&scenario, seed).sets_dropped).sum();
+    assert!(dropped > 0, "no batch was ever applied over a sync that failed");
+}

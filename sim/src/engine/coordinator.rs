@@ -1,14 +1,18 @@
-//! The coordinator's host: the real machine, its disk, its clock, and a model of the
-//! driver's commit loop (inputs arriving during a commit form the next batch; outputs
-//! leave once their batch's commit has finished).
+//! The coordinator's host: the real machine, its disk, its clock, and the driver's
+//! commit pipeline (`rollout_storage::pipeline`, the state machine the transport's
+//! commit thread drives too): a batch is applied as soon as its inputs are in, over the
+//! writes of batches still syncing; one sync at a time takes everything handed over;
+//! outputs leave once their batch's ticket is durable.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use rollout_coordinator::{Coordinator, CoordinatorInput, CoordinatorOutput, WorkerState};
-use rollout_core::WorkerId;
 use rollout_core::protocol::Channel;
 use rollout_core::traits::Storage;
+use rollout_core::{Error, WorkerId};
+use rollout_storage::pipeline::{PipelinedStorage, Releases, SyncPlan, WRITE_SETS_IN_FLIGHT_MAX};
 use rollout_storage::{CrashMode, MemDisk, RedbStorage};
 
 use super::clock::Clock;
@@ -46,39 +50,46 @@ impl Disk {
 
 pub(super) struct CoordNode {
     pub(super) machine: Option<Coordinator>,
+    /// The machine's storage: the commit pipeline over the disk (a new one per start).
+    pipeline: Option<Arc<PipelinedStorage>>,
     pub(super) disk: Disk,
     pub(super) clock: Clock,
     pub(super) inbox: Vec<CoordinatorInput>,
-    busy_until: u64,
     run_scheduled: bool,
-    /// Bumped on crash: stale releases and timers are ignored.
+    /// Bumped on crash: stale syncs and timers are ignored.
     pub(super) epoch: u64,
     pub(super) timer_generation: u64,
     /// When the pending timer event fires (true ns), if one is pending.
     pub(super) timer_at: Option<u64>,
-    /// Outputs of committed batches waiting for their commit to finish.
-    pending: VecDeque<Vec<CoordinatorOutput>>,
-    /// How long a commit takes now (a `disk_latency` fault changes it).
+    /// Outputs of applied batches (with their batch's wall time), until durable.
+    releases: Releases<(SystemTime, Vec<CoordinatorOutput>)>,
+    /// The sync under way: it ends with a `SyncDone` event.
+    syncing: Option<SyncPlan>,
+    /// How long a sync (fsync) takes now (a `disk_latency` fault changes it).
     pub(super) commit_latency_ns: u64,
-    /// An armed power cut: the downtime after the commit it breaks.
+    /// An armed power cut: the downtime after the sync it breaks.
     pub(super) power_cut: Option<u64>,
+    /// An armed `sync_failure`: the next sync reports an error (the disk survives).
+    pub(super) fail_next_sync: bool,
 }
 
 impl CoordNode {
     pub(super) fn new(disk: Disk, clock: Clock, commit_latency_ns: u64) -> CoordNode {
         CoordNode {
             machine: None,
+            pipeline: None,
             disk,
             clock,
             inbox: Vec::new(),
-            busy_until: 0,
             run_scheduled: false,
             epoch: 0,
             timer_generation: 0,
             timer_at: None,
-            pending: VecDeque::new(),
+            releases: Releases::default(),
+            syncing: None,
             commit_latency_ns,
             power_cut: None,
+            fail_next_sync: false,
         }
     }
 }
@@ -90,7 +101,15 @@ impl Sim {
             Ok(s) => s,
             Err(e) => return self.fail("coordinator_recovery", format!("opening storage: {e}")),
         };
-        match Coordinator::recover(storage, self.settings.clone(), now) {
+        let pipeline = Arc::new(PipelinedStorage::new(storage));
+        self.coord.pipeline = Some(Arc::clone(&pipeline));
+        self.coord_recover_machine(pipeline, now);
+    }
+
+    /// A machine recovered from what the disk holds takes over: to the liveness checks
+    /// it is a restart.
+    fn coord_recover_machine(&mut self, pipeline: Arc<PipelinedStorage>, now: rollout_core::Now) {
+        match Coordinator::recover(pipeline, self.settings.clone(), now) {
             Ok(c) => {
                 let registered: BTreeSet<WorkerId> =
                     c.workers().into_iter().filter(|w| w.state != WorkerState::Failed).map(|w| w.id).collect();
@@ -111,10 +130,13 @@ impl Sim {
         self.coord.timer_generation += 1;
         self.coord.timer_at = None;
         self.coord.inbox.clear();
-        self.coord.pending.clear();
-        self.coord.busy_until = 0;
+        // What was not durable is gone with the process: its sets, and what they held.
+        self.coord.pipeline = None;
+        self.coord.releases.clear();
+        self.coord.syncing = None;
         self.coord.run_scheduled = false;
         self.coord.power_cut = None;
+        self.coord.fail_next_sync = false;
         if let Disk::Redb(disk) = &self.coord.disk {
             // Also disarms a power cut that no commit has met yet.
             disk.crash(mode);
@@ -150,7 +172,7 @@ impl Sim {
             return;
         }
         self.coord.inbox.push(input);
-        if !self.coord.run_scheduled && self.coord.busy_until <= self.now {
+        if !self.coord.run_scheduled {
             self.coord.run_scheduled = true;
             // Scheduled after everything already queued for this instant: all inputs
             // arriving at the same virtual instant form one batch.
@@ -158,9 +180,15 @@ impl Sim {
         }
     }
 
+    /// Applies the inputs gathered so far as one batch, unless the pipeline has its
+    /// fill of unsynced batches (back-pressure: the next sync's end runs it).
     pub(super) fn coord_run(&mut self) {
         self.coord.run_scheduled = false;
         if self.coord.inbox.is_empty() {
+            return;
+        }
+        let Some(pipeline) = self.coord.pipeline.clone() else { return };
+        if pipeline.state().in_flight() >= WRITE_SETS_IN_FLIGHT_MAX {
             return;
         }
         let Some(machine) = self.coord.machine.as_mut() else { return };
@@ -170,6 +198,47 @@ impl Sim {
         self.batches.1 += inputs.len() as u64;
         let mut out = Vec::new();
         if let Err(e) = machine.handle_batch(now, inputs, &mut out) {
+            return self.fail("coordinator_error", format!("handle_batch failed: {e}"));
+        }
+        // Held under the batch's ticket: what it wrote and everything before. A batch
+        // that wrote nothing waits only for the writes before it.
+        let ticket = if self.release_before_durable { 0 } else { pipeline.state().enqueued() };
+        self.coord.releases.hold(ticket, (now.wall, out));
+        self.coord_release();
+        self.coord_sync();
+        self.coord_set_timer();
+    }
+
+    /// Starts a sync of everything handed over, unless one is under way.
+    fn coord_sync(&mut self) {
+        if self.coord.syncing.is_some() {
+            return;
+        }
+        let Some(pipeline) = &self.coord.pipeline else { return };
+        let Some(plan) = pipeline.state().sync_plan(None) else { return };
+        self.coord.syncing = Some(plan);
+        let epoch = self.coord.epoch;
+        self.push(self.now + self.coord.commit_latency_ns, Ev::SyncDone { epoch });
+    }
+
+    /// The sync under way ends: durable (its batches' outputs leave), failed (an
+    /// injected `sync_failure`: the driver recovers its machine from the disk, and
+    /// nothing the failed batches or those built on them produced ever leaves), or cut
+    /// short by a power cut (torn writes, a crash, a restart later).
+    pub(super) fn coord_sync_done(&mut self, epoch: u64) {
+        if epoch != self.coord.epoch {
+            return;
+        }
+        let (Some(plan), Some(pipeline)) = (self.coord.syncing.take(), self.coord.pipeline.clone()) else { return };
+        if std::mem::take(&mut self.coord.fail_next_sync) {
+            let mut state = pipeline.state();
+            // Batches applied over the failing one while it synced: dropped with it.
+            self.sets_dropped += state.in_flight().saturating_sub(plan.sets.len()) as u64;
+            let reason = state.sync_failed(&plan, &Error::internal("injected: fsync failed"));
+            drop(state);
+            return self.coord_recover(&reason);
+        }
+        if let Err(reason) = pipeline.finish_sync(&plan) {
             if let Some(down_ns) = self.coord.power_cut.take() {
                 // The commit died with the power: tear the unsynced writes, come back later.
                 let mode = self.torn_mode();
@@ -179,41 +248,50 @@ impl Sim {
                 self.push(self.now + down_ns, Ev::PowerRestore { epoch });
                 return;
             }
-            return self.fail("coordinator_error", format!("handle_batch failed: {e}"));
+            return self.fail("coordinator_error", format!("sync failed: {reason}"));
         }
-        let mut release = Vec::new();
-        for o in out {
-            match o {
-                // Events are in the audit log, committed with the batch.
-                CoordinatorOutput::Event(e) => self.record("coordinator", now.wall, e),
-                other => release.push(other),
-            }
+        self.coord_release();
+        self.coord_sync();
+        if !self.coord.inbox.is_empty() && !self.coord.run_scheduled {
+            self.coord.run_scheduled = true;
+            self.push(self.now, Ev::CoordRun);
         }
-        self.coord.pending.push_back(release);
-        let epoch = self.coord.epoch;
-        let wrote = self.coord.machine.as_ref().is_some_and(Coordinator::last_batch_wrote);
-        if wrote {
-            // Messages and replies leave only once the commit (fsync) has finished.
-            let done = self.now + self.coord.commit_latency_ns;
-            self.coord.busy_until = done;
-            self.push(done, Ev::CoordRelease { epoch });
-        } else {
-            // Nothing was written, so nothing waits for the disk.
-            self.coord_release(epoch);
-        }
-        self.coord_set_timer();
     }
 
-    pub(super) fn coord_release(&mut self, epoch: u64) {
-        if epoch != self.coord.epoch {
-            return;
+    /// After a failed sync, as the driver does: drops everything held, resets the
+    /// pipeline and recovers the machine from what the disk holds.
+    fn coord_recover(&mut self, reason: &str) {
+        self.instant_span("coordinator", format!("sync failed, recovered ({reason})"));
+        self.coord.releases.clear();
+        self.coord.machine = None;
+        let Some(pipeline) = self.coord.pipeline.clone() else { return };
+        pipeline.state().reset();
+        let now = self.coord.clock.now(self.now);
+        self.coord_recover_machine(pipeline, now);
+        if !self.coord.inbox.is_empty() && !self.coord.run_scheduled {
+            self.coord.run_scheduled = true;
+            self.push(self.now, Ev::CoordRun);
         }
-        let Some(outputs) = self.coord.pending.pop_front() else { return };
+    }
+
+    /// Releases what durable batches hold, in order: history events (in the audit log,
+    /// committed with their batch), messages and replies.
+    fn coord_release(&mut self) {
+        let Some(pipeline) = &self.coord.pipeline else { return };
+        let durability = pipeline.state().durability().clone();
+        let Ok(ready) = self.coord.releases.release(&durability) else { return };
+        for (wall, outputs) in ready {
+            self.release_outputs(wall, outputs);
+        }
+    }
+
+    fn release_outputs(&mut self, wall: SystemTime, outputs: Vec<CoordinatorOutput>) {
         // Like the driver: unary answers and control commands go at once, each worker's
         // Work messages of the batch after them as one burst.
         let mut work: BTreeMap<usize, Vec<Wire>> = BTreeMap::new();
         for o in outputs {
             match o {
+                CoordinatorOutput::Event(e) => self.record("coordinator", wall, e),
                 CoordinatorOutput::Send { to, message } => match self.worker_index.get(&to) {
                     Some(&w) if message.channel() == Channel::Work => {
                         work.entry(w).or_default().push(Wire::Down(message))
@@ -222,15 +300,11 @@ impl Sim {
                     None => self.fail("sim", format!("coordinator sent to unknown worker {to}")),
                 },
                 CoordinatorOutput::Reply { request, reply } => self.operator_reply(request, reply),
-                CoordinatorOutput::Event(_) | CoordinatorOutput::Notice(_) => {}
+                CoordinatorOutput::Notice(_) => {}
             }
         }
         for (w, burst) in work {
             self.send_work(w, burst);
-        }
-        if !self.coord.inbox.is_empty() && !self.coord.run_scheduled {
-            self.coord.run_scheduled = true;
-            self.push(self.now, Ev::CoordRun);
         }
     }
 

@@ -122,6 +122,10 @@ impl Sim {
                 self.coord_enqueue(input);
                 self.instant_span("coordinator", what);
             }
+            (FaultKind::SyncFailure, Some(NodeRef::Coordinator)) => {
+                self.coord.fail_next_sync = true;
+                return;
+            }
             (FaultKind::PowerCut, Some(NodeRef::Coordinator)) => {
                 if self.coord.machine.is_none() {
                     // Already down: no commit to cut.

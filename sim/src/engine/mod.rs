@@ -46,8 +46,12 @@ pub use report::{FaultSpan, MessageRecord, Options, RunReport};
 use worker::WorkerNode;
 
 const NS_PER_MS: u64 = 1_000_000;
-/// The planted bug of the simulator's own transport model: Work frames by count.
+/// A planted bug of the simulator's model of the transport: Work frames by count.
 pub const FRAMES_BY_COUNT: &str = "frames_by_count";
+/// A planted bug of the driver's commit loop: outputs released before they are durable.
+pub const RELEASE_BEFORE_DURABLE: &str = "release_before_durable";
+/// The bugs planted outside the coordinator machine (any build).
+const SIM_PLANTED_BUGS: [&str; 2] = [FRAMES_BY_COUNT, RELEASE_BEFORE_DURABLE];
 
 /// Slack on the liveness bounds: clock offsets both ways, the network's worst latency
 /// both ways, a commit, and a little for drift and scheduling.
@@ -61,7 +65,8 @@ fn slack_ns(scenario: &Scenario) -> u64 {
 #[derive(Debug)]
 enum Ev {
     CoordRun,
-    CoordRelease {
+    /// The coordinator's sync under way ends (unless it crashed since: `epoch`).
+    SyncDone {
         epoch: u64,
     },
     CoordTimer {
@@ -167,10 +172,15 @@ struct Sim {
     stale_rejected: u64,
     /// Work frames that could not be sent: over `limits.max_message_bytes`.
     frames_broken: u64,
+    /// Write sets applied over a sync that then failed, dropped with it.
+    sets_dropped: u64,
     /// `limits.max_message_bytes`: the transport's frame limit.
     max_message_bytes: usize,
     /// The planted bug `frames_by_count`: a burst of Work messages is one frame.
     frames_by_count: bool,
+    /// The planted bug `release_before_durable`: a batch's outputs leave as soon as it
+    /// is applied, before its writes are synced.
+    release_before_durable: bool,
     audit_entries: u64,
     /// Every task's state on the coordinator's disk at the end.
     final_states: Vec<(TaskId, TaskState)>,
@@ -242,7 +252,8 @@ impl Sim {
         // `frames_by_count` is planted in the simulator's model of the transport's
         // framing; every other bug in the coordinator.
         let frames_by_count = scenario.planted_bug.as_deref() == Some(FRAMES_BY_COUNT);
-        if let Some(bug) = scenario.planted_bug.as_deref().filter(|b| *b != FRAMES_BY_COUNT) {
+        let release_before_durable = scenario.planted_bug.as_deref() == Some(RELEASE_BEFORE_DURABLE);
+        if let Some(bug) = scenario.planted_bug.as_deref().filter(|b| !SIM_PLANTED_BUGS.contains(b)) {
             settings.plant_bug(bug).map_err(setup)?;
         }
         let mut faults = scenario.faults.clone();
@@ -279,8 +290,10 @@ impl Sim {
             fault_log: Vec::new(),
             stale_rejected: 0,
             frames_broken: 0,
+            sets_dropped: 0,
             max_message_bytes: config.limits.max_message_bytes as usize,
             frames_by_count,
+            release_before_durable,
             audit_entries: 0,
             final_states: Vec::new(),
             now: 0,
@@ -329,7 +342,7 @@ impl Sim {
     fn hash_event(&mut self, t: u64, ev: &Ev) {
         let (tag, a, b): (&str, u64, u64) = match ev {
             Ev::CoordRun => ("coord_run", 0, 0),
-            Ev::CoordRelease { epoch } => ("coord_release", *epoch, 0),
+            Ev::SyncDone { epoch } => ("sync_done", *epoch, 0),
             Ev::CoordTimer { generation } => ("coord_timer", *generation, 0),
             Ev::WorkerTimer { w, generation } => ("worker_timer", *w as u64, *generation),
             Ev::WorkerStart { w } => ("worker_start", *w as u64, 0),
@@ -386,7 +399,7 @@ impl Sim {
     fn dispatch(&mut self, ev: Ev) {
         match ev {
             Ev::CoordRun => self.coord_run(),
-            Ev::CoordRelease { epoch } => self.coord_release(epoch),
+            Ev::SyncDone { epoch } => self.coord_sync_done(epoch),
             Ev::CoordTimer { generation } => self.coord_timer(generation),
             Ev::WorkerTimer { w, .. }
             | Ev::Deliver { w, msg: Wire::Down(_), .. }

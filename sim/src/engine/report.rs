@@ -92,6 +92,8 @@ pub struct RunReport {
     pub audit_entries: u64,
     /// Work frames over `limits.max_message_bytes`, each of which broke its stream.
     pub frames_broken: u64,
+    /// Write sets of batches applied over a sync that then failed (dropped with it).
+    pub sets_dropped: u64,
 }
 
 impl RunReport {
@@ -127,6 +129,7 @@ impl RunReport {
             stale_rejected: 0,
             audit_entries: 0,
             frames_broken: 0,
+            sets_dropped: 0,
         }
     }
 }
@@ -260,6 +263,7 @@ impl Sim {
             stale_rejected: self.stale_rejected,
             audit_entries: self.audit_entries,
             frames_broken: self.frames_broken,
+            sets_dropped: self.sets_dropped,
         }
     }
 }

@@ -472,8 +472,6 @@ pub struct Coordinator {
     /// No `c/format` yet (a new database): written with the first batch that writes.
     pub(crate) format_unwritten: bool,
     pub(crate) poisoned: Option<String>,
-    /// Whether the last batch wrote (and so committed and synced) anything.
-    pub(crate) last_batch_wrote: bool,
     pub(crate) last_mono: Mono,
     /// The wall clock of the batch being applied (ms), for the records it stamps.
     pub(crate) now_wall_ms: u64,
@@ -576,12 +574,11 @@ impl<'s> Batch<'s> {
 
     /// Commits (when anything was written) and hands back the outputs, and whether
     /// there was a commit.
-    fn commit(self) -> Result<(Vec<CoordinatorOutput>, bool)> {
-        let wrote = self.txn.is_some();
+    fn commit(self) -> Result<Vec<CoordinatorOutput>> {
         if let Some(txn) = self.txn {
             txn.commit()?;
         }
-        Ok((self.outputs, wrote))
+        Ok(self.outputs)
     }
 }
 
@@ -638,7 +635,6 @@ impl Coordinator {
             counters_dirty: false,
             format_unwritten: format.is_none(),
             poisoned: None,
-            last_batch_wrote: false,
             last_mono: now.mono,
             now_wall_ms: unix_millis(now.wall),
             audit_prune_at: None,
@@ -795,8 +791,7 @@ impl Coordinator {
         let mut batch = Batch::new(&*storage, now);
         let applied = self.apply_all(now, inputs, &mut batch);
         match applied.and_then(|()| batch.commit()) {
-            Ok((outputs, wrote)) => {
-                self.last_batch_wrote = wrote;
+            Ok(outputs) => {
                 out.extend(outputs);
                 Ok(())
             }
@@ -821,13 +816,6 @@ impl Coordinator {
         }
         self.batch_results.clear();
         self.finish_batch(batch)
-    }
-
-    /// Whether the last successful batch wrote anything. A batch that wrote nothing
-    /// (heartbeats only, say) did not commit or sync, so a driver may release its
-    /// outputs at once instead of after a disk flush.
-    pub fn last_batch_wrote(&self) -> bool {
-        self.last_batch_wrote
     }
 
     /// When the driver must deliver the next [`CoordinatorInput::Tick`]: the next

@@ -20,6 +20,8 @@ mod values;
 #[cfg(feature = "watch")]
 mod watch;
 
+pub mod pipeline;
+
 pub use mem_disk::{CrashMode, DEFAULT_CAPACITY_BYTES, MemDisk, MemDiskBackend, MemDiskError};
 pub use redb_storage::{DEFAULT_PATH, OpenOptions, RedbStorage};
 pub use values::{StorageExt, StorageTxnExt, decode_value, display_key, encode_value};

@@ -33,6 +33,7 @@ use crate::history::Stamper;
 use crate::node_env::{BlockingWork, NodeEnv, SystemWallClock, WallClock};
 use crate::pipeline::{CommitPipeline, Durability};
 use crate::wire;
+use rollout_storage::pipeline::Releases;
 
 /// Most inputs applied in one batch (one transaction).
 pub const BATCH_INPUTS_MAX: usize = 8192;
@@ -231,7 +232,7 @@ pub fn spawn_coordinator_driver(opts: CoordinatorDriverOptions) -> Result<(Coord
         machine: Some(machine),
         pipeline,
         durable,
-        held: VecDeque::new(),
+        held: Releases::default(),
         settings: opts.settings,
         emitter: opts.emitter,
         stamper: Stamper::new("coordinator"),
@@ -254,10 +255,9 @@ struct WorkerLink {
     control: Option<(u64, Incarnation, mpsc::Sender<pb::ControlMessage>)>,
 }
 
-/// What a batch or a query leaves for the world, held until the writes it may reflect
-/// (every write set up to `ticket`) are durable.
+/// What a batch or a query leaves for the world, held (in [`Releases`], under the
+/// pipeline's ticket) until the writes it may reflect are durable.
 struct Held {
-    ticket: u64,
     now: Now,
     outputs: Vec<CoordinatorOutput>,
     answer: Option<Box<dyn FnOnce() + Send>>,
@@ -274,8 +274,8 @@ struct Driver {
     /// The machine's storage.
     pipeline: Arc<CommitPipeline>,
     durable: watch::Receiver<Durability>,
-    /// Oldest first; tickets never decrease.
-    held: VecDeque<Held>,
+    /// The release rule shared with the simulator.
+    held: Releases<Held>,
     settings: CoordinatorSettings,
     emitter: Arc<dyn EventEmitter>,
     stamper: Stamper,
@@ -460,7 +460,7 @@ impl Driver {
             return self.recover().await;
         }
         tracing::trace!(channel = "coordinator", batch_len, outputs = out.len(), "batch applied");
-        self.held.push_back(Held { ticket: self.pipeline.enqueued(), now, outputs: out, answer: None });
+        self.held.hold(self.pipeline.enqueued(), Held { now, outputs: out, answer: None });
         if self.release_durable() {
             return self.recover().await;
         }
@@ -469,13 +469,8 @@ impl Driver {
 
     /// Holds `answer` until everything the machine has applied so far is durable.
     fn answer_when_durable(&mut self, answer: impl FnOnce() + Send + 'static) {
-        let held = Held {
-            ticket: self.pipeline.enqueued(),
-            now: self.clock.now(),
-            outputs: Vec::new(),
-            answer: Some(Box::new(answer)),
-        };
-        self.held.push_back(held);
+        let held = Held { now: self.clock.now(), outputs: Vec::new(), answer: Some(Box::new(answer)) };
+        self.held.hold(self.pipeline.enqueued(), held);
         if self.release_durable() {
             // Noticed again (and recovered from) at the next durability change or batch.
             tracing::debug!(channel = "coordinator", "storage pipeline failed; answers held");
@@ -486,11 +481,8 @@ impl Driver {
     /// pipeline failed (then nothing is released; the caller recovers).
     fn release_durable(&mut self) -> bool {
         let durability = self.durable.borrow_and_update().clone();
-        if durability.failed.is_some() {
-            return true;
-        }
-        while self.held.front().is_some_and(|held| held.ticket <= durability.seq) {
-            let Some(held) = self.held.pop_front() else { break };
+        let Ok(ready) = self.held.release(&durability) else { return true };
+        for held in ready {
             self.release(held.now, held.outputs);
             if let Some(answer) = held.answer {
                 answer();
@@ -504,9 +496,8 @@ impl Driver {
     /// from what storage committed.
     async fn recover(&mut self) -> Result<()> {
         let failure = self.durable.borrow().failed.clone();
-        tracing::error!(channel = "coordinator", failure = ?failure, held = self.held.len(),
-            "recovering the coordinator from storage");
-        self.held.clear();
+        let held = self.held.clear();
+        tracing::error!(channel = "coordinator", failure = ?failure, held, "recovering the coordinator from storage");
         self.pending_registers.clear();
         self.pending_beats.clear();
         self.pending_requests.clear();

@@ -1,5 +1,9 @@
 //! Commit pipelining: the coordinator applies its next batch while the last one syncs.
 //!
+//! The bookkeeping and the release rule are sans-IO, in `rollout_storage::pipeline`
+//! (the simulator drives the same [`PipelineState`]); this is its committer: a thread
+//! (or, inline, the caller) and back-pressure on the machine.
+//!
 //! [`CommitPipeline`] is a [`Storage`] that the coordinator machine writes through. A
 //! transaction's [`StorageTxn::commit`] does not wait for the disk: it hands the
 //! transaction's writes (a *write set*) to a committer, which applies them to the inner
@@ -22,123 +26,58 @@
 //! With [`BlockingWork::Inline`] (a simulation) the committer runs inside `commit`, so a
 //! run stays a function of its seed; the driver's release logic is the same.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::ops::Bound;
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use rollout_core::traits::{KeyValue, Storage, StorageTxn};
 use rollout_core::{Error, Result};
+pub use rollout_storage::pipeline::Durability;
+use rollout_storage::pipeline::{
+    HandOver, LayeredTxn, PipelineState, WriteSet, Writes, layered, overlay_scan, overlay_scan_page,
+};
 use tokio::sync::watch;
 
 use crate::node_env::BlockingWork;
 
-/// Write sets queued behind the disk before `commit` waits (back-pressure on the machine).
-pub const WRITE_SETS_IN_FLIGHT_MAX: usize = 4;
-
-/// Each written key's latest value (`None`: deleted), in key order.
-type Writes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
-
-/// One committed-to-the-pipeline transaction.
-#[derive(Debug)]
-struct WriteSet {
-    seq: u64,
-    /// Sets from before the last [`CommitPipeline::reset`] are dropped, not applied.
-    epoch: u64,
-    writes: Writes,
-}
-
-/// How far the inner storage has come.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Durability {
-    /// Every write set up to this sequence number is durable.
-    pub seq: u64,
-    /// Why the pipeline is poisoned, if it is.
-    pub failed: Option<String>,
-}
-
-#[derive(Debug, Default)]
-struct State {
-    /// Sets handed over but not yet durable, oldest first.
-    in_flight: VecDeque<Arc<WriteSet>>,
-    /// The last sequence number given out.
-    enqueued: u64,
-    epoch: u64,
-    failed: Option<String>,
-}
+pub use rollout_storage::pipeline::WRITE_SETS_IN_FLIGHT_MAX;
 
 struct Shared {
     inner: Arc<dyn Storage>,
-    state: Mutex<State>,
-    /// Signalled whenever `in_flight` shrinks.
+    state: Mutex<PipelineState>,
+    /// Signalled whenever the sets in flight shrink.
     drained: Condvar,
     durable: watch::Sender<Durability>,
 }
 
 impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave `State` half-updated (every update
-        // is a single push, pop or assignment), so a poisoned lock is still usable.
+    fn lock(&self) -> MutexGuard<'_, PipelineState> {
+        // A panic while holding the lock cannot leave the state half-updated (every
+        // update is one call on it), so a poisoned lock is still usable.
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Applies `sets` (in order) to the inner storage in one transaction and commits.
-    fn commit_sets(&self, sets: &[Arc<WriteSet>]) {
-        let Some(last) = sets.last().map(|set| set.seq) else { return };
-        let current_epoch = {
-            let state = self.lock();
-            if state.failed.is_some() {
-                // Built on writes that failed to commit: dropped.
-                return;
-            }
-            state.epoch
-        };
-        let live: Vec<&Arc<WriteSet>> = sets.iter().filter(|set| set.epoch == current_epoch).collect();
-        if live.is_empty() {
-            return;
-        }
-        let result = (|| -> Result<()> {
-            let mut txn = self.inner.begin_write()?;
-            for set in &live {
-                for (key, value) in &set.writes {
-                    match value {
-                        Some(value) => txn.put(key, value)?,
-                        None => {
-                            txn.delete(key)?;
-                        }
-                    }
-                }
-            }
-            txn.commit()
-        })();
-        if result.is_ok() {
-            // Durable first, out of flight second: whoever sees the sets gone (a drain)
-            // also sees them durable. A reader in between lays sets over storage that
-            // already holds them: the same values.
-            self.durable.send_modify(|d| d.seq = d.seq.max(last));
-        }
+    fn commit_sets(&self, sets: Vec<Arc<WriteSet>>) {
+        // None: built on writes that failed to commit, or from before a reset: dropped.
+        let Some(plan) = self.lock().sync_plan(Some(sets)) else { return };
+        let result = plan.apply(&*self.inner);
         let mut state = self.lock();
-        if state.epoch != current_epoch {
-            // Reset while we were committing: whatever we did is the new baseline.
-            return;
-        }
         match result {
-            Ok(()) => {
-                while state.in_flight.front().is_some_and(|set| set.seq <= last) {
-                    state.in_flight.pop_front();
-                }
-                drop(state);
-            }
+            Ok(()) => state.synced(&plan),
             Err(e) => {
-                let reason = format!("committing write set {last}: {e}");
-                tracing::error!(channel = "coordinator", error = %e, seq = last, "pipelined commit failed");
-                state.failed = Some(reason.clone());
-                state.in_flight.clear();
-                drop(state);
-                self.durable.send_modify(|d| d.failed = Some(reason));
+                let reason = state.sync_failed(&plan, &e);
+                tracing::error!(channel = "coordinator", error = %reason, "pipelined commit failed");
             }
         }
+        // Published under the lock: whoever sees the sets gone (a drain) sees them durable.
+        let durability = state.durability().clone();
+        self.durable.send_if_modified(|d| {
+            let changed = *d != durability;
+            *d = durability;
+            changed
+        });
+        drop(state);
         self.drained.notify_all();
     }
 }
@@ -156,12 +95,7 @@ pub struct CommitPipeline {
 
 impl std::fmt::Debug for CommitPipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let state = self.shared.lock();
-        f.debug_struct("CommitPipeline")
-            .field("in_flight", &state.in_flight.len())
-            .field("enqueued", &state.enqueued)
-            .field("failed", &state.failed)
-            .finish_non_exhaustive()
+        f.debug_struct("CommitPipeline").field("state", &*self.shared.lock()).finish_non_exhaustive()
     }
 }
 
@@ -169,8 +103,9 @@ impl CommitPipeline {
     /// Wraps `inner`. With [`BlockingWork::Pool`] a dedicated thread commits; with
     /// [`BlockingWork::Inline`] each `commit` commits before it returns.
     pub fn new(inner: Arc<dyn Storage>, blocking: BlockingWork) -> Result<Self> {
-        let (durable, _) = watch::channel(Durability { seq: 0, failed: None });
-        let shared = Arc::new(Shared { inner, state: Mutex::new(State::default()), drained: Condvar::new(), durable });
+        let (durable, _) = watch::channel(Durability::default());
+        let shared =
+            Arc::new(Shared { inner, state: Mutex::new(PipelineState::default()), drained: Condvar::new(), durable });
         let committer = match blocking {
             BlockingWork::Inline => Committer::Inline,
             BlockingWork::Pool => {
@@ -184,7 +119,7 @@ impl CommitPipeline {
                             // into this one: one fsync for all of it.
                             let mut sets = vec![first];
                             sets.extend(rx.try_iter());
-                            for_thread.commit_sets(&sets);
+                            for_thread.commit_sets(sets);
                         }
                     })
                     .map_err(|e| Error::internal(format!("starting the commit thread: {e}")))?;
@@ -197,7 +132,7 @@ impl CommitPipeline {
     /// The sequence number of the last write set handed over (0: none yet). A batch's
     /// outputs may be released once [`CommitPipeline::durable`] reaches it.
     pub fn enqueued(&self) -> u64 {
-        self.shared.lock().enqueued
+        self.shared.lock().enqueued()
     }
 
     /// Follows durability; see [`Durability`].
@@ -208,56 +143,44 @@ impl CommitPipeline {
     /// Blocks until no write set is in flight; returns why the pipeline failed, if it did.
     pub fn drain_blocking(&self) -> Option<String> {
         let mut state = self.shared.lock();
-        while !state.in_flight.is_empty() && state.failed.is_none() {
+        while state.in_flight() > 0 && state.durability().failed.is_none() {
             state = self.shared.drained.wait(state).unwrap_or_else(std::sync::PoisonError::into_inner);
         }
-        state.failed.clone()
+        state.durability().failed.clone()
     }
 
     /// Clears a failure: sets still queued are dropped, and reads see only what the inner
     /// storage committed. Call it before recovering a machine from the inner storage.
     pub fn reset(&self) {
         let mut state = self.shared.lock();
-        state.epoch += 1;
-        state.in_flight.clear();
-        state.failed = None;
-        let enqueued = state.enqueued;
-        drop(state);
+        state.reset();
         // Nothing older than now will ever be reported durable: let waiters past it.
-        self.shared.durable.send_modify(|d| {
-            d.seq = enqueued;
-            d.failed = None;
-        });
+        let durability = state.durability().clone();
+        self.shared.durable.send_replace(durability);
+        drop(state);
         self.shared.drained.notify_all();
     }
 
     /// The sets in flight now, oldest first: what a reader lays over the inner storage.
     fn layers(&self) -> Result<Vec<Arc<WriteSet>>> {
-        let state = self.shared.lock();
-        if let Some(reason) = &state.failed {
-            return Err(Error::internal(format!("storage pipeline failed ({reason}); recover from storage")));
-        }
-        Ok(state.in_flight.iter().cloned().collect())
+        self.shared.lock().layers()
     }
+}
 
+impl HandOver for CommitPipeline {
     fn hand_over(&self, writes: Writes) -> Result<()> {
         let mut state = self.shared.lock();
-        while state.in_flight.len() >= WRITE_SETS_IN_FLIGHT_MAX && state.failed.is_none() {
+        while state.in_flight() >= WRITE_SETS_IN_FLIGHT_MAX && state.durability().failed.is_none() {
             state = self.shared.drained.wait(state).unwrap_or_else(std::sync::PoisonError::into_inner);
         }
-        if let Some(reason) = &state.failed {
-            return Err(Error::internal(format!("storage pipeline failed ({reason}); recover from storage")));
-        }
-        state.enqueued += 1;
-        let set = Arc::new(WriteSet { seq: state.enqueued, epoch: state.epoch, writes });
-        state.in_flight.push_back(Arc::clone(&set));
+        let set = state.hand_over(writes)?;
         drop(state);
         let mut committer = self.committer.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match &mut *committer {
             Committer::Inline => {
                 drop(committer);
-                self.shared.commit_sets(&[set]);
-                match self.shared.lock().failed.clone() {
+                self.shared.commit_sets(vec![set]);
+                match self.shared.lock().durability().failed.clone() {
                     Some(reason) => Err(Error::internal(reason)),
                     None => Ok(()),
                 }
@@ -284,85 +207,10 @@ impl Drop for CommitPipeline {
     }
 }
 
-/// The value of `key` in `layers` (newest wins), or `None` if no layer wrote it.
-fn layered(layers: &[Arc<WriteSet>], key: &[u8]) -> Option<Option<Vec<u8>>> {
-    layers.iter().rev().find_map(|set| set.writes.get(key).cloned())
-}
-
-/// Lays `writes` over `pairs` (all under `prefix`), in key order.
-fn overlay_scan(pairs: Vec<KeyValue>, overlays: &[&Writes], prefix: &[u8]) -> Vec<KeyValue> {
-    if overlays.iter().all(|w| w.is_empty()) {
-        return pairs;
-    }
-    let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = pairs.into_iter().collect();
-    for writes in overlays {
-        let from = Bound::Included(prefix.to_vec());
-        for (key, value) in writes.range::<Vec<u8>, _>((from, Bound::Unbounded)) {
-            if !key.starts_with(prefix) {
-                break;
-            }
-            match value {
-                Some(value) => merged.insert(key.clone(), value.clone()),
-                None => merged.remove(key),
-            };
-        }
-    }
-    merged.into_iter().collect()
-}
-
-/// One page of the inner storage under `prefix` after `after`, with the overlays laid
-/// over it. Overlay deletes can empty an inner page, so the inner storage is read
-/// window by window until `limit` pairs are found or it has no more; each window's
-/// overlay keys are exactly those between the window's bounds.
-fn overlay_scan_page(
-    inner: &dyn Storage,
-    overlays: &[&Writes],
-    prefix: &[u8],
-    after: Option<&[u8]>,
-    limit: usize,
-) -> Result<Vec<KeyValue>> {
-    if overlays.iter().all(|w| w.is_empty()) {
-        return inner.scan_page(prefix, after, limit);
-    }
-    let mut found: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-    let mut cursor: Option<Vec<u8>> = after.map(<[u8]>::to_vec);
-    loop {
-        let page = inner.scan_page(prefix, cursor.as_deref(), limit)?;
-        let full = limit > 0 && page.len() == limit;
-        let upper = if full { page.last().map(|(k, _)| k.clone()) } else { None };
-        let mut window: BTreeMap<Vec<u8>, Vec<u8>> = page.into_iter().collect();
-        let lower = match &cursor {
-            Some(c) if c.as_slice() >= prefix => Bound::Excluded(c.clone()),
-            _ => Bound::Included(prefix.to_vec()),
-        };
-        let high = match &upper {
-            Some(u) => Bound::Included(u.clone()),
-            None => Bound::Unbounded,
-        };
-        for writes in overlays {
-            for (key, value) in writes.range::<Vec<u8>, _>((lower.clone(), high.clone())) {
-                if !key.starts_with(prefix) {
-                    break;
-                }
-                match value {
-                    Some(value) => window.insert(key.clone(), value.clone()),
-                    None => window.remove(key),
-                };
-            }
-        }
-        found.extend(window);
-        if found.len() >= limit || upper.is_none() {
-            break;
-        }
-        cursor = upper;
-    }
-    Ok(found.into_iter().take(limit).collect())
-}
-
 impl Storage for CommitPipeline {
     fn begin_write(&self) -> Result<Box<dyn StorageTxn + '_>> {
         let layers = self.layers()?;
-        Ok(Box::new(PipelineTxn { pipeline: self, layers, writes: Writes::new() }))
+        Ok(Box::new(LayeredTxn::new(&*self.shared.inner, self, layers)))
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
@@ -386,53 +234,6 @@ impl Storage for CommitPipeline {
         let layers = self.layers()?;
         let overlays: Vec<&Writes> = layers.iter().map(|set| &set.writes).collect();
         overlay_scan_page(&*self.shared.inner, &overlays, prefix, after, limit)
-    }
-}
-
-/// A transaction over a [`CommitPipeline`]: its writes, over the sets in flight when it
-/// began (no other set can start while it is open: the machine is the only writer).
-struct PipelineTxn<'p> {
-    pipeline: &'p CommitPipeline,
-    layers: Vec<Arc<WriteSet>>,
-    writes: Writes,
-}
-
-impl StorageTxn for PipelineTxn<'_> {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        if let Some(value) = self.writes.get(key) {
-            return Ok(value.clone());
-        }
-        match layered(&self.layers, key) {
-            Some(value) => Ok(value),
-            None => self.pipeline.shared.inner.get(key),
-        }
-    }
-
-    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
-        self.writes.insert(key.to_vec(), Some(value.to_vec()));
-        Ok(())
-    }
-
-    fn delete(&mut self, key: &[u8]) -> Result<bool> {
-        let existed = self.get(key)?.is_some();
-        if existed {
-            self.writes.insert(key.to_vec(), None);
-        }
-        Ok(existed)
-    }
-
-    fn scan(&self, prefix: &[u8]) -> Result<Vec<KeyValue>> {
-        let pairs = self.pipeline.shared.inner.scan(prefix)?;
-        let mut overlays: Vec<&Writes> = self.layers.iter().map(|set| &set.writes).collect();
-        overlays.push(&self.writes);
-        Ok(overlay_scan(pairs, &overlays, prefix))
-    }
-
-    fn commit(self: Box<Self>) -> Result<()> {
-        if self.writes.is_empty() {
-            return Ok(());
-        }
-        self.pipeline.hand_over(self.writes)
     }
 }
 
