@@ -697,9 +697,14 @@ impl Coordinator {
                     )));
                 }
                 let runs: ShapeRuns = decode(&key, &bytes)?;
-                let count: u32 = runs.iter().map(|(n, _)| *n).sum();
+                let total = runs.iter().try_fold(entry.record.tasks, |sum, (n, _)| sum.checked_add(*n));
+                let Some(total) = total.filter(|t| *t <= tasks) else {
+                    return Err(Error::internal(format!(
+                        "{id}: its shape records describe more than the {tasks} tasks its record says"
+                    )));
+                };
                 entry.extend_shapes(runs);
-                entry.record.tasks += count;
+                entry.record.tasks = total;
             }
             Ok(())
         })?;
@@ -721,8 +726,13 @@ impl Coordinator {
         for_each_page(&*self.storage, &job_tasks_prefix(id), |page| {
             for (key, bytes) in page {
                 let task = task_from_key(TASK_PREFIX, &key)?;
+                if task.index >= tasks {
+                    return Err(Error::internal(format!(
+                        "{id}: a task record for {task}, beyond the job's {tasks} tasks"
+                    )));
+                }
                 let record: TaskRecord = decode(&key, &bytes)?;
-                for index in next..task.index.min(tasks) {
+                for index in next..task.index {
                     live.push((TaskId::new(id, index), None));
                     counts.queued += 1;
                 }
