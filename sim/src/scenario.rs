@@ -324,7 +324,8 @@ pub struct Fault {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by_ms: Option<i64>,
     /// For `crash`, `power_cut`, `partition`, `slow`, `flap`, `disk_latency`: undo the
-    /// fault (restart, heal, restore) this long after it began, in ms.
+    /// fault (restart, heal, restore) this long after it began, in ms (a `power_cut`
+    /// without it: 2 000 ms after the commit it breaks).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub for_ms: Option<u64>,
     /// For `slow`: extra one-way latency in ms; for `disk_latency`: the commit latency.

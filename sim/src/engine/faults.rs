@@ -10,6 +10,9 @@ use super::{Ev, NS_PER_MS, Sim};
 use crate::liveness::{CoordEnv, Env};
 use crate::scenario::{Direction, FaultKind, NodeRef};
 
+/// How long the coordinator stays down after a power cut without `for_ms`.
+pub(crate) const POWER_CUT_DOWNTIME_MS: u64 = 2_000;
+
 impl Sim {
     pub(super) fn fault(&mut self, i: usize) {
         let fault = self.faults[i].clone();
@@ -136,7 +139,7 @@ impl Sim {
                 if let Disk::Redb(disk) = &self.coord.disk {
                     disk.cut_power_after_syncs(syncs);
                 }
-                self.coord.power_cut = Some(fault.for_ms.unwrap_or(2_000) * NS_PER_MS);
+                self.coord.power_cut = Some(fault.for_ms.unwrap_or(POWER_CUT_DOWNTIME_MS) * NS_PER_MS);
                 return;
             }
             // Validation rejects every other combination.

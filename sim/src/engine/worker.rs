@@ -8,7 +8,7 @@ use rollout_core::history::HistoryEvent;
 use rollout_core::protocol::{Assignment, Channel, ToCoordinator};
 use rollout_core::traits::Inventory;
 use rollout_core::{ContentId, FencingToken, TaskId, WorkerId};
-use rollout_worker::{TaskOutcome, Worker, WorkerInput, WorkerOutput, WorkerSettings};
+use rollout_worker::{TaskOutcome, Worker, WorkerInput, WorkerOutput, WorkerSettings, plugin_stop_after};
 
 use super::clock::Clock;
 use super::network::Wire;
@@ -39,6 +39,11 @@ pub(super) struct WorkerNode {
     pub(super) oracle: SelfFenceOracle,
 }
 
+/// What every simulated worker host offers (the simulator schedules no GPU work).
+fn sim_inventory() -> Inventory {
+    Inventory { cpus: 8, memory_bytes: 16 << 30, gpus: Vec::new() }
+}
+
 impl WorkerNode {
     pub(super) fn new(id: WorkerId, clock: Clock) -> WorkerNode {
         WorkerNode {
@@ -66,7 +71,7 @@ impl Sim {
             node.id.clone(),
             self.scenario.cluster.slots,
             vec!["sim".into()],
-            Inventory { cpus: 8, memory_bytes: 16 << 30, gpus: Vec::new() },
+            sim_inventory(),
             &self.worker_config,
         );
         node.machine = Some(Worker::new(settings, self.rng_worker_seeds.next_u64()));
@@ -152,7 +157,7 @@ impl Sim {
     }
 
     /// The simulated plugin: how long the call of `a` takes and how it ends, drawn from
-    /// the workload. The plugin host stops a call at its deadline.
+    /// the workload. A call still running at its deadline plus the grace is stopped.
     fn plugin_call(&mut self, a: &Assignment) -> (u64, TaskOutcome) {
         let wl = &self.scenario.workload;
         let [lo, hi] = wl.task_duration_ms;
@@ -171,9 +176,10 @@ impl Sim {
         if p_hang > 0.0 && self.rng_plugin.unit_f64() < p_hang {
             dur = u64::MAX;
         }
-        let deadline = u64::try_from(a.deadline.as_nanos()).unwrap_or(u64::MAX);
-        if dur > deadline {
-            dur = deadline;
+        // Stopped where every driver stops a call: its deadline plus the grace.
+        let stop = u64::try_from(plugin_stop_after(a.deadline).as_nanos()).unwrap_or(u64::MAX);
+        if dur > stop {
+            dur = stop;
             outcome = TaskOutcome::Failed { message: format!("plugin call exceeded its deadline of {:?}", a.deadline) };
         }
         (dur, outcome)

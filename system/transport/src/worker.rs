@@ -547,14 +547,13 @@ impl WorkerDriver {
             let blocking_cancel = cancel.clone();
             let run = blocking.run(move || plugins.call(&call, &blocking_cancel));
             // The host is asked to honour the deadline; if it does not, the driver stops
-            // waiting at the deadline (plus a grace period) and reports the attempt failed.
-            // (Biased: a call that finished is never reported late, and the choice draws
-            // no randomness.)
-            let grace = Duration::from_millis(100);
+            // waiting at the deadline plus the grace every driver gives (the simulator
+            // too) and reports the attempt failed. (Biased: a call that finished is never
+            // reported late, and the choice draws no randomness.)
             let result = tokio::select! {
                 biased;
                 joined = run => joined.unwrap_or_else(|e| Err(PluginError::Crashed(format!("plugin call panicked: {e}")))),
-                () = tokio::time::sleep(deadline.saturating_add(grace)) => {
+                () = tokio::time::sleep(rollout_worker::plugin_stop_after(deadline)) => {
                     cancel.cancel();
                     Err(PluginError::DeadlineExceeded(deadline))
                 }

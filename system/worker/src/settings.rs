@@ -14,6 +14,15 @@ use rollout_core::{Config, WorkerId};
 pub const METRICS_INTERVAL_DEFAULT: Duration = Duration::from_secs(2);
 /// The longest failure message a worker submits, by default (longer ones are truncated).
 pub const MAX_ERROR_MESSAGE_BYTES_DEFAULT: usize = 4096;
+/// How long past its deadline a plugin call is waited for. The plugin host is asked to
+/// honour the deadline; a call still running this much later is stopped and its attempt
+/// reported failed. One rule for every driver: the transport's worker and the simulator.
+pub const PLUGIN_DEADLINE_GRACE: Duration = Duration::from_millis(100);
+
+/// When a driver stops waiting for a plugin call with `deadline`.
+pub fn plugin_stop_after(deadline: Duration) -> Duration {
+    deadline.saturating_add(PLUGIN_DEADLINE_GRACE)
+}
 
 /// Everything a [`crate::Worker`] needs to know about itself and the protocol's timing.
 ///
