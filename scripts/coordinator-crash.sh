@@ -4,8 +4,8 @@
 #   1 coordinator + 2 workers (w1, w2) on loopback under mutual TLS, with the built-in
 #   plugins only (echo, sleep). Load: BIG_JOBS jobs of BIG_TASKS `sleep` tasks of 20-50 ms
 #   each, plus a stream of small `echo` jobs submitted back to back by a background loop
-#   (one `rollout submit --no-wait` per job; its exit status and its "job-N (name): K
-#   tasks queued" line say whether it was acknowledged, and which job it got).
+#   (one `rollout submit --no-wait --json` per job; its exit status and its "queued"
+#   line say whether it was acknowledged, and which job it got).
 #
 #   While tasks run and a stream submit is (probably) in flight, the coordinator is
 #   killed with SIGKILL and restarted on the same data dir and port, with a new history
@@ -166,7 +166,7 @@ stream_loop() {
         rc=0
         # A submit cut off by the kill fails at once (the connection is reset); the
         # timeout only keeps a hung one from stalling the test.
-        timeout 10 "$ROLLOUT" submit --config "$cfg" --no-wait "$f" >"$tmp/stream/s$i.out" 2>"$tmp/stream/s$i.err" || rc=$?
+        timeout 10 "$ROLLOUT" submit --config "$cfg" --no-wait --json "$f" >"$tmp/stream/s$i.out" 2>"$tmp/stream/s$i.err" || rc=$?
         echo "$i $rc $start $(now_ms)" >>"$tmp/submits.txt"
         if ((rc != 0)); then sleep 0.1; else sleep 0.02; fi
     done
@@ -184,9 +184,9 @@ for j in $(seq 1 "$BIG_JOBS"); do
 done
 total_big=$((BIG_JOBS * BIG_TASKS))
 say "submitting $BIG_JOBS jobs x $BIG_TASKS sleep tasks (20-50 ms) and a stream of $STREAM_TASKS-task echo jobs"
-"$ROLLOUT" submit --config "$cfg" --no-wait "$big" >"$tmp/big.out" 2>"$tmp/big.err" ||
+"$ROLLOUT" submit --config "$cfg" --no-wait --json "$big" >"$tmp/big.out" 2>"$tmp/big.err" ||
     die "submitting the big jobs failed: $(cat "$tmp/big.err")"
-[[ $(grep -c 'tasks queued' "$tmp/big.out") == "$BIG_JOBS" ]] || die "unexpected submit output: $(cat "$tmp/big.out")"
+[[ $(grep -c '"event":"queued"' "$tmp/big.out") == "$BIG_JOBS" ]] || die "unexpected submit output: $(cat "$tmp/big.out")"
 
 # Waits until the current coordinator's history shows at least $1 commits and $2
 # leases not yet committed (a python exit status), or dies after $3 ms.
@@ -258,7 +258,7 @@ stop_stream
 retried=0
 while read -r i rc _ _; do
     ((rc != 0)) || continue
-    "$ROLLOUT" submit --config "$cfg" --no-wait "$tmp/stream/s$i.jsonl" >"$tmp/stream/s$i.retry.out" 2>"$tmp/stream/s$i.retry.err" ||
+    "$ROLLOUT" submit --config "$cfg" --no-wait --json "$tmp/stream/s$i.jsonl" >"$tmp/stream/s$i.retry.out" 2>"$tmp/stream/s$i.retry.err" ||
         die "retrying stream submit $i failed: $(cat "$tmp/stream/s$i.retry.err")"
     retried=$((retried + 1))
 done <"$tmp/submits.txt"
@@ -320,16 +320,19 @@ def expected_tasks(path):
         out[t["job"]].append(t["payload"])
     return out
 
-queued = re.compile(r"^job-(\d+) \(([^)]*)\): (\d+) tasks queued$")
 def acked(out_path):
-    """job name -> job id, from a submit's output."""
+    """job name -> job id, from a submit's --json output."""
     got = {}
     for l in lines(out_path):
-        m = queued.match(l)
-        if not m:
+        try:
+            line = json.loads(l)
+        except ValueError:
+            failures.append(f"{out_path}: not a JSON line: {l!r}")
+            continue
+        if line.get("event") != "queued":
             failures.append(f"{out_path}: unexpected line {l!r}")
             continue
-        got[m.group(2)] = int(m.group(1))
+        got[line["name"]] = line["id"]
     return got
 
 # What was acknowledged: the big jobs, every stream submit that exited 0, and every

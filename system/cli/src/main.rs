@@ -170,6 +170,12 @@ enum Command {
         /// Return once the jobs are queued instead of waiting for them to finish.
         #[arg(long)]
         no_wait: bool,
+        /// Print one JSON object per line instead of text: each job as it is queued
+        /// ({"event":"queued","job":"job-N","id":N,"name":..,"tasks":K,"existing":bool})
+        /// and, when waiting, each job as it ends ({"event":"finished","job":..,
+        /// "committed":..,"dead_lettered":..,"cancelled":..,"tasks":..}).
+        #[arg(long)]
+        json: bool,
     },
     /// Show cluster totals, workers (state, last beat, due_at, clock offset, inventory),
     /// jobs with progress, and latency percentiles.
@@ -379,7 +385,7 @@ async fn run_async(command: Command) -> Result<(), Error> {
             let join = join.zip(token);
             run::worker(&common, &id, slots, coordinator, join, history).await
         }
-        Command::Submit { op, file, no_wait } => ops::submit(&op, &file, !no_wait).await,
+        Command::Submit { op, file, no_wait, json } => ops::submit(&op, &file, !no_wait, json).await,
         Command::Status { op, json, all, job, finished } => {
             let view = match (all, job) {
                 (true, _) => ops::StatusView::All,

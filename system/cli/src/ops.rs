@@ -185,7 +185,7 @@ where
 /// tasks in batches (OpenJob, AppendTasks..., SealJob), resuming where an earlier,
 /// interrupted run of the same file stopped. A job small enough for one message goes
 /// as one SubmitJob.
-pub async fn submit(op: &OperatorArgs, file: &Path, wait: bool) -> Result<(), Error> {
+pub async fn submit(op: &OperatorArgs, file: &Path, wait: bool, json: bool) -> Result<(), Error> {
     use sha2::Digest;
     let config = load_config(&op.common)?;
     let limits = config.limits;
@@ -366,15 +366,27 @@ pub async fn submit(op: &OperatorArgs, file: &Path, wait: bool) -> Result<(), Er
         bar.inc(sent);
         accepted.push(reply);
         bar.suspend(|| {
-            let note = if reply.existing { " (already queued by an earlier submit of this file)" } else { "" };
-            println!("{} ({name}): {} tasks queued{note}", JobId(reply.job), reply.tasks);
+            if json {
+                let line = serde_json::json!({
+                    "event": "queued",
+                    "job": JobId(reply.job).to_string(),
+                    "id": reply.job,
+                    "name": name,
+                    "tasks": reply.tasks,
+                    "existing": reply.existing,
+                });
+                println!("{line}");
+            } else {
+                let note = if reply.existing { " (already queued by an earlier submit of this file)" } else { "" };
+                println!("{} ({name}): {} tasks queued{note}", JobId(reply.job), reply.tasks);
+            }
         });
     }
     bar.finish_and_clear();
     if !wait {
         return Ok(());
     }
-    wait_for_jobs(&mut client, &accepted).await
+    wait_for_jobs(&mut client, &accepted, json).await
 }
 
 /// A job of the file in the second pass.
@@ -422,7 +434,11 @@ fn spinner(message: &str) -> ProgressBar {
 }
 
 /// Polls until every accepted job has finished, with a progress bar.
-async fn wait_for_jobs(client: &mut OperatorClient<Channel>, accepted: &[pb::SubmitJobResponse]) -> Result<(), Error> {
+async fn wait_for_jobs(
+    client: &mut OperatorClient<Channel>,
+    accepted: &[pb::SubmitJobResponse],
+    json: bool,
+) -> Result<(), Error> {
     let total: u64 = accepted.iter().map(|a| u64::from(a.tasks)).sum();
     let bar = ProgressBar::new(total);
     if let Ok(style) = ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} tasks finished {msg}") {
@@ -452,14 +468,26 @@ async fn wait_for_jobs(client: &mut OperatorClient<Channel>, accepted: &[pb::Sub
         if finished >= total {
             bar.finish();
             for j in mine {
-                println!(
-                    "{}: {} committed, {} dead-lettered, {} cancelled of {}",
-                    JobId(j.job),
-                    j.committed,
-                    j.dead_lettered,
-                    j.cancelled,
-                    j.tasks
-                );
+                if json {
+                    let line = serde_json::json!({
+                        "event": "finished",
+                        "job": JobId(j.job).to_string(),
+                        "committed": j.committed,
+                        "dead_lettered": j.dead_lettered,
+                        "cancelled": j.cancelled,
+                        "tasks": j.tasks,
+                    });
+                    println!("{line}");
+                } else {
+                    println!(
+                        "{}: {} committed, {} dead-lettered, {} cancelled of {}",
+                        JobId(j.job),
+                        j.committed,
+                        j.dead_lettered,
+                        j.cancelled,
+                        j.tasks
+                    );
+                }
             }
             return Ok(());
         }
