@@ -318,7 +318,7 @@ impl Sim {
     }
 
     pub(super) fn coord_set_timer(&mut self) {
-        let at = self.coord.machine.as_ref().and_then(|m| m.poll_timeout());
+        let at = self.coord.machine.as_ref().map(Coordinator::poll_timeout);
         let t = at.map(|at| self.coord.clock.true_time_of(at).max(self.now + 1_000));
         if t.is_some() && t == self.coord.timer_at {
             // Already pending at that time: no second event.

@@ -169,7 +169,7 @@ impl Coordinator {
         self.dirty_tasks.insert(task);
         self.batch_assign_bytes += payload.len() as u64;
         let deadline = shape.deadline.unwrap_or(self.settings.default_task_deadline);
-        self.record(HistoryEvent::Leased { task, worker: id.clone(), token, attempt }, batch)?;
+        self.record(HistoryEvent::Leased { task, worker: id.clone(), token, attempt }, batch);
         batch.send(
             id,
             ToWorker::Assign(Assignment {

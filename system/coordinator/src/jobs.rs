@@ -282,7 +282,7 @@ impl Coordinator {
             self.tasks.insert(task, None);
             self.push_ready(task);
         }
-        self.record(HistoryEvent::JobAccepted { job, tasks }, batch)?;
+        self.record(HistoryEvent::JobAccepted { job, tasks }, batch);
         Ok(tasks)
     }
 
@@ -363,7 +363,7 @@ impl Coordinator {
         let from = std::mem::replace(&mut record.state, TaskState::Cancelled);
         self.count_transition(task.job, from.kind(), StateKind::Cancelled);
         self.retire(task, record, batch)?;
-        self.record(HistoryEvent::Cancelled { task }, batch)?;
+        self.record(HistoryEvent::Cancelled { task }, batch);
         Ok(true)
     }
 
@@ -464,7 +464,7 @@ impl Coordinator {
         }
         batch.delete(&key)?;
         if done.expired {
-            self.record(HistoryEvent::JobExpired { job: done.job }, batch)?;
+            self.record(HistoryEvent::JobExpired { job: done.job }, batch);
         }
         Ok(())
     }

@@ -831,12 +831,13 @@ impl Coordinator {
     /// When the driver must deliver the next [`CoordinatorInput::Tick`]: the next
     /// failure scan or retry, or at once when the last batch left work for the next
     /// (dispatch cut short by [`ASSIGN_BYTES_PER_BATCH_MAX`], a deletion in progress).
-    pub fn poll_timeout(&self) -> Option<Mono> {
+    /// There is always a next failure scan, so always a time.
+    pub fn poll_timeout(&self) -> Mono {
         if self.more_work {
-            return Some(self.last_mono);
+            return self.last_mono;
         }
         let first_delayed = self.delayed.first().map(|(at, _)| *at);
-        Some(first_delayed.map_or(self.next_scan, |d| d.min(self.next_scan)))
+        first_delayed.map_or(self.next_scan, |d| d.min(self.next_scan))
     }
 
     fn apply(&mut self, now: Now, input: CoordinatorInput, batch: &mut Batch<'_>) -> Result<()> {
@@ -929,14 +930,13 @@ impl Coordinator {
     // ------------------------------------------------------------------ durability
 
     /// Appends an event to the audit chain (in this batch) and to the outputs.
-    pub(crate) fn record(&mut self, event: HistoryEvent, batch: &mut Batch<'_>) -> Result<()> {
+    pub(crate) fn record(&mut self, event: HistoryEvent, batch: &mut Batch<'_>) {
         self.counters.audit_seq += 1;
         let entry = AuditEntry::new(self.counters.audit_seq, batch.wall_unix_ms, &event, self.counters.audit_head);
         self.counters.audit_head = entry.hash;
         self.counters_dirty = true;
         self.audit_block.push(entry);
         batch.outputs.push(CoordinatorOutput::Event(event));
-        Ok(())
     }
 
     /// Writes every record the batch changed.

@@ -27,7 +27,7 @@ impl Coordinator {
                     self.count_transition(task.job, from.kind(), StateKind::Committed);
                     self.claim_result(&result, size_bytes, batch)?;
                     self.retire(task, record, batch)?;
-                    self.record(HistoryEvent::Committed { task, worker: id.clone(), token, result }, batch)?;
+                    self.record(HistoryEvent::Committed { task, worker: id.clone(), token, result }, batch);
                 }
                 Outcome::Succeeded { size_bytes, .. } => {
                     let reason = format!(
@@ -39,10 +39,10 @@ impl Coordinator {
                 Outcome::Failed { message } => self.end_lease(now, task, message, true, batch)?,
             },
             SubmitVerdict::Duplicate => {
-                self.record(HistoryEvent::DuplicateSubmit { task, worker: id.clone(), token }, batch)?;
+                self.record(HistoryEvent::DuplicateSubmit { task, worker: id.clone(), token }, batch);
             }
             SubmitVerdict::Stale => {
-                self.record(HistoryEvent::StaleRejected { task, worker: id.clone(), token }, batch)?;
+                self.record(HistoryEvent::StaleRejected { task, worker: id.clone(), token }, batch);
             }
         }
         batch.send(id, ToWorker::SubmitAck { task, token, verdict });
@@ -189,7 +189,7 @@ impl Coordinator {
             let from = std::mem::replace(&mut record.state, TaskState::DeadLettered);
             self.count_transition(task.job, from.kind(), StateKind::DeadLettered);
             self.retire(task, record, batch)?;
-            self.record(HistoryEvent::DeadLettered { task, attempts: attempt }, batch)?;
+            self.record(HistoryEvent::DeadLettered { task, attempts: attempt }, batch);
             return Ok(());
         }
         let failures = record.errors.len() as u32;
@@ -204,7 +204,8 @@ impl Coordinator {
             self.push_ready(task);
         }
         let error = if failed || !error.is_empty() { error } else { "assignment lost in transit".to_owned() };
-        self.record(HistoryEvent::Requeued { task, attempt, error }, batch)
+        self.record(HistoryEvent::Requeued { task, attempt, error }, batch);
+        Ok(())
     }
 
     /// `retry_backoff_initial × 2^(failures-1)`, capped at `retry_backoff_max`.

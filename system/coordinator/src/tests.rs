@@ -332,9 +332,7 @@ fn a_silent_worker_is_declared_failed_within_the_bound_and_its_leases_requeued()
     let mut declared_at = None;
     while h.now.wall <= bound + Duration::from_secs(1) {
         h.advance(Duration::from_millis(50));
-        if let Some(next) = h.coord().poll_timeout()
-            && next <= h.now.mono
-        {
+        if h.coord().poll_timeout() <= h.now.mono {
             let out = h.tick();
             if declared_at.is_none()
                 && out.iter().any(|o| matches!(o, CoordinatorOutput::Event(HistoryEvent::DeclaredFailed { .. })))

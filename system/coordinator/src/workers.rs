@@ -84,7 +84,7 @@ impl Coordinator {
         entry.boot = Some(reg.boot);
         self.workers.insert(id.clone(), entry);
         self.dirty_workers.insert(id.clone());
-        self.record(HistoryEvent::Registered { worker: id.clone(), incarnation }, batch)?;
+        self.record(HistoryEvent::Registered { worker: id.clone(), incarnation }, batch);
         batch.send(&id, ToWorker::Registered { incarnation, terms: self.settings.worker_terms(), assigns_sent: 0 });
         if was_draining {
             batch.send(&id, ToWorker::Control(Control::Drain));
@@ -323,7 +323,7 @@ impl Coordinator {
         let worker = self.workers.get_mut(id).expect("looked up above");
         worker.record.state = WorkerState::Draining;
         self.dirty_workers.insert(id.clone());
-        self.record(HistoryEvent::Drained { worker: id.clone() }, batch)?;
+        self.record(HistoryEvent::Drained { worker: id.clone() }, batch);
         batch.send(id, ToWorker::Control(Control::Drain));
         batch.reply(request, OperatorReply::Draining);
         Ok(())
@@ -354,7 +354,7 @@ impl Coordinator {
         let incarnation = worker.record.incarnation;
         let leases: Vec<TaskId> = worker.leases.iter().copied().collect();
         self.dirty_workers.insert(id.clone());
-        self.record(HistoryEvent::DeclaredFailed { worker: id.clone(), incarnation }, batch)?;
+        self.record(HistoryEvent::DeclaredFailed { worker: id.clone(), incarnation }, batch);
         let reason = format!("worker {id} (incarnation {incarnation}) was declared failed");
         for task in leases {
             self.end_lease(now, task, reason.clone(), true, batch)?;

@@ -296,7 +296,7 @@ impl Driver {
             let deadline = self
                 .machine
                 .as_ref()
-                .and_then(Coordinator::poll_timeout)
+                .map(Coordinator::poll_timeout)
                 .map(|at| self.clock.instant_of(at))
                 .unwrap_or_else(|| tokio::time::Instant::now() + std::time::Duration::from_secs(1));
             tokio::select! {
