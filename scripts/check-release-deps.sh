@@ -2,7 +2,7 @@
 # The release binary carries no simulation machinery: turmoil (layer 2 of the simulator,
 # a dev-dependency of `sim` only) and tokio's `test-util` feature (which turmoil turns on:
 # a pausable, steerable clock) must never enter the normal dependency graph of `rollout`
-# (rollout-cli depends on the `sim` library for `rollout check`). Fails (exit 1) naming
+# (rollout-cli takes the checker from rollout-history, not from `sim`). Fails (exit 1) naming
 # each offender and who pulls it in.
 set -euo pipefail
 cd "$(dirname "$0")/.."

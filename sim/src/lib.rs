@@ -6,8 +6,9 @@
 //! One `u64` seed determines a whole run: same scenario, seed and binary give the same
 //! trace hash ([`RunReport::trace_hash`]).
 
-pub mod checker;
 mod engine;
+/// The invariant checker, in its own crate so that `rollout check` needs no simulator.
+pub use rollout_history as checker;
 pub mod liveness;
 pub mod model_store;
 pub mod scenario;

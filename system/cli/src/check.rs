@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use rollout_core::TaskId;
 use rollout_core::history::HistoryRecord;
-use sim::checker::{ReportedState, check_recorded, check_states, merge_histories};
+use rollout_history::{ReportedState, check_recorded, check_states, merge_histories};
 
 /// Longest line of a history or results file (a record is a few hundred bytes; a
 /// results line with its result bytes at most a few MiB).

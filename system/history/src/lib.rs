@@ -1,4 +1,4 @@
-//! The invariant checker. It judges a recorded history ([`HistoryRecord`]s in their
+//! rollout-history: the invariant checker. It judges a recorded history ([`HistoryRecord`]s in their
 //! total order) plus, at the end, the acknowledged jobs and the tasks the coordinator
 //! holds, and nothing else, so it can later judge histories from real binaries too.
 //!
@@ -8,8 +8,9 @@
 //! - `fenced_commit`: a commit carries the task's latest leased token; leased tokens
 //!   strictly increase per task.
 //! - `self_fence`: after a worker's `Fenced`, it starts no task until the coordinator
-//!   has registered it again. (The simulator additionally checks, against the worker's
-//!   own deadline, that no Submit or start leaves at or after it.)
+//!   has registered it again. (The simulator additionally checks, with
+//!   `rollout_core::oracle::SelfFenceOracle` over what each worker sent and received,
+//!   that no Submit or start leaves at or after its deadline.)
 //! - `no_overlap`: no task runs on two workers at once (strict only when clocks stay
 //!   within the skew budget).
 //! - `no_lost_task` (end): every task of every acknowledged job is held by the
