@@ -35,6 +35,9 @@ use crate::pipeline::{CommitPipeline, Durability};
 use crate::wire;
 use rollout_storage::pipeline::Releases;
 
+mod handle;
+pub use handle::*;
+
 /// Most inputs applied in one batch (one transaction).
 pub const BATCH_INPUTS_MAX: usize = 8192;
 /// Result and payload bytes taken into one batch; the rest waits for the next (a
@@ -47,153 +50,6 @@ pub const INBOX_CAPACITY: usize = 65_536;
 pub const WORK_FRAMES_QUEUED_MAX: usize = 1024;
 /// Control messages queued towards one worker before further ones are dropped.
 pub const CONTROL_QUEUED_MAX: usize = 256;
-
-/// The node's clocks: monotonic from tokio's clock (so a simulated runtime can drive
-/// it), wall from a [`WallClock`] (the system's unless a simulation supplies one).
-#[derive(Debug, Clone)]
-pub struct NodeClock {
-    origin: tokio::time::Instant,
-    wall: Arc<dyn WallClock>,
-}
-
-impl NodeClock {
-    /// A clock whose monotonic origin is now, with the system's wall clock.
-    pub fn start() -> Self {
-        Self::start_with(Arc::new(SystemWallClock))
-    }
-
-    /// A clock whose monotonic origin is now, reading wall time from `wall`.
-    pub fn start_with(wall: Arc<dyn WallClock>) -> Self {
-        NodeClock { origin: tokio::time::Instant::now(), wall }
-    }
-
-    /// Both readings.
-    pub fn now(&self) -> Now {
-        Now::new(Mono::from_duration(self.origin.elapsed()), self.wall.now())
-    }
-
-    /// The tokio instant of a monotonic reading.
-    pub fn instant_of(&self, at: Mono) -> tokio::time::Instant {
-        self.origin + at.as_duration()
-    }
-}
-
-/// An operator request, as the driver takes it.
-#[derive(Debug, Clone)]
-pub enum OperatorRequest {
-    /// Queue a job.
-    SubmitJob(JobSubmission),
-    /// Open a job for appends.
-    OpenJob {
-        /// Its label.
-        name: String,
-        /// Its key.
-        idempotency_key: Option<String>,
-    },
-    /// Append tasks to an open job.
-    AppendTasks {
-        /// The job.
-        job: JobId,
-        /// Index of the first task given.
-        first_index: u32,
-        /// The tasks.
-        tasks: Vec<TaskSpec>,
-    },
-    /// Seal an open job.
-    SealJob {
-        /// The job.
-        job: JobId,
-        /// Tasks appended in all.
-        tasks: u32,
-    },
-    /// Cancel a job's unfinished tasks.
-    CancelJob(JobId),
-    /// Cancel one task.
-    CancelTask(TaskId),
-    /// Drain a worker.
-    Drain(WorkerId),
-}
-
-/// What flows down a Work stream: frames, or the error that ends it.
-pub(crate) type WorkItem = std::result::Result<pb::CoordinatorFrame, tonic::Status>;
-
-pub(crate) enum DriverMsg {
-    /// What one Work frame of a worker carried: submits (each with its result's
-    /// bytes, stored with its commit if it is accepted) and the frame's latest pull.
-    /// `permit` holds the bytes against the stream's budget until the batch is applied.
-    WorkFrame {
-        worker: WorkerId,
-        submits: Vec<(Submit, Option<Vec<u8>>)>,
-        pull: Option<Pull>,
-        permit: Option<OwnedSemaphorePermit>,
-    },
-    Register(WorkerId, Register, oneshot::Sender<ToWorker>),
-    Heartbeat(WorkerId, Heartbeat, oneshot::Sender<ToWorker>),
-    Operator(OperatorRequest, oneshot::Sender<OperatorReply>),
-    AttachWork {
-        worker: WorkerId,
-        incarnation: Incarnation,
-        conn: u64,
-        tx: mpsc::Sender<WorkItem>,
-    },
-    AttachControl {
-        worker: WorkerId,
-        incarnation: Incarnation,
-        conn: u64,
-        tx: mpsc::Sender<pb::ControlMessage>,
-    },
-    Detach {
-        worker: WorkerId,
-        conn: u64,
-    },
-    Status(StatusQuery, oneshot::Sender<StatusPage>),
-}
-
-/// A cheap, cloneable handle to the coordinator driver.
-#[derive(Clone, Debug)]
-pub struct CoordinatorHandle {
-    pub(crate) inbox: mpsc::Sender<DriverMsgBox>,
-}
-
-/// Wrapper so the handle can derive Debug without exposing the message type.
-pub(crate) struct DriverMsgBox(pub(crate) DriverMsg);
-
-impl std::fmt::Debug for DriverMsgBox {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("DriverMsg")
-    }
-}
-
-impl CoordinatorHandle {
-    pub(crate) async fn send(&self, msg: DriverMsg) -> Result<()> {
-        self.inbox.send(DriverMsgBox(msg)).await.map_err(|_| stopped())
-    }
-
-    /// Sends an operator request and waits for its reply (after its batch committed).
-    pub async fn operator(&self, request: OperatorRequest) -> Result<OperatorReply> {
-        let (tx, rx) = oneshot::channel();
-        self.send(DriverMsg::Operator(request, tx)).await?;
-        rx.await.map_err(|_| stopped())
-    }
-
-    /// A page of the cluster's current state (answered once what it shows is durable).
-    pub async fn status(&self, query: StatusQuery) -> Result<StatusPage> {
-        let (tx, rx) = oneshot::channel();
-        self.send(DriverMsg::Status(query, tx)).await?;
-        rx.await.map_err(|_| stopped())
-    }
-}
-
-fn stopped() -> Error {
-    Error::recoverable(
-        rollout_core::Recoverable::Unavailable(
-            "the coordinator dropped the request: its batch failed and was not committed, or the coordinator is \
-             stopping"
-                .into(),
-        ),
-        rollout_core::RetryHint::Backoff,
-    )
-}
 
 /// What the driver needs.
 pub struct CoordinatorDriverOptions {
