@@ -17,7 +17,7 @@ mod swarm;
 pub mod timeline;
 
 pub use engine::{
-    FRAMES_BY_COUNT, FaultSpan, MessageRecord, Options, RELEASE_BEFORE_DURABLE, RunReport, run, run_with,
+    Coverage, FRAMES_BY_COUNT, FaultSpan, MessageRecord, Options, RELEASE_BEFORE_DURABLE, RunReport, run, run_with,
 };
 pub use scenario::Scenario;
 

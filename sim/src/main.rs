@@ -177,6 +177,8 @@ fn print_summary(r: &RunReport, wall_s: f64) {
     println!("stale submits     {} rejected", r.stale_rejected);
     println!("frames broken     {} (work frames over limits.max_message_bytes)", r.frames_broken);
     println!("sets dropped      {} (batches applied over a sync that failed)", r.sets_dropped);
+    let reached: Vec<String> = r.coverage.reached().iter().map(|(n, c)| format!("{n} {c}")).collect();
+    println!("coverage          {}", if reached.is_empty() { "nothing rare".to_owned() } else { reached.join(", ") });
     println!("faults            {}", r.faults.len());
     println!("audit entries     {} verified", r.audit_entries);
     println!("history           {} events", r.history.len());

@@ -153,3 +153,24 @@ fn a_failed_sync_takes_batches_applied_over_it_down_with_it() {
     let dropped: u64 = SEEDS.iter().map(|&seed| run(&scenario, seed).sets_dropped).sum();
     assert!(dropped > 0, "no batch was ever applied over a sync that failed");
 }
+
+#[test]
+fn every_scenario_still_exercises_what_it_exists_for() {
+    // Each scenario names the rare states and fault effects it is for (`exercises`);
+    // summed over its test seeds, each must be reached, or the scenario has stopped
+    // testing what it claims (a fault that no longer lands, a timing that moved).
+    for scenario in shipped() {
+        let seeds = if scenario.seeds.is_empty() { SEEDS.to_vec() } else { scenario.seeds.clone() };
+        let reports: Vec<_> = seeds.iter().map(|&seed| run(&scenario, seed)).collect();
+        for name in &scenario.exercises {
+            let total: u64 = reports.iter().filter_map(|r| r.coverage.get(name)).sum();
+            assert!(total > 0, "{}: seeds {seeds:?} never reached {name}", scenario.name);
+        }
+    }
+    let unknown = format!(
+        "duration_s = 1\nexercises = [\"nothing\"]\n{}",
+        "[cluster]\nworkers = 1\nslots = 1\n[workload]\njobs = 1\ntasks_per_job = 1\ntask_duration_ms = [1, 2]\n"
+    );
+    let err = Scenario::parse(&unknown, Path::new("x.toml")).expect_err("unknown name").to_string();
+    assert!(err.contains("exercises[0]") && err.contains("stale_rejected"), "{err}");
+}

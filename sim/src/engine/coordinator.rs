@@ -131,6 +131,9 @@ impl Sim {
         self.coord.timer_at = None;
         self.coord.inbox.clear();
         // What was not durable is gone with the process: its sets, and what they held.
+        if self.coord.pipeline.as_ref().is_some_and(|p| p.state().in_flight() > 0) {
+            self.coverage.lost_unsynced += 1;
+        }
         self.coord.pipeline = None;
         self.coord.releases.clear();
         self.coord.syncing = None;
@@ -242,6 +245,7 @@ impl Sim {
             if let Some(down_ns) = self.coord.power_cut.take() {
                 // The commit died with the power: tear the unsynced writes, come back later.
                 let mode = self.torn_mode();
+                self.coverage.torn_recovered += 1;
                 self.open_span("coordinator", format!("power cut ({mode:?})"));
                 self.coord_crash(mode);
                 let epoch = self.coord.epoch;

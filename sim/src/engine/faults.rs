@@ -65,6 +65,11 @@ impl Sim {
                 // coordinator keeps deadlines on its own monotonic clock.
                 let by_ms = fault.by_ms.unwrap_or(0);
                 let by = i128::from(by_ms) * NS_PER_MS as i128;
+                let running = match node {
+                    NodeRef::Coordinator => self.coord.machine.is_some(),
+                    NodeRef::Worker(w) => self.workers[w].machine.is_some(),
+                };
+                self.coverage.clock_steps += u64::from(running && by != 0);
                 match node {
                     NodeRef::Coordinator => self.coord.clock.wall_offset_ns += by,
                     NodeRef::Worker(w) => self.workers[w].clock.wall_offset_ns += by,

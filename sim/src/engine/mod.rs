@@ -14,6 +14,7 @@
 
 mod clock;
 mod coordinator;
+mod coverage;
 mod faults;
 mod network;
 mod operator;
@@ -40,6 +41,7 @@ use crate::scenario::{Fault, Scenario, StorageKind};
 use crate::swarm;
 use clock::Clock;
 use coordinator::{CoordNode, Disk};
+pub use coverage::Coverage;
 use network::{Link, Wire};
 use report::HashWriter;
 pub use report::{FaultSpan, MessageRecord, Options, RunReport};
@@ -174,6 +176,8 @@ struct Sim {
     frames_broken: u64,
     /// Write sets applied over a sync that then failed, dropped with it.
     sets_dropped: u64,
+    /// What the run exercised.
+    coverage: Coverage,
     /// `limits.max_message_bytes`: the transport's frame limit.
     max_message_bytes: usize,
     /// The planted bug `frames_by_count`: a burst of Work messages is one frame.
@@ -291,6 +295,7 @@ impl Sim {
             stale_rejected: 0,
             frames_broken: 0,
             sets_dropped: 0,
+            coverage: Coverage::default(),
             max_message_bytes: config.limits.max_message_bytes as usize,
             frames_by_count,
             release_before_durable,
@@ -386,6 +391,7 @@ impl Sim {
         if matches!(record.event, HistoryEvent::StaleRejected { .. }) {
             self.stale_rejected += 1;
         }
+        self.coverage.observe(&record.event);
         if self.violation.is_none() {
             if let Err(v) = self.checker.observe(&record) {
                 self.violation = Some(v);

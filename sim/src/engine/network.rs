@@ -185,9 +185,11 @@ impl Sim {
         let net = &self.scenario.network;
         let (loss, dup) = (net.unary_loss, net.unary_duplicate);
         if loss > 0.0 && self.rng_net.unit_f64() < loss {
+            self.coverage.unary_lost_or_duplicated += 1;
             return Vec::new();
         }
         if dir == Dir::Up && dup > 0.0 && self.rng_net.unit_f64() < dup {
+            self.coverage.unary_lost_or_duplicated += 1;
             let again = self.now + self.latency() + extra;
             return vec![at, again];
         }
@@ -199,6 +201,7 @@ impl Sim {
         self.messages.0 += 1;
         let (dir, unary) = (msg.dir(), msg.unary());
         if self.links[w].blocked(dir) && !unary {
+            self.coverage.held_messages += 1;
             let rec = self.log_message(w, &msg, None);
             self.links[w].half_mut(dir).held.push_back((msg, rec));
             return;
@@ -285,6 +288,7 @@ impl Sim {
         let link = &mut self.links[w];
         if link.conn == conn && link.blocked(dir) && !msg.unary() {
             link.half_mut(dir).held.push_back((msg, rec));
+            self.coverage.held_messages += 1;
             return;
         }
         let receiver_up = match dir {
@@ -333,6 +337,7 @@ impl Sim {
     pub(super) fn keepalive(&mut self, w: usize, conn: u64, generation: u64) {
         let link = &self.links[w];
         if link.conn == conn && link.blocked_generation == generation && link.blocked_any() {
+            self.coverage.keepalive_resets += 1;
             self.reset_link(w, "keepalive timeout");
         }
     }

@@ -8,7 +8,7 @@ use rollout_core::history::HistoryRecord;
 use rollout_core::{JobId, TaskId};
 use sha2::{Digest, Sha256};
 
-use super::Sim;
+use super::{Coverage, Sim};
 use crate::checker::{FinalState, Violation};
 use crate::scenario::{Fault, Scenario};
 
@@ -94,6 +94,8 @@ pub struct RunReport {
     pub frames_broken: u64,
     /// Write sets of batches applied over a sync that then failed (dropped with it).
     pub sets_dropped: u64,
+    /// What the run exercised.
+    pub coverage: Coverage,
 }
 
 impl RunReport {
@@ -130,6 +132,7 @@ impl RunReport {
             audit_entries: 0,
             frames_broken: 0,
             sets_dropped: 0,
+            coverage: Coverage::default(),
         }
     }
 }
@@ -264,6 +267,12 @@ impl Sim {
             audit_entries: self.audit_entries,
             frames_broken: self.frames_broken,
             sets_dropped: self.sets_dropped,
+            coverage: Coverage {
+                sets_dropped: self.sets_dropped,
+                frames_broken: self.frames_broken,
+                overlaps: self.checker.overlaps,
+                ..self.coverage
+            },
         }
     }
 }

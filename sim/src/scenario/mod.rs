@@ -95,6 +95,11 @@ pub struct Scenario {
     /// Random faults drawn per seed on top of the schedule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub swarm: Option<Swarm>,
+    /// What the scenario exists for: coverage names (`sim::Coverage::NAMES`, e.g.
+    /// `stale_rejected`, `torn_recovered`) its test seeds must reach; `cargo test -p
+    /// sim` fails when they no longer do.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exercises: Vec<String>,
 }
 
 /// A per-seed random fault mix: `faults` faults of the listed kinds at random times in

@@ -11,6 +11,15 @@ impl Scenario {
             key,
             message: message.to_owned(),
         };
+        for (i, name) in self.exercises.iter().enumerate() {
+            if crate::Coverage::NAMES.iter().all(|n| n != name) {
+                let known = crate::Coverage::NAMES.join(", ");
+                return Err(bad(
+                    format!("exercises[{i}]"),
+                    &format!("unknown coverage name {name:?} (known: {known})"),
+                ));
+            }
+        }
         if self.cluster.workers == 0 || self.cluster.workers > 1_000 {
             return Err(bad("cluster.workers".into(), "must be in 1..=1000"));
         }
