@@ -6,8 +6,10 @@
 //! cut off. The simulator feeds this module both the history and its own fault state
 //! ([`Env`] changes), all stamped with true time.
 //!
-//! Bounds (DESIGN.md, "Liveness"), in true time, with `slack` covering clock offsets,
-//! network latency and commit latency:
+//! Bounds (DESIGN.md, "Liveness"), in true time, with `slack` covering clock offsets
+//! and network latency, plus twice the slowest commit latency in force (commits are
+//! pipelined: a declaration or an answer may wait for the sync under way and then for
+//! its own; see [`Liveness::commit_latency`]):
 //! - `detect`: a registered worker cut off at `t0` (crashed, suspended, or its link to
 //!   the coordinator cut) is declared failed by `t0 + 2 × heartbeat_interval +
 //!   skew_budget + max(failure_timeout, skew_budget) + scan_interval + slack` (the
@@ -125,6 +127,11 @@ pub struct Liveness {
     workers: BTreeMap<WorkerId, WorkerTrack>,
     coord_up: bool,
     coord_disturbed_at: u64,
+    /// Added to every pending bound: what the slowest commit seen so far can add to an
+    /// answer. Commits are pipelined, so a batch's outputs may wait for the sync under
+    /// way and then for their own: twice the commit latency (a `disk_latency` fault
+    /// raises it).
+    commit_allowance_ns: u64,
     /// The earliest pending bound (kept current: the simulator asks after every event).
     next: Option<u64>,
 }
@@ -153,12 +160,21 @@ impl Liveness {
             workers: workers.into_iter().map(|w| (w, track.clone())).collect(),
             coord_up: true,
             coord_disturbed_at: 0,
+            commit_allowance_ns: 0,
             next: None,
         }
     }
 
     fn refresh(&mut self) {
-        self.next = self.workers.values().flat_map(|w| [w.detect_by, w.rejoin_by]).flatten().min();
+        let pending = self.workers.values().flat_map(|w| [w.detect_by, w.rejoin_by]).flatten().min();
+        self.next = pending.map(|by| by + self.commit_allowance_ns);
+    }
+
+    /// The coordinator's commits take `ns` from now on (the bounds allow for the
+    /// slowest seen).
+    pub fn commit_latency(&mut self, ns: u64) {
+        self.commit_allowance_ns = self.commit_allowance_ns.max(2 * ns);
+        self.refresh();
     }
 
     /// A worker's environment changed at true time `t`.
@@ -294,8 +310,9 @@ impl Liveness {
         if !self.strict_liveness {
             return Ok(());
         }
+        let allowance = self.commit_allowance_ns;
         for (id, w) in &self.workers {
-            if let Some(by) = w.detect_by
+            if let Some(by) = w.detect_by.map(|by| by + allowance)
                 && t > by
             {
                 return Err(Violation {
@@ -303,23 +320,26 @@ impl Liveness {
                     seq: None,
                     message: format!(
                         "{id} was cut off but not declared failed by t={:.3}s (bound {:.3} s after the cut, \
-                         or {:.3} s after a coordinator restart)",
+                         or {:.3} s after a coordinator restart, plus {:.3} s for commits)",
                         by as f64 / 1e9,
                         self.bounds.detect_ns as f64 / 1e9,
-                        self.bounds.detect_after_restart_ns as f64 / 1e9
+                        self.bounds.detect_after_restart_ns as f64 / 1e9,
+                        allowance as f64 / 1e9
                     ),
                 });
             }
-            if let Some(by) = w.rejoin_by
+            if let Some(by) = w.rejoin_by.map(|by| by + allowance)
                 && t > by
             {
                 return Err(Violation {
                     invariant: "rejoin",
                     seq: None,
                     message: format!(
-                        "{id} healthy again but not registered by t={:.3}s (bound {:.3} s after the heal)",
+                        "{id} healthy again but not registered by t={:.3}s (bound {:.3} s after the heal, plus \
+                         {:.3} s for commits)",
                         by as f64 / 1e9,
-                        self.bounds.rejoin_ns as f64 / 1e9
+                        self.bounds.rejoin_ns as f64 / 1e9,
+                        allowance as f64 / 1e9
                     ),
                 });
             }

@@ -93,6 +93,7 @@ impl Sim {
             (FaultKind::DiskLatency, Some(NodeRef::Coordinator)) => {
                 let ms = fault.latency_ms.unwrap_or(0);
                 self.coord.commit_latency_ns = ms * NS_PER_MS;
+                self.liveness.commit_latency(ms * NS_PER_MS);
                 self.liveness.coord_env(self.now, CoordEnv::Disturbed);
                 self.open_span(&name, format!("fsync {ms} ms"));
             }
