@@ -231,6 +231,20 @@ impl Sim {
     pub(super) fn send_work(&mut self, w: usize, burst: Vec<Wire>) {
         let Some(dir) = burst.first().map(Wire::dir) else { return };
         let limit = self.max_message_bytes;
+        let total: usize = burst.iter().map(Wire::work_entry_bytes).sum();
+        if total <= limit {
+            // One frame (the common case): the order the framing gives, without cutting:
+            // acks before assignments down, pulls after submits up (a stable sort).
+            let mut burst = burst;
+            burst.sort_by_key(|m| match m {
+                Wire::Down(ToWorker::SubmitAck { .. }) | Wire::Up(ToCoordinator::Submit(_)) => 0,
+                _ => 1,
+            });
+            for msg in burst {
+                self.send(w, msg);
+            }
+            return;
+        }
         let frames: Vec<Vec<Wire>> = if self.frames_by_count {
             vec![burst]
         } else {

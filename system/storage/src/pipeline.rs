@@ -137,6 +137,13 @@ impl PipelineState {
         Ok(self.in_flight.iter().cloned().collect())
     }
 
+    /// The value of `key` in the sets in flight (newest wins): `None` if none wrote it,
+    /// `Some(None)` if the newest that did deleted it. Refused while poisoned.
+    pub fn lookup(&self, key: &[u8]) -> Result<Option<Option<Vec<u8>>>> {
+        self.refuse_if_failed()?;
+        Ok(self.in_flight.iter().rev().find_map(|set| set.writes.get(key).cloned()))
+    }
+
     /// Input: a transaction's writes are handed over. Refused while poisoned.
     pub fn hand_over(&mut self, writes: Writes) -> Result<Arc<WriteSet>> {
         self.refuse_if_failed()?;
@@ -449,8 +456,8 @@ impl Storage for PipelinedStorage {
     }
 
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let layers = self.state().layers()?;
-        match layered(&layers, key) {
+        let found = self.state().lookup(key)?;
+        match found {
             Some(value) => Ok(value),
             None => self.inner.get(key),
         }

@@ -34,7 +34,7 @@ use rollout_core::traits::{KeyValue, Storage, StorageTxn};
 use rollout_core::{Error, Result};
 pub use rollout_storage::pipeline::Durability;
 use rollout_storage::pipeline::{
-    HandOver, LayeredTxn, PipelineState, WriteSet, Writes, layered, overlay_scan, overlay_scan_page,
+    HandOver, LayeredTxn, PipelineState, WriteSet, Writes, overlay_scan, overlay_scan_page,
 };
 use tokio::sync::watch;
 
@@ -216,8 +216,8 @@ impl Storage for CommitPipeline {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
         // Layers first, then the inner storage: a set that becomes durable in between is
         // in both, with the same value.
-        let layers = self.layers()?;
-        match layered(&layers, key) {
+        let found = self.shared.lock().lookup(key)?;
+        match found {
             Some(value) => Ok(value),
             None => self.shared.inner.get(key),
         }
