@@ -641,6 +641,9 @@ impl Coordinator {
         };
         for (key, bytes) in scan_all(&*storage, WORKER_PREFIX)? {
             let record: WorkerRecord = decode(&key, &bytes)?;
+            if key != worker_key(&record.id) {
+                return Err(damaged_key(&key, &format!("worker {}", record.id)));
+            }
             let entry = WorkerEntry::new(record, now.mono, now.wall, None);
             coordinator.workers.insert(entry.record.id.clone(), entry);
         }
@@ -648,7 +651,12 @@ impl Coordinator {
         let mut jobs = Vec::new();
         for_each_page(&*storage, JOB_PREFIX, |page| {
             for (key, bytes) in page {
-                jobs.push(decode::<JobRecord>(&key, &bytes)?);
+                let record = decode::<JobRecord>(&key, &bytes)?;
+                // A record under another job's key would be recovered twice.
+                if key != job_key(record.id) {
+                    return Err(damaged_key(&key, &record.id.to_string()));
+                }
+                jobs.push(record);
             }
             Ok(())
         })?;
@@ -986,4 +994,12 @@ impl Coordinator {
 pub(crate) fn shape_in(shapes: &[(u32, Arc<TaskShape>)], index: u32) -> Option<&Arc<TaskShape>> {
     let at = shapes.partition_point(|(end, _)| *end <= index);
     shapes.get(at).map(|(_, shape)| shape)
+}
+
+/// A record stored under a key that is not its own: a damaged database.
+fn damaged_key(key: &[u8], names: &str) -> Error {
+    Error::internal(format!(
+        "damaged database: the record under key {:?} names {names}, whose key is another",
+        String::from_utf8_lossy(key)
+    ))
 }
