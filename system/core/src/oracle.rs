@@ -22,6 +22,8 @@ use crate::{Incarnation, Mono};
 
 /// Unanswered beats remembered.
 const BEATS_KEPT: usize = 1024;
+/// Registrations remembered (the newest).
+const INCARNATIONS_KEPT: usize = 16;
 
 /// One worker process's view, rebuilt from its messages.
 #[derive(Debug, Default)]
@@ -59,6 +61,10 @@ impl SelfFenceOracle {
                 if let Some(latest) = self.latest_register {
                     let grant = self.alive.entry(*incarnation).or_insert((latest, terms.worker_self_fence_timeout));
                     grant.0 = grant.0.max(latest);
+                    // A process acts only for its newest registrations.
+                    while self.alive.len() > INCARNATIONS_KEPT {
+                        self.alive.pop_first();
+                    }
                 }
             }
             ToWorker::HeartbeatAck { incarnation, beat_seq, reregister: false } => {
