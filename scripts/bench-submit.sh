@@ -22,9 +22,7 @@ cfg=$tmp/bench.toml
 pids=()
 ok=0
 on_exit() {
-    local pid
-    for pid in "${pids[@]}"; do kill -INT "$pid" 2>/dev/null || true; done
-    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    stop_pids
     finish_tmp bench-submit "${KEEP:-}" "config, logs"
 }
 trap on_exit EXIT

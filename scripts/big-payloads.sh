@@ -26,9 +26,7 @@ cfg=$tmp/big.toml
 pids=()
 ok=0
 on_exit() {
-    local pid
-    for pid in "${pids[@]}"; do kill -INT "$pid" 2>/dev/null || true; done
-    for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+    stop_pids
     finish_tmp big-payloads "${KEEP:-}" "config, logs, histories"
 }
 trap on_exit EXIT

@@ -43,25 +43,8 @@ history=$tmp/coordinator.history.jsonl
 pids=()
 ok=0
 
-stop_all() {
-    # SIGINT: workers cancel their tasks and stop their sidecars, the coordinator commits.
-    local pid
-    for pid in "${pids[@]}"; do kill -INT "$pid" 2>/dev/null || true; done
-    for pid in "${pids[@]}"; do
-        for _ in $(seq 1 100); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$pid" 2>/dev/null; then
-            echo "smoke: pid $pid ignored SIGINT for 10s; killing it" >&2
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-        wait "$pid" 2>/dev/null || true
-    done
-    pids=()
-}
 on_exit() {
-    stop_all
+    stop_pids
     finish_tmp smoke "${KEEP_SMOKE:-}" "config, logs, histories"
 }
 trap on_exit EXIT
@@ -250,7 +233,7 @@ if failures:
 PY
 
 say "stopping the coordinator and w2 (SIGINT)"
-stop_all
+stop_pids
 "$ROLLOUT" audit verify --config "$cfg" >"$tmp/audit.out" 2>&1 || die "audit verify failed: $(cat "$tmp/audit.out")"
 say "audit chain verified"
 "$ROLLOUT" check --complete --states "$tmp/results.jsonl" "$history" "$tmp/w1.history.jsonl" "$tmp/w2.history.jsonl" \

@@ -1,4 +1,4 @@
-# Shared by scripts/smoke.sh and scripts/coordinator-crash.sh (sourced, not run): the fast
+# Shared by the smoke, crash-test, big-payloads and bench-submit scripts (sourced, not run): the fast
 # health settings of their test clusters, the config file built from them, and the
 # scripts' output helpers. Set LOG_PREFIX (e.g. "smoke") before sourcing.
 
@@ -53,6 +53,26 @@ EOF
 # The end of a test run's temp dir $tmp: removed when the run passed ($ok is 1) and $2
 # (the value of the script's KEEP variable) is empty; otherwise the last lines of every
 # log are shown and the dir is kept. $1 names the script in messages, $3 what is kept.
+# Stops every process in the global array `pids`: SIGINT first (workers cancel their
+# tasks and stop their sidecars, the coordinator commits), SIGKILL for one that ignores
+# it for 10 s.
+stop_pids() {
+    local pid
+    for pid in "${pids[@]}"; do kill -INT "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do
+        for _ in $(seq 1 100); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            echo "${LOG_PREFIX:-cluster}: pid $pid ignored SIGINT for 10s; killing it" >&2
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+        wait "$pid" 2>/dev/null || true
+    done
+    pids=()
+}
+
 finish_tmp() {
     local name=$1 keep=$2 what=$3
     if [[ $ok == 1 && -z $keep ]]; then
