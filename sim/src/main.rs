@@ -8,6 +8,21 @@ use std::path::PathBuf;
 
 use sim::{Options, RunReport, Scenario, run, run_with, scenarios_dir};
 
+/// `println!` that ends the process quietly when stdout is gone (`sim explore … | head`)
+/// instead of panicking on the broken pipe.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        if let Err(e) = writeln!(out, $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            panic!("writing to stdout: {e}");
+        }
+    }};
+}
+
 /// rollout's deterministic simulator.
 #[derive(Parser)]
 #[command(name = "sim")]
@@ -62,7 +77,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run { scenario, seed, trace, timeline } => {
             // Seed and scenario first, so even a crash leaves what is needed to reproduce.
-            println!("seed {seed} scenario {scenario}");
+            say!("seed {seed} scenario {scenario}");
             let Some(loaded) = load(&scenario) else { return ExitCode::from(2) };
             let started = Instant::now();
             let report = run_with(&loaded, seed, &Options { record: timeline.is_some() });
@@ -70,7 +85,7 @@ fn main() -> ExitCode {
             print_summary(&report, wall);
             if let Some(path) = &timeline {
                 match std::fs::write(path, sim::timeline::render(&loaded, &report)) {
-                    Ok(()) => println!("timeline          {}", path.display()),
+                    Ok(()) => say!("timeline          {}", path.display()),
                     Err(e) => {
                         eprintln!("error: cannot write timeline {}: {e}", path.display());
                         return ExitCode::from(2);
@@ -80,7 +95,7 @@ fn main() -> ExitCode {
             if trace {
                 for (t, record) in &report.history {
                     let json = serde_json::to_string(record).unwrap_or_default();
-                    println!("{{\"true_ns\":{t},{}", json.trim_start_matches('{'));
+                    say!("{{\"true_ns\":{t},{}", json.trim_start_matches('{'));
                 }
             }
             match &report.violation {
@@ -92,7 +107,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Explore { scenario, seeds, start } => {
-            println!("scenario {scenario} seeds {start}..{}", start.saturating_add(seeds));
+            say!("scenario {scenario} seeds {start}..{}", start.saturating_add(seeds));
             let Some(loaded) = load(&scenario) else { return ExitCode::from(2) };
             let started = Instant::now();
             let mut failing = 0u64;
@@ -102,18 +117,18 @@ fn main() -> ExitCode {
                 sim_ns += u128::from(report.sim_ns);
                 if let Some(v) = &report.violation {
                     failing += 1;
-                    println!("FAIL {}  # {v}", repro(&scenario, seed));
+                    say!("FAIL {}  # {v}", repro(&scenario, seed));
                 }
             }
             let wall = started.elapsed().as_secs_f64();
-            println!("{failing} of {seeds} seeds failed; {:.0} simulated s in {wall:.2} wall s", sim_ns as f64 / 1e9);
+            say!("{failing} of {seeds} seeds failed; {:.0} simulated s in {wall:.2} wall s", sim_ns as f64 / 1e9);
             if failing == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
         Command::Shrink { scenario, seed, out } => {
-            println!("seed {seed} scenario {scenario}");
+            say!("seed {seed} scenario {scenario}");
             let Some(loaded) = load(&scenario) else { return ExitCode::from(2) };
             let started = Instant::now();
-            let mut progress = |step: &str| println!("  {step}");
+            let mut progress = |step: &str| say!("  {step}");
             let shrunk = match sim::shrink::shrink(&loaded, seed, &mut progress) {
                 Ok(s) => s,
                 Err(e) => {
@@ -129,7 +144,7 @@ fn main() -> ExitCode {
                 }
             };
             let s = &shrunk.scenario;
-            println!(
+            say!(
                 "shrunk in {} runs ({:.1} s): {} fault(s), {} job(s) of {} task(s), {} worker(s), {} s",
                 shrunk.runs,
                 started.elapsed().as_secs_f64(),
@@ -140,10 +155,10 @@ fn main() -> ExitCode {
                 s.duration_s
             );
             if let Some(v) = &shrunk.report.violation {
-                println!("still fails: {v}");
+                say!("still fails: {v}");
             }
-            println!("wrote {}", path.display());
-            println!("reproduce: {}", repro(&path.display().to_string(), seed));
+            say!("wrote {}", path.display());
+            say!("reproduce: {}", repro(&path.display().to_string(), seed));
             ExitCode::SUCCESS
         }
     }
@@ -165,23 +180,23 @@ fn repro(scenario: &str, seed: u64) -> String {
 
 fn print_summary(r: &RunReport, wall_s: f64) {
     let sim_s = r.sim_ns as f64 / 1e9;
-    println!("events            {}", r.events);
-    println!("simulated         {sim_s:.3} s");
-    println!("wall              {wall_s:.3} s");
-    println!("speed             {:.0} sim-s per wall-s", sim_s / wall_s.max(1e-9));
-    println!("jobs acknowledged {}", r.jobs_acked);
-    println!("tasks committed   {} (dead-lettered {})", r.committed, r.dead_lettered);
-    println!("messages          {} sent, {} dropped", r.messages.0, r.messages.1);
-    println!("batches           {} ({} inputs)", r.batches.0, r.batches.1);
-    println!("overlaps          {} (non-strict)", r.overlaps);
-    println!("stale submits     {} rejected", r.stale_rejected);
-    println!("frames broken     {} (work frames over limits.max_message_bytes)", r.frames_broken);
-    println!("sets dropped      {} (batches applied over a sync that failed)", r.sets_dropped);
+    say!("events            {}", r.events);
+    say!("simulated         {sim_s:.3} s");
+    say!("wall              {wall_s:.3} s");
+    say!("speed             {:.0} sim-s per wall-s", sim_s / wall_s.max(1e-9));
+    say!("jobs acknowledged {}", r.jobs_acked);
+    say!("tasks committed   {} (dead-lettered {})", r.committed, r.dead_lettered);
+    say!("messages          {} sent, {} dropped", r.messages.0, r.messages.1);
+    say!("batches           {} ({} inputs)", r.batches.0, r.batches.1);
+    say!("overlaps          {} (non-strict)", r.overlaps);
+    say!("stale submits     {} rejected", r.stale_rejected);
+    say!("frames broken     {} (work frames over limits.max_message_bytes)", r.frames_broken);
+    say!("sets dropped      {} (batches applied over a sync that failed)", r.sets_dropped);
     let reached: Vec<String> = r.coverage.reached().iter().map(|(n, c)| format!("{n} {c}")).collect();
-    println!("coverage          {}", if reached.is_empty() { "nothing rare".to_owned() } else { reached.join(", ") });
-    println!("faults            {}", r.faults.len());
-    println!("audit entries     {} verified", r.audit_entries);
-    println!("history           {} events", r.history.len());
-    println!("trace hash        {}", r.trace_hash);
-    println!("result            {}", if r.violation.is_none() { "ok" } else { "VIOLATION" });
+    say!("coverage          {}", if reached.is_empty() { "nothing rare".to_owned() } else { reached.join(", ") });
+    say!("faults            {}", r.faults.len());
+    say!("audit entries     {} verified", r.audit_entries);
+    say!("history           {} events", r.history.len());
+    say!("trace hash        {}", r.trace_hash);
+    say!("result            {}", if r.violation.is_none() { "ok" } else { "VIOLATION" });
 }
