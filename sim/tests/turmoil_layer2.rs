@@ -1,10 +1,16 @@
 //! Layer 2: the real runtime (tonic, h2, rustls mutual TLS, the transport's drivers,
-//! reconnect and backoff code) on turmoil hosts over simulated TCP, under the faults
-//! of `scenarios/partition_heal.toml`, `coordinator_crash_restart.toml` and
-//! `worker_crash.toml` and a per-host wall-clock step, judged by the same checker as
-//! layer 1 (over the merged per-node histories, as `rollout check` judges a real
-//! cluster). Layer 1 proves the logic over thousands of seeds; this proves the glue
-//! over a few. Each test is a story over a handful of seeds; a failure names its seed.
+//! reconnect and backoff code) on turmoil hosts over simulated TCP, judged by the same
+//! checker as layer 1 (over the merged per-node histories, as `rollout check` judges a
+//! real cluster). Layer 1 proves the logic over thousands of seeds; this proves the glue
+//! over a few.
+//!
+//! The tests are hand-written stories modelled on `scenarios/partition_heal.toml`,
+//! `coordinator_crash_restart.toml` and `worker_crash.toml` (plus a per-host wall-clock
+//! step); they do not read the scenario files. Each runs over a handful of seeds; a
+//! failure names its seed. A coordinator crash here is a power cut: the host's sockets
+//! send no FIN or RST, and workers learn of it from their keepalives and deadlines.
+//! Layer 1 resets every connection on both `crash` and `power_cut`, as the kernel of a
+//! killed process would: the two layers do not yet model the same crash.
 
 mod layer2;
 
