@@ -8,9 +8,9 @@
 //! `coordinator_crash_restart.toml` and `worker_crash.toml` (plus a per-host wall-clock
 //! step); they do not read the scenario files. Each runs over a handful of seeds; a
 //! failure names its seed. A coordinator crash here is a power cut: the host's sockets
-//! send no FIN or RST, and workers learn of it from their keepalives and deadlines.
-//! Layer 1 resets every connection on both `crash` and `power_cut`, as the kernel of a
-//! killed process would: the two layers do not yet model the same crash.
+//! send no FIN or RST, and workers learn of it from their keepalives and deadlines, as
+//! after layer 1's `power_cut` (layer 1's `crash` is a killed process, whose kernel
+//! resets every connection).
 
 mod layer2;
 

@@ -122,7 +122,11 @@ impl Sim {
         self.coord_set_timer();
     }
 
-    pub(super) fn coord_crash(&mut self, mode: CrashMode) {
+    /// The coordinator goes down. `power`: its machine lost power, so its sockets send
+    /// nothing more (no FIN, no RST): each worker learns of it from its keepalive, or
+    /// from the reset the restarted host answers its next message with. Otherwise the
+    /// process was killed, and its kernel resets every connection at once.
+    pub(super) fn coord_crash(&mut self, mode: CrashMode, power: bool) {
         if self.coord.machine.take().is_none() {
             return;
         }
@@ -145,8 +149,12 @@ impl Sim {
             disk.crash(mode);
         }
         self.liveness.coord_env(self.now, CoordEnv::Down);
-        // The process is gone, so are its connections: every worker sees them break.
         for w in 0..self.links.len() {
+            if power {
+                self.peer_gone(w);
+                continue;
+            }
+            // The process is gone, so are its connections: every worker sees them break.
             self.reset_link(w, "reset");
         }
     }
@@ -247,7 +255,7 @@ impl Sim {
                 let mode = self.torn_mode();
                 self.coverage.torn_recovered += 1;
                 self.open_span("coordinator", format!("power cut ({mode:?})"));
-                self.coord_crash(mode);
+                self.coord_crash(mode, true);
                 let epoch = self.coord.epoch;
                 self.push(self.now + down_ns, Ev::PowerRestore { epoch });
                 return;

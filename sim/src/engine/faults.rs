@@ -21,7 +21,7 @@ impl Sim {
         let undo_at = fault.for_ms.map(|ms| self.now + ms * NS_PER_MS);
         match (fault.kind, node) {
             (FaultKind::Crash, Some(NodeRef::Coordinator)) => {
-                self.coord_crash(CrashMode::LoseUnsynced);
+                self.coord_crash(CrashMode::LoseUnsynced, false);
                 self.open_span(&name, "crash".into());
             }
             (FaultKind::Crash, Some(NodeRef::Worker(w))) => {

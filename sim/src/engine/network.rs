@@ -99,6 +99,9 @@ pub(super) struct Link {
     /// Bumped whenever the link becomes blocked: a keepalive check of an older
     /// blocking is void.
     blocked_generation: u64,
+    /// The coordinator end of this connection lost power: nothing comes back on it, and
+    /// a restarted coordinator answers its next message with a reset.
+    peer_gone: bool,
 }
 
 impl Link {
@@ -299,6 +302,11 @@ impl Sim {
     /// A message arrives at the end of link `w` (sent on connection `conn`).
     pub(super) fn deliver(&mut self, w: usize, conn: u64, msg: Wire, rec: Option<u32>) {
         let dir = msg.dir();
+        if dir == Dir::Up && self.links[w].conn == conn && self.links[w].peer_gone && self.coord.machine.is_some() {
+            // The restarted coordinator knows nothing of this connection: it resets it.
+            self.lost_in_flight(w, rec);
+            return self.reset_link(w, "reset by the restarted coordinator");
+        }
         let link = &mut self.links[w];
         if link.conn == conn && link.blocked(dir) && !msg.unary() {
             link.half_mut(dir).held.push_back((msg, rec));
@@ -350,10 +358,21 @@ impl Sim {
     /// connection is declared dead and reset.
     pub(super) fn keepalive(&mut self, w: usize, conn: u64, generation: u64) {
         let link = &self.links[w];
-        if link.conn == conn && link.blocked_generation == generation && link.blocked_any() {
+        if link.conn == conn && link.blocked_generation == generation && (link.blocked_any() || link.peer_gone) {
             self.coverage.keepalive_resets += 1;
             self.reset_link(w, "keepalive timeout");
         }
+    }
+
+    /// The coordinator end of link `w` went silent (a power cut): the worker's transport
+    /// notices when its keepalive goes unanswered, unless a partition's check or a reset
+    /// comes first.
+    pub(super) fn peer_gone(&mut self, w: usize) {
+        let link = &mut self.links[w];
+        link.peer_gone = true;
+        link.blocked_generation += 1;
+        let (conn, generation) = (link.conn, link.blocked_generation);
+        self.push(self.now + self.scenario.network.keepalive_ms * NS_PER_MS, Ev::Keepalive { w, conn, generation });
     }
 
     /// Link `w` works again at full speed.
@@ -374,7 +393,8 @@ impl Sim {
     fn link_changed(&mut self, w: usize) {
         let link = &mut self.links[w];
         let change = link.env();
-        let blocked = link.blocked_any();
+        // A silent peer (a power cut) leaves the keepalive as pending as a cut link does.
+        let blocked = link.blocked_any() || link.peer_gone;
         link.blocked_generation += 1;
         let (conn, generation) = (link.conn, link.blocked_generation);
         let id = self.workers[w].id.clone();
@@ -408,6 +428,7 @@ impl Sim {
     fn break_link(&mut self, w: usize, why: &str, environment: bool) {
         let link = &mut self.links[w];
         link.conn += 1;
+        link.peer_gone = false;
         for rec in link.drop_held() {
             self.messages.1 += 1;
             self.set_delivery(rec, None);
@@ -427,6 +448,7 @@ impl Sim {
     pub(super) fn drop_connection(&mut self, w: usize) {
         let link = &mut self.links[w];
         link.conn += 1;
+        link.peer_gone = false;
         link.drop_held();
     }
 }

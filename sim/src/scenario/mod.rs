@@ -353,7 +353,8 @@ pub struct Fault {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FaultKind {
-    /// The node's process dies (coordinator: its unsynced disk writes are lost).
+    /// The node's process dies (coordinator: its unsynced disk writes are lost, and its
+    /// kernel resets every connection).
     Crash,
     /// The node's process starts again.
     Restart,
@@ -371,8 +372,10 @@ pub enum FaultKind {
     Flap,
     /// The coordinator's commits (fsync) take `latency_ms`.
     DiskLatency,
-    /// The coordinator loses power during its next commit: the commit fails, and the
-    /// unsynced writes are torn or reordered (drawn from the seed) before it restarts.
+    /// The coordinator loses power during its next commit: the commit fails, the
+    /// unsynced writes are torn or reordered (drawn from the seed) before it restarts,
+    /// and its connections go silent (no reset: workers notice by keepalive, or by the
+    /// reset the restarted coordinator answers their next message with).
     PowerCut,
     /// The coordinator's next sync (fsync) reports an error while the disk survives:
     /// the commit pipeline is poisoned, the batches applied over the failed one are
