@@ -13,7 +13,6 @@
 use std::collections::BTreeMap;
 
 use hdrhistogram::Histogram;
-use hdrhistogram::serialization::Deserializer;
 
 use rollout_core::protocol::MetricDeltas;
 use rollout_core::protocol::metric::{COUNTERS, HISTOGRAM_SIGNIFICANT_DIGITS, HISTOGRAM_VALUE_MAX, HISTOGRAMS};
@@ -128,8 +127,16 @@ pub fn check_histogram(bytes: &[u8]) -> Result<(), String> {
 /// `i64::MIN` (a run of zeros whose length cannot be negated: the decoder overflows
 /// on it) is refused, as is a truncated last varint, and counts that add up to more
 /// than [`HISTOGRAM_DELTA_COUNT_MAX`] (summing them would overflow `u64`).
-fn check_payload(mut payload: &[u8]) -> Result<(), String> {
+fn check_payload(payload: &[u8]) -> Result<(), String> {
+    walk_payload(payload, |_, _| true).map(|_| ())
+}
+
+/// Walks the payload's counts (see [`check_payload`]), calling `count(index, n)` for
+/// each nonzero count `n` at counts-array `index`; stops with an error when `count`
+/// returns false (an index the caller cannot place). The total count.
+fn walk_payload(mut payload: &[u8], mut count: impl FnMut(usize, u64) -> bool) -> Result<u64, String> {
     let mut total: u64 = 0;
+    let mut index: usize = 0;
     while !payload.is_empty() {
         let mut value: u64 = 0;
         let mut used = 0;
@@ -159,9 +166,78 @@ fn check_payload(mut payload: &[u8]) -> Result<(), String> {
             if total > HISTOGRAM_DELTA_COUNT_MAX {
                 return Err(format!("more than {HISTOGRAM_DELTA_COUNT_MAX} observations in one delta"));
             }
+            if !count(index, decoded as u64) {
+                return Err(format!("a count at index {index}, beyond the histogram's range"));
+            }
+            index = index.saturating_add(1);
+        } else if decoded == 0 {
+            index = index.saturating_add(1);
+        } else {
+            // A run of zero counts.
+            index = index.saturating_add(decoded.unsigned_abs() as usize);
         }
     }
-    Ok(())
+    Ok(total)
+}
+
+/// Where each counts-array index of a histogram puts its values: hdrhistogram's layout
+/// for a lowest discernible value and a precision, reproduced so a delta merges without
+/// materializing (allocating and zeroing) its whole counts array.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    unit_magnitude: u32,
+    sub_bucket_half_count_magnitude: u32,
+    sub_bucket_half_count: u32,
+    /// The length of the counts array a histogram of this layout up to the header's
+    /// highest trackable value has (hdrhistogram refuses a payload longer than that).
+    counts_len: usize,
+}
+
+impl Layout {
+    /// For `low` >= 1, `digits` in 1..=5, values up to `highest` (as `check_histogram`
+    /// accepts them).
+    fn new(low: u64, digits: u32, highest: u64) -> Layout {
+        let largest = 2 * 10_u32.pow(digits);
+        let unit_magnitude = low.ilog2();
+        let sub_bucket_count_magnitude = largest.next_power_of_two().ilog2();
+        let sub_bucket_half_count_magnitude = sub_bucket_count_magnitude - 1;
+        // Buckets to cover `highest`, each twice the range of the one before.
+        let mut smallest_untrackable = 1u64 << (sub_bucket_count_magnitude + unit_magnitude);
+        let mut buckets = 1usize;
+        while smallest_untrackable <= highest {
+            if smallest_untrackable > u64::MAX / 2 {
+                buckets += 1;
+                break;
+            }
+            smallest_untrackable <<= 1;
+            buckets += 1;
+        }
+        let sub_bucket_half_count = 1u32 << sub_bucket_half_count_magnitude;
+        Layout {
+            unit_magnitude,
+            sub_bucket_half_count_magnitude,
+            sub_bucket_half_count,
+            counts_len: (buckets + 1) * sub_bucket_half_count as usize,
+        }
+    }
+
+    /// The value of counts index `index`, if the counts array has that index.
+    fn value_for(&self, index: usize) -> Option<u64> {
+        if index >= self.counts_len {
+            return None;
+        }
+        let mut bucket = (index >> self.sub_bucket_half_count_magnitude) as i64 - 1;
+        let mut sub = (u32::try_from(index).ok()? & (self.sub_bucket_half_count - 1)) + self.sub_bucket_half_count;
+        if bucket < 0 {
+            sub -= self.sub_bucket_half_count;
+            bucket = 0;
+        }
+        let shift = u32::try_from(bucket).ok()?.checked_add(self.unit_magnitude)?;
+        if shift >= 64 || u64::from(sub).leading_zeros() < shift {
+            return None;
+        }
+        Some(u64::from(sub) << shift)
+    }
 }
 
 impl ClusterMetrics {
@@ -221,18 +297,37 @@ impl ClusterMetrics {
                 outcome.drop(|| format!("the coordinator keeps at most {SERIES_MAX} series"));
                 continue;
             }
-            let Ok(delta) = Deserializer::new().deserialize::<u64, _>(&mut bytes.as_slice()) else {
-                outcome.drop(|| format!("histogram {name}/{}: its payload does not decode", truncated(plugin)));
-                continue;
+            // Checked above: a V2 header with a valid range and precision, then counts.
+            let header = |at: usize| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&bytes[at..at + 8]);
+                u64::from_be_bytes(b)
             };
-            // A decoded histogram has a fixed range; the merged one must grow to fit any worker's.
+            let digits = u32::from_be_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]);
+            let layout = Layout::new(header(16), digits, header(24));
+            let mut counts: Vec<(u64, u64)> = Vec::new();
+            let walked = walk_payload(&bytes[V2_HEADER_BYTES..], |index, n| match layout.value_for(index) {
+                Some(value) => {
+                    counts.push((value, n));
+                    true
+                }
+                None => false,
+            });
+            let delta_len = match walked {
+                Ok(total) => total,
+                Err(e) => {
+                    outcome.drop(|| format!("histogram {name}/{}: {e}", truncated(plugin)));
+                    continue;
+                }
+            };
+            // A delta has a fixed range; the merged one grows to fit any worker's.
             let merged = self.histograms.entry(key).or_insert_with(|| {
                 let mut h =
                     Histogram::new(HISTOGRAM_SIGNIFICANT_DIGITS).expect("3 significant figures is a valid precision");
                 h.auto(true);
                 h
             });
-            if merged.len().saturating_add(delta.len()) > HISTOGRAM_TOTAL_COUNT_MAX {
+            if merged.len().saturating_add(delta_len) > HISTOGRAM_TOTAL_COUNT_MAX {
                 outcome.drop(|| {
                     format!(
                         "histogram {name}/{}: would hold more than {HISTOGRAM_TOTAL_COUNT_MAX} observations",
@@ -241,7 +336,7 @@ impl ClusterMetrics {
                 });
                 continue;
             }
-            if merged.add(&delta).is_err() {
+            if counts.iter().any(|&(value, n)| merged.record_n(value, n).is_err()) {
                 outcome.drop(|| format!("histogram {name}/{}: does not merge", truncated(plugin)));
             }
         }
@@ -310,6 +405,58 @@ mod tests {
 
     fn any_plugin(_: &str) -> bool {
         true
+    }
+
+    proptest::proptest! {
+        /// Merging a delta straight from its payload gives exactly what decoding it with
+        /// hdrhistogram and adding it gives, for any precision, lowest value and samples.
+        #[test]
+        fn merging_from_the_payload_equals_decoding_and_adding(
+            samples in proptest::collection::vec(1u64..HISTOGRAM_VALUE_MAX, 0..200),
+            digits in 1u8..=HISTOGRAM_SIGNIFICANT_DIGITS,
+            low_log in 0u32..6,
+            auto in proptest::bool::ANY,
+        ) {
+            // Workers ship fixed-range histograms; an auto-resizing one's header names a
+            // smaller highest value than its counts reach, and must merge the same.
+            let low = if auto { 1 } else { 1u64 << low_log };
+            let mut h = if auto {
+                let mut h = Histogram::<u64>::new(digits).expect("precision");
+                h.auto(true);
+                h
+            } else {
+                Histogram::<u64>::new_with_bounds(low, HISTOGRAM_VALUE_MAX, digits).expect("valid bounds")
+            };
+            for s in samples.iter().filter(|s| **s >= low) {
+                h.record(*s).expect("in range");
+            }
+            let mut bytes = Vec::new();
+            V2Serializer::new().serialize(&h, &mut bytes).expect("serializes");
+            // (An auto-resized header may name a range past what workers may ship.)
+            proptest::prop_assume!(check_histogram(&bytes).is_ok());
+            let mut m = ClusterMetrics::default();
+            let outcome = m.merge_from(&histograms(vec![bytes.clone()]), any_plugin, 16);
+            proptest::prop_assert_eq!(outcome.dropped, 0);
+            let decoded: Histogram<u64> = hdrhistogram::serialization::Deserializer::new()
+                .deserialize(&mut bytes.as_slice())
+                .expect("decodes");
+            let mut expected = Histogram::<u64>::new(HISTOGRAM_SIGNIFICANT_DIGITS).expect("precision");
+            expected.auto(true);
+            expected.add(&decoded).expect("adds");
+            let got = m.histograms.get(&(TASK_LATENCY_US.to_owned(), "echo".to_owned()));
+            if expected.is_empty() {
+                proptest::prop_assert!(got.is_none_or(Histogram::is_empty));
+            } else {
+                let got = got.expect("merged");
+                proptest::prop_assert_eq!(got.len(), expected.len());
+                for q in [0.0, 0.25, 0.5, 0.9, 0.99, 1.0] {
+                    proptest::prop_assert_eq!(got.value_at_quantile(q), expected.value_at_quantile(q), "quantile {}", q);
+                }
+                let a: Vec<(u64, u64)> = got.iter_recorded().map(|v| (v.value_iterated_to(), v.count_at_value())).collect();
+                let b: Vec<(u64, u64)> = expected.iter_recorded().map(|v| (v.value_iterated_to(), v.count_at_value())).collect();
+                proptest::prop_assert_eq!(a, b);
+            }
+        }
     }
 
     fn histograms(items: Vec<Vec<u8>>) -> MetricDeltas {
