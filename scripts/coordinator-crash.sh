@@ -65,21 +65,6 @@ stream_pid=
 declare -A worker_pid
 ok=0
 
-stop_pid() {
-    # SIGINT, then SIGKILL after 10s.
-    local pid=$1
-    [[ -n $pid ]] || return 0
-    kill -INT "$pid" 2>/dev/null || true
-    for _ in $(seq 1 100); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        echo "crash-test: pid $pid ignored SIGINT for 10s; killing it" >&2
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-}
 stop_stream() {
     [[ -n $stream_pid ]] || return 0
     touch "$tmp/stream.stop"

@@ -53,23 +53,34 @@ EOF
 # The end of a test run's temp dir $tmp: removed when the run passed ($ok is 1) and $2
 # (the value of the script's KEEP variable) is empty; otherwise the last lines of every
 # log are shown and the dir is kept. $1 names the script in messages, $3 what is kept.
-# Stops every process in the global array `pids`: SIGINT first (workers cancel their
-# tasks and stop their sidecars, the coordinator commits), SIGKILL for one that ignores
-# it for 10 s.
+# Waits up to 10 s for `pid` to exit (it was sent SIGINT), then SIGKILLs it.
+await_exit() {
+    local pid=$1
+    for _ in $(seq 1 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        echo "${LOG_PREFIX:-cluster}: pid $pid ignored SIGINT for 10s; killing it" >&2
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+# Stops one process (none if the argument is empty): SIGINT, so workers cancel their
+# tasks and stop their sidecars and the coordinator commits; SIGKILL after 10 s.
+stop_pid() {
+    local pid=$1
+    [[ -n $pid ]] || return 0
+    kill -INT "$pid" 2>/dev/null || true
+    await_exit "$pid"
+}
+
+# Stops every process in the global array `pids` the same way, all at once.
 stop_pids() {
     local pid
     for pid in "${pids[@]}"; do kill -INT "$pid" 2>/dev/null || true; done
-    for pid in "${pids[@]}"; do
-        for _ in $(seq 1 100); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        if kill -0 "$pid" 2>/dev/null; then
-            echo "${LOG_PREFIX:-cluster}: pid $pid ignored SIGINT for 10s; killing it" >&2
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-        wait "$pid" 2>/dev/null || true
-    done
+    for pid in "${pids[@]}"; do await_exit "$pid"; done
     pids=()
 }
 
