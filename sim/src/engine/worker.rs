@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use rollout_core::history::HistoryEvent;
-use rollout_core::protocol::{Assignment, Channel, ToCoordinator};
+use rollout_core::protocol::{Assignment, Channel};
 use rollout_core::traits::Inventory;
 use rollout_core::{ContentId, FencingToken, TaskId, WorkerId};
 use rollout_worker::{TaskOutcome, Worker, WorkerInput, WorkerOutput, WorkerSettings, plugin_stop_after};
@@ -116,16 +116,7 @@ impl Sim {
         // judged by the oracle, from what the worker sent and received.
         let mut broken = None;
         for o in &out {
-            let acting = match o {
-                WorkerOutput::Send(ToCoordinator::Submit(s)) => Some(s.incarnation),
-                WorkerOutput::StartTask(a) => Some(a.incarnation),
-                WorkerOutput::Send(msg) => {
-                    node.oracle.sent(now.mono, msg);
-                    None
-                }
-                _ => None,
-            };
-            if let Some(Err(why)) = acting.map(|inc| node.oracle.judge(now.mono, inc)) {
+            if let Err(why) = o.judge_self_fence(&mut node.oracle, now.mono) {
                 broken.get_or_insert(format!("{id} {why}: {o:?}"));
             }
         }

@@ -1,8 +1,9 @@
 //! The machine's inputs and outputs.
 
 use rollout_core::history::HistoryEvent;
+use rollout_core::oracle::SelfFenceOracle;
 use rollout_core::protocol::{Assignment, ToCoordinator, ToWorker};
-use rollout_core::{ContentId, FencingToken, TaskId};
+use rollout_core::{ContentId, FencingToken, Mono, TaskId};
 
 /// Something that happened to the worker, handed to [`crate::Worker::handle`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,4 +75,21 @@ pub enum WorkerOutput {
     /// Registration was refused for good (e.g. protocol version mismatch): the worker
     /// process should exit with this message. The machine does nothing more.
     Fatal(String),
+}
+
+impl WorkerOutput {
+    /// Shows this output, produced at `mono`, to a [`SelfFenceOracle`] (for tests and
+    /// the simulator): a Register or Heartbeat leaving is noted; a Submit or a start
+    /// must come before the deadline the oracle rebuilt, or the error says why not.
+    pub fn judge_self_fence(&self, oracle: &mut SelfFenceOracle, mono: Mono) -> Result<(), String> {
+        match self {
+            WorkerOutput::Send(ToCoordinator::Submit(s)) => oracle.judge(mono, s.incarnation),
+            WorkerOutput::StartTask(a) => oracle.judge(mono, a.incarnation),
+            WorkerOutput::Send(message) => {
+                oracle.sent(mono, message);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
 }

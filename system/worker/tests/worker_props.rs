@@ -191,16 +191,7 @@ fn run(slots: u32, seed: u64, ops: &[Op]) -> Result<Coverage, TestCaseError> {
             for output in &out {
                 // self_fence, judged by the oracle from the messages alone, not by the
                 // machine's own deadline.
-                let acting = match output {
-                    WorkerOutput::Send(ToCoordinator::Submit(s)) => Some(s.incarnation),
-                    WorkerOutput::StartTask(a) => Some(a.incarnation),
-                    WorkerOutput::Send(message) => {
-                        model.fence.sent(now.mono, message);
-                        None
-                    }
-                    _ => None,
-                };
-                if let Some(Err(why)) = acting.map(|incarnation| model.fence.judge(now.mono, incarnation)) {
+                if let Err(why) = output.judge_self_fence(&mut model.fence, now.mono) {
                     prop_assert!(false, "self_fence: {why}: {output:?} after {input:?}");
                 }
                 match output {
