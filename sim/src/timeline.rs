@@ -261,7 +261,7 @@ pub fn render(scenario: &Scenario, report: &RunReport) -> String {
             HistoryEvent::DeclaredFailed { worker, .. } => {
                 (lane_of(worker.as_str()), "#e66101", 5.0, Some("declared failed".into()))
             }
-            HistoryEvent::Fenced { worker, .. } => {
+            HistoryEvent::SelfFenced { worker, .. } => {
                 (lane_of(worker.as_str()), "#e66101", 5.0, Some("self-fenced".into()))
             }
             HistoryEvent::StaleRejected { task, token, .. } => {

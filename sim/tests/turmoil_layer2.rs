@@ -85,7 +85,7 @@ fn partition_heal(seed: u64) -> Vec<HistoryRecord> {
 
     c.cut("w1");
     let cut_at = c.elapsed();
-    c.run_until("w1 to fence itself", ms(3_000), |c| c.worker("w1", |h| count(h, "w1", Kind::Fenced)) >= 1);
+    c.run_until("w1 to fence itself", ms(3_000), |c| c.worker("w1", |h| count(h, "w1", Kind::SelfFenced)) >= 1);
     let fenced_after = c.elapsed() - cut_at;
     let self_fence_timeout = fast_config().health.worker_self_fence_timeout;
     assert!(fenced_after <= self_fence_timeout + CHECK_EVERY, "seed {seed}: w1 fenced {fenced_after:?} after the cut");

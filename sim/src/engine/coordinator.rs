@@ -55,6 +55,8 @@ pub(super) struct CoordNode {
     pub(super) disk: Disk,
     pub(super) clock: Clock,
     pub(super) inbox: Vec<CoordinatorInput>,
+    /// The machine's timer fired: the next batch runs even with an empty inbox.
+    timer_due: bool,
     run_scheduled: bool,
     /// Bumped on crash: stale syncs and timers are ignored.
     pub(super) epoch: u64,
@@ -81,6 +83,7 @@ impl CoordNode {
             disk,
             clock,
             inbox: Vec::new(),
+            timer_due: false,
             run_scheduled: false,
             epoch: 0,
             timer_generation: 0,
@@ -134,6 +137,7 @@ impl Sim {
         self.coord.timer_generation += 1;
         self.coord.timer_at = None;
         self.coord.inbox.clear();
+        self.coord.timer_due = false;
         // What was not durable is gone with the process: its sets, and what they held.
         if self.coord.pipeline.as_ref().is_some_and(|p| p.state().in_flight() > 0) {
             self.coverage.lost_unsynced += 1;
@@ -183,10 +187,15 @@ impl Sim {
             return;
         }
         self.coord.inbox.push(input);
-        if !self.coord.run_scheduled {
+        self.coord_schedule_run();
+    }
+
+    /// Schedules a batch if there is anything to run and none is scheduled. It runs
+    /// after everything already queued for this instant: all inputs arriving at the
+    /// same virtual instant form one batch.
+    fn coord_schedule_run(&mut self) {
+        if (!self.coord.inbox.is_empty() || self.coord.timer_due) && !self.coord.run_scheduled {
             self.coord.run_scheduled = true;
-            // Scheduled after everything already queued for this instant: all inputs
-            // arriving at the same virtual instant form one batch.
             self.push(self.now, Ev::CoordRun);
         }
     }
@@ -195,7 +204,7 @@ impl Sim {
     /// fill of unsynced batches (back-pressure: the next sync's end runs it).
     pub(super) fn coord_run(&mut self) {
         self.coord.run_scheduled = false;
-        if self.coord.inbox.is_empty() {
+        if self.coord.inbox.is_empty() && !self.coord.timer_due {
             return;
         }
         let Some(pipeline) = self.coord.pipeline.clone() else { return };
@@ -205,11 +214,19 @@ impl Sim {
         let Some(machine) = self.coord.machine.as_mut() else { return };
         let now = self.coord.clock.now(self.now);
         let inputs = std::mem::take(&mut self.coord.inbox);
+        self.coord.timer_due = false;
         self.batches.0 += 1;
         self.batches.1 += inputs.len() as u64;
         let mut out = Vec::new();
-        if let Err(e) = machine.handle_batch(now, inputs, &mut out) {
-            return self.fail("coordinator_error", format!("handle_batch failed: {e}"));
+        // As the driver: a batch runs the due timers after its inputs; a fired timer
+        // with nothing else to do is a batch of its own.
+        let applied = if inputs.is_empty() {
+            machine.handle_timeout(now, &mut out)
+        } else {
+            machine.handle_batch(now, inputs, &mut out)
+        };
+        if let Err(e) = applied {
+            return self.fail("coordinator_error", format!("batch failed: {e}"));
         }
         // Held under the batch's ticket: what it wrote and everything before. A batch
         // that wrote nothing waits only for the writes before it.
@@ -264,10 +281,7 @@ impl Sim {
         }
         self.coord_release();
         self.coord_sync();
-        if !self.coord.inbox.is_empty() && !self.coord.run_scheduled {
-            self.coord.run_scheduled = true;
-            self.push(self.now, Ev::CoordRun);
-        }
+        self.coord_schedule_run();
     }
 
     /// After a failed sync, as the driver does: drops everything held, resets the
@@ -280,10 +294,7 @@ impl Sim {
         pipeline.state().reset();
         let now = self.coord.clock.now(self.now);
         self.coord_recover_machine(pipeline, now);
-        if !self.coord.inbox.is_empty() && !self.coord.run_scheduled {
-            self.coord.run_scheduled = true;
-            self.push(self.now, Ev::CoordRun);
-        }
+        self.coord_schedule_run();
     }
 
     /// Releases what durable batches hold, in order: history events (in the audit log,
@@ -323,8 +334,9 @@ impl Sim {
     pub(super) fn coord_timer(&mut self, generation: u64) {
         if generation == self.coord.timer_generation {
             self.coord.timer_at = None;
-            if !self.coord.inbox.contains(&CoordinatorInput::Tick) {
-                self.coord_enqueue(CoordinatorInput::Tick);
+            if self.coord.machine.is_some() {
+                self.coord.timer_due = true;
+                self.coord_schedule_run();
             }
         }
     }

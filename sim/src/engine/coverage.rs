@@ -82,7 +82,7 @@ impl Coverage {
         match event {
             HistoryEvent::StaleRejected { .. } => self.stale_rejected += 1,
             HistoryEvent::DeclaredFailed { .. } => self.declared_failed += 1,
-            HistoryEvent::Fenced { .. } => self.self_fenced += 1,
+            HistoryEvent::SelfFenced { .. } => self.self_fenced += 1,
             HistoryEvent::Requeued { .. } => self.requeued += 1,
             HistoryEvent::DeadLettered { .. } => self.dead_lettered += 1,
             _ => {}

@@ -121,10 +121,10 @@ enum Ev {
         conn: u64,
         generation: u64,
     },
-    Submit {
+    SubmitJob {
         job: u32,
     },
-    SubmitRetry {
+    SubmitJobRetry {
         job: u32,
     },
     /// The Work stream of link `w` (connection `conn`) ended on a frame of `bytes` over
@@ -337,7 +337,7 @@ impl Sim {
         }
         let wl = sim.scenario.workload.clone();
         for job in 0..wl.jobs {
-            sim.push((wl.submit_start_ms + u64::from(job) * wl.submit_every_ms) * NS_PER_MS, Ev::Submit { job });
+            sim.push((wl.submit_start_ms + u64::from(job) * wl.submit_every_ms) * NS_PER_MS, Ev::SubmitJob { job });
         }
         Ok(sim)
     }
@@ -359,8 +359,8 @@ impl Sim {
             Ev::Flap { w, cut, .. } => ("flap", *w as u64, u64::from(*cut)),
             Ev::PowerRestore { epoch } => ("power_restore", *epoch, 0),
             Ev::Keepalive { w, generation, .. } => ("keepalive", *w as u64, *generation),
-            Ev::Submit { job } => ("submit", u64::from(*job), 0),
-            Ev::SubmitRetry { job } => ("submit_retry", u64::from(*job), 0),
+            Ev::SubmitJob { job } => ("submit", u64::from(*job), 0),
+            Ev::SubmitJobRetry { job } => ("submit_retry", u64::from(*job), 0),
             Ev::StreamBroken { w, conn, .. } => ("stream_broken", *w as u64, *conn),
         };
         self.hasher.update(t.to_le_bytes());
@@ -433,8 +433,8 @@ impl Sim {
                     self.coord_start();
                 }
             }
-            Ev::Submit { job } => self.submit(job),
-            Ev::SubmitRetry { job } => self.submit_retry(job),
+            Ev::SubmitJob { job } => self.submit_job(job),
+            Ev::SubmitJobRetry { job } => self.submit_retry(job),
             Ev::StreamBroken { w, conn, bytes } => self.stream_broken(w, conn, bytes),
         }
     }

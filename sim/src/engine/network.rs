@@ -324,7 +324,7 @@ impl Sim {
         match msg {
             Wire::Up(message) => {
                 let worker = self.workers[w].id.clone();
-                self.coord_enqueue(rollout_coordinator::CoordinatorInput::FromWorker { worker, message });
+                self.coord_enqueue(rollout_coordinator::CoordinatorInput::from_worker(worker, message));
             }
             Wire::Down(message) => {
                 self.workers[w].oracle.received(&message);
@@ -440,7 +440,8 @@ impl Sim {
         if why != "reset" {
             self.instant_span(id.as_str(), why.into());
         }
-        self.worker_input(w, WorkerInput::Disconnected);
+        // The connection is gone, its Work stream with it.
+        self.worker_input(w, WorkerInput::StreamBroken(Channel::Work));
     }
 
     /// The worker process of link `w` is gone: its connection with it, silently (the

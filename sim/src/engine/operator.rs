@@ -12,7 +12,7 @@ use super::{Ev, NS_PER_MS, Sim};
 const SUBMIT_RETRY_NS: u64 = 3_000 * NS_PER_MS;
 
 impl Sim {
-    pub(super) fn submit(&mut self, job: u32) {
+    pub(super) fn submit_job(&mut self, job: u32) {
         self.next_request += 1;
         let request = self.next_request;
         self.requests.insert(request, Some(job));
@@ -28,7 +28,7 @@ impl Sim {
             .collect();
         let submission = JobSubmission { name: format!("job{job}"), tasks, idempotency_key: Some(format!("job{job}")) };
         self.coord_enqueue(CoordinatorInput::SubmitJob { request, job: submission });
-        self.push(self.now + SUBMIT_RETRY_NS, Ev::SubmitRetry { job });
+        self.push(self.now + SUBMIT_RETRY_NS, Ev::SubmitJobRetry { job });
     }
 
     pub(super) fn operator_request(&mut self) -> u64 {
@@ -53,7 +53,7 @@ impl Sim {
 
     pub(super) fn submit_retry(&mut self, job: u32) {
         if !self.acked.contains_key(&job) {
-            self.submit(job);
+            self.submit_job(job);
         }
     }
 }

@@ -141,6 +141,11 @@ impl Sim {
                 }
                 WorkerOutput::Event(e) => self.record(id.as_str(), now.wall, e),
                 WorkerOutput::Fatal(message) => self.fail("worker_fatal", format!("{id}: {message}")),
+                // A simulated link breaks whole (reported as its Work stream), so no
+                // Control stream breaks alone and none is re-opened.
+                WorkerOutput::OpenControl { .. } => {
+                    self.fail("sim", format!("{id} re-opens a Control stream that never broke alone"))
+                }
             }
         }
         self.send_work(w, work);

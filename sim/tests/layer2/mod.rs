@@ -535,7 +535,7 @@ pub fn is(event: &HistoryEvent, worker: &str, kind: Kind) -> bool {
     match (kind, event) {
         (Kind::Registered, HistoryEvent::Registered { worker: w, .. })
         | (Kind::DeclaredFailed, HistoryEvent::DeclaredFailed { worker: w, .. })
-        | (Kind::Fenced, HistoryEvent::Fenced { worker: w, .. })
+        | (Kind::SelfFenced, HistoryEvent::SelfFenced { worker: w, .. })
         | (Kind::Committed, HistoryEvent::Committed { worker: w, .. }) => w.as_str() == worker,
         _ => false,
     }
@@ -546,7 +546,7 @@ pub fn is(event: &HistoryEvent, worker: &str, kind: Kind) -> bool {
 pub enum Kind {
     Registered,
     DeclaredFailed,
-    Fenced,
+    SelfFenced,
     Committed,
 }
 

@@ -140,12 +140,8 @@ fn build_finished(path: &Path, jobs: u32, per_job: u32) {
                     through = through.max(a.seq);
                     let bytes = a.payload.clone();
                     let outcome = Outcome::Succeeded { result: ContentId::of(&bytes), size_bytes: bytes.len() as u64 };
-                    inputs.push(CoordinatorInput::ResultBytes { result: ContentId::of(&bytes), bytes });
                     let submit = Submit { incarnation, task: a.task, token: a.token, outcome };
-                    inputs.push(CoordinatorInput::FromWorker {
-                        worker: worker(),
-                        message: ToCoordinator::Submit(submit),
-                    });
+                    inputs.push(CoordinatorInput::Submit { worker: worker(), submit, inline_result: Some(bytes) });
                 }
             }
             left -= (inputs.len() / 2) as u32;

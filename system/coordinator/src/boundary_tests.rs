@@ -33,20 +33,18 @@ fn beat_with_due(h: &mut Harness, worker: &str, incarnation: rollout_core::Incar
     );
 }
 
-/// Submits `bytes` as the result of `a`, with the bytes in the same batch (as the driver does).
+/// Submits `bytes` as the result of `a`, the bytes inline (as the driver does).
 fn submit_with_bytes(h: &mut Harness, a: &Assignment, bytes: &[u8]) -> Vec<CoordinatorOutput> {
-    h.input_batch(vec![
-        CoordinatorInput::ResultBytes { result: ContentId::of(bytes), bytes: bytes.to_vec() },
-        CoordinatorInput::FromWorker {
-            worker: w("w1"),
-            message: ToCoordinator::Submit(rollout_core::protocol::Submit {
-                incarnation: a.incarnation,
-                task: a.task,
-                token: a.token,
-                outcome: success(bytes),
-            }),
+    h.input_batch(vec![CoordinatorInput::Submit {
+        worker: w("w1"),
+        submit: rollout_core::protocol::Submit {
+            incarnation: a.incarnation,
+            task: a.task,
+            token: a.token,
+            outcome: success(bytes),
         },
-    ])
+        inline_result: Some(bytes.to_vec()),
+    }])
 }
 
 fn declared_failed(h: &Harness, worker: &str) -> bool {
@@ -225,20 +223,22 @@ fn a_stale_or_oversized_submit_stores_no_bytes() {
     let got = h.pull("w1", inc, 2, 0);
     let stale = Assignment { token: FencingToken(999), ..got[0].clone() };
     let bytes = vec![7u8; 100];
-    let verdict = submit_with_bytes(&mut h, &stale, &bytes)
-        .iter()
-        .find_map(|o| match o {
-            CoordinatorOutput::Send { message: ToWorker::SubmitAck { verdict, .. }, .. } => Some(*verdict),
-            _ => None,
-        })
-        .expect("acked");
-    assert_eq!(verdict, SubmitVerdict::Stale);
+    let verdict_of = |out: &[CoordinatorOutput]| {
+        out.iter()
+            .find_map(|o| match o {
+                CoordinatorOutput::Send { message: ToWorker::SubmitAck { verdict, .. }, .. } => Some(*verdict),
+                _ => None,
+            })
+            .expect("acked")
+    };
+    assert_eq!(verdict_of(&submit_with_bytes(&mut h, &stale, &bytes)), SubmitVerdict::Stale);
     let storage = h.storage();
     assert_eq!(stored_result(&*storage, &ContentId::of(&bytes)).expect("read"), None, "a stale submit stored nothing");
     assert!(storage.scan(b"c/r/").expect("scan").is_empty());
     // Over the limit: the attempt fails for its size, and nothing is stored either.
     let big = vec![1u8; 2048];
     let out = submit_with_bytes(&mut h, &got[1], &big);
+    assert_eq!(verdict_of(&out), SubmitVerdict::Refused, "the worker is told its result was not taken");
     assert!(out.iter().any(|o| matches!(o, CoordinatorOutput::Event(HistoryEvent::Requeued { error, .. }) if error.contains("limits.max_result_bytes"))));
     assert_eq!(stored_result(&*storage, &ContentId::of(&big)).expect("read"), None);
     assert!(storage.scan(b"c/r/").expect("scan").is_empty(), "nothing over the limit either");
@@ -365,7 +365,10 @@ fn a_finished_job_expires_with_its_results_and_shared_results_stay_while_named()
     assert!(h.coord().job(first).expect("kept").is_finished());
     h.advance(Duration::from_secs(1800));
     let (second, _) = h.submit_job(vec![spec("echo", 0)]);
-    let a = h.pull("w1", inc, 1, 2).remove(0);
+    // The silent half hour failed w1 (the batch ran the failure scan that was due).
+    assert!(h.events().iter().any(|e| matches!(e, HistoryEvent::DeclaredFailed { .. })));
+    let inc = h.register("w1");
+    let a = h.pull("w1", inc, 1, 0).remove(0);
     submit_with_bytes(&mut h, &a, b"same");
     let refs = |h: &Harness| {
         h.storage()

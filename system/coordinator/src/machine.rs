@@ -8,10 +8,10 @@ use std::time::{Duration, SystemTime};
 
 use rollout_core::config::{Config, HealthConfig, LimitsConfig, TasksConfig};
 use rollout_core::history::HistoryEvent;
-use rollout_core::protocol::{ToCoordinator, ToWorker, WorkerTerms};
+use rollout_core::protocol::{Submit, ToCoordinator, ToWorker, WorkerTerms};
 use rollout_core::time::unix_millis;
 use rollout_core::traits::{Storage, StorageTxn};
-use rollout_core::{ContentId, Error, Incarnation, JobId, Mono, Now, Result, TaskId, WorkerId};
+use rollout_core::{Error, Incarnation, JobId, Mono, Now, Result, TaskId, WorkerId};
 use serde::Serialize;
 
 use crate::audit::{AUDIT_BLOCK_ENTRIES_MAX, AuditEntry, audit_key};
@@ -114,15 +114,37 @@ pub struct JobSubmission {
     pub idempotency_key: Option<String>,
 }
 
-/// Everything that can happen to a coordinator.
+/// Everything that can happen to a coordinator, besides time passing (which
+/// [`Coordinator::handle_timeout`] and every batch take care of).
+///
+/// Words: a *Submit* is always a worker's report of one task's outcome; an operator's
+/// job always says *job* ([`CoordinatorInput::SubmitJob`], [`JobSubmission`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CoordinatorInput {
-    /// A message from a worker whose identity the transport has authenticated.
+    /// A message from a worker whose identity the transport has authenticated. A
+    /// [`ToCoordinator::Submit`] given this way is a [`CoordinatorInput::Submit`]
+    /// without inline bytes (see [`CoordinatorInput::from_worker`]).
     FromWorker {
         /// The sender (its certificate's name).
         worker: WorkerId,
         /// What it sent.
         message: ToCoordinator,
+    },
+    /// A worker's report of one task's outcome, judged by the fencing rule. With
+    /// `inline_result`, the bytes of a successful result as the wire carried them: they
+    /// are written in the batch's transaction if (and only if) this submit commits the
+    /// result, so a committed result is durable exactly when its commit is (one fsync
+    /// for both), and nothing is stored for a submit that is stale or over the limit.
+    /// Bytes that are not the outcome's content id are not stored (the transport
+    /// computes the id from the bytes). Without them (a simulation, which carries ids
+    /// only) the commit names the result and stores no bytes.
+    Submit {
+        /// The sender (its certificate's name).
+        worker: WorkerId,
+        /// The report.
+        submit: Submit,
+        /// The result's bytes, for a success that carried them.
+        inline_result: Option<Vec<u8>>,
     },
     /// Operator: submit a whole job at once. Acknowledged only after it is durable.
     SubmitJob {
@@ -186,20 +208,17 @@ pub enum CoordinatorInput {
         /// The worker.
         worker: WorkerId,
     },
-    /// The bytes of a result that a Submit later in the same batch names. They are
-    /// written in the batch's transaction if (and only if) that submit commits the
-    /// result, so a committed result is durable exactly when its commit is: one fsync
-    /// for both, and nothing is stored for a submit that is stale or over the limit.
-    /// Bytes no submit of the batch commits are dropped at its end. `result` must be
-    /// the bytes' content id (the transport computes it).
-    ResultBytes {
-        /// The bytes' content id.
-        result: ContentId,
-        /// The result itself.
-        bytes: Vec<u8>,
-    },
-    /// The timer from [`Coordinator::poll_timeout`] fired (early or extra ticks are harmless).
-    Tick,
+}
+
+impl CoordinatorInput {
+    /// A worker's message as the machine takes it: a Submit (without inline bytes) as
+    /// [`CoordinatorInput::Submit`], anything else as [`CoordinatorInput::FromWorker`].
+    pub fn from_worker(worker: WorkerId, message: ToCoordinator) -> Self {
+        match message {
+            ToCoordinator::Submit(submit) => CoordinatorInput::Submit { worker, submit, inline_result: None },
+            message => CoordinatorInput::FromWorker { worker, message },
+        }
+    }
 }
 
 /// What the coordinator asks its driver to do. Released only after the batch that
@@ -417,7 +436,9 @@ pub(crate) struct Deletion {
 /// - Feed inputs with [`Coordinator::handle_batch`] (or [`Coordinator::handle`]); the
 ///   batch's durable changes are committed in one storage transaction before the
 ///   call returns, and only then are its outputs appended to `out`.
-/// - Deliver [`CoordinatorInput::Tick`] at or after [`Coordinator::poll_timeout`].
+/// - Call [`Coordinator::handle_timeout`] at or after [`Coordinator::poll_timeout`]
+///   (quinn-style; early or extra calls are harmless). A batch given at or after that
+///   time runs the due timers too, after its inputs, so a busy driver need not.
 /// - If a batch returns an error, the in-memory state may be ahead of storage: the
 ///   machine refuses further input, and the driver must recover a new one.
 ///
@@ -459,8 +480,6 @@ pub struct Coordinator {
     pub(crate) dirty_jobs: BTreeSet<JobId>,
     /// The audit entries the current batch recorded (stored as one block).
     pub(crate) audit_block: Vec<AuditEntry>,
-    /// Result bytes given by [`CoordinatorInput::ResultBytes`] in the current batch.
-    pub(crate) batch_results: BTreeMap<ContentId, Vec<u8>>,
     /// Payload bytes of the assignments of the current batch.
     pub(crate) batch_assign_bytes: u64,
     /// Tasks became ready (or capacity appeared) in the current input: dispatch.
@@ -627,7 +646,6 @@ impl Coordinator {
             dirty_workers: BTreeSet::new(),
             dirty_tasks: BTreeSet::new(),
             dirty_jobs: BTreeSet::new(),
-            batch_results: BTreeMap::new(),
             batch_assign_bytes: 0,
             audit_block: Vec::new(),
             ready_changed: false,
@@ -791,10 +809,27 @@ impl Coordinator {
         self.handle_batch(now, [input], out)
     }
 
-    /// Applies inputs in order, commits their durable changes in one transaction
+    /// Time passed: runs the timers (retries whose backoff ended, the failure scan when
+    /// due, expired jobs, dispatch held back) in a batch of their own. The driver calls
+    /// it at or after [`Coordinator::poll_timeout`]; an early call changes nothing that
+    /// is not due.
+    pub fn handle_timeout(&mut self, now: Now, out: &mut Vec<CoordinatorOutput>) -> Result<()> {
+        self.run_batch(now, [], true, out)
+    }
+
+    /// Applies inputs in order, then the timers if `now` is at or past
+    /// [`Coordinator::poll_timeout`], commits their durable changes in one transaction
     /// (one fsync), then appends their outputs to `out`. On error nothing is appended
     /// and the machine is poisoned (see the type's contract).
     pub fn handle_batch<I>(&mut self, now: Now, inputs: I, out: &mut Vec<CoordinatorOutput>) -> Result<()>
+    where
+        I: IntoIterator<Item = CoordinatorInput>,
+    {
+        let due = now.mono >= self.poll_timeout();
+        self.run_batch(now, inputs, due, out)
+    }
+
+    fn run_batch<I>(&mut self, now: Now, inputs: I, timers: bool, out: &mut Vec<CoordinatorOutput>) -> Result<()>
     where
         I: IntoIterator<Item = CoordinatorInput>,
     {
@@ -807,7 +842,7 @@ impl Coordinator {
         self.now_wall_ms = unix_millis(now.wall);
         let storage = Arc::clone(&self.storage);
         let mut batch = Batch::new(&*storage, now);
-        let applied = self.apply_all(now, inputs, &mut batch);
+        let applied = self.apply_all(now, inputs, timers, &mut batch);
         match applied.and_then(|()| batch.commit()) {
             Ok(outputs) => {
                 out.extend(outputs);
@@ -820,7 +855,7 @@ impl Coordinator {
         }
     }
 
-    fn apply_all<I>(&mut self, now: Now, inputs: I, batch: &mut Batch<'_>) -> Result<()>
+    fn apply_all<I>(&mut self, now: Now, inputs: I, timers: bool, batch: &mut Batch<'_>) -> Result<()>
     where
         I: IntoIterator<Item = CoordinatorInput>,
     {
@@ -832,11 +867,16 @@ impl Coordinator {
                 self.dispatch_all(batch)?;
             }
         }
-        self.batch_results.clear();
+        if timers {
+            self.on_timeout(now, batch)?;
+            if std::mem::take(&mut self.ready_changed) {
+                self.dispatch_all(batch)?;
+            }
+        }
         self.finish_batch(batch)
     }
 
-    /// When the driver must deliver the next [`CoordinatorInput::Tick`]: the next
+    /// When the driver must call [`Coordinator::handle_timeout`]: the next
     /// failure scan or retry, or at once when the last batch left work for the next
     /// (dispatch cut short by [`ASSIGN_BYTES_PER_BATCH_MAX`], a deletion in progress).
     /// There is always a next failure scan, so always a time.
@@ -854,8 +894,11 @@ impl Coordinator {
                 ToCoordinator::Register(r) => self.on_register(now, worker, r, batch),
                 ToCoordinator::Heartbeat(h) => self.on_heartbeat(now, &worker, h, batch),
                 ToCoordinator::Pull(p) => self.on_pull(&worker, p, batch),
-                ToCoordinator::Submit(s) => self.on_submit(now, &worker, s, batch),
+                ToCoordinator::Submit(submit) => self.on_submit(now, &worker, submit, None, batch),
             },
+            CoordinatorInput::Submit { worker, submit, inline_result } => {
+                self.on_submit(now, &worker, submit, inline_result, batch)
+            }
             CoordinatorInput::SubmitJob { request, job } => self.on_submit_job(now, request, job, batch),
             CoordinatorInput::OpenJob { request, name, idempotency_key } => {
                 self.on_open_job(now, request, name, idempotency_key, batch)
@@ -867,15 +910,10 @@ impl Coordinator {
             CoordinatorInput::CancelJob { request, job } => self.on_cancel_job(request, job, batch),
             CoordinatorInput::CancelTask { request, task } => self.on_cancel_task(request, task, batch),
             CoordinatorInput::Drain { request, worker } => self.on_drain(request, &worker, batch),
-            CoordinatorInput::ResultBytes { result, bytes } => {
-                self.batch_results.insert(result, bytes);
-                Ok(())
-            }
-            CoordinatorInput::Tick => self.on_tick(now, batch),
         }
     }
 
-    fn on_tick(&mut self, now: Now, batch: &mut Batch<'_>) -> Result<()> {
+    fn on_timeout(&mut self, now: Now, batch: &mut Batch<'_>) -> Result<()> {
         while let Some(&(at, task)) = self.delayed.first() {
             if at > now.mono {
                 break;

@@ -12,9 +12,18 @@ use crate::machine::{Batch, Coordinator};
 use crate::records::{ResultRefs, StateKind, TaskRecord, TaskState, result_key, result_refs_key, task_key};
 
 impl Coordinator {
-    pub(crate) fn on_submit(&mut self, now: Now, id: &WorkerId, submit: Submit, batch: &mut Batch<'_>) -> Result<()> {
-        let Submit { task, token, outcome, .. } = submit;
-        let verdict = self.judge_submit(id, task, token, &outcome, batch)?;
+    pub(crate) fn on_submit(
+        &mut self,
+        now: Now,
+        id: &WorkerId,
+        submit: Submit,
+        inline_result: Option<Vec<u8>>,
+        batch: &mut Batch<'_>,
+    ) -> Result<()> {
+        let Submit { incarnation, task, token, outcome } = submit;
+        let current = self.workers.get(id).is_some_and(|w| w.record.incarnation == incarnation);
+        let mut verdict =
+            if current { self.judge_submit(id, task, token, &outcome, batch)? } else { SubmitVerdict::Stale };
         match verdict {
             SubmitVerdict::Accepted => match outcome {
                 Outcome::Succeeded { result, size_bytes }
@@ -25,7 +34,7 @@ impl Coordinator {
                     let committed = TaskState::Committed { result, size_bytes };
                     let from = std::mem::replace(&mut record.state, committed);
                     self.count_transition(task.job, from.kind(), StateKind::Committed);
-                    self.claim_result(&result, size_bytes, batch)?;
+                    self.claim_result(&result, size_bytes, inline_result, batch)?;
                     self.retire(task, record, batch)?;
                     self.record(HistoryEvent::Committed { task, worker: id.clone(), token, result }, batch);
                 }
@@ -35,6 +44,8 @@ impl Coordinator {
                         self.settings.limits.max_result_bytes
                     );
                     self.end_lease(now, task, reason, true, batch)?;
+                    // The lease is over, but not with this result: the worker is told so.
+                    verdict = SubmitVerdict::Refused;
                 }
                 Outcome::Failed { message } => self.end_lease(now, task, message, true, batch)?,
             },
@@ -44,9 +55,10 @@ impl Coordinator {
             SubmitVerdict::Stale => {
                 self.record(HistoryEvent::StaleRejected { task, worker: id.clone(), token }, batch);
             }
+            SubmitVerdict::Refused => return Err(Error::internal("the fencing rule never refuses")),
         }
         batch.send(id, ToWorker::SubmitAck { task, token, verdict });
-        if verdict == SubmitVerdict::Accepted {
+        if matches!(verdict, SubmitVerdict::Accepted | SubmitVerdict::Refused) {
             // A freed slot's credit comes with the worker's next pull; freed GPUs may
             // let a held-back credit take a task now.
             self.dispatch_to(id, batch)?;
@@ -54,7 +66,8 @@ impl Coordinator {
         Ok(())
     }
 
-    /// The fencing rule: only the current token of a live lease is accepted; a repeat
+    /// The fencing rule (for a submit of the worker's current incarnation; any other is
+    /// stale): only the current token of a live lease is accepted; a repeat
     /// of what was recorded is a duplicate; anything else is stale and changes nothing.
     /// A task no longer in memory (finished) is judged from its stored record.
     fn judge_submit(
@@ -116,12 +129,18 @@ impl Coordinator {
         }
     }
 
-    /// One more committed task names `result`: the first stores the bytes this batch
-    /// was given for it (none in a simulation, which carries ids only).
-    fn claim_result(&mut self, result: &ContentId, size_bytes: u64, batch: &mut Batch<'_>) -> Result<()> {
+    /// One more committed task names `result`: the first that carries its bytes stores
+    /// them (none in a simulation, which carries ids only).
+    fn claim_result(
+        &mut self,
+        result: &ContentId,
+        size_bytes: u64,
+        bytes: Option<Vec<u8>>,
+        batch: &mut Batch<'_>,
+    ) -> Result<()> {
         let refs_key = result_refs_key(result);
         let mut refs: ResultRefs = batch.load(&refs_key)?.unwrap_or(ResultRefs { refs: 0, size_bytes, stored: false });
-        let bytes = self.batch_results.remove(result);
+        debug_assert!(bytes.as_ref().is_none_or(|b| ContentId::of(b) == *result), "inline bytes of another result");
         if !refs.stored
             && let Some(bytes) = bytes
             && bytes.len() as u64 == size_bytes

@@ -86,7 +86,11 @@ impl Harness {
     }
 
     pub fn tick(&mut self) -> Vec<CoordinatorOutput> {
-        self.input(CoordinatorInput::Tick)
+        let mut out = Vec::new();
+        let now = self.now;
+        self.coord.as_mut().expect("running").handle_timeout(now, &mut out).expect("batch commits");
+        self.outputs.extend(out.iter().cloned());
+        out
     }
 
     pub fn from(&mut self, worker: &str, message: ToCoordinator) -> Vec<CoordinatorOutput> {
@@ -426,6 +430,19 @@ fn credits_subtract_assignments_in_flight_and_pulls_are_idempotent() {
 }
 
 #[test]
+fn a_submit_of_another_incarnation_is_stale_whatever_its_token() {
+    let mut h = Harness::new();
+    let inc = h.register("w1");
+    h.submit_job(vec![spec("echo", 0)]);
+    let a = h.pull("w1", inc, 1, 0).remove(0);
+    let other = Assignment { incarnation: Incarnation(inc.get() + 1), ..a.clone() };
+    assert_eq!(h.submit("w1", &other, success(b"r")), SubmitVerdict::Stale, "the current token, another incarnation");
+    assert!(matches!(h.state(a.task), TaskState::Leased { .. }), "nothing changed");
+    assert_eq!(h.submit("w2", &a, success(b"r")), SubmitVerdict::Stale, "another (unregistered) worker");
+    assert_eq!(h.submit("w1", &a, success(b"r")), SubmitVerdict::Accepted);
+}
+
+#[test]
 fn commit_duplicate_and_stale_submits() {
     let mut h = Harness::new();
     let inc = h.register("w1");
@@ -741,10 +758,7 @@ fn result_bytes_are_stored_with_their_commit_and_only_then() {
     let (a, b) = (assigned.remove(0), assigned.remove(0));
     let batch = |h: &mut Harness, a: &Assignment, bytes: &[u8]| {
         let submit = Submit { incarnation: a.incarnation, task: a.task, token: a.token, outcome: success(bytes) };
-        let inputs = [
-            CoordinatorInput::ResultBytes { result: ContentId::of(bytes), bytes: bytes.to_vec() },
-            CoordinatorInput::FromWorker { worker: w("w1"), message: ToCoordinator::Submit(submit) },
-        ];
+        let inputs = [CoordinatorInput::Submit { worker: w("w1"), submit, inline_result: Some(bytes.to_vec()) }];
         let mut out = Vec::new();
         let now = h.now;
         h.coord.as_mut().expect("running").handle_batch(now, inputs, &mut out).expect("batch commits");
@@ -858,5 +872,5 @@ fn a_failed_commit_poisons_the_machine() {
         )
         .expect_err("the disk lost power");
     assert!(out.is_empty(), "no output leaves before its commit: {err}");
-    assert!(coord.handle(now, CoordinatorInput::Tick, &mut out).is_err(), "poisoned");
+    assert!(coord.handle_timeout(now, &mut out).is_err(), "poisoned");
 }

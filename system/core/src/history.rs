@@ -55,8 +55,10 @@ pub enum HistoryEvent {
     TaskStarted { task: TaskId, worker: WorkerId, token: FencingToken },
     /// Worker side: the task's user code stopped (finished, failed or cancelled).
     TaskStopped { task: TaskId, worker: WorkerId, token: FencingToken },
-    /// Worker side: no beat acknowledged in time; the worker stopped everything.
-    Fenced { worker: WorkerId, incarnation: Incarnation },
+    /// Worker side: no beat acknowledged in time (or its Work stream broke); the
+    /// worker stopped everything. (Histories written before the rename say `Fenced`.)
+    #[serde(alias = "Fenced")]
+    SelfFenced { worker: WorkerId, incarnation: Incarnation },
 }
 
 #[cfg(test)]

@@ -214,7 +214,9 @@ pub struct Pull {
 /// A task's outcome.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Submit {
-    /// The incarnation the worker believes it is.
+    /// The incarnation the worker acted under (the transport takes it from the Work
+    /// stream the submit came on). The coordinator refuses a submit of an incarnation
+    /// that is not the worker's current one as stale, whatever its token.
     pub incarnation: Incarnation,
     /// The task.
     pub task: TaskId,
@@ -362,6 +364,10 @@ pub enum SubmitVerdict {
     Duplicate,
     /// Not the task's current token (or no such lease); nothing changed.
     Stale,
+    /// The lease is over, but the outcome broke a limit (a result over
+    /// `limits.max_result_bytes`): it was recorded as a failed attempt (counted against
+    /// `tasks.max_attempts`), not as the task's result.
+    Refused,
 }
 
 /// Control-channel commands.

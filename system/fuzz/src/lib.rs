@@ -152,11 +152,7 @@ pub fn worker_frame(data: &[u8]) {
             wire::WireOutcome::Failure(message) => (rollout_core::protocol::Outcome::Failed { message }, None),
         };
         let submit = rollout_core::protocol::Submit { incarnation, task, token, outcome };
-        let mut inputs = Vec::new();
-        if let (Some(bytes), rollout_core::protocol::Outcome::Succeeded { result, .. }) = (bytes, &submit.outcome) {
-            inputs.push(CoordinatorInput::ResultBytes { result: *result, bytes });
-        }
-        inputs.push(CoordinatorInput::FromWorker { worker: worker_id(), message: ToCoordinator::Submit(submit) });
+        let inputs = [CoordinatorInput::Submit { worker: worker_id(), submit, inline_result: bytes }];
         let mut out = Vec::new();
         let _ = c.handle_batch(now(), inputs, &mut out);
     }
@@ -235,7 +231,7 @@ pub fn stored_records(data: &[u8]) {
         let _ = c.task_reports(job.job, 0, 64);
     }
     let _ = c.task_reports(JobId(0), 0, 64);
-    feed(&mut c, CoordinatorInput::Tick);
+    let _ = c.handle_timeout(now(), &mut Vec::new());
 }
 
 /// A config file's text.
@@ -459,10 +455,7 @@ fn storage_of_a_small_run() -> Arc<dyn Storage> {
         let mut out = Vec::new();
         let _ = c.handle_batch(
             now(),
-            [
-                CoordinatorInput::ResultBytes { result: rollout_core::ContentId::of(b"r"), bytes: b"r".to_vec() },
-                CoordinatorInput::FromWorker { worker: worker_id(), message: ToCoordinator::Submit(submit) },
-            ],
+            [CoordinatorInput::Submit { worker: worker_id(), submit, inline_result: Some(b"r".to_vec()) }],
             &mut out,
         );
     }

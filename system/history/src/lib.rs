@@ -7,7 +7,7 @@
 //!   task after it reached a terminal state.
 //! - `fenced_commit`: a commit carries the task's latest leased token; leased tokens
 //!   strictly increase per task.
-//! - `self_fence`: after a worker's `Fenced`, it starts no task until the coordinator
+//! - `self_fence`: after a worker's `SelfFenced`, it starts no task until the coordinator
 //!   has registered it again. (The simulator additionally checks, with
 //!   `rollout_core::oracle::SelfFenceOracle` over what each worker sent and received,
 //!   that no Submit or start leaves at or after its deadline.)
@@ -101,7 +101,7 @@ impl Checker {
             HistoryEvent::Registered { worker, .. } => {
                 self.fenced.remove(worker);
             }
-            HistoryEvent::Fenced { worker, .. } => {
+            HistoryEvent::SelfFenced { worker, .. } => {
                 self.fenced.insert(worker.clone());
             }
             HistoryEvent::Leased { task, worker, token, .. } => {
@@ -356,7 +356,7 @@ pub fn merge_histories(files: Vec<Vec<HistoryRecord>>) -> Vec<HistoryRecord> {
             HistoryEvent::Leased { task, token, .. } => {
                 leases_unmerged.insert((*task, *token));
             }
-            HistoryEvent::Fenced { worker, incarnation } => {
+            HistoryEvent::SelfFenced { worker, incarnation } => {
                 *fences_unmerged.entry(worker.clone()).or_default().entry(*incarnation).or_default() += 1;
             }
             _ => {}
@@ -393,7 +393,7 @@ pub fn merge_histories(files: Vec<Vec<HistoryRecord>>) -> Vec<HistoryRecord> {
             HistoryEvent::Leased { task, token, .. } => {
                 leases_unmerged.remove(&(*task, *token));
             }
-            HistoryEvent::Fenced { worker, incarnation } => {
+            HistoryEvent::SelfFenced { worker, incarnation } => {
                 if let Some(fences) = fences_unmerged.get_mut(worker)
                     && let Some(n) = fences.get_mut(incarnation)
                 {
@@ -527,7 +527,7 @@ mod tests {
             wall_unix_ms: ms,
             event,
         };
-        let fenced = |inc| HistoryEvent::Fenced { worker: w("w1"), incarnation: Incarnation(inc) };
+        let fenced = |inc| HistoryEvent::SelfFenced { worker: w("w1"), incarnation: Incarnation(inc) };
         let registered = |inc| HistoryEvent::Registered { worker: w("w1"), incarnation: Incarnation(inc) };
         // w1 starts under token 1, fences at 1000, registers again (incarnation 2) at
         // 1010 and starts under token 2 at 1015 (true times). The coordinator's clock
@@ -637,7 +637,7 @@ mod tests {
 
     #[test]
     fn start_while_fenced_is_caught() {
-        let fenced = ("w1", HistoryEvent::Fenced { worker: w("w1"), incarnation: Incarnation(1) });
+        let fenced = ("w1", HistoryEvent::SelfFenced { worker: w("w1"), incarnation: Incarnation(1) });
         let h = history(vec![fenced.clone(), started("w1", 3)]);
         assert_eq!(check_history(&h, true).expect_err("violation").invariant, "self_fence");
         let registered = ("coordinator", HistoryEvent::Registered { worker: w("w1"), incarnation: Incarnation(2) });

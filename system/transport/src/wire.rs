@@ -240,6 +240,7 @@ pub fn verdict_to_wire(v: SubmitVerdict) -> pb::SubmitVerdict {
         SubmitVerdict::Accepted => pb::SubmitVerdict::Accepted,
         SubmitVerdict::Duplicate => pb::SubmitVerdict::Duplicate,
         SubmitVerdict::Stale => pb::SubmitVerdict::Stale,
+        SubmitVerdict::Refused => pb::SubmitVerdict::Refused,
     }
 }
 
@@ -249,6 +250,7 @@ pub fn submit_ack_from_wire(ack: pb::SubmitAck) -> Result<ToWorker, WireError> {
         Ok(pb::SubmitVerdict::Accepted) => SubmitVerdict::Accepted,
         Ok(pb::SubmitVerdict::Duplicate) => SubmitVerdict::Duplicate,
         Ok(pb::SubmitVerdict::Stale) => SubmitVerdict::Stale,
+        Ok(pb::SubmitVerdict::Refused) => SubmitVerdict::Refused,
         _ => return Err(WireError { field: "submit_ack.verdict", reason: format!("unknown value {}", ack.verdict) }),
     };
     Ok(ToWorker::SubmitAck {
@@ -424,7 +426,7 @@ mod tests {
                 job in any::<u64>(), index in any::<u32>(), token in any::<u64>(), seq in any::<u64>(),
                 attempt in any::<u32>(), plugin in "[a-z]{0,40}", method in "[a-z]{0,40}",
                 payload_len in prop_oneof![0usize..300, 100_000usize..140_000], deadline_ms in any::<u64>(),
-                failure in ".{0,300}", verdict in 0u8..3,
+                failure in ".{0,300}", verdict in 0u8..4,
             ) {
                 let task = TaskId::new(JobId(job), index);
                 let assign = Assignment {
@@ -434,7 +436,8 @@ mod tests {
                 let exact = entry_len(assign_to_wire(assign.clone()).encoded_len());
                 within_bound(ToWorker::Assign(assign).work_entry_bytes(), exact)?;
 
-                let verdict = [SubmitVerdict::Accepted, SubmitVerdict::Duplicate, SubmitVerdict::Stale][verdict as usize];
+                let verdict = [SubmitVerdict::Accepted, SubmitVerdict::Duplicate, SubmitVerdict::Stale, SubmitVerdict::Refused]
+                    [verdict as usize];
                 let ack = pb::SubmitAck { task: Some(task.into()), token, verdict: verdict_to_wire(verdict).into() };
                 let message = ToWorker::SubmitAck { task, token: FencingToken(token), verdict };
                 within_bound(message.work_entry_bytes(), entry_len(ack.encoded_len()))?;

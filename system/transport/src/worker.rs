@@ -8,11 +8,12 @@
 //! plugin host on the blocking pool.
 //!
 //! Streams: after each registration the driver opens the Control and Work streams for
-//! that incarnation on the worker's single HTTP/2 connection. If the Work stream
-//! breaks, the machine gets `WorkerInput::Disconnected` and registers again (messages
-//! lost with the stream cannot be told apart from ones in flight); a broken Control
-//! stream is re-opened after a jittered exponential backoff. Registration retries are
-//! the machine's own (also jittered, exponential).
+//! that incarnation on the worker's single HTTP/2 connection. A stream that ends is
+//! reported to the machine (`WorkerInput::StreamBroken`), whose policy decides: a
+//! broken Work stream ends the incarnation (messages lost with it cannot be told apart
+//! from ones in flight), a broken Control stream alone is re-opened when the machine
+//! says so (`WorkerOutput::OpenControl`, after its jittered backoff) while the Work
+//! stream carries on. Registration retries are the machine's own too.
 //!
 //! Results travel with the Submit (the wire carries the bytes); the driver keeps the
 //! bytes of each unacknowledged submit and the coordinator stores them,
@@ -22,13 +23,12 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rollout_core::protocol::{Outcome, ToCoordinator, ToWorker, WorkerTerms};
-use rollout_core::rng::SplitMix64;
+use rollout_core::protocol::{Channel as MessageChannel, Outcome, ToCoordinator, ToWorker, WorkerTerms};
 use rollout_core::traits::{CancelToken, EventEmitter, PluginCall, PluginError, PluginHost};
 use rollout_core::{ContentId, Error, FencingToken, Incarnation, Result, TaskId};
 use rollout_proto::transport as pb;
 use rollout_proto::transport::coordinator_client::CoordinatorClient;
-use rollout_worker::{Backoff, TaskOutcome, Worker, WorkerInput, WorkerOutput, WorkerSettings};
+use rollout_worker::{TaskOutcome, Worker, WorkerInput, WorkerOutput, WorkerSettings};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -78,21 +78,33 @@ enum Event {
     BeatAnswer(Incarnation, std::result::Result<pb::HeartbeatResponse, tonic::Status>),
     Frame(u64, Incarnation, pb::CoordinatorFrame),
     Control(u64, pb::ControlMessage),
-    StreamEnded(u64, &'static str, String),
-    Reopen(u64),
+    StreamEnded(u64, StreamChannel, String),
     TaskFinished(RunKey, TaskOutcome, Option<Vec<u8>>),
 }
 
+/// Which of an incarnation's streams an event is about.
+#[derive(Debug, Clone, Copy)]
+enum StreamChannel {
+    Work,
+    Control,
+}
+
+/// The Work and Control streams of one incarnation (`session` tells their events
+/// from those of streams they replaced).
 struct Streams {
     session: u64,
+    incarnation: Incarnation,
     work_tx: mpsc::Sender<pb::WorkerFrame>,
-    tasks: Vec<JoinHandle<()>>,
+    work: JoinHandle<()>,
+    /// `None` while a broken Control stream waits for the machine's re-open.
+    control: Option<JoinHandle<()>>,
 }
 
 impl Drop for Streams {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
+        self.work.abort();
+        if let Some(control) = &self.control {
+            control.abort();
         }
     }
 }
@@ -109,10 +121,8 @@ pub async fn run_worker(opts: WorkerRuntimeOptions, channel: Channel) -> Result<
     let mut driver = WorkerDriver {
         max_message_bytes,
         id: settings.id.to_string(),
-        reopen_backoff: Backoff::new(settings.reconnect_backoff_initial, settings.reconnect_backoff_max),
         stamper: Stamper::new(settings.id.as_str()),
         machine: Worker::new(settings, rng_seed),
-        rng: SplitMix64::new(rng_seed ^ 0x5eed_0f57_2ea3),
         clock: NodeClock::start_with(env.wall_clock),
         blocking: env.blocking,
         client,
@@ -120,7 +130,6 @@ pub async fn run_worker(opts: WorkerRuntimeOptions, channel: Channel) -> Result<
         emitter,
         events: events_tx,
         streams: None,
-        streams_incarnation: None,
         next_session: 0,
         runs: BTreeMap::new(),
         results: BTreeMap::new(),
@@ -167,11 +176,8 @@ struct WorkerDriver {
     /// Frames to the coordinator are cut to fit this.
     max_message_bytes: usize,
     id: String,
-    /// Delays between re-opens of a broken Control stream (the machine's own schedule).
-    reopen_backoff: Backoff,
     machine: Worker,
     stamper: Stamper,
-    rng: SplitMix64,
     clock: NodeClock,
     blocking: BlockingWork,
     client: CoordinatorClient<Channel>,
@@ -179,8 +185,6 @@ struct WorkerDriver {
     emitter: Arc<dyn EventEmitter>,
     events: mpsc::Sender<Event>,
     streams: Option<Streams>,
-    /// The incarnation the streams belong to (they may be down, awaiting re-open).
-    streams_incarnation: Option<Incarnation>,
     next_session: u64,
     runs: BTreeMap<RunKey, CancelToken>,
     /// Result bytes of finished runs, kept until their submit is acknowledged.
@@ -267,43 +271,29 @@ impl WorkerDriver {
                     }
                 }
             }
-            Event::StreamEnded(session, "work", why) => {
+            Event::StreamEnded(session, channel, why) => {
                 if self.is_current(session) {
-                    // Assigns or acks in flight on the broken stream may be lost, and the
-                    // coordinator cannot tell which: the machine ends the incarnation and
-                    // registers again (the simulator found the credit starvation a silent
-                    // re-open causes). The new incarnation opens new streams.
-                    tracing::warn!(channel = "work", error = %why, "work stream to the coordinator ended; re-registering");
-                    self.streams = None;
-                    self.input(WorkerInput::Disconnected)?;
-                }
-                Ok(())
-            }
-            Event::StreamEnded(session, which, why) => {
-                // The Control stream carries nothing the coordinator does not repeat (it
-                // re-sends cancels of tasks a beat reports), so it is simply re-opened.
-                if self.is_current(session) {
-                    tracing::info!(channel = which, error = %why, "stream to the coordinator ended; re-opening after backoff");
-                    self.streams = None;
-                    let delay = self.reopen_delay();
-                    let tx = self.events.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(delay).await;
-                        let _ = tx.send(Event::Reopen(session)).await;
-                    });
-                }
-                Ok(())
-            }
-            Event::Reopen(session) => {
-                // Only if nothing replaced the broken session meanwhile.
-                if self.streams.is_none()
-                    && session + 1 == self.next_session
-                    && let Some(incarnation) =
-                        self.machine.incarnation().filter(|i| Some(*i) == self.streams_incarnation)
-                {
-                    self.open_streams(incarnation);
-                    // Report what runs right away, so nothing waits for the next beat.
-                    self.input(WorkerInput::Tick)?;
+                    let broken = match channel {
+                        StreamChannel::Work => {
+                            // Assigns or acks in flight may be lost, and the coordinator
+                            // cannot tell which: the machine ends the incarnation (the
+                            // simulator found the credit starvation a silent re-open
+                            // causes); the new incarnation opens new streams.
+                            tracing::warn!(channel = "work", error = %why,
+                                "work stream to the coordinator ended; re-registering");
+                            self.streams = None;
+                            MessageChannel::Work
+                        }
+                        StreamChannel::Control => {
+                            tracing::info!(channel = "control", error = %why,
+                                "control stream to the coordinator ended; re-opening after backoff");
+                            if let Some(s) = &mut self.streams {
+                                s.control = None;
+                            }
+                            MessageChannel::Control
+                        }
+                    };
+                    self.input(WorkerInput::StreamBroken(broken))?;
                 }
                 Ok(())
             }
@@ -341,10 +331,6 @@ impl WorkerDriver {
         }
     }
 
-    fn reopen_delay(&mut self) -> Duration {
-        self.reopen_backoff.next_delay(&mut self.rng)
-    }
-
     /// Feeds one input, then carries out the outputs in order.
     fn input(&mut self, input: WorkerInput) -> Result<()> {
         let now = self.clock.now();
@@ -360,18 +346,15 @@ impl WorkerDriver {
             self.results.remove(&(task, token));
         }
         // Streams follow the registration: open them for a new incarnation before any
-        // output (the first Pull) needs them; close them once the worker fenced.
-        // (A broken stream of the current incarnation is re-opened by `Event::Reopen`,
-        // after its backoff, not here.)
+        // output (the first Pull) needs them; close them once the worker fenced. (A
+        // broken Control stream is re-opened on `OpenControl`, not here.)
         let incarnation = self.machine.incarnation();
-        if incarnation != self.streams_incarnation {
-            self.streams_incarnation = incarnation;
+        if incarnation != self.streams.as_ref().map(|s| s.incarnation) {
             self.streams = None;
             // What was meant for the old incarnation's stream goes nowhere (a fence
             // withholds submits on purpose).
             self.frame = pb::WorkerFrame::default();
             if let Some(inc) = incarnation {
-                self.reopen_backoff.reset();
                 self.open_streams(inc);
             }
         }
@@ -430,6 +413,7 @@ impl WorkerDriver {
                     }
                 }
                 WorkerOutput::Event(event) => self.stamper.emit(&*self.emitter, now.wall, event),
+                WorkerOutput::OpenControl { incarnation } => self.reopen_control(incarnation),
                 WorkerOutput::Fatal(message) => {
                     tracing::error!(channel = "register", %message, "the coordinator refused this worker");
                     self.stop();
@@ -478,56 +462,69 @@ impl WorkerDriver {
             ..Default::default()
         };
         let _ = work_tx.try_send(hello);
-        let mut tasks = Vec::new();
-        {
-            let (mut client, tx) = (self.client.clone(), self.events.clone());
-            tasks.push(tokio::spawn(async move {
-                let why = match client.work(ReceiverStream::new(work_rx)).await {
-                    Ok(resp) => {
-                        let mut inbound = resp.into_inner();
-                        loop {
-                            match inbound.message().await {
-                                Ok(Some(frame)) => {
-                                    if tx.send(Event::Frame(session, incarnation, frame)).await.is_err() {
-                                        return;
-                                    }
+        let (mut client, tx) = (self.client.clone(), self.events.clone());
+        let work = tokio::spawn(async move {
+            let why = match client.work(ReceiverStream::new(work_rx)).await {
+                Ok(resp) => {
+                    let mut inbound = resp.into_inner();
+                    loop {
+                        match inbound.message().await {
+                            Ok(Some(frame)) => {
+                                if tx.send(Event::Frame(session, incarnation, frame)).await.is_err() {
+                                    return;
                                 }
-                                Ok(None) => break "closed by the coordinator".to_owned(),
-                                Err(status) => break status.to_string(),
                             }
+                            Ok(None) => break "closed by the coordinator".to_owned(),
+                            Err(status) => break status.to_string(),
                         }
                     }
-                    Err(status) => status.to_string(),
-                };
-                let _ = tx.send(Event::StreamEnded(session, "work", why)).await;
-            }));
-        }
-        {
-            let (mut client, tx) = (self.client.clone(), self.events.clone());
-            let subscribe = pb::ControlSubscribe { worker_id: self.id.clone(), incarnation: incarnation.get() };
-            tasks.push(tokio::spawn(async move {
-                let why = match client.control(subscribe).await {
-                    Ok(resp) => {
-                        let mut inbound = resp.into_inner();
-                        loop {
-                            match inbound.message().await {
-                                Ok(Some(message)) => {
-                                    if tx.send(Event::Control(session, message)).await.is_err() {
-                                        return;
-                                    }
-                                }
-                                Ok(None) => break "closed by the coordinator".to_owned(),
-                                Err(status) => break status.to_string(),
-                            }
-                        }
-                    }
-                    Err(status) => status.to_string(),
-                };
-                let _ = tx.send(Event::StreamEnded(session, "control", why)).await;
-            }));
-        }
+                }
+                Err(status) => status.to_string(),
+            };
+            let _ = tx.send(Event::StreamEnded(session, StreamChannel::Work, why)).await;
+        });
+        let control = Some(self.spawn_control(session, incarnation));
         tracing::info!(channel = "work", %incarnation, session, "streams opened");
-        self.streams = Some(Streams { session, work_tx, tasks });
+        self.streams = Some(Streams { session, incarnation, work_tx, work, control });
+    }
+
+    /// Subscribes to the Control stream of `incarnation`; its end is reported as an event.
+    fn spawn_control(&self, session: u64, incarnation: Incarnation) -> JoinHandle<()> {
+        let (mut client, tx) = (self.client.clone(), self.events.clone());
+        let subscribe = pb::ControlSubscribe { worker_id: self.id.clone(), incarnation: incarnation.get() };
+        tokio::spawn(async move {
+            let why = match client.control(subscribe).await {
+                Ok(resp) => {
+                    let mut inbound = resp.into_inner();
+                    loop {
+                        match inbound.message().await {
+                            Ok(Some(message)) => {
+                                if tx.send(Event::Control(session, message)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Ok(None) => break "closed by the coordinator".to_owned(),
+                            Err(status) => break status.to_string(),
+                        }
+                    }
+                }
+                Err(status) => status.to_string(),
+            };
+            let _ = tx.send(Event::StreamEnded(session, StreamChannel::Control, why)).await;
+        })
+    }
+
+    /// The machine's re-open of a broken Control stream, if its streams are still up.
+    fn reopen_control(&mut self, incarnation: Incarnation) {
+        let Some(s) = &self.streams else { return };
+        if s.incarnation != incarnation || s.control.is_some() {
+            return;
+        }
+        let control = self.spawn_control(s.session, incarnation);
+        tracing::info!(channel = "control", %incarnation, "control stream re-opened");
+        if let Some(s) = &mut self.streams {
+            s.control = Some(control);
+        }
     }
 
     fn start_task(&mut self, a: rollout_core::protocol::Assignment) {

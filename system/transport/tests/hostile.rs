@@ -160,7 +160,7 @@ impl HonestWorker {
     }
 
     fn fenced(&self) -> bool {
-        self.history.records().iter().any(|r| matches!(r.event, HistoryEvent::Fenced { .. }))
+        self.history.records().iter().any(|r| matches!(r.event, HistoryEvent::SelfFenced { .. }))
     }
 
     async fn stop(self) {

@@ -192,10 +192,10 @@ async fn a_cut_off_worker_fences_itself_then_rejoins() {
     .await;
     let cut_at = tokio::time::Instant::now();
     h.crash_coordinator().await;
-    // The broken Work stream ends the incarnation at once (WorkerInput::Disconnected);
+    // The broken Work stream ends the incarnation at once (WorkerInput::StreamBroken(Channel::Work))
     // were the connection only silent, the self-fence deadline would.
     h.wait_for(Duration::from_secs(5), "the worker to fence itself", |_, w| {
-        w.iter().any(|r| matches!(r.event, HistoryEvent::Fenced { .. }))
+        w.iter().any(|r| matches!(r.event, HistoryEvent::SelfFenced { .. }))
     })
     .await;
     let fenced_after = cut_at.elapsed();

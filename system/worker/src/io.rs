@@ -2,8 +2,8 @@
 
 use rollout_core::history::HistoryEvent;
 use rollout_core::oracle::SelfFenceOracle;
-use rollout_core::protocol::{Assignment, ToCoordinator, ToWorker};
-use rollout_core::{ContentId, FencingToken, Mono, TaskId};
+use rollout_core::protocol::{Assignment, Channel, ToCoordinator, ToWorker};
+use rollout_core::{ContentId, FencingToken, Incarnation, Mono, TaskId};
 
 /// Something that happened to the worker, handed to [`crate::Worker::handle`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,11 +17,13 @@ pub enum WorkerInput {
     /// A message from the coordinator, as received (possibly duplicated, late or forged:
     /// never a reason to panic).
     Message(ToWorker),
-    /// The connection to the coordinator broke (a stream ended, a keepalive timed
-    /// out). Messages in flight on it may be lost, and the coordinator cannot tell
-    /// which, so the worker ends its incarnation, as on a self-fence: it stops its
-    /// tasks, withholds their results and registers again (with backoff).
-    Disconnected,
+    /// A stream to the coordinator broke: [`Channel::Work`] (or [`Channel::Unary`],
+    /// the connection itself: a keepalive timed out) may have lost messages in flight,
+    /// and the coordinator cannot tell which, so the worker ends its incarnation, as on
+    /// a self-fence: it stops its tasks, withholds their results and registers again
+    /// (with backoff). [`Channel::Control`]: [`WorkerOutput::OpenControl`] follows
+    /// after a backoff; nothing else changes.
+    StreamBroken(Channel),
     /// The plugin host reports that a task it was told to start has stopped.
     TaskFinished {
         /// The task.
@@ -69,12 +71,18 @@ pub enum WorkerOutput {
         /// The run's token.
         token: FencingToken,
     },
-    /// A worker-side history event (`TaskStarted`, `TaskStopped`, `Fenced`); the
+    /// A worker-side history event (`TaskStarted`, `TaskStopped`, `SelfFenced`); the
     /// driver stamps node, sequence number and wall time.
     Event(HistoryEvent),
     /// Registration was refused for good (e.g. protocol version mismatch): the worker
     /// process should exit with this message. The machine does nothing more.
     Fatal(String),
+    /// Open the Control stream of `incarnation` again (it broke, and its backoff
+    /// passed); stale if the worker registered anew meanwhile.
+    OpenControl {
+        /// The incarnation whose stream broke.
+        incarnation: Incarnation,
+    },
 }
 
 impl WorkerOutput {

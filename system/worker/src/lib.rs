@@ -20,10 +20,10 @@
 //!   the send time of the beat it names; acks for other incarnations are ignored.
 //! - **Self-fence.** When `now.mono >= send time of the latest acknowledged beat +
 //!   worker_self_fence_timeout` (registration counts as an acknowledged beat sent with
-//!   the Register), the worker emits `Fenced`, cancels every run, withholds every
+//!   the Register), the worker emits `SelfFenced`, cancels every run, withholds every
 //!   result of the incarnation (unacknowledged submits included), and re-registers
 //!   after a backoff delay. A `HeartbeatAck` with `reregister` does the same at once,
-//!   without the `Fenced` event. No Submit ever leaves at or after the deadline.
+//!   without the `SelfFenced` event. No Submit ever leaves at or after the deadline.
 //! - **Pulls.** Sent on registration, whenever a slot frees, and with every beat while a
 //!   slot is free; idempotent. Never while draining.
 //! - **Assignments.** Started only for the current incarnation, with a fresh `seq`, a
@@ -32,6 +32,12 @@
 //! - **Submits.** Sent when a run ends, re-sent every `2 × heartbeat_interval` until a
 //!   `SubmitAck` (any verdict) arrives. Failure messages are truncated to
 //!   `max_error_message_bytes`.
+//! - **Broken streams** ([`WorkerInput::StreamBroken`]). A broken Work stream (or
+//!   connection) may have lost assignments or acks in flight, which the coordinator
+//!   cannot tell from ones still coming, so it ends the incarnation as a self-fence
+//!   does and registers again. A broken Control stream carries nothing the
+//!   coordinator does not repeat: [`WorkerOutput::OpenControl`] asks for a new one
+//!   after a jittered backoff (`reconnect_backoff_*`, restarted per incarnation).
 //!
 //! Architecture invariant: depends on `rollout-core` and small pure crates only; no
 //! async runtime, no clock, no network, no `HashMap` iteration.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use rollout_core::health::next_due_at;
 use rollout_core::history::HistoryEvent;
 use rollout_core::protocol::{
-    Assignment, Control, Heartbeat, Outcome, Pull, Register, Submit, ToCoordinator, ToWorker, WorkerTerms,
+    Assignment, Channel, Control, Heartbeat, Outcome, Pull, Register, Submit, ToCoordinator, ToWorker, WorkerTerms,
 };
 use rollout_core::rng::SplitMix64;
 use rollout_core::text::truncate_at_char_boundary;
@@ -66,7 +66,7 @@ pub struct Worker {
     /// This process's identity in every Register, drawn once from the seed.
     boot: u64,
     /// Set by a fence, cleared by the next registration.
-    fenced: bool,
+    self_fenced: bool,
     /// Runs on the plugin host whose result the worker will submit.
     running: BTreeMap<RunKey, RunningTask>,
     /// Runs the worker cancelled (control channel or fence), awaiting their
@@ -117,6 +117,9 @@ struct Session {
     last_acked_sent_at: Mono,
     assigns_through: u64,
     draining: bool,
+    /// The broken Control stream is re-opened at this instant.
+    control_reopen_at: Option<Mono>,
+    control_backoff: Backoff,
 }
 
 #[derive(Debug)]
@@ -146,7 +149,7 @@ impl Worker {
             state: State::NotStarted,
             highest_incarnation: None,
             boot: SplitMix64::new(rng_seed ^ BOOT_SALT).next_u64(),
-            fenced: false,
+            self_fenced: false,
             running: BTreeMap::new(),
             stopping: BTreeMap::new(),
             unacked: BTreeMap::new(),
@@ -182,7 +185,15 @@ impl Worker {
         self.fire_timers(now, out);
         match input {
             WorkerInput::Start | WorkerInput::Tick => {}
-            WorkerInput::Disconnected => self.fence(now, true, out),
+            WorkerInput::StreamBroken(Channel::Work | Channel::Unary) => self.end_incarnation(now, true, out),
+            WorkerInput::StreamBroken(Channel::Control) => {
+                if let State::Registered(session) = &mut self.state
+                    && session.control_reopen_at.is_none()
+                {
+                    let delay = session.control_backoff.next_delay(&mut self.rng);
+                    session.control_reopen_at = Some(later(now.mono, delay));
+                }
+            }
             WorkerInput::Message(message) => self.on_message(now, message, out),
             WorkerInput::TaskFinished { task, token, outcome } => {
                 self.on_task_finished(now, (task, token), outcome, out)
@@ -205,7 +216,8 @@ impl Worker {
                 let resend_every = self.submit_resend_interval();
                 let earliest_resend = self.resend_order.first().map(|(sent_at, _)| later(*sent_at, resend_every));
                 let fence = later(session.last_acked_sent_at, self.terms.worker_self_fence_timeout);
-                Some(earliest_resend.map_or(fence, |r| r.min(fence)).min(session.next_beat_at))
+                let first = earliest_resend.map_or(fence, |r| r.min(fence)).min(session.next_beat_at);
+                Some(session.control_reopen_at.map_or(first, |at| at.min(first)))
             }
         }
     }
@@ -270,8 +282,8 @@ impl Worker {
 
     /// Whether the worker fenced itself (deadline passed, or the coordinator asked it to
     /// re-register) and has not registered again since.
-    pub fn is_fenced(&self) -> bool {
-        self.fenced
+    pub fn is_self_fenced(&self) -> bool {
+        self.self_fenced
     }
 
     /// Whether the current registration was told to drain (no new tasks).
@@ -324,17 +336,17 @@ impl Worker {
 
     fn enforce_self_fence(&mut self, now: Now, out: &mut Vec<WorkerOutput>) {
         if self.self_fence_deadline().is_some_and(|deadline| now.mono >= deadline) {
-            self.fence(now, true, out);
+            self.end_incarnation(now, true, out);
         }
     }
 
     /// Stops everything of the current incarnation and schedules a new registration.
-    /// `announce`: emit the `Fenced` history event (self-fence), or not (the coordinator
+    /// `announce`: emit the `SelfFenced` history event (a self-fence), or not (the coordinator
     /// asked for re-registration; it already knows).
-    fn fence(&mut self, now: Now, announce: bool, out: &mut Vec<WorkerOutput>) {
+    fn end_incarnation(&mut self, now: Now, announce: bool, out: &mut Vec<WorkerOutput>) {
         let State::Registered(session) = &self.state else { return };
         if announce {
-            out.push(WorkerOutput::Event(HistoryEvent::Fenced {
+            out.push(WorkerOutput::Event(HistoryEvent::SelfFenced {
                 worker: self.settings.id.clone(),
                 incarnation: session.incarnation,
             }));
@@ -347,7 +359,7 @@ impl Worker {
         // submit after the deadline is exactly what the self_fence invariant forbids.
         self.unacked.clear();
         self.resend_order.clear();
-        self.fenced = true;
+        self.self_fenced = true;
         let delay = self.backoff.next_delay(&mut self.rng);
         self.state = State::Unregistered(Registering {
             step: RegisterStep::SendAt(later(now.mono, delay)),
@@ -385,6 +397,10 @@ impl Worker {
                 }
             }
             State::Registered(session) => {
+                if session.control_reopen_at.is_some_and(|at| now.mono >= at) {
+                    session.control_reopen_at = None;
+                    out.push(WorkerOutput::OpenControl { incarnation: session.incarnation });
+                }
                 if now.mono >= session.next_beat_at {
                     // A fixed schedule on the monotonic clock; after a stall, the next
                     // beat is one interval from now rather than a burst of catch-ups.
@@ -503,7 +519,7 @@ impl Worker {
         let Some(&clock_start) = registering.sent_at.front() else { return };
         self.highest_incarnation = Some(incarnation);
         self.backoff.reset();
-        self.fenced = false;
+        self.self_fenced = false;
         self.state = State::Registered(Session {
             incarnation,
             next_beat_seq: 1,
@@ -514,6 +530,8 @@ impl Worker {
             // arrived count as received: not run, so the first beat reports them lost.
             assigns_through: assigns_sent,
             draining: false,
+            control_reopen_at: None,
+            control_backoff: Backoff::new(self.settings.reconnect_backoff_initial, self.settings.reconnect_backoff_max),
         });
         self.send_heartbeat(now, out);
     }
@@ -542,7 +560,7 @@ impl Worker {
             return;
         }
         if reregister {
-            self.fence(now, false, out);
+            self.end_incarnation(now, false, out);
             return;
         }
         if let Some(&sent_at) = session.outstanding_beats.get(&beat_seq) {
@@ -585,8 +603,8 @@ impl Worker {
 
     fn on_submit_ack(&mut self, key: RunKey, out: &mut Vec<WorkerOutput>) {
         let free_before = self.free_slots();
-        // Any verdict ends the submit: Accepted and Duplicate mean recorded, Stale means
-        // it never will be; re-sending would change nothing.
+        // Any verdict ends the submit: Accepted and Duplicate mean recorded, Refused
+        // recorded as a failed attempt, Stale never will be; re-sending changes nothing.
         let removed = self.unacked.remove(&key);
         if let Some(pending) = &removed {
             self.resend_order.remove(&(pending.last_sent_at, key));

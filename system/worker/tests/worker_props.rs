@@ -14,7 +14,7 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
 use rollout_core::history::HistoryEvent;
 use rollout_core::oracle::SelfFenceOracle;
-use rollout_core::protocol::{Control, SubmitVerdict, ToCoordinator, ToWorker};
+use rollout_core::protocol::{Channel, Control, SubmitVerdict, ToCoordinator, ToWorker};
 use rollout_core::{ContentId, FencingToken, Incarnation, JobId, TaskId};
 use rollout_worker::{TaskOutcome, WorkerInput, WorkerOutput};
 
@@ -43,6 +43,8 @@ enum Op {
     Control { kind: u8, pick: usize },
     /// A rejection (ends the run when it lands while unregistered).
     Rejected,
+    /// A stream breaks: 0 Work, 1 Control, 2 the connection.
+    StreamBroken(u8),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -60,6 +62,7 @@ fn op() -> impl Strategy<Value = Op> {
         30 => any::<usize>().prop_map(|pick| Op::SubmitAck { pick }),
         10 => (0u8..4, any::<usize>()).prop_map(|(kind, pick)| Op::Control { kind, pick }),
         1 => Just(Op::Rejected),
+        5 => (0u8..3).prop_map(Op::StreamBroken),
     ]
 }
 
@@ -158,6 +161,9 @@ fn input_for(op: &Op, h: &mut Harness, model: &mut Model) -> Option<WorkerInput>
             WorkerInput::Message(ToWorker::Control(control))
         }
         Op::Rejected => WorkerInput::Message(ToWorker::RegisterRejected { reason: "no".into() }),
+        Op::StreamBroken(which) => {
+            WorkerInput::StreamBroken([Channel::Work, Channel::Control, Channel::Unary][usize::from(*which)])
+        }
     })
 }
 
@@ -222,7 +228,7 @@ fn run(slots: u32, seed: u64, ops: &[Op]) -> Result<Coverage, TestCaseError> {
                         }
                         coverage.registrations += usize::from(b.beat_seq == 1);
                     }
-                    WorkerOutput::Event(HistoryEvent::Fenced { .. }) => coverage.self_fences += 1,
+                    WorkerOutput::Event(HistoryEvent::SelfFenced { .. }) => coverage.self_fences += 1,
                     _ => {}
                 }
             }

@@ -8,7 +8,9 @@ use common::*;
 use hdrhistogram::Histogram;
 use hdrhistogram::serialization::Deserializer;
 use rollout_core::history::HistoryEvent;
-use rollout_core::protocol::{Control, Outcome, Pull, Register, SubmitVerdict, ToCoordinator, ToWorker, WorkerTerms};
+use rollout_core::protocol::{
+    Channel, Control, Outcome, Pull, Register, SubmitVerdict, ToCoordinator, ToWorker, WorkerTerms,
+};
 use rollout_core::{ContentId, FencingToken, Incarnation, JobId, PROTOCOL_VERSION};
 use rollout_worker::{
     CANCELLED_BY_HOST_MESSAGE, Phase, TaskOutcome, UNACKED_SUBMITS_PER_SLOT, WorkerInput, WorkerOutput,
@@ -151,8 +153,8 @@ fn the_coordinators_terms_set_the_beat_schedule_and_the_self_fence_deadline() {
     assert_eq!(h.worker.self_fence_deadline(), Some(mono_ms(900)), "fence clock from the Register sent at 0 ms");
     // No beat is acknowledged: the worker fences at 900 ms, not at 4 s.
     let out = h.run_until(900);
-    assert!(out.iter().any(|o| matches!(o, WorkerOutput::Event(HistoryEvent::Fenced { .. }))), "{out:?}");
-    assert!(h.worker.is_fenced());
+    assert!(out.iter().any(|o| matches!(o, WorkerOutput::Event(HistoryEvent::SelfFenced { .. }))), "{out:?}");
+    assert!(h.worker.is_self_fenced());
     assert_eq!(h.worker.terms(), coordinators, "kept until the next coordinator answers");
 }
 
@@ -291,11 +293,11 @@ fn self_fence_fires_exactly_at_the_deadline_on_the_monotonic_clock_whatever_the_
             _ => {}
         }
         let out = h.tick_at_timeout();
-        if out.iter().any(|o| matches!(o, WorkerOutput::Event(HistoryEvent::Fenced { .. }))) {
+        if out.iter().any(|o| matches!(o, WorkerOutput::Event(HistoryEvent::SelfFenced { .. }))) {
             fenced_at = Some(h.mono);
             assert_eq!(
                 out[0],
-                WorkerOutput::Event(HistoryEvent::Fenced { worker: worker_id(), incarnation: Incarnation(4) })
+                WorkerOutput::Event(HistoryEvent::SelfFenced { worker: worker_id(), incarnation: Incarnation(4) })
             );
         } else {
             assert!(h.mono < mono_ms(4_000), "not fenced at the deadline");
@@ -303,7 +305,7 @@ fn self_fence_fires_exactly_at_the_deadline_on_the_monotonic_clock_whatever_the_
     }
     assert_eq!(fenced_at, Some(mono_ms(4_000)), "the driver is woken exactly at the deadline");
     assert_eq!(h.worker.phase(), Phase::Unregistered);
-    assert!(h.worker.is_fenced());
+    assert!(h.worker.is_self_fenced());
 }
 
 #[test]
@@ -319,7 +321,7 @@ fn the_deadline_is_checked_on_every_input_not_only_ticks() {
     assert_eq!(
         out,
         [
-            WorkerOutput::Event(HistoryEvent::Fenced { worker: worker_id(), incarnation: Incarnation(2) }),
+            WorkerOutput::Event(HistoryEvent::SelfFenced { worker: worker_id(), incarnation: Incarnation(2) }),
             WorkerOutput::CancelTask { task: task(1, 0), token: FencingToken(10) },
             WorkerOutput::Event(HistoryEvent::TaskStopped {
                 task: task(1, 0),
@@ -342,7 +344,7 @@ fn self_fence_cancels_every_run_withholds_every_result_and_re_registers() {
 
     // No beat is ever acknowledged: the Register went out at 0 ms, so the deadline is 4 s.
     let out = h.run_until(4_000);
-    let fence_at = out.iter().position(|o| matches!(o, WorkerOutput::Event(HistoryEvent::Fenced { .. })));
+    let fence_at = out.iter().position(|o| matches!(o, WorkerOutput::Event(HistoryEvent::SelfFenced { .. })));
     let fence_at = fence_at.expect("fenced");
     assert_eq!(cancelled(&out[fence_at..]), [(task(1, 1), FencingToken(11))]);
     assert!(submits(&out[fence_at..]).is_empty());
@@ -370,7 +372,7 @@ fn self_fence_cancels_every_run_withholds_every_result_and_re_registers() {
     let out = h.tick_at_timeout();
     assert_eq!(registers(&out).len(), 1);
     let out = h.message(ToWorker::Registered { incarnation: Incarnation(2), terms: terms(), assigns_sent: 0 });
-    assert!(!h.worker.is_fenced());
+    assert!(!h.worker.is_self_fenced());
     assert_eq!((beats(&out)[0].incarnation, beats(&out)[0].beat_seq), (Incarnation(2), 1), "beats restart at 1");
     assert_eq!(pulls(&out)[0].free_slots, 2);
     assert!(beats(&out)[0].running.is_empty());
@@ -701,17 +703,48 @@ fn a_broken_connection_ends_the_incarnation_like_a_self_fence() {
     h.at(100);
     h.message(ToWorker::Assign(assignment(1, 1, task(1, 0), 10)));
     h.at(200);
-    let out = h.input(WorkerInput::Disconnected);
-    assert!(out.iter().any(|o| matches!(o, WorkerOutput::Event(HistoryEvent::Fenced { .. }))), "{out:?}");
+    let out = h.input(WorkerInput::StreamBroken(Channel::Work));
+    assert!(out.iter().any(|o| matches!(o, WorkerOutput::Event(HistoryEvent::SelfFenced { .. }))), "{out:?}");
     assert_eq!(cancelled(&out), [(task(1, 0), FencingToken(10))], "assignments in flight may be lost: start over");
-    assert!(h.worker.is_fenced());
+    assert!(h.worker.is_self_fenced());
     // An assignment of the old incarnation arriving late is not started.
     let out = h.message(ToWorker::Assign(assignment(1, 2, task(1, 1), 11)));
     assert!(!out.iter().any(|o| matches!(o, WorkerOutput::StartTask(_))), "{out:?}");
     let out = h.tick_at_timeout();
     assert_eq!(registers(&out).len(), 1, "registers again after its backoff");
-    // Disconnected while unregistered changes nothing.
-    assert!(h.input(WorkerInput::Disconnected).is_empty());
+    // A broken stream while unregistered changes nothing.
+    assert!(h.input(WorkerInput::StreamBroken(Channel::Work)).is_empty());
+    assert!(h.input(WorkerInput::StreamBroken(Channel::Control)).is_empty());
+}
+
+#[test]
+fn a_broken_control_stream_alone_is_reopened_after_a_backoff_and_nothing_else_changes() {
+    let mut h = Harness::registered(2, 1);
+    h.at(100);
+    h.message(ToWorker::Assign(assignment(1, 1, task(1, 0), 10)));
+    let incarnation = h.worker.incarnation().expect("registered");
+    h.at(200);
+    let out = h.input(WorkerInput::StreamBroken(Channel::Control));
+    assert!(out.is_empty(), "the run goes on, nothing is cancelled: {out:?}");
+    assert!(!h.worker.is_self_fenced());
+    // A second report before the re-open changes nothing either (one re-open).
+    assert!(h.input(WorkerInput::StreamBroken(Channel::Control)).is_empty());
+    let mut reopened = Vec::new();
+    for _ in 0..20 {
+        let out = h.tick_at_timeout();
+        reopened.extend(out.into_iter().filter(|o| matches!(o, WorkerOutput::OpenControl { .. })));
+        if !reopened.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(reopened, [WorkerOutput::OpenControl { incarnation }]);
+    let settings = h.worker.settings();
+    let waited = h.mono.saturating_since(mono_ms(200));
+    assert!(
+        waited >= settings.reconnect_backoff_initial / 2 && waited <= settings.reconnect_backoff_initial,
+        "re-opened {waited:?} after the break, within the first backoff step (equal jitter)"
+    );
+    assert_eq!(h.worker.incarnation(), Some(incarnation), "same incarnation");
 }
 
 #[test]

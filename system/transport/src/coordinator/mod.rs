@@ -22,7 +22,7 @@ use rollout_coordinator::{
     Coordinator, CoordinatorInput, CoordinatorOutput, CoordinatorSettings, JobSubmission, Notice, OperatorReply,
     RequestId, StatusPage, StatusQuery, TaskSpec,
 };
-use rollout_core::protocol::{Heartbeat, Outcome, Pull, Register, Submit, ToCoordinator, ToWorker};
+use rollout_core::protocol::{Heartbeat, Pull, Register, Submit, ToCoordinator, ToWorker};
 use rollout_core::traits::{EventEmitter, Storage};
 use rollout_core::{Error, Incarnation, JobId, Mono, Now, Result, TaskId, WorkerId};
 use rollout_proto::transport as pb;
@@ -149,6 +149,7 @@ impl Driver {
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<()> {
         let mut inputs: Vec<CoordinatorInput> = Vec::new();
         loop {
+            let mut timer_fired = false;
             let deadline = self
                 .machine
                 .as_ref()
@@ -177,7 +178,7 @@ impl Driver {
                     Some(DriverMsgBox(msg)) => self.take(msg, &mut inputs),
                     None => return self.finish().await,
                 },
-                () = tokio::time::sleep_until(deadline) => inputs.push(CoordinatorInput::Tick),
+                () = tokio::time::sleep_until(deadline) => timer_fired = true,
             }
             // Group commit: everything already waiting joins this batch.
             while inputs.len() < BATCH_INPUTS_MAX && self.batch_result_bytes < BATCH_RESULT_BYTES_MAX {
@@ -186,10 +187,9 @@ impl Driver {
                     Err(_) => break,
                 }
             }
-            if tokio::time::Instant::now() >= deadline && !inputs.contains(&CoordinatorInput::Tick) {
-                inputs.push(CoordinatorInput::Tick);
-            }
-            if !inputs.is_empty() {
+            // A batch runs the machine's due timers after its inputs; with no inputs, a
+            // fired timer is a batch of its own.
+            if !inputs.is_empty() || timer_fired {
                 self.apply(std::mem::take(&mut inputs)).await?;
             }
             // The batch was applied: its results are in the machine's write set, and
@@ -204,16 +204,9 @@ impl Driver {
         match msg {
             DriverMsg::WorkFrame { worker, submits, pull, permit } => {
                 self.permits.extend(permit);
-                // A result's bytes and its submit land in the same batch: one message.
-                for (submit, bytes) in submits {
-                    if let (Some(bytes), Outcome::Succeeded { result, .. }) = (bytes, &submit.outcome) {
-                        self.batch_result_bytes += bytes.len();
-                        inputs.push(CoordinatorInput::ResultBytes { result: *result, bytes });
-                    }
-                    inputs.push(CoordinatorInput::FromWorker {
-                        worker: worker.clone(),
-                        message: ToCoordinator::Submit(submit),
-                    });
+                for (submit, inline_result) in submits {
+                    self.batch_result_bytes += inline_result.as_ref().map_or(0, Vec::len);
+                    inputs.push(CoordinatorInput::Submit { worker: worker.clone(), submit, inline_result });
                 }
                 if let Some(pull) = pull {
                     inputs.push(CoordinatorInput::FromWorker { worker, message: ToCoordinator::Pull(pull) });
@@ -291,7 +284,11 @@ impl Driver {
         let batch_len = inputs.len();
         let mut work = std::pin::pin!(self.blocking.run(move || {
             let mut out = Vec::new();
-            let result = machine.handle_batch(now, inputs, &mut out);
+            let result = if inputs.is_empty() {
+                machine.handle_timeout(now, &mut out)
+            } else {
+                machine.handle_batch(now, inputs, &mut out)
+            };
             (machine, out, result)
         }));
         let mut pipeline_failed = false;
