@@ -157,7 +157,7 @@ pub fn shrink(scenario: &Scenario, seed: u64, progress: &mut dyn FnMut(&str)) ->
         // Workers from the last, while no fault names the one removed.
         while best.cluster.workers > 1 {
             let last = best.cluster.workers as usize - 1;
-            if best.faults.iter().any(|f| f.node.as_deref().and_then(|n| best.node(n)) == Some(NodeRef::Worker(last))) {
+            if best.faults.iter().any(|f| f.node() == Some(NodeRef::Worker(last))) {
                 break;
             }
             if !search.attempt(&mut best, "one worker fewer", |s| {

@@ -8,7 +8,9 @@
 use rollout_core::Config;
 use rollout_core::rng::SplitMix64;
 
-use crate::scenario::{Direction, Fault, FaultKind, Scenario};
+use std::num::NonZeroU64;
+
+use crate::scenario::{Direction, Fault, FaultAction, FaultKind, NodeRef, OnCoordinator, Scenario, WorkerRef};
 
 /// The faults `scenario.swarm` draws with `rng` (none without a swarm table).
 pub fn draw(scenario: &Scenario, config: &Config, rng: &mut SplitMix64) -> Vec<Fault> {
@@ -24,70 +26,50 @@ pub fn draw(scenario: &Scenario, config: &Config, rng: &mut SplitMix64) -> Vec<F
         let kind = swarm.kinds[rng.below(swarm.kinds.len() as u64) as usize];
         let at_ms = rng.below(swarm.heal_by_ms.max(1));
         let room = swarm.heal_by_ms.saturating_sub(at_ms).clamp(1, swarm.max_for_ms.max(1));
-        let for_ms = Some(100 + rng.below(room));
-        let worker = Some(format!("w{}", 1 + rng.below(workers)));
-        let mut fault = Fault {
-            at_ms,
-            kind,
-            node: worker,
-            direction: None,
-            by_ms: None,
-            for_ms: None,
-            latency_ms: None,
-            period_ms: None,
-            job: None,
-            task: None,
-        };
-        match kind {
+        let for_ms = 100 + rng.below(room);
+        let worker = WorkerRef(rng.below(workers) as usize);
+        let action = match kind {
             FaultKind::Crash => {
                 // The coordinator is one node among workers + 1.
-                if rng.below(workers + 1) == 0 {
-                    fault.node = Some("coordinator".into());
-                }
-                fault.for_ms = for_ms;
+                let node = if rng.below(workers + 1) == 0 { NodeRef::Coordinator } else { worker.into() };
+                FaultAction::Crash { node, for_ms: Some(for_ms) }
             }
             FaultKind::Partition => {
-                fault.direction = Some(match rng.below(3) {
+                let direction = match rng.below(3) {
                     0 => Direction::Both,
                     1 => Direction::ToCoordinator,
                     _ => Direction::ToWorker,
-                });
-                fault.for_ms = for_ms;
+                };
+                FaultAction::Partition { node: worker, direction, for_ms: Some(for_ms) }
             }
             FaultKind::Slow => {
-                fault.latency_ms = Some(50 + rng.below(3_000));
-                fault.for_ms = for_ms;
+                FaultAction::Slow { node: worker, latency_ms: 50 + rng.below(3_000), for_ms: Some(for_ms) }
             }
             FaultKind::Flap => {
-                fault.period_ms = Some(200 + rng.below(2_000));
-                fault.for_ms = for_ms;
+                let period_ms = NonZeroU64::new(200 + rng.below(2_000)).unwrap_or(NonZeroU64::MIN);
+                FaultAction::Flap { node: worker, period_ms, for_ms }
             }
-            FaultKind::Reset => {}
+            FaultKind::Reset => FaultAction::Reset { node: worker },
             FaultKind::ClockJump => {
                 // Half within the skew budget (a quarter of it either way), half far
                 // beyond it (up to a minute): the coordinator keeps deadlines on its own
                 // clock, so neither may make any invariant fail.
                 let quarter = (budget_ms / 4).max(1);
                 let reach = if rng.below(2) == 0 { quarter } else { 60_000 };
-                fault.by_ms = Some(rng.below(2 * reach as u64 + 1) as i64 - reach);
-                if rng.below(workers + 1) == 0 {
-                    fault.node = Some("coordinator".into());
-                }
+                let by_ms = rng.below(2 * reach as u64 + 1) as i64 - reach;
+                let node = if rng.below(workers + 1) == 0 { NodeRef::Coordinator } else { worker.into() };
+                FaultAction::ClockJump { node, by_ms }
             }
-            FaultKind::Pause => fault.for_ms = for_ms,
+            FaultKind::Pause => FaultAction::Pause { node: worker, for_ms },
             FaultKind::DiskLatency => {
-                fault.node = Some("coordinator".into());
-                fault.latency_ms = Some(5 + rng.below(300));
-                fault.for_ms = for_ms;
+                FaultAction::DiskLatency { node: OnCoordinator, latency_ms: 5 + rng.below(300), for_ms: Some(for_ms) }
             }
-            FaultKind::PowerCut => {
-                fault.node = Some("coordinator".into());
-                fault.for_ms = Some(200 + rng.below(5_000));
-            }
-            FaultKind::SyncFailure => fault.node = Some("coordinator".into()),
-            FaultKind::Drain => {}
+            FaultKind::PowerCut => FaultAction::PowerCut { node: OnCoordinator, for_ms: Some(200 + rng.below(5_000)) },
+            FaultKind::SyncFailure => FaultAction::SyncFailure { node: OnCoordinator },
+            FaultKind::Drain => FaultAction::Drain { node: worker },
             FaultKind::Heal | FaultKind::Restart | FaultKind::CancelJob | FaultKind::CancelTask => continue,
-        }
+        };
+        let fault = Fault { at_ms, action };
         faults.push(fault);
     }
     faults

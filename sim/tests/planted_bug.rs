@@ -92,7 +92,7 @@ fn a_planted_pipeline_release_bug_is_found_within_k_seeds_and_shrunk() {
     assert_eq!(shrunk.invariant, violation.invariant);
     let small = &shrunk.scenario;
     assert!(small.swarm.is_none() && small.faults.len() <= 2, "faults left: {:?}", small.faults);
-    assert!(small.faults.iter().all(|f| f.node.as_deref() == Some("coordinator")), "{:?}", small.faults);
+    assert!(small.faults.iter().all(|f| f.node() == Some(sim::scenario::NodeRef::Coordinator)), "{:?}", small.faults);
     assert!(small.cluster.workers <= 2, "workers left: {}", small.cluster.workers);
     assert!(run(small, seed).violation.is_some_and(|v| v.invariant == violation.invariant));
 }

@@ -8,7 +8,7 @@ use rollout_storage::CrashMode;
 use super::coordinator::Disk;
 use super::{Ev, NS_PER_MS, Sim};
 use crate::liveness::{CoordEnv, Env};
-use crate::scenario::{Direction, FaultKind, NodeRef};
+use crate::scenario::{Direction, FaultAction, NodeRef, WorkerRef};
 
 /// How long the coordinator stays down after a power cut without `for_ms`.
 pub(crate) const POWER_CUT_DOWNTIME_MS: u64 = 2_000;
@@ -16,54 +16,51 @@ pub(crate) const POWER_CUT_DOWNTIME_MS: u64 = 2_000;
 impl Sim {
     pub(super) fn fault(&mut self, i: usize) {
         let fault = self.faults[i].clone();
-        let node = fault.node.as_deref().and_then(|n| self.scenario.node(n));
-        let name = fault.node.clone().unwrap_or_else(|| "all links".into());
-        let undo_at = fault.for_ms.map(|ms| self.now + ms * NS_PER_MS);
-        match (fault.kind, node) {
-            (FaultKind::Crash, Some(NodeRef::Coordinator)) => {
+        let name = fault.node().map_or_else(|| "all links".to_owned(), |n| n.to_string());
+        let undo_at = fault.for_ms().map(|ms| self.now + ms * NS_PER_MS);
+        match fault.action {
+            FaultAction::Crash { node: NodeRef::Coordinator, .. } => {
                 self.coord_crash(CrashMode::LoseUnsynced, false);
                 self.open_span(&name, "crash".into());
             }
-            (FaultKind::Crash, Some(NodeRef::Worker(w))) => {
+            FaultAction::Crash { node: NodeRef::Worker(w), .. } => {
                 self.worker_crash(w);
                 self.open_span(&name, "crash".into());
             }
-            (FaultKind::Restart, Some(NodeRef::Coordinator)) => {
+            FaultAction::Restart { node: NodeRef::Coordinator } => {
                 if self.coord.machine.is_none() {
                     self.close_span(&name, "crash");
                     self.coord_start();
                 }
             }
-            (FaultKind::Restart, Some(NodeRef::Worker(w))) => {
+            FaultAction::Restart { node: NodeRef::Worker(w) } => {
                 self.close_span(&name, "crash");
                 self.worker_start(w);
             }
-            (FaultKind::Partition, Some(NodeRef::Worker(w))) => {
-                let dir = fault.direction.unwrap_or_default();
-                let up = matches!(dir, Direction::Both | Direction::ToCoordinator);
-                let down = matches!(dir, Direction::Both | Direction::ToWorker);
+            FaultAction::Partition { node: WorkerRef(w), direction, .. } => {
+                let up = matches!(direction, Direction::Both | Direction::ToCoordinator);
+                let down = matches!(direction, Direction::Both | Direction::ToWorker);
                 self.block(w, up, down);
-                let what = match dir {
+                let what = match direction {
                     Direction::Both => "partition",
                     Direction::ToCoordinator => "partition to coordinator",
                     Direction::ToWorker => "partition to worker",
                 };
                 self.open_span(&name, what.into());
             }
-            (FaultKind::Heal, Some(NodeRef::Worker(w))) => self.heal(w),
-            (FaultKind::Heal, None) => {
+            FaultAction::Heal { node: Some(WorkerRef(w)) } => self.heal(w),
+            FaultAction::Heal { node: None } => {
                 for w in 0..self.links.len() {
                     self.heal(w);
                 }
             }
-            (FaultKind::Reset, Some(NodeRef::Worker(w))) => {
+            FaultAction::Reset { node: WorkerRef(w) } => {
                 self.instant_span(&name, "reset".into());
                 self.reset_link(w, "reset");
             }
-            (FaultKind::ClockJump, Some(node)) => {
+            FaultAction::ClockJump { node, by_ms } => {
                 // A step of any size is no disturbance to the liveness checks: the
                 // coordinator keeps deadlines on its own monotonic clock.
-                let by_ms = fault.by_ms.unwrap_or(0);
                 let by = i128::from(by_ms) * NS_PER_MS as i128;
                 let running = match node {
                     NodeRef::Coordinator => self.coord.machine.is_some(),
@@ -76,28 +73,26 @@ impl Sim {
                 }
                 self.instant_span(&name, format!("clock {by_ms:+} ms"));
             }
-            (FaultKind::Slow, Some(NodeRef::Worker(w))) => {
-                let ms = fault.latency_ms.unwrap_or(0);
-                self.links[w].extra_ns = ms * NS_PER_MS;
+            FaultAction::Slow { node: WorkerRef(w), latency_ms, .. } => {
+                self.links[w].extra_ns = latency_ms * NS_PER_MS;
                 let id = self.workers[w].id.clone();
                 self.liveness.worker_env(self.now, &id, Env::Disturbed);
-                self.open_span(&name, format!("slow +{ms} ms"));
+                self.open_span(&name, format!("slow +{latency_ms} ms"));
             }
-            (FaultKind::Flap, Some(NodeRef::Worker(w))) => {
-                let period = fault.period_ms.unwrap_or(1).max(1) * NS_PER_MS;
+            FaultAction::Flap { node: WorkerRef(w), period_ms, .. } => {
+                let period = period_ms.get() * NS_PER_MS;
                 let until = undo_at.unwrap_or(self.now);
                 self.fault_log_push(&name, format!("flapping every {} ms", period / NS_PER_MS), Some(until));
                 self.push(self.now, Ev::Flap { w, cut: true, period, until });
                 return;
             }
-            (FaultKind::DiskLatency, Some(NodeRef::Coordinator)) => {
-                let ms = fault.latency_ms.unwrap_or(0);
-                self.coord.commit_latency_ns = ms * NS_PER_MS;
-                self.liveness.commit_latency(ms * NS_PER_MS);
+            FaultAction::DiskLatency { latency_ms, .. } => {
+                self.coord.commit_latency_ns = latency_ms * NS_PER_MS;
+                self.liveness.commit_latency(latency_ms * NS_PER_MS);
                 self.liveness.coord_env(self.now, CoordEnv::Disturbed);
-                self.open_span(&name, format!("fsync {ms} ms"));
+                self.open_span(&name, format!("fsync {latency_ms} ms"));
             }
-            (FaultKind::Pause, Some(NodeRef::Worker(w))) => {
+            FaultAction::Pause { node: WorkerRef(w), .. } => {
                 let node = &mut self.workers[w];
                 if node.machine.is_none() || node.paused_since.is_some() {
                     return;
@@ -110,19 +105,18 @@ impl Sim {
                 self.push(undo_at.unwrap_or(self.now), Ev::Resume { w, epoch });
                 return;
             }
-            (FaultKind::Drain, Some(NodeRef::Worker(w))) => {
+            FaultAction::Drain { node: WorkerRef(w) } => {
                 let request = self.operator_request();
                 let worker = self.workers[w].id.clone();
                 self.coord_enqueue(CoordinatorInput::Drain { request, worker });
                 self.instant_span(&name, "drain".into());
             }
-            (FaultKind::CancelJob | FaultKind::CancelTask, _) => {
-                let index = fault.job.unwrap_or(0);
+            FaultAction::CancelJob { job: index } | FaultAction::CancelTask { job: index, .. } => {
                 // Only a job the operator has heard back about has an id to cancel.
                 let Some(&(job, _)) = self.acked.get(&index) else { return };
                 let request = self.operator_request();
-                let (input, what) = match (fault.kind, fault.task) {
-                    (FaultKind::CancelTask, Some(t)) => {
+                let (input, what) = match fault.action {
+                    FaultAction::CancelTask { task: t, .. } => {
                         let task = TaskId::new(job, t);
                         (CoordinatorInput::CancelTask { request, task }, format!("cancel {task}"))
                     }
@@ -131,11 +125,11 @@ impl Sim {
                 self.coord_enqueue(input);
                 self.instant_span("coordinator", what);
             }
-            (FaultKind::SyncFailure, Some(NodeRef::Coordinator)) => {
+            FaultAction::SyncFailure { .. } => {
                 self.coord.fail_next_sync = true;
                 return;
             }
-            (FaultKind::PowerCut, Some(NodeRef::Coordinator)) => {
+            FaultAction::PowerCut { for_ms, .. } => {
                 if self.coord.machine.is_none() {
                     // Already down: no commit to cut.
                     return;
@@ -145,11 +139,9 @@ impl Sim {
                 if let Disk::Redb(disk) = &self.coord.disk {
                     disk.cut_power_after_syncs(syncs);
                 }
-                self.coord.power_cut = Some(fault.for_ms.unwrap_or(POWER_CUT_DOWNTIME_MS) * NS_PER_MS);
+                self.coord.power_cut = Some(for_ms.unwrap_or(POWER_CUT_DOWNTIME_MS) * NS_PER_MS);
                 return;
             }
-            // Validation rejects every other combination.
-            _ => return,
         }
         if let Some(at) = undo_at {
             self.push(at, Ev::Undo(i));
@@ -159,19 +151,20 @@ impl Sim {
     /// The end of fault `i`'s `for_ms`.
     pub(super) fn undo(&mut self, i: usize) {
         let fault = self.faults[i].clone();
-        let node = fault.node.as_deref().and_then(|n| self.scenario.node(n));
-        let name = fault.node.clone().unwrap_or_default();
-        match (fault.kind, node) {
-            (FaultKind::Crash, Some(NodeRef::Coordinator)) if self.coord.machine.is_none() => {
+        let name = fault.node().map(|n| n.to_string()).unwrap_or_default();
+        match fault.action {
+            FaultAction::Crash { node: NodeRef::Coordinator, .. } if self.coord.machine.is_none() => {
                 self.close_span(&name, "crash");
                 self.coord_start();
             }
-            (FaultKind::Crash, Some(NodeRef::Worker(w))) => {
+            FaultAction::Crash { node: NodeRef::Worker(w), .. } => {
                 self.close_span(&name, "crash");
                 self.worker_start(w);
             }
-            (FaultKind::Partition | FaultKind::Slow, Some(NodeRef::Worker(w))) => self.heal(w),
-            (FaultKind::DiskLatency, _) => {
+            FaultAction::Partition { node: WorkerRef(w), .. } | FaultAction::Slow { node: WorkerRef(w), .. } => {
+                self.heal(w)
+            }
+            FaultAction::DiskLatency { .. } => {
                 self.coord.commit_latency_ns = self.scenario.coordinator.commit_latency_us * 1_000;
                 self.liveness.coord_env(self.now, CoordEnv::Disturbed);
                 self.close_span("coordinator", "fsync");

@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 use rollout_core::Config;
 use serde::{Deserialize, Serialize};
 
+mod fault;
 mod validate;
+
+pub use fault::{Direction, Fault, FaultAction, FaultKind, NodeRef, OnCoordinator, WorkerRef};
 
 /// Why a scenario could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -312,111 +315,6 @@ impl Default for Strictness {
     }
 }
 
-/// One scheduled fault.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Fault {
-    /// When, in simulated ms since the start.
-    pub at_ms: u64,
-    /// What.
-    pub kind: FaultKind,
-    /// `coordinator` or a worker `wN`; for `partition`, `heal` and `reset` the worker
-    /// whose link to the coordinator is affected (`heal` without a node heals all).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node: Option<String>,
-    /// For `partition`: `both` (default), `to_coordinator` or `to_worker`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub direction: Option<Direction>,
-    /// For `clock_jump`: the wall-clock step in ms (negative: backwards).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub by_ms: Option<i64>,
-    /// For `crash`, `power_cut`, `partition`, `slow`, `flap`, `disk_latency`: undo the
-    /// fault (restart, heal, restore) this long after it began, in ms (a `power_cut`
-    /// without it: 2 000 ms after the commit it breaks).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub for_ms: Option<u64>,
-    /// For `slow`: extra one-way latency in ms; for `disk_latency`: the commit latency.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub latency_ms: Option<u64>,
-    /// For `flap`: the link toggles between cut and healed every `period_ms`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub period_ms: Option<u64>,
-    /// For `cancel_job` and `cancel_task`: the workload's job number (0-based).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub job: Option<u32>,
-    /// For `cancel_task`: the task's index within the job.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub task: Option<u32>,
-}
-
-/// Fault kinds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FaultKind {
-    /// The node's process dies (coordinator: its unsynced disk writes are lost, and its
-    /// kernel resets every connection).
-    Crash,
-    /// The node's process starts again.
-    Restart,
-    /// Messages on the coordinator–worker link are dropped.
-    Partition,
-    /// The link (or every link) works again.
-    Heal,
-    /// The link's connection resets: messages in flight are lost.
-    Reset,
-    /// The node's wall clock steps by `by_ms`.
-    ClockJump,
-    /// The link's latency grows by `latency_ms` each way (a slow link).
-    Slow,
-    /// The link is cut and healed every `period_ms`, for `for_ms`.
-    Flap,
-    /// The coordinator's commits (fsync) take `latency_ms`.
-    DiskLatency,
-    /// The coordinator loses power during its next commit: the commit fails, the
-    /// unsynced writes are torn or reordered (drawn from the seed) before it restarts,
-    /// and its connections go silent (no reset: workers notice by keepalive, or by the
-    /// reset the restarted coordinator answers their next message with).
-    PowerCut,
-    /// The coordinator's next sync (fsync) reports an error while the disk survives:
-    /// the commit pipeline is poisoned, the batches applied over the failed one are
-    /// dropped with what they would have sent, and the driver recovers its machine from
-    /// the disk.
-    SyncFailure,
-    /// The operator drains worker `node`: it finishes what it runs and takes nothing new.
-    Drain,
-    /// The operator cancels workload job number `job` (0-based; if acknowledged by then).
-    CancelJob,
-    /// The operator cancels task `task` of workload job number `job`.
-    CancelTask,
-    /// The worker's whole host is suspended for `for_ms` (a VM pause, SIGSTOP): it
-    /// handles nothing and sends nothing, its plugin runs stand still, and its
-    /// monotonic clock does not advance, so on resume it believes almost no time has
-    /// passed and carries on. The classic split brain fencing tokens exist for.
-    Pause,
-}
-
-/// Which way a partition drops messages.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Direction {
-    /// Both ways.
-    #[default]
-    Both,
-    /// Worker → coordinator only.
-    ToCoordinator,
-    /// Coordinator → worker only.
-    ToWorker,
-}
-
-/// Which node a fault names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NodeRef {
-    /// The coordinator.
-    Coordinator,
-    /// Worker index (0-based; `w1` is 0).
-    Worker(usize),
-}
-
 impl Scenario {
     /// Parses scenario text; `path` only labels errors.
     pub fn parse(text: &str, path: &Path) -> Result<Scenario, ScenarioError> {
@@ -457,13 +355,17 @@ impl Scenario {
         toml::to_string(self).unwrap_or_else(|e| format!("# cannot serialize scenario: {e}\n"))
     }
 
-    /// Resolves a node name (`coordinator`, `w1`..`wN`).
+    /// Resolves a node name (`coordinator`, `w1`..`wN`) of this scenario's cluster.
     pub fn node(&self, name: &str) -> Option<NodeRef> {
-        if name == "coordinator" {
-            return Some(NodeRef::Coordinator);
+        NodeRef::parse(name).filter(|n| self.has(*n))
+    }
+
+    /// Whether the cluster has this node.
+    pub fn has(&self, node: NodeRef) -> bool {
+        match node {
+            NodeRef::Coordinator => true,
+            NodeRef::Worker(w) => w < self.cluster.workers as usize,
         }
-        let n: u32 = name.strip_prefix('w')?.parse().ok()?;
-        (1..=self.cluster.workers).contains(&n).then(|| NodeRef::Worker(n as usize - 1))
     }
 }
 
@@ -496,6 +398,60 @@ task_duration_ms = [10, 20]
         let text = MINIMAL.replace("slots = 1", "slots = 1\nslotz = 2");
         let err = Scenario::parse(&text, Path::new("bad.toml")).expect_err("rejects").to_string();
         assert!(err.contains("bad.toml") && err.contains("slotz"), "{err}");
+    }
+
+    fn fault_error(fault: &str) -> String {
+        let text = format!("{MINIMAL}\n[[faults]]\nat_ms = 5\n{fault}\n");
+        Scenario::parse(&text, Path::new("f.toml")).expect_err("rejects").to_string()
+    }
+
+    #[test]
+    fn each_fault_kind_takes_its_own_fields_and_errors_name_the_field() {
+        let err = fault_error("kind = \"crash\"\nnode = \"w1\"\nlatency_ms = 5");
+        assert!(err.contains("latency_ms"), "a field crash does not use: {err}");
+        let err = fault_error("kind = \"slow\"\nnode = \"w1\"");
+        assert!(err.contains("latency_ms"), "a field slow needs: {err}");
+        let err = fault_error("kind = \"partition\"\nnode = \"coordinator\"");
+        assert!(err.contains("names a worker"), "a link needs a worker: {err}");
+        let err = fault_error("kind = \"disk_latency\"\nnode = \"w2\"\nlatency_ms = 5");
+        assert!(err.contains("coordinator only"), "{err}");
+        let err = fault_error("kind = \"flap\"\nnode = \"w1\"\nperiod_ms = 0\nfor_ms = 10");
+        assert!(err.contains("period_ms") || err.contains("zero"), "{err}");
+        let err = fault_error("kind = \"cancel_task\"\njob = 0\ntask = 7");
+        assert!(err.contains("faults[0].task"), "{err}");
+        let err = fault_error("kind = \"teleport\"\nnode = \"w1\"");
+        assert!(err.contains("teleport"), "{err}");
+        let err = fault_error("kind = \"crash\"\nnode = \"w01\"");
+        assert!(err.contains("w01"), "{err}");
+    }
+
+    #[test]
+    fn a_fault_schedule_survives_writing_out_and_reading_back() {
+        let faults = r#"
+[[faults]]
+at_ms = 5
+kind = "partition"
+node = "w2"
+direction = "to_worker"
+for_ms = 100
+[[faults]]
+at_ms = 6
+kind = "heal"
+[[faults]]
+at_ms = 7
+kind = "power_cut"
+[[faults]]
+at_ms = 8
+kind = "clock_jump"
+node = "coordinator"
+by_ms = -40
+"#;
+        let s = Scenario::parse(&format!("{MINIMAL}{faults}"), Path::new("x/rt.toml")).expect("parses");
+        assert_eq!(s.faults[0].node(), Some(NodeRef::Worker(1)));
+        assert_eq!(s.faults[1].node(), None, "heal without a node heals every link");
+        assert_eq!(s.faults[2].node(), Some(NodeRef::Coordinator));
+        let again = Scenario::parse(&s.to_toml(), Path::new("x/rt.toml")).expect("reads back");
+        assert_eq!(again.faults, s.faults);
     }
 
     #[test]

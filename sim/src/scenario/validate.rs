@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use super::{FaultKind, NodeRef, Scenario, ScenarioError, StorageKind};
+use super::{FaultAction, FaultKind, Scenario, ScenarioError, StorageKind};
 
 impl Scenario {
     pub(super) fn validate(&self, path: &Path) -> Result<(), ScenarioError> {
@@ -58,7 +58,7 @@ impl Scenario {
         }
         if self.invariants.all_committed {
             let wl = &self.workload;
-            let cancels = self.faults.iter().any(|f| matches!(f.kind, FaultKind::CancelJob | FaultKind::CancelTask));
+            let cancels = self.faults.iter().any(|f| matches!(f.kind(), FaultKind::CancelJob | FaultKind::CancelTask));
             if wl.failure_probability > 0.0 || wl.hang_probability > 0.0 || cancels {
                 return Err(bad(
                     "invariants.all_committed".into(),
@@ -67,7 +67,7 @@ impl Scenario {
             }
         }
         if self.coordinator.storage == StorageKind::Model {
-            let cut_scheduled = self.faults.iter().any(|f| f.kind == FaultKind::PowerCut);
+            let cut_scheduled = self.faults.iter().any(|f| f.kind() == FaultKind::PowerCut);
             let cut_drawn = self.swarm.as_ref().is_some_and(|s| s.kinds.contains(&FaultKind::PowerCut));
             if cut_scheduled || cut_drawn {
                 return Err(bad(
@@ -99,111 +99,24 @@ impl Scenario {
         if self.clocks.max_drift_ppm >= 100_000 {
             return Err(bad("clocks.max_drift_ppm".into(), "must be below 100000"));
         }
+        // Each kind's fields are its variant's (parsing checked them); what is left is
+        // whether the nodes and jobs named exist.
         for (i, fault) in self.faults.iter().enumerate() {
-            let node = match &fault.node {
-                Some(name) => Some(
-                    self.node(name)
-                        .ok_or_else(|| bad(format!("faults[{i}].node"), "no such node (coordinator or w1..wN)"))?,
-                ),
-                None => None,
-            };
-            let needs_worker = matches!(
-                fault.kind,
-                FaultKind::Partition
-                    | FaultKind::Reset
-                    | FaultKind::Slow
-                    | FaultKind::Flap
-                    | FaultKind::Drain
-                    | FaultKind::Pause
-            );
-            let needs_coordinator =
-                matches!(fault.kind, FaultKind::DiskLatency | FaultKind::PowerCut | FaultKind::SyncFailure);
-            let operator = matches!(fault.kind, FaultKind::CancelJob | FaultKind::CancelTask);
-            match (fault.kind, node) {
-                (FaultKind::Heal, None | Some(NodeRef::Worker(_))) => {}
-                (_, None) if operator => {}
-                (_, Some(_)) if operator => {
-                    return Err(bad(format!("faults[{i}].node"), "cancel names a job, not a node"));
-                }
-                (_, None) => return Err(bad(format!("faults[{i}].node"), "required for this kind")),
-                (_, Some(NodeRef::Coordinator)) if needs_worker || fault.kind == FaultKind::Heal => {
-                    return Err(bad(format!("faults[{i}].node"), "names a link: must be a worker"));
-                }
-                (_, Some(NodeRef::Worker(_))) if needs_coordinator => {
-                    return Err(bad(format!("faults[{i}].node"), "must be \"coordinator\""));
-                }
-                _ => {}
+            if let Some(node) = fault.node()
+                && !self.has(node)
+            {
+                let why = format!("no such node {node} (the cluster has w1..w{})", self.cluster.workers);
+                return Err(bad(format!("faults[{i}].node"), &why));
             }
-            let allowed = |field: &str| match field {
-                "for_ms" => matches!(
-                    fault.kind,
-                    FaultKind::Crash
-                        | FaultKind::PowerCut
-                        | FaultKind::Partition
-                        | FaultKind::Slow
-                        | FaultKind::Flap
-                        | FaultKind::DiskLatency
-                        | FaultKind::Pause
-                ),
-                "latency_ms" => matches!(fault.kind, FaultKind::Slow | FaultKind::DiskLatency),
-                "period_ms" => fault.kind == FaultKind::Flap,
-                _ => false,
-            };
-            for (field, present) in [
-                ("for_ms", fault.for_ms.is_some()),
-                ("latency_ms", fault.latency_ms.is_some()),
-                ("period_ms", fault.period_ms.is_some()),
-            ] {
-                if present && !allowed(field) {
-                    return Err(bad(format!("faults[{i}].{field}"), "not used by this kind"));
-                }
-            }
-            let required: &[(&str, bool)] = match fault.kind {
-                FaultKind::Slow | FaultKind::DiskLatency => &[("latency_ms", fault.latency_ms.is_some())],
-                FaultKind::Flap => &[("period_ms", fault.period_ms.is_some()), ("for_ms", fault.for_ms.is_some())],
-                FaultKind::Pause => &[("for_ms", fault.for_ms.is_some())],
-                _ => &[],
-            };
-            for (field, present) in required {
-                if !present {
-                    return Err(bad(format!("faults[{i}].{field}"), "required for this kind"));
-                }
-            }
-            let (job_ok, task_ok) = match fault.kind {
-                FaultKind::CancelJob => (true, false),
-                FaultKind::CancelTask => (true, true),
-                _ => (false, false),
-            };
-            if fault.job.is_some() != job_ok {
-                let why = if job_ok { "required for this kind" } else { "only for cancel_job and cancel_task" };
-                return Err(bad(format!("faults[{i}].job"), why));
-            }
-            if fault.task.is_some() != task_ok {
-                let why = if task_ok { "required for cancel_task" } else { "only for cancel_task" };
-                return Err(bad(format!("faults[{i}].task"), why));
-            }
-            if let Some(job) = fault.job
+            if let FaultAction::CancelJob { job } | FaultAction::CancelTask { job, .. } = fault.action
                 && job >= self.workload.jobs
             {
                 return Err(bad(format!("faults[{i}].job"), "no such job in the workload (0-based)"));
             }
-            if let Some(task) = fault.task
+            if let FaultAction::CancelTask { task, .. } = fault.action
                 && task >= self.workload.tasks_per_job
             {
                 return Err(bad(format!("faults[{i}].task"), "no such task in the job (0-based)"));
-            }
-            if fault.period_ms == Some(0) {
-                return Err(bad(format!("faults[{i}].period_ms"), "must be positive"));
-            }
-            if fault.direction.is_some() && fault.kind != FaultKind::Partition {
-                return Err(bad(format!("faults[{i}].direction"), "only for kind = \"partition\""));
-            }
-            match (fault.kind, fault.by_ms) {
-                (FaultKind::ClockJump, None) => {
-                    return Err(bad(format!("faults[{i}].by_ms"), "required for clock_jump"));
-                }
-                (FaultKind::ClockJump, Some(_)) | (_, None) => {}
-                (_, Some(_)) => return Err(bad(format!("faults[{i}].by_ms"), "only for kind = \"clock_jump\"")),
             }
         }
         Ok(())
