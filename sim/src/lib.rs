@@ -12,6 +12,7 @@ pub use rollout_history as checker;
 pub mod liveness;
 pub mod model_store;
 pub mod scenario;
+pub mod schedule;
 pub mod shrink;
 mod swarm;
 pub mod timeline;

@@ -96,3 +96,25 @@ fn a_planted_pipeline_release_bug_is_found_within_k_seeds_and_shrunk() {
     assert!(small.cluster.workers <= 2, "workers left: {}", small.cluster.workers);
     assert!(run(small, seed).violation.is_some_and(|v| v.invariant == violation.invariant));
 }
+
+/// The explorer's decoding (the `fault_schedule` fuzz target's): byte strings choose the
+/// fault schedule and the seed of the swarm scenario, and the invariants judge each run.
+/// Plain pseudo-random bytes already find the planted release bug; libFuzzer, guided by
+/// coverage, searches the same space (`make fuzz`).
+#[test]
+fn byte_chosen_fault_schedules_find_the_planted_release_bug() {
+    const K: u64 = 20;
+    let mut base = Scenario::load("swarm", &scenarios_dir()).expect("ships");
+    base.planted_bug = Some(sim::RELEASE_BEFORE_DURABLE.into());
+    let mut rng = rollout_core::rng::SplitMix64::new(1);
+    let found = (0..K).find_map(|_| {
+        let bytes: Vec<u8> = (0..8 + 6 * sim::schedule::FAULT_BYTES).map(|_| rng.next_u64() as u8).collect();
+        let (scenario, seed) = sim::schedule::scenario_from_bytes(&base, &bytes);
+        run(&scenario, seed).violation.map(|v| (scenario, seed, v))
+    });
+    let (scenario, seed, violation) = found.unwrap_or_else(|| panic!("{K} byte-chosen schedules missed the bug"));
+    assert!(scenario.swarm.is_none(), "the schedule is the bytes', not the swarm's");
+    let shrunk = sim::shrink::shrink(&scenario, seed, &mut |_| {}).expect("shrinks");
+    assert_eq!(shrunk.invariant, violation.invariant);
+    assert!(shrunk.scenario.faults.len() <= 2, "faults left: {:?}", shrunk.scenario.faults);
+}

@@ -123,6 +123,14 @@ pub struct Swarm {
     pub max_for_ms: u64,
 }
 
+impl Swarm {
+    /// The default kinds, up to 10 faults in the first 45 s, outages up to 15 s (as
+    /// `scenarios/swarm.toml`).
+    pub fn standard() -> Swarm {
+        Swarm { faults: 10, kinds: default_swarm_kinds(), heal_by_ms: 45_000, max_for_ms: 15_000 }
+    }
+}
+
 fn default_swarm_kinds() -> Vec<FaultKind> {
     vec![
         FaultKind::Crash,

@@ -43,6 +43,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("scenario_toml", scenario_toml),
     ("history_jsonl", history_jsonl),
     ("histogram", histogram),
+    ("fault_schedule", fault_schedule),
 ];
 
 /// The body of `name`.
@@ -258,6 +259,45 @@ pub fn history_jsonl(data: &[u8]) {
     let _ = sim::checker::check_states(&merged, &[]);
 }
 
+/// The coverage-guided explorer: the bytes choose a fault schedule (and the seed) for
+/// the swarm scenario ([`sim::schedule::scenario_from_bytes`]), and the simulator runs
+/// it with the invariants as the oracle. A violation is shrunk and written out as a
+/// regression scenario (to `ROLLOUT_FUZZ_FINDINGS`, default
+/// `fuzz/artifacts/fault_schedule/`) before the panic that reports it.
+/// `ROLLOUT_FUZZ_PLANT=<bug>` plants one of the simulator's bugs (e.g.
+/// `release_before_durable`), to see the explorer find it.
+pub fn fault_schedule(data: &[u8]) {
+    static BASE: std::sync::OnceLock<sim::Scenario> = std::sync::OnceLock::new();
+    let base = BASE.get_or_init(|| {
+        let text = include_str!("../../../scenarios/swarm.toml");
+        let mut base =
+            sim::Scenario::parse(text, std::path::Path::new("swarm.toml")).expect("the shipped swarm parses");
+        base.planted_bug = std::env::var("ROLLOUT_FUZZ_PLANT").ok().filter(|b| !b.is_empty());
+        base
+    });
+    let (mut scenario, seed) = sim::schedule::scenario_from_bytes(base, data);
+    let Some(violation) = sim::run(&scenario, seed).violation else { return };
+    let id = rollout_core::ContentId::of(data).to_string();
+    scenario.name = format!("fault_schedule_{}", &id[..12]);
+    let dir = std::env::var_os("ROLLOUT_FUZZ_FINDINGS").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/artifacts/fault_schedule"),
+        std::path::PathBuf::from,
+    );
+    let written = match sim::shrink::shrink(&scenario, seed, &mut |_| {}) {
+        Ok(shrunk) => shrunk.write(&dir),
+        Err(_) => std::fs::create_dir_all(&dir).and_then(|()| {
+            let path = dir.join(format!("{}.toml", scenario.name));
+            std::fs::write(&path, scenario.to_toml()).map(|()| path)
+        }),
+    };
+    match written {
+        Ok(path) => {
+            panic!("{violation}\nregression scenario: {} (sim run {} --seed {seed})", path.display(), path.display())
+        }
+        Err(e) => panic!("{violation}\n(cannot write the regression scenario to {}: {e})", dir.display()),
+    }
+}
+
 /// An HDR histogram from a worker's beat: the header check, then the merge.
 pub fn histogram(data: &[u8]) {
     let _ = check_histogram(data);
@@ -388,6 +428,13 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         r#"{"seq":4,"node":"coordinator","wall_unix_ms":5,"event":"job_expired","job":1}"#,
     ];
     seeds.push(("history_jsonl", history.join("\n").into_bytes()));
+    // Schedules: none, one fault of each of the first kinds, and a dense mix.
+    seeds.push(("fault_schedule", vec![0; 8]));
+    let mut rng = rollout_core::rng::SplitMix64::new(0x5c4e_d01e);
+    for faults in [1usize, 3, 10] {
+        let len = 8 + faults * sim::schedule::FAULT_BYTES;
+        seeds.push(("fault_schedule", (0..len).map(|_| rng.next_u64() as u8).collect()));
+    }
     seeds
 }
 
