@@ -4,13 +4,17 @@
 //! real cluster). Layer 1 proves the logic over thousands of seeds; this proves the glue
 //! over a few.
 //!
-//! The tests are hand-written stories modelled on `scenarios/partition_heal.toml`,
-//! `coordinator_crash_restart.toml` and `worker_crash.toml` (plus a per-host wall-clock
-//! step); they do not read the scenario files. Each runs over a handful of seeds; a
-//! failure names its seed. A coordinator crash here is a power cut: the host's sockets
-//! send no FIN or RST, and workers learn of it from their keepalives and deadlines, as
-//! after layer 1's `power_cut` (layer 1's `crash` is a killed process, whose kernel
-//! resets every connection).
+//! Two kinds of test. The scenario files themselves (`LAYER2_SCENARIOS`), played by
+//! `layer2::scenario::play` with their cluster, workload, clocks, `[config]` and
+//! fault schedule, judged by the checker and required to commit every task; the files
+//! whose faults layer 2 cannot reproduce are refused naming the fault (see that
+//! module for what carries over). And hand-written stories modelled on
+//! `partition_heal.toml`, `coordinator_crash_restart.toml` and `worker_crash.toml`,
+//! which also assert timings (the self-fence and `detect` bounds) and who did what.
+//! Each runs over a few seeds; a failure names its seed. A coordinator crash here is a
+//! power cut: the host's sockets send no FIN or RST, and workers learn of it from
+//! their keepalives and deadlines, as after layer 1's `power_cut` (layer 1's `crash`
+//! is a killed process, whose kernel resets every connection).
 
 mod layer2;
 
@@ -20,6 +24,13 @@ use layer2::{
     CHECK_EVERY, COORDINATOR, Cluster, Kind, committers, count, fast_config, fingerprint, held_by, position_from,
 };
 use rollout_core::history::{HistoryEvent, HistoryRecord};
+use sim::{Scenario, scenarios_dir};
+
+/// The scenario files layer 2 plays (every fault of theirs carries over).
+const LAYER2_SCENARIOS: [&str; 4] =
+    ["steady_state", "worker_crash", "coordinator_crash_restart", "clock_skew_within_budget"];
+/// Seeds each is played with.
+const SCENARIO_SEEDS: [u64; 2] = [1, 2];
 
 const SEEDS: [u64; 4] = [1, 2, 3, 4];
 const WORKERS: [&str; 3] = ["w1", "w2", "w3"];
@@ -267,5 +278,64 @@ fn same_seed_same_history() {
         let first = fingerprint(&scenario(7));
         assert_eq!(first, fingerprint(&scenario(7)), "{name}: two runs of seed 7 differ");
         assert_ne!(first, fingerprint(&scenario(8)), "{name}: seeds 7 and 8 gave the same history");
+    }
+}
+
+#[test]
+fn the_scenario_files_play_at_layer_2_judged_by_the_same_checker() {
+    for name in LAYER2_SCENARIOS {
+        let scenario = Scenario::load(name, &scenarios_dir()).expect("ships");
+        for seed in SCENARIO_SEEDS {
+            let played = layer2::scenario::play(&scenario, seed).unwrap_or_else(|why| panic!("{name}: {why}"));
+            let tasks = scenario.workload.jobs * scenario.workload.tasks_per_job;
+            let commits = played.merged.iter().filter(|r| matches!(r.event, HistoryEvent::Committed { .. })).count();
+            assert_eq!(commits, tasks as usize, "{name} seed {seed}: every task committed once");
+            let n = |f: fn(&HistoryEvent) -> bool| played.merged.iter().filter(|r| f(&r.event)).count();
+            let declared = n(|e| matches!(e, HistoryEvent::DeclaredFailed { .. }));
+            let requeued = n(|e| matches!(e, HistoryEvent::Requeued { .. }));
+            let fenced = n(|e| matches!(e, HistoryEvent::SelfFenced { .. }));
+            eprintln!(
+                "{name} seed {seed}: {} steps, {tasks} tasks, done at {:?}; {declared} declared failed, \
+                 {requeued} re-queued, {fenced} self-fences",
+                played.steps, played.elapsed
+            );
+            // What the file says it exercises, where a history shows it, happened here too.
+            for (what, seen) in [("declared_failed", declared), ("requeued", requeued), ("self_fenced", fenced)] {
+                if scenario.exercises.iter().any(|e| e == what) {
+                    assert!(seen > 0, "{name} seed {seed}: exercises {what} at layer 1, never at layer 2");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_scenario_layer_2_cannot_reproduce_is_refused_naming_the_fault() {
+    let dir = scenarios_dir();
+    let refused = |name: &str| match layer2::scenario::plan(&Scenario::load(name, &dir).expect("ships")) {
+        Ok(_) => panic!("{name} should be refused"),
+        Err(why) => why,
+    };
+    let why = refused("one_way_partition");
+    assert!(why.contains("faults[0]") && why.contains("one-way"), "{why}");
+    assert!(refused("process_pause").contains("(pause)"));
+    assert!(refused("partition_heal").contains("one-way"), "its w2 and w3 partitions are one-way");
+    assert!(refused("large_messages").contains("limits.max_message_bytes"));
+    // Every shipped scenario is either played or refused for a named reason.
+    for entry in std::fs::read_dir(&dir).expect("scenarios") {
+        let path = entry.expect("entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let name = path.file_stem().and_then(|s| s.to_str()).expect("a name").to_owned();
+            let plan = layer2::scenario::plan(&Scenario::load(&name, &dir).expect("loads"));
+            let played = LAYER2_SCENARIOS.contains(&name.as_str());
+            if played {
+                assert!(plan.is_ok(), "{name} is in LAYER2_SCENARIOS but refused: {plan:?}");
+            } else if let Ok(steps) = plan {
+                // Runnable but not in the list: only a swarm, whose faults are drawn
+                // per seed at layer 1 (layer 2 plays its fault-free base).
+                let swarm = Scenario::load(&name, &dir).expect("loads").swarm.is_some();
+                assert!(swarm, "{name} ({} steps) could join LAYER2_SCENARIOS", steps.len());
+            }
+        }
     }
 }

@@ -40,18 +40,23 @@ use rollout_transport::net::{Dialer, TlsConnector, lazy_channel};
 use rollout_transport::tls::{self, CertFiles};
 use rollout_transport::worker::{WorkerRuntimeOptions, run_worker};
 use rollout_transport::{
-    BlockingWork, BuiltinPlugins, CoordinatorApi, NodeEnv, ResultStore, ServeLimits, WallClock, ensure_dev_ca,
-    issue_client_cert, issue_operator_cert, issue_server_cert, serve_coordinator,
+    BlockingWork, BuiltinPlugins, CoordinatorApi, NodeEnv, PluginTime, ResultStore, ServeLimits, WallClock,
+    ensure_dev_ca, issue_client_cert, issue_operator_cert, issue_server_cert, serve_coordinator,
 };
 use rollout_worker::WorkerSettings;
 use sim::checker::{RecordedVerdict, check_recorded, merge_histories};
 use tokio::sync::watch;
 
+mod histories;
+pub mod scenario;
+
+pub use histories::{Kind, committers, count, fingerprint, held_by, position_from};
+
 /// The coordinator's host name (and the name in its server certificate).
 pub const COORDINATOR: &str = "coordinator";
 /// The port it serves on.
 const PORT: u16 = 7000;
-/// Tasks each worker runs at once (as in the layer-1 scenarios).
+/// Tasks each worker runs at once in the stories (as in most layer-1 scenarios).
 const SLOTS: u32 = 2;
 /// Where simulated wall clocks start: fixed, so every stamp is a function of the seed.
 const EPOCH_UNIX_S: u64 = 1_700_000_000;
@@ -153,7 +158,7 @@ impl CoordinatorNode {
             settings: CoordinatorSettings::from_config(&self.config),
             emitter: self.history,
             shutdown,
-            env: NodeEnv { wall_clock: Arc::new(self.wall), blocking: BlockingWork::Inline },
+            env: NodeEnv { wall_clock: Arc::new(self.wall), blocking: BlockingWork::Inline, plugin_time: None },
         })?;
         let api = CoordinatorApi::new(handle, results, &self.config);
         let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;
@@ -177,6 +182,8 @@ impl CoordinatorNode {
 struct WorkerNode {
     config: Config,
     id: WorkerId,
+    slots: u32,
+    plugin_time: Option<PluginTime>,
     rng_seed: u64,
     /// How often the host has started: each start is a new process, with its own seed
     /// (and so its own boot in every Register), as a real restart draws one.
@@ -192,7 +199,7 @@ impl WorkerNode {
         let (_running, shutdown) = watch::channel(false);
         let plugins = Arc::new(BuiltinPlugins);
         let settings =
-            WorkerSettings::from_config(self.id, SLOTS, plugins.plugins(), Inventory::default(), &self.config);
+            WorkerSettings::from_config(self.id, self.slots, plugins.plugins(), Inventory::default(), &self.config);
         let options = WorkerRuntimeOptions {
             settings,
             plugins,
@@ -200,7 +207,11 @@ impl WorkerNode {
             rng_seed: self.rng_seed ^ self.starts.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9e37_79b9_7f4a_7c15),
             max_message_bytes: self.config.limits.max_message_bytes as usize,
             shutdown,
-            env: NodeEnv { wall_clock: Arc::new(self.wall), blocking: BlockingWork::Inline },
+            env: NodeEnv {
+                wall_clock: Arc::new(self.wall),
+                blocking: BlockingWork::Inline,
+                plugin_time: self.plugin_time,
+            },
         };
         run_worker(options, lazy_channel(connector)).await?;
         Ok(())
@@ -208,6 +219,54 @@ impl WorkerNode {
 }
 
 // ------------------------------------------------------------------ the cluster
+
+/// What a cluster is made of.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    /// The workers' names.
+    pub workers: Vec<String>,
+    /// Tasks each worker runs at once.
+    pub slots: u32,
+    /// Every node's config.
+    pub config: Config,
+    /// Each segment's latency is drawn from this range.
+    pub latency: (Duration, Duration),
+    /// Each host's wall clock starts this far (ms) from turmoil's (absent: 0).
+    pub wall_offsets_ms: BTreeMap<String, i64>,
+    /// How long a task runs, in simulated ms, drawn per task from this range; `None`:
+    /// no time at all (calls run inline).
+    pub task_duration_ms: Option<[u64; 2]>,
+}
+
+/// A task's simulated run time: drawn from `[lo, hi]` ms by the seed and the task's
+/// payload (unique per task), so every attempt of a task takes as long.
+fn task_time(seed: u64, [lo, hi]: [u64; 2]) -> PluginTime {
+    PluginTime(Arc::new(move |call: &rollout_core::traits::PluginCall| {
+        let mut h = seed ^ 0x7a5c_d0e5;
+        for chunk in call.payload.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            h = rollout_core::rng::SplitMix64::new(h ^ u64::from_le_bytes(word)).next_u64();
+        }
+        let span = hi.saturating_sub(lo) + 1;
+        Duration::from_millis(lo + rollout_core::rng::SplitMix64::new(h).below(span))
+    }))
+}
+
+impl ClusterSpec {
+    /// The stories' cluster: `workers` with [`SLOTS`] slots, [`fast_config`], 1–25 ms
+    /// segments, clocks in step.
+    pub fn stories(workers: &[&str]) -> ClusterSpec {
+        ClusterSpec {
+            workers: workers.iter().map(|w| (*w).to_owned()).collect(),
+            slots: SLOTS,
+            config: fast_config(),
+            latency: (Duration::from_millis(1), Duration::from_millis(25)),
+            wall_offsets_ms: BTreeMap::new(),
+            task_duration_ms: None,
+        }
+    }
+}
 
 /// One seeded turmoil simulation of a coordinator and workers.
 pub struct Cluster {
@@ -228,7 +287,12 @@ pub struct Cluster {
 impl Cluster {
     /// Certificates, a coordinator and `workers`, all started (nothing has run yet).
     pub fn start(seed: u64, workers: &[&str]) -> Cluster {
-        let config = fast_config();
+        Cluster::start_with(seed, &ClusterSpec::stories(workers))
+    }
+
+    /// A cluster as `spec` says, all started (nothing has run yet).
+    pub fn start_with(seed: u64, spec: &ClusterSpec) -> Cluster {
+        let config = spec.config.clone();
         let tls_dir = tempfile::tempdir().expect("tempdir");
         let dir = tls_dir.path();
         ensure_dev_ca(dir).expect("CA");
@@ -240,40 +304,48 @@ impl Cluster {
             .rng_seed(seed)
             .epoch(SystemTime::UNIX_EPOCH + Duration::from_secs(EPOCH_UNIX_S))
             .simulation_duration(Duration::from_secs(600))
-            .min_message_latency(Duration::from_millis(1))
-            .max_message_latency(Duration::from_millis(25))
+            .min_message_latency(spec.latency.0)
+            .max_message_latency(spec.latency.1)
             // A cut link holds segments until it heals; room for them all on delivery.
             .tcp_capacity(16_384)
             .build();
 
         let coordinator = Arc::new(Recorder::default());
         let disk = MemDisk::new();
-        let mut clocks = BTreeMap::new();
+        let mut clocks: BTreeMap<String, HostWallClock> = BTreeMap::new();
+        let mut clock_of = |name: &str| {
+            let clock = HostWallClock::default();
+            clock.step(spec.wall_offsets_ms.get(name).copied().unwrap_or(0));
+            clocks.insert(name.to_owned(), clock.clone());
+            clock
+        };
         let node = CoordinatorNode {
             config: config.clone(),
             disk: disk.clone(),
             history: Arc::clone(&coordinator),
-            wall: clocks.entry(COORDINATOR.to_owned()).or_insert_with(HostWallClock::default).clone(),
+            wall: clock_of(COORDINATOR),
             tls: tls::server_config(&ca, &CertFiles::coordinator(dir)).expect("server TLS"),
         };
         sim.host(COORDINATOR, move || node.clone().run());
 
         let mut recorders = BTreeMap::new();
-        for (i, name) in workers.iter().enumerate() {
-            let id = WorkerId::new(*name).expect("worker id");
+        for (i, name) in spec.workers.iter().enumerate() {
+            let id = WorkerId::new(name).expect("worker id");
             let files = issue_client_cert(dir, &id).expect("worker certificate");
             let history = Arc::new(Recorder::default());
-            recorders.insert((*name).to_owned(), Arc::clone(&history));
+            recorders.insert(name.clone(), Arc::clone(&history));
             let node = WorkerNode {
                 config: config.clone(),
                 id,
+                slots: spec.slots,
+                plugin_time: spec.task_duration_ms.map(|range| task_time(seed, range)),
                 rng_seed: rollout_core::rng::SplitMix64::new(seed ^ (i as u64 + 1)).next_u64(),
                 starts: Arc::new(AtomicU64::new(0)),
                 history,
-                wall: clocks.entry((*name).to_owned()).or_insert_with(HostWallClock::default).clone(),
+                wall: clock_of(name),
                 tls: tls::client_config(&ca, &files).expect("worker TLS"),
             };
-            sim.host(*name, move || node.clone().run());
+            sim.host(name.as_str(), move || node.clone().run());
         }
         Cluster {
             sim,
@@ -284,7 +356,7 @@ impl Cluster {
             workers: recorders,
             clocks,
             submitted: Vec::new(),
-            hosts: std::iter::once(COORDINATOR).chain(workers.iter().copied()).map(str::to_owned).collect(),
+            hosts: std::iter::once(COORDINATOR.to_owned()).chain(spec.workers.iter().cloned()).collect(),
         }
     }
 
@@ -334,6 +406,11 @@ impl Cluster {
     /// Submits a job of `tasks` echo tasks from a fresh operator host, which retries
     /// (same idempotency key) until the coordinator accepts it.
     pub fn submit(&mut self, tasks: u32) {
+        self.submit_sized(tasks, 0);
+    }
+
+    /// [`Cluster::submit`] with each payload padded to `payload_bytes`.
+    pub fn submit_sized(&mut self, tasks: u32, payload_bytes: usize) {
         let n = self.submitted.len() + 1;
         let name = format!("job-{n}");
         let dir = self.tls_dir.path();
@@ -344,7 +421,11 @@ impl Cluster {
                 .map(|i| pb::TaskSpec {
                     plugin: "echo".into(),
                     method: "run".into(),
-                    payload: format!("{name}/{i}").into_bytes(),
+                    payload: {
+                        let mut payload = format!("{name}/{i}").into_bytes();
+                        payload.resize(payload.len().max(payload_bytes), b'.');
+                        payload
+                    },
                     gpus: 0,
                     deadline_ms: 30_000,
                 })
@@ -528,74 +609,4 @@ fn open_runs(history: &[HistoryRecord]) -> BTreeSet<(TaskId, rollout_core::Fenci
         }
     }
     open
-}
-
-/// Whether `event` concerns `worker` and matches `kind`.
-pub fn is(event: &HistoryEvent, worker: &str, kind: Kind) -> bool {
-    match (kind, event) {
-        (Kind::Registered, HistoryEvent::Registered { worker: w, .. })
-        | (Kind::DeclaredFailed, HistoryEvent::DeclaredFailed { worker: w, .. })
-        | (Kind::SelfFenced, HistoryEvent::SelfFenced { worker: w, .. })
-        | (Kind::Committed, HistoryEvent::Committed { worker: w, .. }) => w.as_str() == worker,
-        _ => false,
-    }
-}
-
-/// The kinds of event the tests look for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Registered,
-    DeclaredFailed,
-    SelfFenced,
-    Committed,
-}
-
-/// How many events of `kind` concern `worker`.
-pub fn count(history: &[HistoryRecord], worker: &str, kind: Kind) -> usize {
-    history.iter().filter(|r| is(&r.event, worker, kind)).count()
-}
-
-/// The position of the first event of `kind` for `worker` at or after `from`.
-pub fn position_from(history: &[HistoryRecord], from: usize, worker: &str, kind: Kind) -> Option<usize> {
-    history.iter().skip(from).position(|r| is(&r.event, worker, kind)).map(|p| p + from)
-}
-
-/// The tasks `worker` held (its latest lease, uncommitted) in `history[..end]`.
-pub fn held_by(history: &[HistoryRecord], end: usize, worker: &str) -> BTreeSet<TaskId> {
-    let mut holder: BTreeMap<TaskId, &str> = BTreeMap::new();
-    for r in &history[..end] {
-        match &r.event {
-            HistoryEvent::Leased { task, worker: w, .. } => {
-                holder.insert(*task, w.as_str());
-            }
-            HistoryEvent::Committed { task, .. } | HistoryEvent::Requeued { task, .. } => {
-                holder.remove(task);
-            }
-            _ => {}
-        }
-    }
-    holder.into_iter().filter(|(_, w)| *w == worker).map(|(t, _)| t).collect()
-}
-
-/// Who committed each task.
-pub fn committers(history: &[HistoryRecord]) -> BTreeMap<TaskId, String> {
-    history
-        .iter()
-        .filter_map(|r| match &r.event {
-            HistoryEvent::Committed { task, worker, .. } => Some((*task, worker.to_string())),
-            _ => None,
-        })
-        .collect()
-}
-
-/// A fingerprint of a merged history: SHA-256 over every record's JSON line (node,
-/// position, wall stamp and event).
-pub fn fingerprint(merged: &[HistoryRecord]) -> String {
-    use sha2::{Digest, Sha256};
-    let mut hash = Sha256::new();
-    for r in merged {
-        hash.update(serde_json::to_vec(r).expect("a record encodes"));
-        hash.update(b"\n");
-    }
-    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }

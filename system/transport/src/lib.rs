@@ -45,7 +45,7 @@ pub mod worker;
 pub use coordinator::{CoordinatorHandle, NodeClock, OperatorRequest};
 pub use history::{FileJsonEmitter, MemoryEmitter, NullEmitter, StdoutJsonEmitter};
 pub use net::ConnectionLimits;
-pub use node_env::{BlockingWork, NodeEnv, SystemWallClock, WallClock};
+pub use node_env::{BlockingWork, NodeEnv, PluginTime, SystemWallClock, WallClock};
 pub use plugins::{BuiltinPlugins, PluginRouter};
 pub use server::{
     CoordinatorOptions, RunningCoordinator, ServeLimits, WorkerOptions, connect, operator_client, run_worker_process,

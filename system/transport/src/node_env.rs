@@ -9,7 +9,9 @@
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
+
+use rollout_core::traits::PluginCall;
 
 /// A source of wall-clock readings. It may jump, forwards or back, as real wall clocks
 /// do; the machines cope (the monotonic clock comes from tokio, not from here).
@@ -62,6 +64,19 @@ impl BlockingWork {
     }
 }
 
+/// A simulation's model of how long user code runs: the worker driver reports a call's
+/// end this long after the call returned, on its runtime's clock (simulated time under
+/// a simulator), and the deadline rule applies as to any call. Production has none:
+/// calls take the time they take.
+#[derive(Clone)]
+pub struct PluginTime(pub Arc<dyn Fn(&PluginCall) -> Duration + Send + Sync>);
+
+impl fmt::Debug for PluginTime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PluginTime(..)")
+    }
+}
+
 /// A driver's environment. The default is production's.
 #[derive(Debug, Clone)]
 pub struct NodeEnv {
@@ -70,11 +85,13 @@ pub struct NodeEnv {
     /// Where batch commits, result writes and plugin calls run. (The operator Results
     /// stream reads stored results on the blocking pool regardless.)
     pub blocking: BlockingWork,
+    /// A simulation's plugin run times ([`PluginTime`]); `None` in production.
+    pub plugin_time: Option<PluginTime>,
 }
 
 impl Default for NodeEnv {
     fn default() -> Self {
-        NodeEnv { wall_clock: Arc::new(SystemWallClock), blocking: BlockingWork::Pool }
+        NodeEnv { wall_clock: Arc::new(SystemWallClock), blocking: BlockingWork::Pool, plugin_time: None }
     }
 }
 

@@ -125,6 +125,7 @@ pub async fn run_worker(opts: WorkerRuntimeOptions, channel: Channel) -> Result<
         machine: Worker::new(settings, rng_seed),
         clock: NodeClock::start_with(env.wall_clock),
         blocking: env.blocking,
+        plugin_time: env.plugin_time,
         client,
         plugins,
         emitter,
@@ -180,6 +181,8 @@ struct WorkerDriver {
     stamper: Stamper,
     clock: NodeClock,
     blocking: BlockingWork,
+    /// A simulation's plugin run times (none in production).
+    plugin_time: Option<crate::node_env::PluginTime>,
     client: CoordinatorClient<Channel>,
     plugins: Arc<dyn PluginHost>,
     emitter: Arc<dyn EventEmitter>,
@@ -533,7 +536,8 @@ impl WorkerDriver {
         self.runs.insert(key, cancel.clone());
         let deadline = a.deadline;
         let call = PluginCall { plugin: a.plugin, method: a.method, payload: a.payload, deadline };
-        if self.plugins.runs_in_place(&call.plugin) {
+        let simulated = self.plugin_time.as_ref().map(|t| (t.0)(&call));
+        if simulated.is_none() && self.plugins.runs_in_place(&call.plugin) {
             // No thread hand-off, no timer: the call returns at once.
             let (outcome, bytes) = task_outcome(self.plugins.call(&call, &cancel));
             self.finished_in_place.push_back(Event::TaskFinished(key, outcome, bytes));
@@ -542,7 +546,13 @@ impl WorkerDriver {
         let (plugins, tx, blocking) = (Arc::clone(&self.plugins), self.events.clone(), self.blocking);
         tokio::spawn(async move {
             let blocking_cancel = cancel.clone();
-            let run = blocking.run(move || plugins.call(&call, &blocking_cancel));
+            let run = async move {
+                let result = blocking.run(move || plugins.call(&call, &blocking_cancel)).await;
+                if let Some(lasts) = simulated {
+                    tokio::time::sleep(lasts).await;
+                }
+                result
+            };
             // The host is asked to honour the deadline; if it does not, the driver stops
             // waiting at the deadline plus the grace every driver gives (the simulator
             // too) and reports the attempt failed. (Biased: a call that finished is never
