@@ -265,7 +265,8 @@ fn worker_crash_re_leases_its_tasks() {
 /// 1 s of real time (`std::time::Instant`), and a frame arriving for an expired stream
 /// is answered with RST_STREAM instead of being ignored, one more segment that would
 /// shift every latency drawn after it. A run takes about 0.3 s of real time; slowing
-/// the runs about eightfold changed no history.
+/// the runs about eightfold changed no history. (`tests/layer2_bytes.rs` closes that
+/// and the byte-level sources too, by defining libc's clocks and randomness.)
 #[test]
 fn same_seed_same_history() {
     type Scenario = fn(u64) -> Vec<HistoryRecord>;
@@ -294,9 +295,10 @@ fn the_scenario_files_play_at_layer_2_judged_by_the_same_checker() {
             let declared = n(|e| matches!(e, HistoryEvent::DeclaredFailed { .. }));
             let requeued = n(|e| matches!(e, HistoryEvent::Requeued { .. }));
             let fenced = n(|e| matches!(e, HistoryEvent::SelfFenced { .. }));
+            let wire_bytes: u64 = played.wire.values().map(|(_, bytes)| bytes).sum();
             eprintln!(
                 "{name} seed {seed}: {} steps, {tasks} tasks, done at {:?}; {declared} declared failed, \
-                 {requeued} re-queued, {fenced} self-fences",
+                 {requeued} re-queued, {fenced} self-fences; {wire_bytes} bytes on the wire",
                 played.steps, played.elapsed
             );
             // What the file says it exercises, where a history shows it, happened here too.

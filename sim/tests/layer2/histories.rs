@@ -66,11 +66,16 @@ pub fn committers(history: &[HistoryRecord]) -> BTreeMap<TaskId, String> {
 /// A fingerprint of a merged history: SHA-256 over every record's JSON line (node,
 /// position, wall stamp and event).
 pub fn fingerprint(merged: &[HistoryRecord]) -> String {
-    use sha2::{Digest, Sha256};
-    let mut hash = Sha256::new();
+    let mut lines = Vec::new();
     for r in merged {
-        hash.update(serde_json::to_vec(r).expect("a record encodes"));
-        hash.update(b"\n");
+        lines.extend(serde_json::to_vec(r).expect("a record encodes"));
+        lines.push(b'\n');
     }
-    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    sha256_hex(&lines)
+}
+
+/// SHA-256 of `bytes`, in hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -47,10 +47,12 @@ use rollout_worker::WorkerSettings;
 use sim::checker::{RecordedVerdict, check_recorded, merge_histories};
 use tokio::sync::watch;
 
-mod histories;
+pub mod histories;
 pub mod scenario;
+mod tap;
 
 pub use histories::{Kind, committers, count, fingerprint, held_by, position_from};
+use tap::{Tap, Tapped};
 
 /// The coordinator's host name (and the name in its server certificate).
 pub const COORDINATOR: &str = "coordinator";
@@ -125,15 +127,22 @@ impl WallClock for HostWallClock {
     }
 }
 
-/// Dials the coordinator over turmoil's TCP.
-#[derive(Debug, Clone, Copy)]
-struct TurmoilDialer;
+/// Dials the coordinator over turmoil's TCP from `host`, its writes tapped.
+#[derive(Debug, Clone)]
+struct TurmoilDialer {
+    host: String,
+    tap: Tap,
+}
 
 impl Dialer for TurmoilDialer {
-    type Io = turmoil::net::TcpStream;
+    type Io = Tapped<turmoil::net::TcpStream>;
 
     fn dial(&self) -> Pin<Box<dyn Future<Output = io::Result<Self::Io>> + Send>> {
-        Box::pin(turmoil::net::TcpStream::connect((COORDINATOR, PORT)))
+        let (host, tap) = (self.host.clone(), self.tap.clone());
+        Box::pin(async move {
+            let io = turmoil::net::TcpStream::connect((COORDINATOR, PORT)).await?;
+            Ok(tap.wrap(&host, io))
+        })
     }
 }
 
@@ -141,6 +150,7 @@ impl Dialer for TurmoilDialer {
 #[derive(Clone)]
 struct CoordinatorNode {
     config: Config,
+    tap: Tap,
     disk: MemDisk,
     history: Arc<Recorder>,
     wall: HostWallClock,
@@ -162,9 +172,13 @@ impl CoordinatorNode {
         })?;
         let api = CoordinatorApi::new(handle, results, &self.config);
         let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;
-        let incoming = futures_util::stream::unfold(listener, |listener| async move {
-            let accepted = listener.accept().await.map(|(io, peer)| (io, peer.to_string()));
-            Some((accepted, listener))
+        let tap = self.tap.clone();
+        let incoming = futures_util::stream::unfold(listener, move |listener| {
+            let tap = tap.clone();
+            async move {
+                let accepted = listener.accept().await.map(|(io, peer)| (tap.wrap(COORDINATOR, io), peer.to_string()));
+                Some((accepted, listener))
+            }
         });
         let limits = ServeLimits::from_config(&self.config);
         tokio::select! {
@@ -181,6 +195,7 @@ impl CoordinatorNode {
 #[derive(Clone)]
 struct WorkerNode {
     config: Config,
+    tap: Tap,
     id: WorkerId,
     slots: u32,
     plugin_time: Option<PluginTime>,
@@ -195,7 +210,8 @@ struct WorkerNode {
 
 impl WorkerNode {
     async fn run(self) -> turmoil::Result {
-        let connector = TlsConnector::new(TurmoilDialer, self.tls, tls::server_name_of(COORDINATOR)?);
+        let dialer = TurmoilDialer { host: self.id.to_string(), tap: self.tap.clone() };
+        let connector = TlsConnector::new(dialer, self.tls, tls::server_name_of(COORDINATOR)?);
         let (_running, shutdown) = watch::channel(false);
         let plugins = Arc::new(BuiltinPlugins);
         let settings =
@@ -282,6 +298,8 @@ pub struct Cluster {
     submitted: Vec<u32>,
     /// Every host and client, in the order they were added.
     hosts: Vec<String>,
+    /// What every host wrote to the network.
+    tap: Tap,
 }
 
 impl Cluster {
@@ -319,8 +337,10 @@ impl Cluster {
             clocks.insert(name.to_owned(), clock.clone());
             clock
         };
+        let tap = Tap::default();
         let node = CoordinatorNode {
             config: config.clone(),
+            tap: tap.clone(),
             disk: disk.clone(),
             history: Arc::clone(&coordinator),
             wall: clock_of(COORDINATOR),
@@ -336,6 +356,7 @@ impl Cluster {
             recorders.insert(name.clone(), Arc::clone(&history));
             let node = WorkerNode {
                 config: config.clone(),
+                tap: tap.clone(),
                 id,
                 slots: spec.slots,
                 plugin_time: spec.task_duration_ms.map(|range| task_time(seed, range)),
@@ -357,6 +378,7 @@ impl Cluster {
             clocks,
             submitted: Vec::new(),
             hosts: std::iter::once(COORDINATOR.to_owned()).chain(spec.workers.iter().cloned()).collect(),
+            tap,
         }
     }
 
@@ -435,8 +457,9 @@ impl Cluster {
         self.submitted.push(tasks);
         let host = format!("operator-{n}");
         self.hosts.push(host.clone());
+        let dialer = TurmoilDialer { host: host.clone(), tap: self.tap.clone() };
         self.sim.client(host, async move {
-            let connector = TlsConnector::new(TurmoilDialer, tls, tls::server_name_of(COORDINATOR)?);
+            let connector = TlsConnector::new(dialer, tls, tls::server_name_of(COORDINATOR)?);
             let mut operator = OperatorClient::new(lazy_channel(connector));
             loop {
                 let mut call = tonic::Request::new(request.clone());
@@ -457,6 +480,11 @@ impl Cluster {
             let commits = h.iter().filter(|r| matches!(r.event, HistoryEvent::Committed { .. })).count();
             accepted >= self.submitted.len() && commits >= total as usize
         })
+    }
+
+    /// Every host's digest of the bytes it wrote to the network, with their count.
+    pub fn wire_digests(&self) -> BTreeMap<String, (String, u64)> {
+        self.tap.digests()
     }
 
     /// Commits so far.

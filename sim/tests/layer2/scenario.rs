@@ -142,6 +142,8 @@ pub struct Played {
     pub steps: usize,
     /// Simulated time it took, until every task had committed.
     pub elapsed: Duration,
+    /// Every host's digest of the bytes it wrote to the network, with their count.
+    pub wire: std::collections::BTreeMap<String, (String, u64)>,
 }
 
 /// Plays `scenario` with `seed` at layer 2 and judges it (panicking, naming the seed,
@@ -197,5 +199,5 @@ pub fn play(scenario: &Scenario, seed: u64) -> Result<Played, String> {
     let within = end.saturating_sub(c.elapsed()) + SETTLE;
     c.run_until("every task to commit", within, Cluster::all_committed);
     let merged = c.assert_clean_and_complete();
-    Ok(Played { merged, steps: steps.len(), elapsed: c.elapsed() })
+    Ok(Played { merged, steps: steps.len(), elapsed: c.elapsed(), wire: c.wire_digests() })
 }
