@@ -6,7 +6,7 @@ export CARGO_TERM_COLOR ?= never
 CARGO ?= cargo
 ROLLOUT = $(CARGO_TARGET_DIR)/debug/rollout
 
-.PHONY: run test smoke crash-test preflight build fmt fmt-check clippy sans-io no-openssl release-deps unit bench bench-e2e bench-storage bench-sim bench-recovery bench-submit sim-soak fuzz fuzz-seeds
+.PHONY: run test smoke crash-test preflight build fmt fmt-check clippy sans-io no-openssl release-deps unit bench bench-e2e bench-storage bench-sim bench-recovery bench-submit bench-compare sim-soak fuzz fuzz-seeds
 
 ## run: build, print the plan, then run a local cluster (coordinator + 2 workers over mTLS) through a demo job
 run: build
@@ -86,6 +86,13 @@ bench-recovery:
 bench-submit:
 	$(CARGO) build --release -p rollout-cli --locked
 	ROLLOUT=$(CARGO_TARGET_DIR)/release/rollout scripts/bench-submit.sh
+
+## bench-compare: the same no-op workload through Redis Streams (appendfsync always, Rust client) and
+## rollout's real binaries, alternating, BENCH_RUNS (3) each: medians, the ratio, the fsync baseline
+## (installs Debian's redis-server if missing; scripts/bench-compare.sh)
+bench-compare:
+	$(CARGO) build --release -p rollout-cli -p redis-streams-bench --locked
+	scripts/bench-compare.sh
 
 ## bench-sim: simulated seconds per wall second (1 coordinator + 16 workers) and swarm seeds per minute
 bench-sim:
