@@ -7,7 +7,7 @@
 #   (bench/redis-streams: a consumer group, two worker threads on their own
 #   connections, a durable result per task, then XACK), stopped by its own pid.
 # - rollout's real release binaries as separate processes: `rollout coordinator`, two
-#   `rollout worker` (the built-in echo, 512 slots each) and `rollout submit` of one job
+#   `rollout worker` (the built-in echo, 1024 slots each: limits.max_slots_per_worker, the default bound) and `rollout submit` of one job
 #   of BENCH_TASKS tasks, which returns when every task is committed (it polls every
 #   200 ms: at most that much is added to each run); loopback mTLS, fsync'd redb.
 #
@@ -104,7 +104,7 @@ rollout_run() {
     "$ROLLOUT" coordinator --config "$cfg" --history /dev/null 2>"$dir/coordinator.log" &
     pids=($!)
     for w in w1 w2; do
-        "$ROLLOUT" worker --config "$cfg" --id "$w" --slots 512 --history /dev/null 2>"$dir/$w.log" &
+        "$ROLLOUT" worker --config "$cfg" --id "$w" --slots 1024 --history /dev/null 2>"$dir/$w.log" &
         pids+=($!)
     done
     local deadline=$(($(now_ms) + 60000))
