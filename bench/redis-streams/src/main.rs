@@ -223,7 +223,14 @@ fn latency_one(port: u16, samples: u64) -> redis::RedisResult<Vec<u64>> {
     let mut con = connect(port)?;
     for i in 0..samples {
         let t = cluster.now_ns();
-        redis::cmd("XADD").arg("tasks").arg("*").arg("p").arg(format!("one-{i}")).arg("t").arg(t).query::<()>(&mut con)?;
+        redis::cmd("XADD")
+            .arg("tasks")
+            .arg("*")
+            .arg("p")
+            .arg(format!("one-{i}"))
+            .arg("t")
+            .arg(t)
+            .query::<()>(&mut con)?;
         let _ = cluster.done_rx.recv_timeout(Duration::from_secs(5));
     }
     cluster.stop()

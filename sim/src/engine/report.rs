@@ -209,10 +209,8 @@ impl Sim {
         }
         if self.scenario.invariants.all_committed {
             let expected = u64::from(self.scenario.workload.jobs) * u64::from(self.scenario.workload.tasks_per_job);
-            let committed = self.final_states.iter().filter(|(_, s)| matches!(s, TaskState::Committed { .. })).count();
-            if let Some((task, state)) =
-                self.final_states.iter().find(|(_, s)| !matches!(s, TaskState::Committed { .. }))
-            {
+            let committed = self.final_states.iter().filter(|(_, s)| s.committed_result().is_some()).count();
+            if let Some((task, state)) = self.final_states.iter().find(|(_, s)| s.committed_result().is_none()) {
                 let message = format!(
                     "{task} ended {state:?} though no attempt of the workload fails ({committed} of {expected} committed; {} work frame(s) over the message limit)",
                     self.frames_broken
@@ -235,7 +233,7 @@ impl Sim {
         let (mut committed, mut dead_lettered) = (0, 0);
         for (_, s) in &self.final_states {
             match s {
-                TaskState::Committed { .. } => committed += 1,
+                TaskState::Committed { .. } | TaskState::CommittedInline { .. } => committed += 1,
                 TaskState::DeadLettered => dead_lettered += 1,
                 _ => {}
             }

@@ -355,12 +355,14 @@ fn a_finished_job_expires_with_its_results_and_shared_results_stay_while_named()
     let mut config = Config::default();
     config.tasks.job_retention = Duration::from_secs(3600);
     let mut h = Harness::with_config(config);
+    // Over the inline bound, so it is stored content-addressed, once.
+    let same = vec![b's'; INLINE_RESULT_BYTES_MAX + 1];
     let inc = h.register("w1");
     let (first, _) = h.submit_job(vec![spec("echo", 0), spec("echo", 0)]);
     let got = h.pull("w1", inc, 2, 0);
     for a in &got {
         // Both tasks have the same result: stored once, named twice.
-        submit_with_bytes(&mut h, a, b"same");
+        submit_with_bytes(&mut h, a, &same);
     }
     assert!(h.coord().job(first).expect("kept").is_finished());
     h.advance(Duration::from_secs(1800));
@@ -369,28 +371,28 @@ fn a_finished_job_expires_with_its_results_and_shared_results_stay_while_named()
     assert!(h.events().iter().any(|e| matches!(e, HistoryEvent::DeclaredFailed { .. })));
     let inc = h.register("w1");
     let a = h.pull("w1", inc, 1, 0).remove(0);
-    submit_with_bytes(&mut h, &a, b"same");
-    let refs = |h: &Harness| {
+    submit_with_bytes(&mut h, &a, &same);
+    let refs = |h: &Harness, same: &[u8]| {
         h.storage()
-            .get(&result_refs_key(&ContentId::of(b"same")))
+            .get(&result_refs_key(&ContentId::of(same)))
             .expect("read")
             .map(|b| postcard::from_bytes::<ResultRefs>(&b).expect("refs").refs)
     };
-    assert_eq!(refs(&h), Some(3));
+    assert_eq!(refs(&h, &same), Some(3));
     // The first job's retention ends: its records go, the result stays for the second.
     run_for(&mut h, Duration::from_secs(1801));
     assert!(h.events().contains(&HistoryEvent::JobExpired { job: first }));
     assert!(h.coord().job(first).is_none());
-    assert_eq!(refs(&h), Some(1));
-    assert_eq!(stored_result(&*h.storage(), &ContentId::of(b"same")).expect("read").as_deref(), Some(&b"same"[..]));
+    assert_eq!(refs(&h, &same), Some(1));
+    assert_eq!(stored_result(&*h.storage(), &ContentId::of(&same)).expect("read").as_deref(), Some(&same[..]));
     assert_eq!(h.coord().task_reports(first, 0, 10).expect("read"), None, "reports of an expired job are gone");
     assert_eq!(stored_job(&*h.storage(), first).expect("read"), JobLookup::Gone);
     assert_eq!(stored_job(&*h.storage(), JobId(99)).expect("read"), JobLookup::Unknown);
     // Then the second's: the last name of the result takes its bytes along.
     run_for(&mut h, Duration::from_secs(1800));
     assert!(h.events().contains(&HistoryEvent::JobExpired { job: second }));
-    assert_eq!(refs(&h), None);
-    assert_eq!(stored_result(&*h.storage(), &ContentId::of(b"same")).expect("read"), None);
+    assert_eq!(refs(&h, &same), None);
+    assert_eq!(stored_result(&*h.storage(), &ContentId::of(&same)).expect("read"), None);
     assert!(h.storage().scan(b"c/r/").expect("scan").is_empty(), "its chunks went too");
     let left: Vec<String> = h
         .storage()
@@ -508,6 +510,22 @@ fn status_pages_cost_what_they_show() {
 }
 
 #[test]
+fn a_database_of_the_previous_format_is_read_and_marked_current_by_its_first_write() {
+    let mut h = Harness::new();
+    h.register("w1");
+    h.coord = None;
+    let storage = RedbStorage::open_in_memory(&h.disk).expect("open");
+    let mut txn = storage.begin_write().expect("txn");
+    txn.put(FORMAT, &postcard::to_allocvec(&FORMAT_VERSION_OLDEST).expect("encodes")).expect("put");
+    txn.commit().expect("commit");
+    drop(storage);
+    h.crash_and_restart();
+    h.register("w2");
+    let format = h.storage().get(FORMAT).expect("read").map(|b| postcard::from_bytes::<u32>(&b).expect("a u32"));
+    assert_eq!(format, Some(FORMAT_VERSION));
+}
+
+#[test]
 fn a_database_of_another_format_is_refused_naming_both_versions() {
     let mut h = Harness::new();
     h.register("w1");
@@ -518,7 +536,8 @@ fn a_database_of_another_format_is_refused_naming_both_versions() {
     txn.commit().expect("commit");
     let err = Coordinator::recover(std::sync::Arc::new(storage), h.settings.clone(), h.now).expect_err("refused");
     assert!(
-        err.to_string().contains("format 7") && err.to_string().contains(&format!("format {FORMAT_VERSION}")),
+        err.to_string().contains("format 7")
+            && err.to_string().contains(&format!("formats {FORMAT_VERSION_OLDEST} to {FORMAT_VERSION}")),
         "{err}"
     );
 }

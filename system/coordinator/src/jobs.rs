@@ -446,6 +446,7 @@ impl Coordinator {
     fn delete_task(&mut self, task: TaskId, batch: &mut Batch<'_>) -> Result<()> {
         let key = task_key(task);
         if let Some(record) = batch.load::<TaskRecord>(&key)? {
+            // (An inline result goes with the record.)
             if let TaskState::Committed { result, .. } = record.state {
                 self.release_result(&result, batch)?;
             }

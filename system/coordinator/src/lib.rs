@@ -26,8 +26,8 @@ pub use machine::{
     DELETIONS_PER_BATCH_MAX, JobSubmission, NOTICE_INTERVAL, Notice, OperatorReply, PLANTED_BUGS, RequestId,
 };
 pub use records::{
-    FORMAT_VERSION, JobLookup, StoredJob, TaskCounts, TaskReport, TaskShape, TaskSpec, TaskState, WorkerState,
-    durable_task_states, stored_job, stored_result, stored_task_reports,
+    FORMAT_VERSION, FORMAT_VERSION_OLDEST, INLINE_RESULT_BYTES_MAX, JobLookup, StoredJob, TaskCounts, TaskReport,
+    TaskShape, TaskSpec, TaskState, WorkerState, durable_task_states, stored_job, stored_result, stored_task_reports,
 };
 pub use status::{ClusterTotals, JobPhase, JobStatus, JobsQuery, StatusPage, StatusQuery, WorkerStatus};
 

@@ -613,12 +613,13 @@ impl Coordinator {
         let format: Option<u32> = load(&*storage, FORMAT)?;
         let counters: Option<Counters> = load(&*storage, COUNTERS)?;
         match (format, &counters) {
-            (Some(v), _) if v == FORMAT_VERSION => {}
+            (Some(v), _) if (FORMAT_VERSION_OLDEST..=FORMAT_VERSION).contains(&v) => {}
             (None, None) => {}
             (found, _) => {
                 return Err(Error::internal(format!(
-                    "the database holds coordinator records of format {} and this rollout reads format \
-                     {FORMAT_VERSION}; start it on a new storage.data_dir (or run the rollout that wrote it)",
+                    "the database holds coordinator records of format {} and this rollout reads formats \
+                     {FORMAT_VERSION_OLDEST} to {FORMAT_VERSION}; start it on a new storage.data_dir (or run the \
+                     rollout that wrote it)",
                     found.unwrap_or(1)
                 )));
             }
@@ -651,7 +652,8 @@ impl Coordinator {
             ready_changed: false,
             more_work: false,
             counters_dirty: false,
-            format_unwritten: format.is_none(),
+            // A new database, or an older layout (read as it is): the first write marks it.
+            format_unwritten: format != Some(FORMAT_VERSION),
             poisoned: None,
             last_mono: now.mono,
             now_wall_ms: unix_millis(now.wall),

@@ -152,7 +152,7 @@ impl Checker {
                 match r.state {
                     TaskState::Queued => counts.queued += 1,
                     TaskState::Leased { .. } => counts.leased += 1,
-                    TaskState::Committed { .. } => counts.committed += 1,
+                    TaskState::Committed { .. } | TaskState::CommittedInline { .. } => counts.committed += 1,
                     TaskState::DeadLettered => counts.dead_lettered += 1,
                     TaskState::Cancelled => counts.cancelled += 1,
                 }

@@ -12,7 +12,7 @@
 //! | `c/idem/<key>` | [`JobId`] of the job submitted with that idempotency key |
 //! | `c/js/<job u64><first index u32>` | [`ShapeRuns`] of the tasks appended from that index (one record per append) |
 //! | `c/tp/<job u64><index u32><chunk u32>` | a task's payload, in chunks of [`CHUNK_BYTES`] (written once) |
-//! | `c/t/<job u64><index u32>` | [`TaskRecord`] (written at the first state change after queued, then at every one) |
+//! | `c/t/<job u64><index u32>` | [`TaskRecord`] (written at the first state change after queued, then at every one); a result of at most [`INLINE_RESULT_BYTES_MAX`] lives here ([`TaskState::CommittedInline`]) |
 //! | `c/audit/<first seq u64>` | a block of [`crate::audit::AuditEntry`]: (part of) one batch's events |
 //! | `c/audit_base` | [`crate::audit::AuditBase`]: the last entry deleted by the audit retention |
 //! | `c/r/<content id, 32 bytes><chunk u32>` | a committed result, in chunks of [`CHUNK_BYTES`] (see [`stored_result`]) |
@@ -20,6 +20,10 @@
 //!
 //! Payloads and results are cut into chunks so that no value in the B-tree is large: a
 //! leaf holding a megabyte would be copied whole whenever a key beside it changes.
+//! Small results stay in their task's record instead: content ids are random keys, and
+//! a random key costs a copied B-tree page per task per commit (storing 200,000 small
+//! results content-addressed took 60% of the coordinator's CPU in `make bench-compare`),
+//! where a task record's key sorts beside its job's other tasks.
 //!
 //! Recovery reads the job records, and only for unfinished jobs their shape runs and
 //! task records, in bounded pages; payloads are read when a task is leased.
@@ -33,8 +37,15 @@ use rollout_core::traits::{Inventory, KeyValue, Storage};
 use rollout_core::{Attempt, ContentId, Error, FencingToken, Incarnation, JobId, Result, TaskId, WorkerId};
 
 /// The version of this key layout; a database written with another is refused at
-/// recovery, naming both.
-pub const FORMAT_VERSION: u32 = 2;
+/// recovery, naming both. Version 3 added [`TaskState::CommittedInline`]; a version 2
+/// database is read as it is and marked 3 by its first write.
+pub const FORMAT_VERSION: u32 = 3;
+/// The oldest layout this rollout reads.
+pub const FORMAT_VERSION_OLDEST: u32 = 2;
+
+/// Results of at most this many bytes are kept in their task's record
+/// ([`TaskState::CommittedInline`]), not content-addressed under `c/r/`.
+pub const INLINE_RESULT_BYTES_MAX: usize = 1024;
 
 pub(crate) const FORMAT: &[u8] = b"c/format";
 pub(crate) const COUNTERS: &[u8] = b"c/counters";
@@ -255,6 +266,15 @@ pub enum TaskState {
     DeadLettered,
     /// Cancelled by an operator.
     Cancelled,
+    /// Done, with a result of at most [`INLINE_RESULT_BYTES_MAX`] bytes kept here rather
+    /// than under its content id (which is still the task's result). Last, so that
+    /// records of layout 2 decode unchanged.
+    CommittedInline {
+        /// The result's content id.
+        result: ContentId,
+        /// The result.
+        bytes: Vec<u8>,
+    },
 }
 
 /// A [`TaskState`] without its data, for counting.
@@ -272,7 +292,7 @@ impl TaskState {
         match self {
             TaskState::Queued => StateKind::Queued,
             TaskState::Leased { .. } => StateKind::Leased,
-            TaskState::Committed { .. } => StateKind::Committed,
+            TaskState::Committed { .. } | TaskState::CommittedInline { .. } => StateKind::Committed,
             TaskState::DeadLettered => StateKind::DeadLettered,
             TaskState::Cancelled => StateKind::Cancelled,
         }
@@ -280,7 +300,15 @@ impl TaskState {
 
     /// Whether the task will never run again.
     pub fn is_terminal(&self) -> bool {
-        matches!(self, TaskState::Committed { .. } | TaskState::DeadLettered | TaskState::Cancelled)
+        self.committed_result().is_some() || matches!(self, TaskState::DeadLettered | TaskState::Cancelled)
+    }
+
+    /// The content id of the committed result, if the task is committed (either way).
+    pub fn committed_result(&self) -> Option<ContentId> {
+        match self {
+            TaskState::Committed { result, .. } | TaskState::CommittedInline { result, .. } => Some(*result),
+            _ => None,
+        }
     }
 }
 

@@ -9,7 +9,9 @@ use rollout_core::protocol::{Outcome, Submit, SubmitVerdict, ToWorker};
 use rollout_core::{ContentId, Error, FencingToken, Now, Result, TaskId, WorkerId};
 
 use crate::machine::{Batch, Coordinator};
-use crate::records::{ResultRefs, StateKind, TaskRecord, TaskState, result_key, result_refs_key, task_key};
+use crate::records::{
+    INLINE_RESULT_BYTES_MAX, ResultRefs, StateKind, TaskRecord, TaskState, result_key, result_refs_key, task_key,
+};
 
 impl Coordinator {
     pub(crate) fn on_submit(
@@ -31,10 +33,19 @@ impl Coordinator {
                 {
                     self.release_lease_slot(task);
                     let mut record = self.live_record(task)?;
-                    let committed = TaskState::Committed { result, size_bytes };
+                    // A small result stays in the task's record: no random key to write.
+                    let committed = match inline_result {
+                        Some(bytes) if bytes.len() <= INLINE_RESULT_BYTES_MAX && bytes.len() as u64 == size_bytes => {
+                            debug_assert!(ContentId::of(&bytes) == result, "inline bytes of another result");
+                            TaskState::CommittedInline { result, bytes }
+                        }
+                        bytes => {
+                            self.claim_result(&result, size_bytes, bytes, batch)?;
+                            TaskState::Committed { result, size_bytes }
+                        }
+                    };
                     let from = std::mem::replace(&mut record.state, committed);
                     self.count_transition(task.job, from.kind(), StateKind::Committed);
-                    self.claim_result(&result, size_bytes, inline_result, batch)?;
                     self.retire(task, record, batch)?;
                     self.record(HistoryEvent::Committed { task, worker: id.clone(), token, result }, batch);
                 }
@@ -104,9 +115,7 @@ impl Coordinator {
         }
         Ok(match (&record.state, outcome) {
             (TaskState::Leased { worker, .. }, _) if worker == id => SubmitVerdict::Accepted,
-            (TaskState::Committed { result, .. }, Outcome::Succeeded { result: submitted, .. })
-                if result == submitted =>
-            {
+            (state, Outcome::Succeeded { result: submitted, .. }) if state.committed_result() == Some(*submitted) => {
                 SubmitVerdict::Duplicate
             }
             (TaskState::Queued | TaskState::DeadLettered, Outcome::Failed { message }) => {

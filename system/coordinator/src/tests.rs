@@ -764,14 +764,42 @@ fn result_bytes_are_stored_with_their_commit_and_only_then() {
         h.coord.as_mut().expect("running").handle_batch(now, inputs, &mut out).expect("batch commits");
         out
     };
-    batch(&mut h, &a, b"first result");
+    // Over the inline bound: stored content-addressed, in the commit's transaction.
+    let first = vec![b'f'; INLINE_RESULT_BYTES_MAX + 1];
+    batch(&mut h, &a, &first);
     // A submit with a stale token: its bytes must not be stored.
     let stale = Assignment { token: FencingToken(b.token.get() + 100), ..b.clone() };
-    batch(&mut h, &stale, b"never committed");
+    let never = vec![b'n'; INLINE_RESULT_BYTES_MAX + 1];
+    batch(&mut h, &stale, &never);
     h.coord = None;
     let storage = RedbStorage::open_in_memory(&h.disk).expect("reopen");
-    assert_eq!(stored_result(&storage, &ContentId::of(b"first result")).expect("read"), Some(b"first result".to_vec()));
-    assert_eq!(stored_result(&storage, &ContentId::of(b"never committed")).expect("read"), None);
+    assert_eq!(stored_result(&storage, &ContentId::of(&first)).expect("read"), Some(first.clone()));
+    assert_eq!(stored_result(&storage, &ContentId::of(&never)).expect("read"), None);
+}
+
+#[test]
+fn a_small_result_stays_in_its_task_record_and_writes_no_content_addressed_key() {
+    let mut h = Harness::new();
+    let inc = h.register("w1");
+    h.submit_job(vec![spec("echo", 0), spec("echo", 0)]);
+    let got = h.pull("w1", inc, 2, 0);
+    let small = vec![b's'; INLINE_RESULT_BYTES_MAX];
+    for a in &got {
+        let submit = Submit { incarnation: a.incarnation, task: a.task, token: a.token, outcome: success(&small) };
+        let inputs = vec![CoordinatorInput::Submit { worker: w("w1"), submit, inline_result: Some(small.clone()) }];
+        h.input_batch(inputs);
+    }
+    let expected = TaskState::CommittedInline { result: ContentId::of(&small), bytes: small.clone() };
+    assert_eq!(h.state(got[0].task), expected);
+    assert_eq!(h.state(got[1].task).committed_result(), Some(ContentId::of(&small)));
+    let storage = h.storage();
+    assert!(storage.scan(b"c/r/").expect("scan").is_empty(), "no chunks");
+    assert!(storage.scan(b"c/rc/").expect("scan").is_empty(), "no reference counts");
+    // A duplicate of a committed inline result is recognised as such.
+    assert_eq!(h.submit("w1", &got[0], success(&small)), SubmitVerdict::Duplicate);
+    // After a restart the record still holds the bytes.
+    h.crash_and_restart();
+    assert_eq!(h.state(got[0].task), expected);
 }
 
 #[test]

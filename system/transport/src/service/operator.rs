@@ -220,12 +220,15 @@ impl pb::operator_server::Operator for CoordinatorApi {
                     let (state, content_id) = match &r.state {
                         TaskState::Queued => (pb::TaskState::Queued, None),
                         TaskState::Leased { .. } => (pb::TaskState::Leased, None),
-                        TaskState::Committed { result, .. } => (pb::TaskState::Committed, Some(*result)),
+                        TaskState::Committed { result, .. } | TaskState::CommittedInline { result, .. } => {
+                            (pb::TaskState::Committed, Some(*result))
+                        }
                         TaskState::DeadLettered => (pb::TaskState::DeadLettered, None),
                         TaskState::Cancelled => (pb::TaskState::Cancelled, None),
                     };
-                    let result = match (include_bytes, content_id) {
-                        (true, Some(id)) => match results.get(&id) {
+                    let result = match (include_bytes, content_id, &r.state) {
+                        (true, _, TaskState::CommittedInline { bytes, .. }) => bytes.clone(),
+                        (true, Some(id), _) => match results.get(&id) {
                             Ok(bytes) => bytes,
                             Err(e) => {
                                 let _ = tx.blocking_send(Err(Status::internal(format!("result of {}: {e}", r.task))));
