@@ -250,6 +250,14 @@ pub trait PluginHost: Send + Sync {
 pub trait EventEmitter: Send + Sync {
     /// Records one event. Must not block for long; must not fail the caller.
     fn emit(&self, record: &HistoryRecord);
+
+    /// Records several events, in order (a batch's: one write instead of one per event,
+    /// where the emitter writes).
+    fn emit_all(&self, records: &[HistoryRecord]) {
+        for record in records {
+            self.emit(record);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -27,16 +27,32 @@ impl StdoutJsonEmitter {
 
 impl EventEmitter for StdoutJsonEmitter {
     fn emit(&self, record: &HistoryRecord) {
-        let Ok(line) = serde_json::to_string(record) else { return };
+        self.emit_all(std::slice::from_ref(record));
+    }
+
+    fn emit_all(&self, records: &[HistoryRecord]) {
+        let lines = json_lines(records);
         // The lock keeps lines whole when several drivers share one process.
         let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{line}");
+        let _ = out.write_all(&lines).and_then(|()| out.flush());
     }
 }
 
-/// Appends each record as one JSON line to a file, flushed line by line so that a
-/// killed process leaves every emitted event behind.
+/// `records` as JSON lines, in one buffer (a record that cannot be encoded, which no
+/// history event is, is left out).
+fn json_lines(records: &[HistoryRecord]) -> Vec<u8> {
+    let mut lines = Vec::with_capacity(records.len() * 160);
+    for record in records {
+        if serde_json::to_writer(&mut lines, record).is_ok() {
+            lines.push(b'\n');
+        }
+    }
+    lines
+}
+
+/// Appends each record as one JSON line to a file, written as it is emitted (a batch's
+/// records in one write) so that a killed process leaves every emitted event behind.
 #[derive(Debug)]
 pub struct FileJsonEmitter {
     out: Mutex<LineWriter<File>>,
@@ -60,10 +76,15 @@ impl FileJsonEmitter {
 
 impl EventEmitter for FileJsonEmitter {
     fn emit(&self, record: &HistoryRecord) {
-        let Ok(line) = serde_json::to_string(record) else { return };
+        self.emit_all(std::slice::from_ref(record));
+    }
+
+    fn emit_all(&self, records: &[HistoryRecord]) {
+        let lines = json_lines(records);
         let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
-        if let Err(e) = writeln!(out, "{line}") {
-            tracing::warn!(channel = "history", error = %e, "could not write a history event");
+        // Ends with a newline, so the line writer passes it on in one write.
+        if let Err(e) = out.write_all(&lines) {
+            tracing::warn!(channel = "history", error = %e, "could not write history events");
         }
     }
 }
@@ -112,9 +133,24 @@ impl Stamper {
         Stamper { node: node.into(), seq: 0 }
     }
 
-    pub(crate) fn emit(&mut self, emitter: &dyn EventEmitter, wall: std::time::SystemTime, event: HistoryEvent) {
-        self.seq += 1;
-        emitter.emit(&HistoryRecord { seq: self.seq, node: self.node.clone(), wall_unix_ms: unix_millis(wall), event });
+    /// Stamps `events` in order and hands them to `emitter` at once.
+    pub(crate) fn emit_all(
+        &mut self,
+        emitter: &dyn EventEmitter,
+        wall: std::time::SystemTime,
+        events: impl IntoIterator<Item = HistoryEvent>,
+    ) {
+        let wall_unix_ms = unix_millis(wall);
+        let records: Vec<HistoryRecord> = events
+            .into_iter()
+            .map(|event| {
+                self.seq += 1;
+                HistoryRecord { seq: self.seq, node: self.node.clone(), wall_unix_ms, event }
+            })
+            .collect();
+        if !records.is_empty() {
+            emitter.emit_all(&records);
+        }
     }
 }
 
@@ -130,18 +166,17 @@ mod tests {
         let emitter = FileJsonEmitter::open(&path).expect("opens");
         let mut stamper = Stamper::new("coordinator");
         let w = WorkerId::new("w1").expect("id");
-        for i in 1..=2 {
-            stamper.emit(
-                &emitter,
-                std::time::SystemTime::UNIX_EPOCH,
-                HistoryEvent::Registered { worker: w.clone(), incarnation: Incarnation(i) },
-            );
-        }
+        let registered = |i| HistoryEvent::Registered { worker: w.clone(), incarnation: Incarnation(i) };
+        // One batch of two, then one alone: three lines, numbered in order.
+        stamper.emit_all(&emitter, std::time::SystemTime::UNIX_EPOCH, [registered(1), registered(2)]);
+        stamper.emit_all(&emitter, std::time::SystemTime::UNIX_EPOCH, [registered(3)]);
+        stamper.emit_all(&emitter, std::time::SystemTime::UNIX_EPOCH, []);
         let text = std::fs::read_to_string(&path).expect("reads");
         let records: Vec<HistoryRecord> =
             text.lines().map(|l| serde_json::from_str(l).expect("one record per line")).collect();
-        assert_eq!(records.len(), 2);
-        assert_eq!(records[1].seq, 2);
+        assert_eq!(records.len(), 3);
+        assert_eq!(records.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3]);
         assert_eq!(records[0].node, "coordinator");
+        assert_eq!(records[2].event, registered(3));
     }
 }

@@ -361,6 +361,13 @@ impl WorkerDriver {
                 self.open_streams(inc);
             }
         }
+        // The input's events first, in one write, before anything they describe runs or
+        // leaves (starts and sends come after; frames go out at the next flush).
+        let events = out.iter().filter_map(|o| match o {
+            WorkerOutput::Event(event) => Some(event.clone()),
+            _ => None,
+        });
+        self.stamper.emit_all(&*self.emitter, now.wall, events);
         for output in out {
             match output {
                 WorkerOutput::Send(ToCoordinator::Register(reg)) => {
@@ -415,7 +422,7 @@ impl WorkerDriver {
                         cancel.cancel();
                     }
                 }
-                WorkerOutput::Event(event) => self.stamper.emit(&*self.emitter, now.wall, event),
+                WorkerOutput::Event(_) => {}
                 WorkerOutput::OpenControl { incarnation } => self.reopen_control(incarnation),
                 WorkerOutput::Fatal(message) => {
                     tracing::error!(channel = "register", %message, "the coordinator refused this worker");

@@ -388,9 +388,16 @@ impl Driver {
 
     fn release(&mut self, now: Now, out: Vec<CoordinatorOutput>) {
         let mut frames: BTreeMap<WorkerId, pb::CoordinatorFrame> = BTreeMap::new();
+        // The batch's events first, in one write: recorded before anything they caused
+        // leaves.
+        let events = out.iter().filter_map(|o| match o {
+            CoordinatorOutput::Event(event) => Some(event.clone()),
+            _ => None,
+        });
+        self.stamper.emit_all(&*self.emitter, now.wall, events);
         for output in out {
             match output {
-                CoordinatorOutput::Event(event) => self.stamper.emit(&*self.emitter, now.wall, event),
+                CoordinatorOutput::Event(_) => {}
                 CoordinatorOutput::Notice(notice) => log_notice(&notice),
                 CoordinatorOutput::Reply { request, reply } => {
                     if let Some(tx) = self.pending_requests.remove(&request) {
