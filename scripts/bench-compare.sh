@@ -8,8 +8,9 @@
 #   connections, a durable result per task, then XACK), stopped by its own pid.
 # - rollout's real release binaries as separate processes: `rollout coordinator`, two
 #   `rollout worker` (the built-in echo, 1024 slots each: limits.max_slots_per_worker, the default bound) and `rollout submit` of one job
-#   of BENCH_TASKS tasks, which returns when every task is committed (it polls every
-#   200 ms: at most that much is added to each run); loopback mTLS, fsync'd redb.
+#   of BENCH_TASKS tasks, which returns when every task is committed (it polls a
+#   twentieth of the time waited so far apart: it sees the end within about 5%);
+#   loopback mTLS, fsync'd redb.
 #
 # Each system runs BENCH_RUNS times (default 3), alternating, each run on a fresh
 # server and data dir; medians are printed with the ratio rollout/Redis. Redis's

@@ -17,8 +17,18 @@ use tonic::transport::Channel;
 
 use crate::{CommonArgs, OperatorArgs, load_config};
 
-/// How often `submit` polls progress while waiting.
+/// How often `submit` polls progress while waiting, at most; at first more often
+/// ([`poll_interval`]), so a short job is not reported up to this much late.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// How often `submit` polls at first.
+const POLL_INTERVAL_MIN: Duration = Duration::from_millis(5);
+
+/// The wait before the next progress poll, `waited` into the wait: a twentieth of it,
+/// between [`POLL_INTERVAL_MIN`] and [`POLL_INTERVAL`], so the end of a job is seen
+/// within about 5% of its run time and a long job costs 5 status calls a second.
+fn poll_interval(waited: Duration) -> Duration {
+    (waited / 20).clamp(POLL_INTERVAL_MIN, POLL_INTERVAL)
+}
 
 fn client(op: &OperatorArgs) -> Result<OperatorClient<Channel>, Error> {
     let config = load_config(&op.common)?;
@@ -444,6 +454,7 @@ async fn wait_for_jobs(
     if let Ok(style) = ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} tasks finished {msg}") {
         bar.set_style(style.progress_chars("=> "));
     }
+    let started = tokio::time::Instant::now();
     loop {
         let mut mine = Vec::new();
         for a in accepted {
@@ -491,7 +502,7 @@ async fn wait_for_jobs(
             }
             return Ok(());
         }
-        tokio::time::sleep(POLL_INTERVAL).await;
+        tokio::time::sleep(poll_interval(started.elapsed())).await;
     }
 }
 
@@ -832,4 +843,16 @@ pub fn audit_export(common: &CommonArgs, out: Option<&Path>) -> Result<(), Error
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_polls_start_fast_and_settle_at_the_interval() {
+        assert_eq!(poll_interval(Duration::ZERO), POLL_INTERVAL_MIN);
+        assert_eq!(poll_interval(Duration::from_millis(1_000)), Duration::from_millis(50));
+        assert_eq!(poll_interval(Duration::from_secs(3_600)), POLL_INTERVAL);
+    }
 }
