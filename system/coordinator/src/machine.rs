@@ -552,6 +552,19 @@ impl<'s> Batch<'s> {
 
     /// The value stored under `base` by [`Batch::put_chunked`], if any.
     pub(crate) fn get_chunked(&self, base: &[u8]) -> Result<Option<Vec<u8>>> {
+        // Every chunk but the last is full, and chunked values are written once: a
+        // short first chunk is the whole value, found with one lookup instead of a
+        // range scan (every lease reads its task's payload, most of them small).
+        let first = chunk_key(base, 0);
+        let chunk0 = match &self.txn {
+            Some(txn) => txn.get(&first)?,
+            None => self.storage.get(&first)?,
+        };
+        match chunk0 {
+            None => return Ok(None),
+            Some(bytes) if bytes.len() < CHUNK_BYTES => return Ok(Some(bytes)),
+            Some(_) => {}
+        }
         let chunks = match &self.txn {
             Some(txn) => txn.scan(base)?,
             None => self.storage.scan(base)?,

@@ -13,6 +13,7 @@ use rollout_core::{
 };
 use rollout_storage::{CrashMode, MemDisk, RedbStorage};
 
+use crate::records::CHUNK_BYTES;
 use crate::*;
 
 pub(crate) struct Harness {
@@ -901,4 +902,21 @@ fn a_failed_commit_poisons_the_machine() {
         .expect_err("the disk lost power");
     assert!(out.is_empty(), "no output leaves before its commit: {err}");
     assert!(coord.handle_timeout(now, &mut out).is_err(), "poisoned");
+}
+
+#[test]
+fn payloads_of_every_size_around_a_chunk_come_back_whole_at_lease() {
+    let mut h = Harness::new();
+    let inc = h.register_with("w1", &["echo"], 8, 0);
+    let sizes = [0, 1, CHUNK_BYTES - 1, CHUNK_BYTES, CHUNK_BYTES + 1, 3 * CHUNK_BYTES];
+    let payload = |n: usize| (0..n).map(|i| (i % 251) as u8).collect::<Vec<u8>>();
+    let specs = sizes.iter().map(|&n| TaskSpec { payload: payload(n), ..spec("echo", 0) }).collect();
+    h.submit_job(specs);
+    let mut got = h.pull("w1", inc, sizes.len() as u32, 0);
+    got.sort_by_key(|a| a.task.index);
+    let lens: Vec<usize> = got.iter().map(|a| a.payload.len()).collect();
+    assert_eq!(lens, sizes);
+    for (a, n) in got.iter().zip(sizes) {
+        assert_eq!(a.payload, payload(n), "task {} of {n} bytes", a.task);
+    }
 }
