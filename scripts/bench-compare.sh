@@ -13,9 +13,12 @@
 #   loopback mTLS, fsync'd redb.
 #
 # Each system runs BENCH_RUNS times (default 3), alternating, each run on a fresh
-# server and data dir; medians are printed with the ratio rollout/Redis. Redis's
-# low-load and half-load latencies come from the same client; rollout's latency is
-# `make bench-e2e`'s (the same drivers in one process), not measured here.
+# server and data dir; medians are printed with the ratio rollout/Redis. Latency one
+# task at a time: Redis's from its client (just before XADD to the worker's read);
+# rollout's from the coordinator's `job_accepted` record to the worker's `task_started`
+# (their history lines carry microseconds; the same machine's clock), BENCH_SAMPLES
+# (default 200) one-task jobs submitted one after another with `rollout submit`. The
+# half-load latency is Redis's only here; rollout's is `make bench-e2e`'s.
 #
 # Usage: scripts/bench-compare.sh   (ROLLOUT=..., REDIS_BENCH=..., BENCH_TASKS=N, BENCH_RUNS=N, KEEP=1)
 set -euo pipefail
@@ -24,6 +27,7 @@ TARGET=${CARGO_TARGET_DIR:-$HOME/.cache/rollout/target}
 ROLLOUT=${ROLLOUT:-$TARGET/release/rollout}
 REDIS_BENCH=${REDIS_BENCH:-$TARGET/release/redis-streams-bench}
 TASKS=${BENCH_TASKS:-200000}
+SAMPLES=${BENCH_SAMPLES:-200}
 RUNS=${BENCH_RUNS:-3}
 LOG_PREFIX=bench-compare
 source scripts/lib/cluster.sh
@@ -94,7 +98,10 @@ redis_run() {
     cat "$dir/out.txt"
 }
 
+# (Each runs in a process substitution, a subshell of its own: its processes are
+# stopped when it ends, however it ends, and none holds its output pipe open.)
 rollout_run() {
+    trap stop_pids EXIT
     local n=$1 dir=$tmp/rollout-$1 port cfg
     mkdir -p "$dir"
     port=$(free_port)
@@ -102,10 +109,10 @@ rollout_run() {
     cluster_config "$port" "$dir" >"$cfg"
     "$ROLLOUT" certs init --config "$cfg" >/dev/null
     for w in w1 w2; do "$ROLLOUT" certs issue --config "$cfg" --worker "$w" >/dev/null; done
-    "$ROLLOUT" coordinator --config "$cfg" --history /dev/null 2>"$dir/coordinator.log" &
+    "$ROLLOUT" coordinator --config "$cfg" --history /dev/null >/dev/null 2>"$dir/coordinator.log" &
     pids=($!)
     for w in w1 w2; do
-        "$ROLLOUT" worker --config "$cfg" --id "$w" --slots 1024 --history /dev/null 2>"$dir/$w.log" &
+        "$ROLLOUT" worker --config "$cfg" --id "$w" --slots 1024 --history /dev/null >/dev/null 2>"$dir/$w.log" &
         pids+=($!)
     done
     local deadline=$(($(now_ms) + 60000))
@@ -131,7 +138,68 @@ PY
     pids=()
 }
 
-declare -a redis_tp redis_one50 redis_one99 redis_load_rate redis_load50 redis_load99 rollout_tp
+# One-task jobs, one after another, on a fresh cluster that keeps its histories:
+# prints "latency_one <p50 ms> <p99 ms>".
+rollout_latency_run() {
+    trap stop_pids EXIT
+    local n=$1 dir=$tmp/rollout-latency-$1 port cfg
+    mkdir -p "$dir/jobs"
+    port=$(free_port)
+    cfg=$dir/bench.toml
+    cluster_config "$port" "$dir" >"$cfg"
+    "$ROLLOUT" certs init --config "$cfg" >/dev/null
+    for w in w1 w2; do "$ROLLOUT" certs issue --config "$cfg" --worker "$w" >/dev/null; done
+    "$ROLLOUT" coordinator --config "$cfg" --history "$dir/coordinator.jsonl" >/dev/null 2>"$dir/coordinator.log" &
+    pids=($!)
+    for w in w1 w2; do
+        "$ROLLOUT" worker --config "$cfg" --id "$w" --slots 1024 --history "$dir/$w.jsonl" >/dev/null 2>"$dir/$w.log" &
+        pids+=($!)
+    done
+    local deadline=$(($(now_ms) + 60000))
+    until "$ROLLOUT" status --config "$cfg" --all --json 2>/dev/null | python3 -c '
+import json, sys
+try:
+    workers = json.load(sys.stdin)["workers"]
+except ValueError:
+    sys.exit(1)
+sys.exit(0 if sum(w["state"] == "active" for w in workers) == 2 else 1)'; do
+        (($(now_ms) < deadline)) || die "rollout latency run $n: the workers did not register within 60s"
+        sleep 0.05
+    done
+    python3 - "$ROLLOUT" "$cfg" "$dir" "$SAMPLES" <<'PY' || die "rollout latency run $n failed"
+import json, os, subprocess, sys
+rollout, cfg, d, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+for i in range(n):
+    # A file of its own each: the same file again would be the same job (its key).
+    job = os.path.join(d, "jobs", "one-%d.jsonl" % i)
+    with open(job, "w") as f:
+        f.write('{"plugin":"echo","payload":"one-%d"}\n' % i)
+    subprocess.run([rollout, "submit", "--config", cfg, "--json", job], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=True)
+PY
+    stop_pids
+    pids=()
+    python3 - "$dir" "$SAMPLES" <<'PY' || die "rollout latency run $n: the histories do not pair up"
+import json, os, sys
+d, n = sys.argv[1], int(sys.argv[2])
+accepted, started = {}, {}
+for line in open(os.path.join(d, "coordinator.jsonl")):
+    r = json.loads(line)
+    if r.get("event") == "job_accepted":
+        accepted["job-%s" % r["job"]] = r["wall_unix_us"]
+for w in ("w1", "w2"):
+    for line in open(os.path.join(d, w + ".jsonl")):
+        r = json.loads(line)
+        if r.get("event") == "task_started":
+            job = r["task"].rsplit(".", 1)[0]
+            started.setdefault(job, r["wall_unix_us"])
+lat = sorted((started[j] - accepted[j]) / 1000 for j in accepted if j in started)
+assert len(accepted) == n and len(lat) == n, ("jobs accepted", len(accepted), "started", len(lat), "of", n)
+print("latency_one %.3f %.3f" % (lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))]))
+PY
+}
+
+declare -a redis_tp redis_one50 redis_one99 redis_load_rate redis_load50 redis_load99 rollout_tp rollout_one50 rollout_one99
 for run in $(seq 1 "$RUNS"); do
     while read -r key a b c; do
         case $key in
@@ -144,6 +212,9 @@ for run in $(seq 1 "$RUNS"); do
     read -r _ tp < <(rollout_run "$run")
     rollout_tp+=("$tp")
     say "run $run: rollout ${rollout_tp[-1]} tasks/s"
+    read -r _ p50 p99 < <(rollout_latency_run "$run")
+    rollout_one50+=("$p50"); rollout_one99+=("$p99")
+    say "run $run: rollout submit->start one at a time p50 $p50 ms, p99 $p99 ms"
 done
 
 median() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }
@@ -155,5 +226,6 @@ say "  rollout, real binaries (separate processes):  $o_tp tasks/s"
 say "  ratio rollout/Redis: $(python3 -c "print('%.2f' % ($o_tp / $r_tp))")"
 say "  Redis submit->start, one task at a time: p50 $(median "${redis_one50[@]}") ms, p99 $(median "${redis_one99[@]}") ms"
 say "  Redis submit->start at 50% load ($(median "${redis_load_rate[@]}") tasks/s): p50 $(median "${redis_load50[@]}") ms, p99 $(median "${redis_load99[@]}") ms"
-say "  (rollout's latencies: make bench-e2e)"
+say "  rollout submit->start, one task at a time: p50 $(median "${rollout_one50[@]}") ms, p99 $(median "${rollout_one99[@]}") ms (from job_accepted)"
+say "  (rollout at 50% load: make bench-e2e)"
 ok=1

@@ -362,7 +362,7 @@ mod tests {
         WorkerId::new("w1").expect("valid")
     }
     fn rec(seq: u64, event: HistoryEvent) -> HistoryRecord {
-        HistoryRecord { seq, node: "coordinator".into(), wall_unix_ms: 0, event }
+        HistoryRecord { seq, node: "coordinator".into(), wall_unix_ms: 0, wall_unix_us: None, event }
     }
     fn registered() -> HistoryEvent {
         HistoryEvent::Registered { worker: w1(), incarnation: Incarnation(1) }

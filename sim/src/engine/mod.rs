@@ -385,6 +385,7 @@ impl Sim {
             seq: self.history.len() as u64,
             node: node.to_owned(),
             wall_unix_ms: unix_millis(wall),
+            wall_unix_us: None,
             event,
         };
         let _ = writeln!(HashWriter(&mut self.hasher), "{record:?}");

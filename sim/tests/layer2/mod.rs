@@ -436,6 +436,7 @@ impl Cluster {
                 seq,
                 node: node.to_owned(),
                 wall_unix_ms: wall,
+                wall_unix_us: None,
                 event: HistoryEvent::TaskStopped { task, worker, token },
             });
         }

@@ -147,6 +147,7 @@ pub fn record_of(entry: &AuditEntry) -> Result<HistoryRecord> {
         seq: entry.seq,
         node: "coordinator".into(),
         wall_unix_ms: entry.wall_unix_ms,
+        wall_unix_us: None,
         event: entry.event()?,
     })
 }

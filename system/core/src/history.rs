@@ -16,6 +16,11 @@ pub struct HistoryRecord {
     pub node: String,
     /// The node's wall clock, in milliseconds since the Unix epoch.
     pub wall_unix_ms: u64,
+    /// The same reading in microseconds, where the node took one (the real drivers do;
+    /// the simulator's records and older files have none). For latency measurements:
+    /// the invariants use `wall_unix_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wall_unix_us: Option<u64>,
     /// What happened.
     #[serde(flatten)]
     pub event: HistoryEvent,
@@ -71,6 +76,7 @@ mod tests {
             seq: 7,
             node: "coordinator".into(),
             wall_unix_ms: 1_000,
+            wall_unix_us: None,
             event: HistoryEvent::Leased {
                 task: TaskId::new(JobId(1), 2),
                 worker: WorkerId::new("w1").expect("valid"),

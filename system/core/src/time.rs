@@ -81,6 +81,11 @@ pub fn unix_millis(wall: SystemTime) -> u64 {
     wall.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis().min(u64::MAX as u128) as u64).unwrap_or(0)
 }
 
+/// Microseconds since the Unix epoch (0 before it).
+pub fn unix_micros(wall: SystemTime) -> u64 {
+    wall.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_micros().min(u64::MAX as u128) as u64).unwrap_or(0)
+}
+
 /// The inverse of [`unix_millis`].
 pub fn from_unix_millis(ms: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_millis(ms)

@@ -474,6 +474,7 @@ mod tests {
             seq: 0,
             node: node.into(),
             wall_unix_ms: ms,
+            wall_unix_us: None,
             event,
         };
         let accepted = HistoryEvent::JobAccepted { job: JobId(1), tasks: 1 };
@@ -525,6 +526,7 @@ mod tests {
             seq: 0,
             node: node.into(),
             wall_unix_ms: ms,
+            wall_unix_us: None,
             event,
         };
         let fenced = |inc| HistoryEvent::SelfFenced { worker: w("w1"), incarnation: Incarnation(inc) };
@@ -569,7 +571,13 @@ mod tests {
         events
             .into_iter()
             .enumerate()
-            .map(|(i, (node, event))| HistoryRecord { seq: i as u64, node: node.into(), wall_unix_ms: 0, event })
+            .map(|(i, (node, event))| HistoryRecord {
+                seq: i as u64,
+                node: node.into(),
+                wall_unix_ms: 0,
+                wall_unix_us: None,
+                event,
+            })
             .collect()
     }
     fn leased(worker: &str, token: u64) -> (&'static str, HistoryEvent) {

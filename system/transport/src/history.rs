@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use rollout_core::history::{HistoryEvent, HistoryRecord};
-use rollout_core::time::unix_millis;
+use rollout_core::time::{unix_micros, unix_millis};
 use rollout_core::traits::EventEmitter;
 use rollout_core::{Error, Result};
 
@@ -140,12 +140,12 @@ impl Stamper {
         wall: std::time::SystemTime,
         events: impl IntoIterator<Item = HistoryEvent>,
     ) {
-        let wall_unix_ms = unix_millis(wall);
+        let (wall_unix_ms, wall_unix_us) = (unix_millis(wall), Some(unix_micros(wall)));
         let records: Vec<HistoryRecord> = events
             .into_iter()
             .map(|event| {
                 self.seq += 1;
-                HistoryRecord { seq: self.seq, node: self.node.clone(), wall_unix_ms, event }
+                HistoryRecord { seq: self.seq, node: self.node.clone(), wall_unix_ms, wall_unix_us, event }
             })
             .collect();
         if !records.is_empty() {
