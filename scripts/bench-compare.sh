@@ -98,21 +98,24 @@ redis_run() {
     cat "$dir/out.txt"
 }
 
-# (Each runs in a process substitution, a subshell of its own: its processes are
-# stopped when it ends, however it ends, and none holds its output pipe open.)
-rollout_run() {
-    trap stop_pids EXIT
-    local n=$1 dir=$tmp/rollout-$1 port cfg
+# A fresh rollout cluster under $1 (a coordinator and workers w1, w2 with 1024 slots,
+# history lines to $2/<node>.jsonl, or nowhere when $2 is empty), waited for until
+# both workers are active; sets `cfg` and `pids`. $3 names the run in errors.
+start_cluster() {
+    local dir=$1 history_dir=$2 what=$3 port history
     mkdir -p "$dir"
     port=$(free_port)
     cfg=$dir/bench.toml
     cluster_config "$port" "$dir" >"$cfg"
     "$ROLLOUT" certs init --config "$cfg" >/dev/null
     for w in w1 w2; do "$ROLLOUT" certs issue --config "$cfg" --worker "$w" >/dev/null; done
-    "$ROLLOUT" coordinator --config "$cfg" --history /dev/null >/dev/null 2>"$dir/coordinator.log" &
+    history=/dev/null
+    if [[ -n $history_dir ]]; then history=$history_dir/coordinator.jsonl; fi
+    "$ROLLOUT" coordinator --config "$cfg" --history "$history" >/dev/null 2>"$dir/coordinator.log" &
     pids=($!)
     for w in w1 w2; do
-        "$ROLLOUT" worker --config "$cfg" --id "$w" --slots 1024 --history /dev/null >/dev/null 2>"$dir/$w.log" &
+        if [[ -n $history_dir ]]; then history=$history_dir/$w.jsonl; fi
+        "$ROLLOUT" worker --config "$cfg" --id "$w" --slots 1024 --history "$history" >/dev/null 2>"$dir/$w.log" &
         pids+=($!)
     done
     local deadline=$(($(now_ms) + 60000))
@@ -123,9 +126,17 @@ try:
 except ValueError:
     sys.exit(1)
 sys.exit(0 if sum(w["state"] == "active" for w in workers) == 2 else 1)'; do
-        (($(now_ms) < deadline)) || die "rollout run $n: the workers did not register within 60s"
+        (($(now_ms) < deadline)) || die "$what: the workers did not register within 60s"
         sleep 0.05
     done
+}
+
+# (Each run below is a process substitution, a subshell of its own: its processes are
+# stopped when it ends, however it ends, and none holds its output pipe open.)
+rollout_run() {
+    trap stop_pids EXIT
+    local n=$1 dir=$tmp/rollout-$1 cfg
+    start_cluster "$dir" "" "rollout run $n"
     python3 - "$ROLLOUT" "$cfg" "$tmp/tasks.jsonl" "$TASKS" "$dir/submit.out" <<'PY' || die "rollout run $n: submit failed: $(tail -3 "$dir/submit.out")"
 import subprocess, sys, time
 rollout, cfg, tasks, n, out = sys.argv[1:6]
@@ -142,30 +153,9 @@ PY
 # prints "latency_one <p50 ms> <p99 ms>".
 rollout_latency_run() {
     trap stop_pids EXIT
-    local n=$1 dir=$tmp/rollout-latency-$1 port cfg
+    local n=$1 dir=$tmp/rollout-latency-$1 cfg
+    start_cluster "$dir" "$dir" "rollout latency run $n"
     mkdir -p "$dir/jobs"
-    port=$(free_port)
-    cfg=$dir/bench.toml
-    cluster_config "$port" "$dir" >"$cfg"
-    "$ROLLOUT" certs init --config "$cfg" >/dev/null
-    for w in w1 w2; do "$ROLLOUT" certs issue --config "$cfg" --worker "$w" >/dev/null; done
-    "$ROLLOUT" coordinator --config "$cfg" --history "$dir/coordinator.jsonl" >/dev/null 2>"$dir/coordinator.log" &
-    pids=($!)
-    for w in w1 w2; do
-        "$ROLLOUT" worker --config "$cfg" --id "$w" --slots 1024 --history "$dir/$w.jsonl" >/dev/null 2>"$dir/$w.log" &
-        pids+=($!)
-    done
-    local deadline=$(($(now_ms) + 60000))
-    until "$ROLLOUT" status --config "$cfg" --all --json 2>/dev/null | python3 -c '
-import json, sys
-try:
-    workers = json.load(sys.stdin)["workers"]
-except ValueError:
-    sys.exit(1)
-sys.exit(0 if sum(w["state"] == "active" for w in workers) == 2 else 1)'; do
-        (($(now_ms) < deadline)) || die "rollout latency run $n: the workers did not register within 60s"
-        sleep 0.05
-    done
     python3 - "$ROLLOUT" "$cfg" "$dir" "$SAMPLES" <<'PY' || die "rollout latency run $n failed"
 import json, os, subprocess, sys
 rollout, cfg, d, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
