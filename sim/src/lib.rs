@@ -18,7 +18,8 @@ mod swarm;
 pub mod timeline;
 
 pub use engine::{
-    Coverage, FRAMES_BY_COUNT, FaultSpan, MessageRecord, Options, RELEASE_BEFORE_DURABLE, RunReport, run, run_with,
+    Coverage, FRAMES_BY_COUNT, FaultSpan, MessageRecord, Options, RELEASE_BEFORE_DURABLE, RESET_ENDS_INCARNATION,
+    RunReport, run, run_with,
 };
 pub use scenario::Scenario;
 

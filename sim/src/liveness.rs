@@ -34,9 +34,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use rollout_core::WorkerId;
 use rollout_core::config::Config;
 use rollout_core::history::{HistoryEvent, HistoryRecord};
+use rollout_core::{Incarnation, WorkerId};
 
 use crate::checker::Violation;
 
@@ -115,6 +115,9 @@ struct WorkerTrack {
     detect_by: Option<u64>,
     /// Registered again by then, or violation.
     rejoin_by: Option<u64>,
+    /// The latest incarnation the worker ended itself (`SelfFenced`): the coordinator
+    /// declaring that one failed (on the close of its Work stream) is no false failure.
+    ended_itself: Option<Incarnation>,
 }
 
 /// The liveness checker. Feed it environment changes and history records in true-time
@@ -152,6 +155,7 @@ impl Liveness {
             disturbed_at: 0,
             detect_by: None,
             rejoin_by: None,
+            ended_itself: None,
         };
         Liveness {
             bounds,
@@ -276,13 +280,21 @@ impl Liveness {
                     }
                 }
             }
-            HistoryEvent::DeclaredFailed { worker, .. } => {
+            HistoryEvent::SelfFenced { worker, incarnation } => {
+                if let Some(w) = self.workers.get_mut(worker) {
+                    w.ended_itself = Some(*incarnation);
+                }
+            }
+            HistoryEvent::DeclaredFailed { worker, incarnation } => {
                 let quiet = self.bounds.quiet_ns;
                 let coord_disturbed_at = self.coord_disturbed_at;
                 let Some(w) = self.workers.get_mut(worker) else { return Ok(()) };
                 let healthy = w.alive && w.up && w.down;
+                // Declared failed on the worker's own word (its stream's close) is no
+                // false failure.
+                let on_its_word = w.ended_itself == Some(*incarnation);
                 let undisturbed_since = w.disturbed_at.max(coord_disturbed_at);
-                if self.strict_false_failure && healthy && t.saturating_sub(undisturbed_since) > quiet {
+                if self.strict_false_failure && healthy && !on_its_word && t.saturating_sub(undisturbed_since) > quiet {
                     return Err(Violation {
                         invariant: "no_false_failure",
                         seq,

@@ -14,7 +14,9 @@
 
 use std::num::NonZeroU64;
 
-use crate::scenario::{Direction, Fault, FaultAction, FaultKind, NodeRef, OnCoordinator, Scenario, Swarm, WorkerRef};
+use crate::scenario::{
+    Direction, Fault, FaultAction, FaultKind, NodeRef, OnCoordinator, Scenario, SeenBy, Swarm, WorkerRef,
+};
 
 /// Bytes per fault.
 pub const FAULT_BYTES: usize = 8;
@@ -67,7 +69,10 @@ pub fn scenario_from_bytes(base: &Scenario, bytes: &[u8]) -> (Scenario, u64) {
                 let period_ms = NonZeroU64::new(200 + p % 2_000).unwrap_or(NonZeroU64::MIN);
                 FaultAction::Flap { node: worker, period_ms, for_ms }
             }
-            FaultKind::Reset => FaultAction::Reset { node: worker },
+            FaultKind::Reset => FaultAction::Reset {
+                node: worker,
+                seen_by: [SeenBy::Both, SeenBy::Worker, SeenBy::Coordinator][(p % 3) as usize],
+            },
             // Up to a minute either way: within the skew budget or far beyond it, the
             // coordinator keeps deadlines on its own clock.
             FaultKind::ClockJump => FaultAction::ClockJump { node, by_ms: (p as i64 - 32_768) * 60_000 / 32_768 },

@@ -10,7 +10,7 @@ use rollout_core::rng::SplitMix64;
 
 use std::num::NonZeroU64;
 
-use crate::scenario::{Direction, Fault, FaultAction, FaultKind, NodeRef, OnCoordinator, Scenario, WorkerRef};
+use crate::scenario::{Direction, Fault, FaultAction, FaultKind, NodeRef, OnCoordinator, Scenario, SeenBy, WorkerRef};
 
 /// The faults `scenario.swarm` draws with `rng` (none without a swarm table).
 pub fn draw(scenario: &Scenario, config: &Config, rng: &mut SplitMix64) -> Vec<Fault> {
@@ -49,7 +49,10 @@ pub fn draw(scenario: &Scenario, config: &Config, rng: &mut SplitMix64) -> Vec<F
                 let period_ms = NonZeroU64::new(200 + rng.below(2_000)).unwrap_or(NonZeroU64::MIN);
                 FaultAction::Flap { node: worker, period_ms, for_ms }
             }
-            FaultKind::Reset => FaultAction::Reset { node: worker },
+            FaultKind::Reset => FaultAction::Reset {
+                node: worker,
+                seen_by: [SeenBy::Both, SeenBy::Worker, SeenBy::Coordinator][rng.below(3) as usize],
+            },
             FaultKind::ClockJump => {
                 // Half within the skew budget (a quarter of it either way), half far
                 // beyond it (up to a minute): the coordinator keeps deadlines on its own

@@ -118,3 +118,33 @@ fn byte_chosen_fault_schedules_find_the_planted_release_bug() {
     assert_eq!(shrunk.invariant, violation.invariant);
     assert!(shrunk.scenario.faults.len() <= 2, "faults left: {:?}", shrunk.scenario.faults);
 }
+
+/// The coordinator's transport taking a reset for the worker's death, planted: a reset
+/// only the coordinator's end sees (a middlebox's RST) then ends the incarnation at
+/// once, its tasks are leased elsewhere while the worker, which knows nothing yet, still
+/// runs them, and `no_overlap` fails. Without the bug the same seeds pass: the
+/// coordinator ends an incarnation at once only on a close from the worker's end.
+#[test]
+fn a_planted_reset_taken_for_a_death_is_found_as_an_overlap() {
+    const K: u64 = 5;
+    let mut scenario = Scenario::load("reset_seen_by_one_side", &scenarios_dir()).expect("ships");
+    for seed in 0..K {
+        let clean = run(&scenario, seed);
+        assert!(clean.violation.is_none(), "seed {seed} without the bug: {:?}", clean.violation);
+    }
+    scenario.planted_bug = Some(sim::RESET_ENDS_INCARNATION.into());
+    let found = (0..K).find_map(|seed| run(&scenario, seed).violation.map(|v| (seed, v)));
+    let (seed, violation) = found.unwrap_or_else(|| panic!("the planted bug went unnoticed for {K} seeds"));
+    assert_eq!(violation.invariant, "no_overlap", "{violation}");
+    let shrunk = sim::shrink::shrink(&scenario, seed, &mut |_| {}).expect("shrinks");
+    assert_eq!(shrunk.invariant, "no_overlap");
+    let faults = &shrunk.scenario.faults;
+    assert!(
+        faults.len() == 1
+            && matches!(
+                faults[0].action,
+                sim::scenario::FaultAction::Reset { seen_by: sim::scenario::SeenBy::Coordinator, .. }
+            ),
+        "one reset seen by the coordinator is enough: {faults:?}"
+    );
+}

@@ -174,3 +174,33 @@ fn every_scenario_still_exercises_what_it_exists_for() {
     let err = Scenario::parse(&unknown, Path::new("x.toml")).expect_err("unknown name").to_string();
     assert!(err.contains("exercises[0]") && err.contains("stale_rejected"), "{err}");
 }
+
+/// A worker process killed mid-run: its kernel's FIN reaches the coordinator one network
+/// latency later, and its tasks are leased elsewhere within a commit or two of that, not
+/// at its deadline (seconds later).
+#[test]
+fn a_killed_workers_tasks_are_leased_elsewhere_within_milliseconds() {
+    use rollout_core::history::HistoryEvent;
+    let scenario = Scenario::load("reset_seen_by_one_side", &scenarios_dir()).expect("ships");
+    let crash_ms = 20_000u64;
+    let crashed = rollout_core::WorkerId::new("w4").expect("id");
+    let bound_ns =
+        scenario.network.latency_us[1] * 1_000 + 3 * scenario.coordinator.commit_latency_us * 1_000 + 1_000_000;
+    for seed in [1, 2, 3] {
+        let report = run(&scenario, seed);
+        assert!(report.violation.is_none(), "{:?}", report.violation);
+        let at = crash_ms * 1_000_000;
+        let declared = report.history.iter().find(|(t, r)| {
+            *t >= at && matches!(&r.event, HistoryEvent::DeclaredFailed { worker, .. } if *worker == crashed)
+        });
+        let (t, _) = declared.unwrap_or_else(|| panic!("seed {seed}: w4 never declared failed after its crash"));
+        assert!(t - at <= bound_ns, "seed {seed}: declared failed {} µs after the crash", (t - at) / 1_000);
+        // Its leases were re-queued in the same batch, and went out at once.
+        let requeued: Vec<_> = report
+            .history
+            .iter()
+            .filter(|(tr, r)| *tr == *t && matches!(r.event, HistoryEvent::Requeued { .. }))
+            .collect();
+        assert!(!requeued.is_empty(), "seed {seed}: w4 ran nothing when it was killed");
+    }
+}

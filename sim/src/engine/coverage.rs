@@ -35,11 +35,16 @@ pub struct Coverage {
     pub frames_broken: u64,
     /// Unary calls lost or duplicated by the network.
     pub unary_lost_or_duplicated: u64,
+    /// Work streams the coordinator saw closed from the worker's end (an ended
+    /// incarnation's stream, or a dead process's FIN).
+    pub work_closed: u64,
+    /// Resets only the coordinator's end saw (the worker ran on, half-open).
+    pub half_open: u64,
 }
 
 impl Coverage {
     /// Every name a scenario's `exercises` may use.
-    pub const NAMES: [&'static str; 14] = [
+    pub const NAMES: [&'static str; 16] = [
         "held_messages",
         "keepalive_resets",
         "lost_unsynced",
@@ -54,6 +59,8 @@ impl Coverage {
         "overlaps",
         "frames_broken",
         "unary_lost_or_duplicated",
+        "work_closed",
+        "half_open",
     ];
 
     /// The count of `name` (`None`: no such name).
@@ -73,6 +80,8 @@ impl Coverage {
             "overlaps" => self.overlaps,
             "frames_broken" => self.frames_broken,
             "unary_lost_or_duplicated" => self.unary_lost_or_duplicated,
+            "work_closed" => self.work_closed,
+            "half_open" => self.half_open,
             _ => return None,
         })
     }
@@ -118,6 +127,8 @@ mod tests {
             &mut c.overlaps,
             &mut c.frames_broken,
             &mut c.unary_lost_or_duplicated,
+            &mut c.work_closed,
+            &mut c.half_open,
         ];
         for (i, field) in fields.into_iter().enumerate() {
             *field = 100 + i as u64;

@@ -8,7 +8,7 @@ use rollout_storage::CrashMode;
 use super::coordinator::Disk;
 use super::{Ev, NS_PER_MS, Sim};
 use crate::liveness::{CoordEnv, Env};
-use crate::scenario::{Direction, FaultAction, NodeRef, WorkerRef};
+use crate::scenario::{Direction, FaultAction, NodeRef, SeenBy, WorkerRef};
 
 /// How long the coordinator stays down after a power cut without `for_ms`.
 pub(crate) const POWER_CUT_DOWNTIME_MS: u64 = 2_000;
@@ -54,10 +54,19 @@ impl Sim {
                     self.heal(w);
                 }
             }
-            FaultAction::Reset { node: WorkerRef(w) } => {
-                self.instant_span(&name, "reset".into());
-                self.reset_link(w, "reset");
-            }
+            FaultAction::Reset { node: WorkerRef(w), seen_by } => match seen_by {
+                // The coordinator's end draws nothing from a reset (it cannot tell a
+                // middlebox's RST from a dead peer's), so a reset the worker's end sees
+                // plays the same whether or not the coordinator's sees it too.
+                SeenBy::Both | SeenBy::Worker => {
+                    self.instant_span(&name, "reset".into());
+                    self.reset_link(w, "reset");
+                }
+                SeenBy::Coordinator => {
+                    self.instant_span(&name, "reset seen by the coordinator".into());
+                    self.reset_coordinator_end(w);
+                }
+            },
             FaultAction::ClockJump { node, by_ms } => {
                 // A step of any size is no disturbance to the liveness checks: the
                 // coordinator keeps deadlines on its own monotonic clock.

@@ -52,8 +52,11 @@ const NS_PER_MS: u64 = 1_000_000;
 pub const FRAMES_BY_COUNT: &str = "frames_by_count";
 /// A planted bug of the driver's commit loop: outputs released before they are durable.
 pub const RELEASE_BEFORE_DURABLE: &str = "release_before_durable";
+/// A planted bug of the coordinator's transport: a reset taken for the worker's death
+/// (its incarnation ended at once, though the worker may still run).
+pub const RESET_ENDS_INCARNATION: &str = "reset_ends_incarnation";
 /// The bugs planted outside the coordinator machine (any build).
-const SIM_PLANTED_BUGS: [&str; 2] = [FRAMES_BY_COUNT, RELEASE_BEFORE_DURABLE];
+const SIM_PLANTED_BUGS: [&str; 3] = [FRAMES_BY_COUNT, RELEASE_BEFORE_DURABLE, RESET_ENDS_INCARNATION];
 
 /// Slack on the liveness bounds: clock offsets both ways, the network's worst latency
 /// both ways, and a little for drift and scheduling. (Commits are allowed for by the
@@ -134,6 +137,19 @@ enum Ev {
         conn: u64,
         bytes: usize,
     },
+    /// The FIN of worker `w`'s dead process reaches the coordinator's end (sent while
+    /// the coordinator ran as `epoch`): its Work stream of `incarnation` closed.
+    Fin {
+        w: usize,
+        epoch: u64,
+        incarnation: rollout_core::Incarnation,
+    },
+    /// The reset the coordinator's kernel answers a message on half-open link `w`
+    /// (connection `conn`) with reaches the worker.
+    ResetBack {
+        w: usize,
+        conn: u64,
+    },
 }
 
 struct Sim {
@@ -183,6 +199,8 @@ struct Sim {
     /// The planted bug `release_before_durable`: a batch's outputs leave as soon as it
     /// is applied, before its writes are synced.
     release_before_durable: bool,
+    /// The planted bug `reset_ends_incarnation`.
+    reset_ends_incarnation: bool,
     audit_entries: u64,
     /// Every task's state on the coordinator's disk at the end.
     final_states: Vec<(TaskId, TaskState)>,
@@ -255,6 +273,7 @@ impl Sim {
         // framing; every other bug in the coordinator.
         let frames_by_count = scenario.planted_bug.as_deref() == Some(FRAMES_BY_COUNT);
         let release_before_durable = scenario.planted_bug.as_deref() == Some(RELEASE_BEFORE_DURABLE);
+        let reset_ends_incarnation = scenario.planted_bug.as_deref() == Some(RESET_ENDS_INCARNATION);
         if let Some(bug) = scenario.planted_bug.as_deref().filter(|b| !SIM_PLANTED_BUGS.contains(b)) {
             settings.plant_bug(bug).map_err(setup)?;
         }
@@ -298,6 +317,7 @@ impl Sim {
             coverage: Coverage::default(),
             max_message_bytes: config.limits.max_message_bytes as usize,
             frames_by_count,
+            reset_ends_incarnation,
             release_before_durable,
             audit_entries: 0,
             final_states: Vec::new(),
@@ -362,6 +382,8 @@ impl Sim {
             Ev::SubmitJob { job } => ("submit", u64::from(*job), 0),
             Ev::SubmitJobRetry { job } => ("submit_retry", u64::from(*job), 0),
             Ev::StreamBroken { w, conn, .. } => ("stream_broken", *w as u64, *conn),
+            Ev::Fin { w, incarnation, .. } => ("fin", *w as u64, incarnation.get()),
+            Ev::ResetBack { w, conn } => ("reset_back", *w as u64, *conn),
         };
         self.hasher.update(t.to_le_bytes());
         self.hasher.update(tag.as_bytes());
@@ -437,6 +459,8 @@ impl Sim {
             Ev::SubmitJob { job } => self.submit_job(job),
             Ev::SubmitJobRetry { job } => self.submit_retry(job),
             Ev::StreamBroken { w, conn, bytes } => self.stream_broken(w, conn, bytes),
+            Ev::Fin { w, epoch, incarnation } => self.fin(w, epoch, incarnation),
+            Ev::ResetBack { w, conn } => self.reset_back(w, conn),
         }
     }
 }

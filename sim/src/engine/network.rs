@@ -5,9 +5,9 @@
 
 use std::collections::VecDeque;
 
-use rollout_core::TaskId;
 use rollout_core::framing;
 use rollout_core::protocol::{Channel, ToCoordinator, ToWorker};
+use rollout_core::{Incarnation, TaskId};
 use rollout_worker::WorkerInput;
 
 use super::report::MessageRecord;
@@ -28,12 +28,16 @@ pub(super) enum Dir {
 pub(super) enum Wire {
     Up(ToCoordinator),
     Down(ToWorker),
+    /// The worker's end of the Work stream of this incarnation closed (END_STREAM or a
+    /// cancel, sent once the incarnation's runs stopped): the coordinator's transport
+    /// turns it into `CoordinatorInput::WorkClosed`.
+    WorkClosed(Incarnation),
 }
 
 impl Wire {
     pub(super) fn dir(&self) -> Dir {
         match self {
-            Wire::Up(_) => Dir::Up,
+            Wire::Up(_) | Wire::WorkClosed(_) => Dir::Up,
             Wire::Down(_) => Dir::Down,
         }
     }
@@ -42,6 +46,7 @@ impl Wire {
         match self {
             Wire::Up(m) => m.kind(),
             Wire::Down(m) => m.kind(),
+            Wire::WorkClosed(_) => "work_closed",
         }
     }
 
@@ -55,6 +60,7 @@ impl Wire {
         match self {
             Wire::Up(m) => m.channel(),
             Wire::Down(m) => m.channel(),
+            Wire::WorkClosed(_) => Channel::Work,
         }
     }
 
@@ -63,6 +69,7 @@ impl Wire {
         match self {
             Wire::Up(m) => m.work_entry_bytes(),
             Wire::Down(m) => m.work_entry_bytes(),
+            Wire::WorkClosed(_) => None,
         }
         .unwrap_or(0)
     }
@@ -102,6 +109,10 @@ pub(super) struct Link {
     /// The coordinator end of this connection lost power: nothing comes back on it, and
     /// a restarted coordinator answers its next message with a reset.
     peer_gone: bool,
+    /// The coordinator's end was reset and the worker's end does not know yet (a
+    /// middlebox's RST reached one side): nothing gets through, and the worker's next
+    /// message (or keepalive) is answered with a reset.
+    pub(super) half_open: bool,
 }
 
 impl Link {
@@ -203,6 +214,18 @@ impl Sim {
     pub(super) fn send(&mut self, w: usize, msg: Wire) {
         self.messages.0 += 1;
         let (dir, unary) = (msg.dir(), msg.unary());
+        if self.links[w].half_open {
+            // The coordinator's end is gone: lost, and a message of the worker's is
+            // answered with a reset by the coordinator's kernel.
+            self.messages.1 += 1;
+            self.log_message(w, &msg, None);
+            if dir == Dir::Up {
+                let conn = self.links[w].conn;
+                let at = self.now + 2 * self.latency() + 2 * self.links[w].extra_ns;
+                self.push(at, Ev::ResetBack { w, conn });
+            }
+            return;
+        }
         if self.links[w].blocked(dir) && !unary {
             self.coverage.held_messages += 1;
             let rec = self.log_message(w, &msg, None);
@@ -326,6 +349,11 @@ impl Sim {
                 let worker = self.workers[w].id.clone();
                 self.coord_enqueue(rollout_coordinator::CoordinatorInput::from_worker(worker, message));
             }
+            Wire::WorkClosed(incarnation) => {
+                self.coverage.work_closed += 1;
+                let worker = self.workers[w].id.clone();
+                self.coord_enqueue(rollout_coordinator::CoordinatorInput::WorkClosed { worker, incarnation });
+            }
             Wire::Down(message) => {
                 self.workers[w].oracle.received(&message);
                 self.worker_input(w, WorkerInput::Message(message))
@@ -358,7 +386,10 @@ impl Sim {
     /// connection is declared dead and reset.
     pub(super) fn keepalive(&mut self, w: usize, conn: u64, generation: u64) {
         let link = &self.links[w];
-        if link.conn == conn && link.blocked_generation == generation && (link.blocked_any() || link.peer_gone) {
+        if link.conn == conn
+            && link.blocked_generation == generation
+            && (link.blocked_any() || link.peer_gone || link.half_open)
+        {
             self.coverage.keepalive_resets += 1;
             self.reset_link(w, "keepalive timeout");
         }
@@ -429,6 +460,7 @@ impl Sim {
         let link = &mut self.links[w];
         link.conn += 1;
         link.peer_gone = false;
+        link.half_open = false;
         for rec in link.drop_held() {
             self.messages.1 += 1;
             self.set_delivery(rec, None);
@@ -444,12 +476,84 @@ impl Sim {
         self.worker_input(w, WorkerInput::StreamBroken(Channel::Work));
     }
 
-    /// The worker process of link `w` is gone: its connection with it, silently (the
-    /// coordinator learns of it from missed beats).
-    pub(super) fn drop_connection(&mut self, w: usize) {
+    /// The coordinator's end of link `w` is reset and the worker's end does not know
+    /// (a middlebox's RST). The coordinator's transport takes a reset for no proof of
+    /// anything (the worker may still run), so its machine hears nothing; the worker
+    /// learns when its next message, or its keepalive, is answered with a reset. With
+    /// the planted bug `reset_ends_incarnation` the transport takes it for the worker's
+    /// death, the coordinator leases the tasks elsewhere while the worker still runs
+    /// them, and `no_overlap` fails.
+    pub(super) fn reset_coordinator_end(&mut self, w: usize) {
+        let link = &mut self.links[w];
+        if link.half_open || link.peer_gone || self.coord.machine.is_none() {
+            return;
+        }
+        link.conn += 1;
+        link.half_open = true;
+        link.blocked_generation += 1;
+        let (conn, generation) = (link.conn, link.blocked_generation);
+        for rec in link.drop_held() {
+            self.messages.1 += 1;
+            self.set_delivery(rec, None);
+        }
+        self.push(self.now + self.scenario.network.keepalive_ms * NS_PER_MS, Ev::Keepalive { w, conn, generation });
+        self.coverage.half_open += 1;
+        let id = self.workers[w].id.clone();
+        self.liveness.worker_env(self.now, &id, Env::Disturbed);
+        if self.reset_ends_incarnation
+            && let Some((incarnation, _)) = self.workers[w].work_stream
+        {
+            self.coord_enqueue(rollout_coordinator::CoordinatorInput::WorkClosed { worker: id, incarnation });
+        }
+    }
+
+    /// The reset the coordinator's kernel answered a message on half-open link `w` with
+    /// reaches the worker.
+    pub(super) fn reset_back(&mut self, w: usize, conn: u64) {
+        if self.links[w].conn == conn && self.links[w].half_open {
+            self.reset_link(w, "reset by the coordinator's end");
+        }
+    }
+
+    /// The worker's end closed its Work stream of `incarnation`, opened on connection
+    /// `conn`: the close travels if that connection is still the link's.
+    pub(super) fn close_work(&mut self, w: usize, incarnation: Incarnation, conn: u64) {
+        if self.links[w].conn == conn {
+            self.send(w, Wire::WorkClosed(incarnation));
+        }
+    }
+
+    /// The worker process of link `w` is gone, its connection with it: its kernel
+    /// closes the connection (FIN), which reaches the coordinator's end unless the link
+    /// is cut or that end is gone already; the coordinator's transport turns it into
+    /// `WorkClosed` for each incarnation whose Work stream was open on it (`closing`).
+    /// Whatever else was in flight is lost.
+    pub(super) fn drop_connection(&mut self, w: usize, closing: Vec<(Incarnation, u64)>) {
+        let link = &self.links[w];
+        let fin_gets_through = !link.blocked(Dir::Up) && !link.peer_gone && !link.half_open;
+        if fin_gets_through && self.coord.machine.is_some() {
+            let conn = link.conn;
+            let at = (self.now + self.latency() + self.links[w].extra_ns).max(self.links[w].half(Dir::Up).last);
+            let epoch = self.coord.epoch;
+            for (incarnation, _) in closing.into_iter().filter(|(_, c)| *c == conn) {
+                self.push(at, Ev::Fin { w, epoch, incarnation });
+            }
+        }
         let link = &mut self.links[w];
         link.conn += 1;
         link.peer_gone = false;
+        link.half_open = false;
         link.drop_held();
+    }
+
+    /// The FIN of worker `w`'s dead process reaches the coordinator (unless it crashed
+    /// since it was sent: `epoch`).
+    pub(super) fn fin(&mut self, w: usize, epoch: u64, incarnation: Incarnation) {
+        if epoch != self.coord.epoch || self.coord.machine.is_none() {
+            return;
+        }
+        self.coverage.work_closed += 1;
+        let worker = self.workers[w].id.clone();
+        self.coord_enqueue(rollout_coordinator::CoordinatorInput::WorkClosed { worker, incarnation });
     }
 }

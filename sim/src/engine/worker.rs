@@ -2,12 +2,12 @@
 //! take a drawn time and end as drawn: success, failure, or a hang stopped at the
 //! task's deadline).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use rollout_core::history::HistoryEvent;
 use rollout_core::protocol::{Assignment, Channel};
 use rollout_core::traits::Inventory;
-use rollout_core::{ContentId, FencingToken, TaskId, WorkerId};
+use rollout_core::{ContentId, FencingToken, Incarnation, TaskId, WorkerId};
 use rollout_worker::{TaskOutcome, Worker, WorkerInput, WorkerOutput, WorkerSettings, plugin_stop_after};
 
 use super::clock::Clock;
@@ -15,6 +15,9 @@ use super::network::Wire;
 use super::{Ev, NS_PER_MS, Sim};
 use crate::liveness::Env;
 use rollout_core::oracle::SelfFenceOracle;
+
+/// An ended incarnation's Work stream (opened on connection `.1`) waiting for its runs.
+type Retiring = (Incarnation, u64, BTreeSet<(TaskId, FencingToken)>);
 
 /// One plugin run; its id tells a current finish event from a stale one.
 struct Run {
@@ -37,6 +40,11 @@ pub(super) struct WorkerNode {
     pub(super) held: VecDeque<Ev>,
     /// The self-fence rule rebuilt from this process's messages.
     pub(super) oracle: SelfFenceOracle,
+    /// The current incarnation's Work stream and the connection it was opened on.
+    pub(super) work_stream: Option<(Incarnation, u64)>,
+    /// Work streams of ended incarnations, held open (like the driver) until the runs
+    /// they had stopped.
+    retiring: Vec<Retiring>,
 }
 
 /// What every simulated worker host offers (the simulator schedules no GPU work).
@@ -57,6 +65,8 @@ impl WorkerNode {
             paused_since: None,
             held: VecDeque::new(),
             oracle: SelfFenceOracle::default(),
+            work_stream: None,
+            retiring: Vec::new(),
         }
     }
 }
@@ -98,10 +108,12 @@ impl Sim {
         // say so, so the simulator records the stops on its behalf.
         let stopped: Vec<_> = std::mem::take(&mut node.runs).into_keys().collect();
         let (id, wall) = (node.id.clone(), node.clock.now(self.now).wall);
+        let mut closing: Vec<(Incarnation, u64)> = node.retiring.drain(..).map(|(i, c, _)| (i, c)).collect();
+        closing.extend(node.work_stream.take());
         for (task, token) in stopped {
             self.record(id.as_str(), wall, HistoryEvent::TaskStopped { task, worker: id.clone(), token });
         }
-        self.drop_connection(w);
+        self.drop_connection(w, closing);
         self.liveness.worker_env(self.now, &id, Env::WorkerDown);
     }
 
@@ -111,6 +123,7 @@ impl Sim {
         let now = node.clock.now(self.now);
         let mut out = Vec::new();
         machine.handle(now, input, &mut out);
+        let incarnation = machine.incarnation();
         let id = node.id.clone();
         // At or past its self-fence deadline a worker must neither submit nor start:
         // judged by the oracle, from what the worker sent and received.
@@ -122,6 +135,22 @@ impl Sim {
         }
         if let Some(message) = broken {
             self.fail("self_fence", message);
+        }
+        // Like the driver: the Work stream follows the incarnation, and an ended
+        // incarnation's stream closes once the runs it had stopped (the coordinator
+        // leases their tasks elsewhere when it sees the close).
+        if incarnation != self.workers[w].work_stream.map(|(i, _)| i) {
+            let conn = self.links[w].conn;
+            let node = &mut self.workers[w];
+            if let Some((old, old_conn)) = node.work_stream.take() {
+                let runs: BTreeSet<_> = node.runs.keys().copied().collect();
+                if runs.is_empty() {
+                    self.close_work(w, old, old_conn);
+                } else {
+                    self.workers[w].retiring.push((old, old_conn, runs));
+                }
+            }
+            self.workers[w].work_stream = incarnation.map(|i| (i, conn));
         }
         // Like the driver: unary calls go at once, Work messages as one burst at the end.
         let mut work = Vec::new();
@@ -206,7 +235,18 @@ impl Sim {
             return;
         }
         node.runs.remove(&(task, token));
+        let mut closed = Vec::new();
+        node.retiring.retain_mut(|(incarnation, conn, runs)| {
+            runs.remove(&(task, token));
+            if runs.is_empty() {
+                closed.push((*incarnation, *conn));
+            }
+            !runs.is_empty()
+        });
         self.worker_input(w, WorkerInput::TaskFinished { task, token, outcome });
+        for (incarnation, conn) in closed {
+            self.close_work(w, incarnation, conn);
+        }
     }
 
     pub(super) fn worker_timer(&mut self, w: usize, generation: u64) {

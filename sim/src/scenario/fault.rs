@@ -62,6 +62,12 @@ pub enum FaultAction {
     Reset {
         /// The worker whose link resets.
         node: WorkerRef,
+        /// Which end learns of it at once (default both). A reset the coordinator's
+        /// end sees alone (a middlebox's RST) leaves the worker running until its next
+        /// message is answered with a reset; the coordinator must not take it for the
+        /// worker's death.
+        #[serde(default, skip_serializing_if = "SeenBy::is_both")]
+        seen_by: SeenBy,
     },
     /// The node's wall clock steps (its monotonic clock does not).
     ClockJump {
@@ -215,7 +221,7 @@ impl Fault {
                 Some(*node)
             }
             FaultAction::Partition { node, .. }
-            | FaultAction::Reset { node }
+            | FaultAction::Reset { node, .. }
             | FaultAction::Slow { node, .. }
             | FaultAction::Flap { node, .. }
             | FaultAction::Drain { node }
@@ -253,6 +259,25 @@ pub enum Direction {
     ToCoordinator,
     /// Coordinator → worker only.
     ToWorker,
+}
+
+/// Which end of a connection sees its reset at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SeenBy {
+    /// Both ends.
+    #[default]
+    Both,
+    /// The worker's end only (the coordinator's learns when it next sends).
+    Worker,
+    /// The coordinator's end only (the worker's learns when it next sends).
+    Coordinator,
+}
+
+impl SeenBy {
+    fn is_both(&self) -> bool {
+        *self == SeenBy::Both
+    }
 }
 
 /// Which node a fault names: `coordinator` or `w1`..`wN` in files.

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 mod fault;
 mod validate;
 
-pub use fault::{Direction, Fault, FaultAction, FaultKind, NodeRef, OnCoordinator, WorkerRef};
+pub use fault::{Direction, Fault, FaultAction, FaultKind, NodeRef, OnCoordinator, SeenBy, WorkerRef};
 
 /// Why a scenario could not be loaded.
 #[derive(Debug, thiserror::Error)]

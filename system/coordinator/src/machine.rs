@@ -208,6 +208,19 @@ pub enum CoordinatorInput {
         /// The worker.
         worker: WorkerId,
     },
+    /// The transport saw the Work stream of `incarnation` closed from the worker's end:
+    /// its process ended the stream (which a worker does only once the incarnation's
+    /// runs stopped), or its kernel closed the connection (FIN: the process is gone).
+    /// Either way that incarnation runs nothing more, so it ends now and its tasks are
+    /// leased again at once. A connection that was reset (RST: a middlebox may have
+    /// sent it while the worker still runs) or went silent is not this input; the
+    /// deadline rule covers it.
+    WorkClosed {
+        /// The worker (its certificate's name).
+        worker: WorkerId,
+        /// The incarnation the stream was opened for.
+        incarnation: Incarnation,
+    },
 }
 
 impl CoordinatorInput {
@@ -705,7 +718,7 @@ impl Coordinator {
                     now,
                     task,
                     "lease found without its worker at recovery".into(),
-                    false,
+                    crate::submits::LeaseEnd::Uncharged,
                     &mut batch,
                 )?;
             }
@@ -925,6 +938,9 @@ impl Coordinator {
             CoordinatorInput::CancelJob { request, job } => self.on_cancel_job(request, job, batch),
             CoordinatorInput::CancelTask { request, task } => self.on_cancel_task(request, task, batch),
             CoordinatorInput::Drain { request, worker } => self.on_drain(request, &worker, batch),
+            CoordinatorInput::WorkClosed { worker, incarnation } => {
+                self.on_work_closed(now, &worker, incarnation, batch)
+            }
         }
     }
 

@@ -13,6 +13,23 @@ use crate::records::{
     INLINE_RESULT_BYTES_MAX, ResultRefs, StateKind, TaskRecord, TaskState, result_key, result_refs_key, task_key,
 };
 
+/// How a lease ended without a result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LeaseEnd {
+    /// Not the task's doing, and nothing ran (an assignment lost in transit, a worker
+    /// that re-registered with a restarted coordinator): re-queued at once, no attempt
+    /// charged.
+    Uncharged,
+    /// Its worker is gone (declared failed, closed its connection, registered anew):
+    /// the attempt counts (a task that kills its worker must not be tried forever) but
+    /// the retry goes out at once, since the loss says nothing about when the task
+    /// could succeed.
+    WorkerLost,
+    /// The attempt failed (an error, a refused result): it counts, and the retry waits
+    /// out the backoff.
+    Failed,
+}
+
 impl Coordinator {
     pub(crate) fn on_submit(
         &mut self,
@@ -54,11 +71,11 @@ impl Coordinator {
                         "result of {size_bytes} bytes exceeds limits.max_result_bytes ({})",
                         self.settings.limits.max_result_bytes
                     );
-                    self.end_lease(now, task, reason, true, batch)?;
+                    self.end_lease(now, task, reason, LeaseEnd::Failed, batch)?;
                     // The lease is over, but not with this result: the worker is told so.
                     verdict = SubmitVerdict::Refused;
                 }
-                Outcome::Failed { message } => self.end_lease(now, task, message, true, batch)?,
+                Outcome::Failed { message } => self.end_lease(now, task, message, LeaseEnd::Failed, batch)?,
             },
             SubmitVerdict::Duplicate => {
                 self.record(HistoryEvent::DuplicateSubmit { task, worker: id.clone(), token }, batch);
@@ -188,16 +205,15 @@ impl Coordinator {
         }
     }
 
-    /// Ends a task's current lease without a result. With `failed`, the attempt
-    /// counts against `tasks.max_attempts` (its error is recorded) and the retry waits
-    /// out the backoff; otherwise (the assignment was lost in transit) the task is
-    /// re-queued at once and the attempt is not held against it.
+    /// Ends a task's current lease without a result, as `how` says: whether the
+    /// attempt counts against `tasks.max_attempts` (its error is recorded) and whether
+    /// the retry waits out the backoff.
     pub(crate) fn end_lease(
         &mut self,
         now: Now,
         task: TaskId,
         error: String,
-        failed: bool,
+        how: LeaseEnd,
         batch: &mut Batch<'_>,
     ) -> Result<()> {
         let mut record = self.live_record(task)?;
@@ -207,6 +223,7 @@ impl Coordinator {
         self.release_lease_slot(task);
         let error = self.truncate(&error);
         let max_attempts = self.settings.tasks.max_attempts as usize;
+        let failed = how != LeaseEnd::Uncharged;
         if failed {
             record.errors.push(error.clone());
             let excess = record.errors.len().saturating_sub(max_attempts);
@@ -225,7 +242,7 @@ impl Coordinator {
         self.count_transition(task.job, from.kind(), StateKind::Queued);
         self.tasks.insert(task, Some(Box::new(record)));
         self.dirty_tasks.insert(task);
-        if failed {
+        if how == LeaseEnd::Failed {
             let delay = self.retry_backoff(failures);
             self.delayed.insert((now.mono + delay, task));
         } else {

@@ -359,6 +359,35 @@ fn a_silent_worker_is_declared_failed_within_the_bound_and_its_leases_requeued()
     )));
 }
 
+#[test]
+fn a_closed_work_stream_ends_its_incarnation_at_once_and_its_tasks_go_elsewhere() {
+    let mut h = Harness::new();
+    let inc1 = h.register("w1");
+    let inc2 = h.register("w2");
+    h.submit_job(vec![spec("echo", 0)]);
+    let a = h.pull("w1", inc1, 4, 0).remove(0);
+    // A close of an older incarnation changes nothing (the worker registered again).
+    let out = h.input(CoordinatorInput::WorkClosed { worker: w("w1"), incarnation: Incarnation(inc1.get() + 100) });
+    assert!(out.is_empty(), "{out:?}");
+    assert!(matches!(h.state(a.task), TaskState::Leased { .. }));
+    // No time passes: the close alone ends w1's incarnation, and the task is leased to
+    // w2 without a backoff, charged as an attempt (w1 may have run part of it).
+    let out = h.input(CoordinatorInput::WorkClosed { worker: w("w1"), incarnation: inc1 });
+    assert!(
+        out.iter().any(|o| matches!(o, CoordinatorOutput::Event(HistoryEvent::DeclaredFailed { worker, incarnation })
+        if *worker == w("w1") && *incarnation == inc1))
+    );
+    assert_eq!(h.state(a.task), TaskState::Queued);
+    assert_eq!(h.reports(a.task.job)[0].errors.len(), 1, "the attempt counts");
+    let again = h.pull("w2", inc2, 4, 0);
+    assert_eq!(again.iter().map(|a| a.task).collect::<Vec<_>>(), vec![a.task]);
+    assert!(again[0].token > a.token);
+    // w1's late submit is stale; a second close changes nothing.
+    assert_eq!(h.submit("w1", &a, success(b"late")), SubmitVerdict::Stale);
+    let out = h.input(CoordinatorInput::WorkClosed { worker: w("w1"), incarnation: inc1 });
+    assert!(out.is_empty(), "{out:?}");
+}
+
 // ---------------------------------------------------------------- jobs, leases, fencing
 
 #[test]

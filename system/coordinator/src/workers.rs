@@ -15,6 +15,7 @@ use rollout_core::{Error, FencingToken, Incarnation, Now, PROTOCOL_VERSION, Resu
 use crate::machine::{Batch, Coordinator, NOTICE_INTERVAL, Notice, OperatorReply, RequestId, WorkerEntry};
 use crate::metrics::MergeOutcome;
 use crate::records::{TaskState, WorkerRecord, WorkerState, worker_key};
+use crate::submits::LeaseEnd;
 
 impl Coordinator {
     pub(crate) fn on_register(&mut self, now: Now, id: WorkerId, reg: Register, batch: &mut Batch<'_>) -> Result<()> {
@@ -60,7 +61,13 @@ impl Coordinator {
             };
             let leases: Vec<TaskId> = old.leases.iter().copied().collect();
             for task in leases {
-                self.end_lease(now, task, reason.clone(), charged, batch)?;
+                self.end_lease(
+                    now,
+                    task,
+                    reason.clone(),
+                    if charged { LeaseEnd::WorkerLost } else { LeaseEnd::Uncharged },
+                    batch,
+                )?;
             }
             self.set_credits(&id, 0);
         }
@@ -218,7 +225,7 @@ impl Coordinator {
         let zombies: Vec<(TaskId, FencingToken)> =
             running.iter().copied().filter(|(task, token)| !self.holds_lease(id, *task, *token)).collect();
         for task in lost {
-            self.end_lease(now, task, String::new(), false, batch)?;
+            self.end_lease(now, task, String::new(), LeaseEnd::Uncharged, batch)?;
         }
         for (task, token) in zombies {
             batch.send(id, ToWorker::Control(Control::CancelTask { task, token }));
@@ -345,8 +352,37 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Marks a worker failed and re-queues (or dead-letters) everything it held.
+    /// The worker's end closed the Work stream of `incarnation`: if that is the
+    /// worker's current incarnation (and it is not failed already), it is declared
+    /// failed now, without waiting for its deadline. A close of an older incarnation
+    /// (the worker registered again meanwhile) changes nothing.
+    pub(crate) fn on_work_closed(
+        &mut self,
+        now: Now,
+        id: &WorkerId,
+        incarnation: Incarnation,
+        batch: &mut Batch<'_>,
+    ) -> Result<()> {
+        if !self.current_worker(id, incarnation) {
+            return Ok(());
+        }
+        let reason = format!("worker {id} (incarnation {incarnation}) closed its connection");
+        self.declare_failed_because(now, id, &reason, batch)
+    }
+
+    /// Marks a worker failed (its deadline passed) and re-queues (or dead-letters)
+    /// everything it held.
     fn declare_failed(&mut self, now: Now, id: &WorkerId, batch: &mut Batch<'_>) -> Result<()> {
+        let incarnation = self.workers.get(id).map(|w| w.record.incarnation);
+        let reason = match incarnation {
+            Some(incarnation) => format!("worker {id} (incarnation {incarnation}) was declared failed"),
+            None => return Ok(()),
+        };
+        self.declare_failed_because(now, id, &reason, batch)
+    }
+
+    /// [`Self::declare_failed`] with the reason the re-queued tasks carry.
+    fn declare_failed_because(&mut self, now: Now, id: &WorkerId, reason: &str, batch: &mut Batch<'_>) -> Result<()> {
         self.set_credits(id, 0);
         let Some(worker) = self.workers.get_mut(id) else { return Ok(()) };
         worker.record.state = WorkerState::Failed;
@@ -355,9 +391,9 @@ impl Coordinator {
         let leases: Vec<TaskId> = worker.leases.iter().copied().collect();
         self.dirty_workers.insert(id.clone());
         self.record(HistoryEvent::DeclaredFailed { worker: id.clone(), incarnation }, batch);
-        let reason = format!("worker {id} (incarnation {incarnation}) was declared failed");
+        let reason = reason.to_owned();
         for task in leases {
-            self.end_lease(now, task, reason.clone(), true, batch)?;
+            self.end_lease(now, task, reason.clone(), LeaseEnd::WorkerLost, batch)?;
         }
         Ok(())
     }

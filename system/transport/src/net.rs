@@ -10,7 +10,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -93,13 +93,124 @@ pub struct PeerInfo {
     pub role: Option<PeerRole>,
     /// The peer's address, for logs.
     pub remote: String,
+    /// How the connection's byte stream ended, once it has.
+    pub connection: ConnectionWatch,
+}
+
+/// How a connection's byte stream ended, as the first read (or write) that did not
+/// carry bytes showed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionEnd {
+    /// Not ended (as far as reads and writes have seen).
+    Open,
+    /// The peer's kernel closed it (FIN): the peer's process closed the socket or is
+    /// gone. A middlebox resets connections; it does not close them.
+    ClosedByPeer,
+    /// Reset (RST) or failed otherwise: the peer may still be running.
+    Broken,
+}
+
+/// Shared view of one connection's [`ConnectionEnd`]; the first end seen sticks.
+/// Equal only to its own clones.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionWatch(Arc<AtomicU8>);
+
+impl ConnectionWatch {
+    const OPEN: u8 = 0;
+    const CLOSED: u8 = 1;
+    const BROKEN: u8 = 2;
+
+    /// How the connection ended so far.
+    pub fn end(&self) -> ConnectionEnd {
+        match self.0.load(Ordering::Acquire) {
+            Self::OPEN => ConnectionEnd::Open,
+            Self::CLOSED => ConnectionEnd::ClosedByPeer,
+            _ => ConnectionEnd::Broken,
+        }
+    }
+
+    fn note(&self, end: u8) {
+        let _ = self.0.compare_exchange(Self::OPEN, end, Ordering::AcqRel, Ordering::Acquire);
+    }
+}
+
+impl PartialEq for ConnectionWatch {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for ConnectionWatch {}
+
+/// A byte stream that notes in its [`ConnectionWatch`] how it ended: an empty read is
+/// the peer's FIN, an error a reset or worse. It sits under TLS, so it sees the
+/// kernel's view (a killed process sends no TLS close_notify, only the FIN).
+#[derive(Debug)]
+pub struct Watched<IO> {
+    inner: IO,
+    watch: ConnectionWatch,
+}
+
+impl<IO> Watched<IO> {
+    /// Watches `inner`.
+    pub fn new(inner: IO, watch: ConnectionWatch) -> Self {
+        Watched { inner, watch }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let wanted = buf.remaining() > 0;
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        match &polled {
+            Poll::Ready(Ok(())) if wanted && buf.filled().len() == before => self.watch.note(ConnectionWatch::CLOSED),
+            Poll::Ready(Err(_)) => self.watch.note(ConnectionWatch::BROKEN),
+            _ => {}
+        }
+        polled
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Err(_)) = &polled {
+            self.watch.note(ConnectionWatch::BROKEN);
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Err(_)) = &polled {
+            self.watch.note(ConnectionWatch::BROKEN);
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
 }
 
 /// A server-side TLS connection whose client certificate was verified (or that has
 /// none, and may only enroll until its deadline).
 #[derive(Debug)]
 pub struct PeerStream<IO> {
-    inner: tokio_rustls::server::TlsStream<IO>,
+    inner: tokio_rustls::server::TlsStream<Watched<IO>>,
     info: PeerInfo,
     /// Its places in the connection counts, given back when it closes.
     _slots: (Slot, Option<Slot>),
@@ -234,6 +345,8 @@ where
             let (acceptor, tx, unauthenticated, refusals) =
                 (acceptor.clone(), tx.clone(), Arc::clone(&unauthenticated), Arc::clone(&refusals));
             tokio::spawn(async move {
+                let connection = ConnectionWatch::default();
+                let io = Watched::new(io, connection.clone());
                 let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await;
                 drop(permit);
                 match handshake {
@@ -258,7 +371,7 @@ where
                         tracing::debug!(channel = "tls", event = "mtls_handshake_ok", %remote, ?role);
                         let peer = PeerStream {
                             inner: stream,
-                            info: PeerInfo { role, remote },
+                            info: PeerInfo { role, remote, connection },
                             _slots: (slot, extra),
                             deadline,
                         };

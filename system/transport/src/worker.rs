@@ -8,7 +8,9 @@
 //! plugin host on the blocking pool.
 //!
 //! Streams: after each registration the driver opens the Control and Work streams for
-//! that incarnation on the worker's single HTTP/2 connection. A stream that ends is
+//! that incarnation on the worker's single HTTP/2 connection, and closes them when the
+//! incarnation ended and its runs stopped (the coordinator then leases the tasks
+//! elsewhere at once). A stream that ends is
 //! reported to the machine (`WorkerInput::StreamBroken`), whose policy decides: a
 //! broken Work stream ends the incarnation (messages lost with it cannot be told apart
 //! from ones in flight), a broken Control stream alone is re-opened when the machine
@@ -19,7 +21,7 @@
 //! bytes of each unacknowledged submit and the coordinator stores them,
 //! content-addressed, before the submit reaches its machine.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,6 +46,8 @@ use crate::wire;
 const WORK_FRAMES_QUEUED_MAX: usize = 1024;
 /// Events queued towards the driver.
 const EVENTS_QUEUED_MAX: usize = 65_536;
+/// Streams of ended incarnations held open until their runs stopped.
+const RETIRED_STREAMS_MAX: usize = 8;
 /// Most events handled before the pulls and submits they caused are sent as one frame.
 const EVENTS_PER_FRAME_MAX: usize = 4096;
 
@@ -133,6 +137,7 @@ pub async fn run_worker(opts: WorkerRuntimeOptions, channel: Channel) -> Result<
         streams: None,
         next_session: 0,
         runs: BTreeMap::new(),
+        retired: Vec::new(),
         results: BTreeMap::new(),
         frame: pb::WorkerFrame::default(),
         finished_in_place: VecDeque::new(),
@@ -188,6 +193,10 @@ struct WorkerDriver {
     emitter: Arc<dyn EventEmitter>,
     events: mpsc::Sender<Event>,
     streams: Option<Streams>,
+    /// Streams of ended incarnations, each held open until the runs it had stopped:
+    /// the coordinator takes a Work stream closed by this end as proof that the
+    /// incarnation runs nothing more, and leases its tasks elsewhere at once.
+    retired: Vec<(Streams, BTreeSet<RunKey>)>,
     next_session: u64,
     runs: BTreeMap<RunKey, CancelToken>,
     /// Result bytes of finished runs, kept until their submit is acknowledged.
@@ -304,6 +313,10 @@ impl WorkerDriver {
                 if self.runs.remove(&key).is_none() {
                     return Ok(());
                 }
+                self.retired.retain_mut(|(_, runs)| {
+                    runs.remove(&key);
+                    !runs.is_empty()
+                });
                 if let Some(bytes) = bytes {
                     self.results.insert(key, bytes);
                 }
@@ -349,11 +362,14 @@ impl WorkerDriver {
             self.results.remove(&(task, token));
         }
         // Streams follow the registration: open them for a new incarnation before any
-        // output (the first Pull) needs them; close them once the worker fenced. (A
-        // broken Control stream is re-opened on `OpenControl`, not here.)
+        // output (the first Pull) needs them; close them once the worker fenced and the
+        // runs it cancelled stopped. (A broken Control stream is re-opened on
+        // `OpenControl`, not here.)
         let incarnation = self.machine.incarnation();
         if incarnation != self.streams.as_ref().map(|s| s.incarnation) {
-            self.streams = None;
+            if let Some(old) = self.streams.take() {
+                self.retire_streams(old);
+            }
             // What was meant for the old incarnation's stream goes nowhere (a fence
             // withholds submits on purpose).
             self.frame = pb::WorkerFrame::default();
@@ -583,6 +599,21 @@ impl WorkerDriver {
             cancel.cancel();
         }
         self.streams = None;
+        self.retired.clear();
+    }
+
+    /// Closes the streams of an incarnation that ended once its runs (cancelled by the
+    /// machine) have stopped; at once if none is left. At most
+    /// [`RETIRED_STREAMS_MAX`] wait (each run ends by its deadline and grace anyway).
+    fn retire_streams(&mut self, streams: Streams) {
+        let runs: BTreeSet<RunKey> = self.runs.keys().copied().collect();
+        if runs.is_empty() {
+            return;
+        }
+        if self.retired.len() >= RETIRED_STREAMS_MAX {
+            self.retired.remove(0);
+        }
+        self.retired.push((streams, runs));
     }
 }
 

@@ -244,6 +244,50 @@ async fn the_tasks_of_a_vanished_worker_are_finished_by_the_other() {
     h.stop().await;
 }
 
+/// A worker whose connection closes (its process is gone: here its runtime task is
+/// dropped, which closes the connection as a killed process's kernel would) has its
+/// tasks leased elsewhere at once, not at its deadline (1 s past due here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tasks_of_a_worker_whose_connection_closed_are_leased_elsewhere_at_once() {
+    let mut h = Harness::start(&["w1", "w2"]).await;
+    let job = h.submit_sleep_job(16, 300).await;
+    h.wait_for(Duration::from_secs(10), "both workers to run tasks", |_, w| {
+        let on = |id: &str| {
+            w.iter().any(|r| matches!(&r.event, HistoryEvent::TaskStarted { worker, .. } if worker.as_str() == id))
+        };
+        on("w1") && on("w2")
+    })
+    .await;
+    let gone_at = tokio::time::Instant::now();
+    if let Some(w1) = h.workers.remove("w1") {
+        w1.abort();
+    }
+    h.wait_for(Duration::from_secs(10), "w1 to be declared failed", |c, _| {
+        c.iter().any(|r| matches!(&r.event, HistoryEvent::DeclaredFailed { worker, .. } if worker.as_str() == "w1"))
+    })
+    .await;
+    let detected_after = gone_at.elapsed();
+    // The deadline rule could not have fired yet: the last beat's due_at (up to 200 ms
+    // ahead) plus the failure timeout of 1 s.
+    assert!(detected_after < Duration::from_millis(1000), "declared failed after {detected_after:?}");
+    let requeued: Vec<String> = h
+        .history
+        .records()
+        .iter()
+        .filter_map(|r| match &r.event {
+            HistoryEvent::Requeued { error, .. } => Some(error.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        !requeued.is_empty() && requeued.iter().all(|e| e.contains("w1") && e.contains("closed its connection")),
+        "{requeued:?}"
+    );
+    h.wait_committed(job, 16, Duration::from_secs(30)).await;
+    h.assert_each_task_committed_at_most_once();
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_follows_the_coordinators_health_settings_over_its_own() {
     let mut h = Harness::certified(&["w1"]).await;

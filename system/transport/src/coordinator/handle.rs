@@ -101,6 +101,12 @@ pub(crate) enum DriverMsg {
         worker: WorkerId,
         conn: u64,
     },
+    /// The worker's end closed its Work stream of `incarnation` (see
+    /// `CoordinatorInput::WorkClosed`).
+    WorkClosed {
+        worker: WorkerId,
+        incarnation: Incarnation,
+    },
     Status(StatusQuery, oneshot::Sender<StatusPage>),
 }
 

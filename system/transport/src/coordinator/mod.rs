@@ -266,6 +266,9 @@ impl Driver {
                     }
                 }
             }
+            DriverMsg::WorkClosed { worker, incarnation } => {
+                inputs.push(CoordinatorInput::WorkClosed { worker, incarnation });
+            }
             DriverMsg::Status(query, reply) => {
                 if let Some(m) = &self.machine {
                     let page = m.status(&query);

@@ -34,7 +34,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::coordinator::{CONTROL_QUEUED_MAX, CoordinatorHandle, DriverMsg, OperatorRequest, WORK_FRAMES_QUEUED_MAX};
-use crate::net::PeerInfo;
+use crate::net::{ConnectionEnd, ConnectionWatch, PeerInfo};
 use crate::tls::PeerRole;
 use crate::wire::{self, WireOutcome};
 
@@ -276,7 +276,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
     type WorkStream = BoxStream<pb::CoordinatorFrame>;
 
     async fn work(&self, req: Request<Streaming<pb::WorkerFrame>>) -> Result<Response<Self::WorkStream>, Status> {
-        let role = req.extensions().get::<PeerInfo>().and_then(|p| p.role.clone());
+        let peer = req.extensions().get::<PeerInfo>().cloned();
+        let role = peer.as_ref().and_then(|p| p.role.clone());
+        let connection = peer.map(|p| p.connection).unwrap_or_default();
         let mut inbound = req.into_inner();
         let first = match inbound.message().await? {
             Some(frame) => frame,
@@ -293,7 +295,11 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
             // Reuse the unary check on a request carrying the same peer info.
             let mut probe = Request::new(());
             if let Some(role) = role {
-                probe.extensions_mut().insert(PeerInfo { role: Some(role), remote: String::new() });
+                probe.extensions_mut().insert(PeerInfo {
+                    role: Some(role),
+                    remote: String::new(),
+                    connection: Default::default(),
+                });
             }
             authorize_worker(&probe, "work.hello.worker_id", &hello.worker_id)?
         };
@@ -315,7 +321,8 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
             budget_bytes,
         };
         let span = tracing::debug_span!("rpc", channel = "work", worker = %worker);
-        let detach = DetachOnDrop { driver: self.driver.clone(), worker, conn };
+        let detach = DetachOnDrop { driver: self.driver.clone(), worker: worker.clone(), conn };
+        let driver = self.driver.clone();
         tokio::spawn(
             async move {
                 let _detach = detach;
@@ -323,7 +330,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
                     let _ = tx.send(Err(status)).await;
                     return;
                 }
-                loop {
+                let closed_by = loop {
                     match inbound.message().await {
                         Ok(Some(frame)) => {
                             if let Err(status) = pump.frame(frame).await {
@@ -332,18 +339,40 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
                                 return;
                             }
                         }
-                        Ok(None) => return,
-                        Err(status) => {
-                            tracing::debug!(channel = "work", error = %status, "work stream ended");
-                            return;
-                        }
+                        Ok(None) => break Some("the worker ended the stream"),
+                        Err(status) => match closed_by_worker(&status, &connection) {
+                            Some(how) => break Some(how),
+                            None => {
+                                tracing::debug!(channel = "work", error = %status, "work stream ended");
+                                return;
+                            }
+                        },
                     }
+                };
+                if let Some(how) = closed_by {
+                    // The incarnation runs nothing more: its tasks go elsewhere now
+                    // rather than at its deadline.
+                    tracing::info!(channel = "work", event = "work_stream_closed", worker = %worker, %incarnation,
+                        how, "work_stream_closed: {how}; the incarnation ends now");
+                    let _ = driver.send(DriverMsg::WorkClosed { worker, incarnation }).await;
                 }
             }
             .instrument(span),
         );
         Ok(Response::new(self.until_shutdown(ReceiverStream::new(rx))))
     }
+}
+
+/// Whether a Work stream that failed with `status` was closed from the worker's end: a
+/// stream the worker's process cancelled (it does so once the incarnation's runs
+/// stopped), or a connection its kernel closed (FIN: the process is gone). A reset or
+/// a keepalive timeout is not: the worker may still run, and the deadline rule decides.
+fn closed_by_worker(status: &Status, connection: &ConnectionWatch) -> Option<&'static str> {
+    if connection.end() == ConnectionEnd::ClosedByPeer {
+        return Some("the worker's connection was closed by its peer (FIN)");
+    }
+    (status.code() == tonic::Code::Cancelled && connection.end() == ConnectionEnd::Open)
+        .then_some("the worker cancelled the stream")
 }
 
 /// Forwards one worker's inbound Work frames to the driver.
