@@ -6,7 +6,7 @@ export CARGO_TERM_COLOR ?= never
 CARGO ?= cargo
 ROLLOUT = $(CARGO_TARGET_DIR)/debug/rollout
 
-.PHONY: run test smoke crash-test preflight build fmt fmt-check clippy sans-io no-openssl release-deps unit bench bench-e2e bench-storage bench-sim bench-recovery bench-submit bench-compare sim-soak fuzz fuzz-seeds
+.PHONY: run test smoke crash-test redelivery preflight build fmt fmt-check clippy sans-io no-openssl release-deps unit bench bench-e2e bench-storage bench-sim bench-recovery bench-submit bench-compare sim-soak fuzz fuzz-seeds
 
 ## run: build, print the plan, then run a local cluster (coordinator + 2 workers over mTLS) through a demo job
 run: build
@@ -17,13 +17,21 @@ run: build
 test: fmt-check clippy sans-io no-openssl release-deps unit
 
 ## smoke: the real binaries end to end: 1 coordinator + 2 workers with a Rust cdylib and a
-## Python sidecar plugin; kills w1 and checks it is declared failed in time and every task
-## completes exactly once (scripts/smoke.sh; a temp dir, not ./data); then the crash test below;
-## then six 1 MB payloads and results through one six-slot worker (scripts/big-payloads.sh)
+## Python sidecar plugin; kills w1 and checks it is declared failed at once (its connection
+## closed) and every task completes exactly once (scripts/smoke.sh; a temp dir, not ./data);
+## then the crash test below; then six 1 MB payloads and results through one six-slot worker
+## (scripts/big-payloads.sh); then the redelivery measurement below
 smoke: preflight build
 	ROLLOUT=$(ROLLOUT) scripts/smoke.sh
 	ROLLOUT=$(ROLLOUT) scripts/coordinator-crash.sh
 	ROLLOUT=$(ROLLOUT) scripts/big-payloads.sh
+	ROLLOUT=$(ROLLOUT) scripts/redelivery.sh
+
+## redelivery: kill -9 a worker running tasks (ROUNDS, default 5) and print how long until it is
+## declared failed and its tasks are leased to the other worker (median, worst; target 50 ms;
+## fails past LIMIT_MS, default 1000) (scripts/redelivery.sh; about 6 s after the build)
+redelivery: build
+	ROLLOUT=$(ROLLOUT) scripts/redelivery.sh
 
 ## crash-test: kill -9 the coordinator of a real cluster under load (twice) and restart it on the
 ## same data dir; every acknowledged job survives and each task is committed exactly once

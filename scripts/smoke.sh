@@ -7,8 +7,9 @@
 #   tasks on both plugins; w1 is killed with SIGKILL while it runs tasks. Asserts, from
 #   the coordinator's history (JSON lines) and status:
 #   - both workers advertised exactly their plugins (configured + built-in echo, sleep);
-#   - w1 is declared failed no earlier than its failure deadline and within
-#     2 x heartbeat_interval after it, where the deadline is
+#   - w1 is declared failed once, at once (its kernel's FIN closes the connection, and
+#     the coordinator ends the incarnation without waiting for the deadline rule):
+#     within 1 s of the kill, before its failure deadline
 #     due_at (of w1's last beat) + max(coordinator_failure_timeout, clock_skew_budget);
 #   - every task is committed exactly once (one `committed` event per task), with the
 #     right result bytes, and at least one task w1 held was re-queued.
@@ -184,7 +185,8 @@ kill_ms, total, task_ms, heartbeat_ms, failure_timeout_ms, skew_budget_ms = map(
 records = [json.loads(line) for line in open(history)]
 failures = []
 
-# Detection: w1 declared failed within 2 x heartbeat_interval after its failure deadline.
+# Detection: w1's connection closed with its process, so it is declared failed at once,
+# before the deadline rule (for a silent worker) could have fired.
 w1 = next(w for w in json.load(open(status))["workers"] if w["worker_id"] == "w1")
 due_at = w1["due_at_unix_ms"]
 declared = [r for r in records if r["event"] == "declared_failed" and r["worker"] == "w1"]
@@ -193,13 +195,10 @@ if not declared:
 declared_ms = declared[0]["wall_unix_ms"]
 deadline = due_at + max(failure_timeout_ms, skew_budget_ms)
 print(f"smoke: kill -> declared_failed: {declared_ms - kill_ms} ms "
-      f"(w1's last due_at was {due_at - kill_ms} ms after the kill; declared {declared_ms - due_at} ms after due_at, "
-      f"{declared_ms - deadline} ms after its failure deadline due_at + {max(failure_timeout_ms, skew_budget_ms)} ms; "
-      f"allowed: 0..{2 * heartbeat_ms} ms)")
-if declared_ms < due_at + failure_timeout_ms:
-    failures.append(f"w1 declared failed {declared_ms - due_at} ms after due_at, before the failure timeout")
-if declared_ms > deadline + 2 * heartbeat_ms:
-    failures.append(f"w1 declared failed {declared_ms - deadline} ms after its deadline (> {2 * heartbeat_ms} ms)")
+      f"(the deadline rule would have waited until {deadline - kill_ms} ms after the kill: w1's last due_at "
+      f"+ {max(failure_timeout_ms, skew_budget_ms)} ms; allowed: at most 1000 ms)")
+if declared_ms - kill_ms > 1000:
+    failures.append(f"w1 declared failed {declared_ms - kill_ms} ms after the kill (> 1000 ms): its connection's close was missed")
 if len(declared) != 1:
     failures.append(f"w1 declared failed {len(declared)} times")
 

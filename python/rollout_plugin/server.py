@@ -20,6 +20,9 @@ ABI_VERSION = 1
 # Must equal rollout_plugin_host::SIDECAR_MESSAGE_BYTES_MAX.
 MESSAGE_BYTES_MAX = 64 * 1024 * 1024
 SOCKET_ENV = "ROLLOUT_PLUGIN_SOCKET"
+# Must equal rollout_plugin_host::PARENT_PIPE_ENV: "stdin" when the worker holds the
+# write end of this process's stdin (end of file: the worker is gone).
+PARENT_PIPE_ENV = "ROLLOUT_PLUGIN_PARENT_PIPE"
 
 Handler = Callable[[str, bytes], bytes]
 
@@ -50,11 +53,25 @@ def _call(handler: Handler, request, context):
 
 
 def _exit_with_parent(parent: int) -> None:
-    """A sidecar must not outlive its worker: exit when re-parented."""
+    """A sidecar must not outlive its worker: exit when re-parented (checked twice a second)."""
     while True:
         if os.getppid() != parent:
             os._exit(0)
         threading.Event().wait(0.5)
+
+
+def _exit_when_the_pipe_closes() -> None:
+    """Exit at once when the worker's end of the stdin pipe closes (it died, however).
+
+    Its tasks may already run elsewhere: the coordinator leases them again as soon as it
+    sees the worker's connection close.
+    """
+    try:
+        while os.read(0, 4096):
+            pass
+    except OSError:
+        pass
+    os._exit(0)
 
 
 def serve(
@@ -106,6 +123,8 @@ def serve(
         raise SystemExit(f"rollout_plugin: cannot listen on unix:{path}")
     server.start()
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    if os.environ.get(PARENT_PIPE_ENV) == "stdin":
+        threading.Thread(target=_exit_when_the_pipe_closes, daemon=True).start()
     stopped = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopped.set())

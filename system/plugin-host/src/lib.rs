@@ -31,7 +31,7 @@ use std::sync::Arc;
 pub use bounded::ABANDONED_CALLS_MAX;
 use rollout_core::traits::{CancelToken, PluginCall, PluginError, PluginHost};
 pub use rollout_plugin_sdk::abi::ABI_VERSION;
-pub use sidecar::{SIDECAR_ABI_VERSION, SIDECAR_MESSAGE_BYTES_MAX};
+pub use sidecar::{PARENT_PIPE_ENV, SIDECAR_ABI_VERSION, SIDECAR_MESSAGE_BYTES_MAX};
 pub use spec::{
     PluginMode, PluginSpec, SidecarSpec, plugin_specs_from_config_file, plugin_specs_from_toml_str,
     validate_plugin_specs,

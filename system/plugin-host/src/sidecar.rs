@@ -11,7 +11,7 @@ use std::future::Future;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
@@ -33,6 +33,9 @@ use crate::spec::{SidecarSpec, check_socket};
 pub const SIDECAR_ABI_VERSION: u32 = 1;
 /// Largest request or response on a sidecar connection (both directions).
 pub const SIDECAR_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Set to `stdin` in a sidecar's environment: its stdin is a pipe from the worker, and
+/// end of file on it means the worker is gone (the SDK exits then).
+pub const PARENT_PIPE_ENV: &str = "ROLLOUT_PLUGIN_PARENT_PIPE";
 
 /// Pause between health checks while a sidecar starts.
 const HEALTH_RETRY_INTERVAL: Duration = Duration::from_millis(50);
@@ -95,6 +98,9 @@ struct Running {
     child: Child,
     client: PluginClient<Channel>,
     generation: u64,
+    /// The write end of the child's stdin: dropped (with this process, or when the
+    /// sidecar is replaced), it tells the child its worker is gone.
+    _parent_writer: std::io::PipeWriter,
 }
 
 /// One sidecar plugin and its (current) process.
@@ -294,8 +300,7 @@ impl SidecarPlugin {
             .arg(&self.socket)
             .env("ROLLOUT_PLUGIN_SOCKET", &self.socket)
             .env("ROLLOUT_PLUGIN_NAME", &self.name)
-            .env("PYTHONUNBUFFERED", "1")
-            .stdin(Stdio::null());
+            .env("PYTHONUNBUFFERED", "1");
         if let Some(dir) = &self.spec.python_path {
             let mut joined = dir.as_os_str().to_owned();
             if let Some(existing) = std::env::var_os("PYTHONPATH").filter(|p| !p.is_empty()) {
@@ -304,6 +309,14 @@ impl SidecarPlugin {
             }
             command.env("PYTHONPATH", joined);
         }
+        // The child's stdin is a pipe only this process writes to: when the worker dies,
+        // however it dies, the pipe closes and the SDK exits at once (a sidecar left
+        // running after `kill -9` would go on with calls whose tasks the coordinator,
+        // seeing the worker's connection close, has already leased elsewhere). The
+        // write end is closed on exec, so no other child holds it.
+        let (parent_pipe, parent_writer) =
+            std::io::pipe().map_err(|e| StartError::Other(format!("cannot make the sidecar's parent pipe: {e}")))?;
+        command.stdin(parent_pipe).env(PARENT_PIPE_ENV, "stdin");
         let mut child = command
             .spawn()
             .map_err(|e| StartError::Other(format!("cannot run {}: {e}", self.spec.program.display())))?;
@@ -311,7 +324,7 @@ impl SidecarPlugin {
         match self.runtime.block_on(wait_healthy(&mut child, &self.socket, self.spec.startup_timeout)) {
             Ok(client) => {
                 tracing::info!(plugin = self.name, pid = child.id(), generation, "sidecar_started");
-                Ok(Running { child, client, generation })
+                Ok(Running { child, client, generation, _parent_writer: parent_writer })
             }
             Err(e) => {
                 reap(&mut child);

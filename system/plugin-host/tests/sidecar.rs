@@ -212,6 +212,40 @@ fn stopping_the_host_stops_the_sidecar() {
     assert!(!alive(pid), "sidecar {pid} outlived its host");
 }
 
+/// `kill -9` of the worker process (here a copy of this test binary hosting the
+/// sidecar) takes the sidecar with it: its stdin pipe closes and the SDK exits. No
+/// orphan goes on running calls whose tasks are already leased elsewhere.
+#[test]
+fn a_sidecar_dies_with_its_killed_worker_process() {
+    const CHILD: &str = "ROLLOUT_SIDECAR_TEST_HOST";
+    if std::env::var_os(CHILD).is_some() {
+        let sidecar = start_echo();
+        println!("sidecar-pid {}", sidecar.pid());
+        std::thread::sleep(Duration::from_secs(120));
+        return;
+    }
+    let mut host = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "a_sidecar_dies_with_its_killed_worker_process", "--nocapture", "--test-threads=1"])
+        .env(CHILD, "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(host.stdout.take().unwrap());
+    let pid: u32 = std::io::BufRead::lines(stdout)
+        .map_while(Result::ok)
+        // libtest may print "test NAME ... " on the same line first.
+        .find_map(|line| line.split("sidecar-pid ").nth(1).map(|p| p.trim().parse().unwrap()))
+        .expect("the host printed its sidecar's pid");
+    assert!(alive(pid));
+    host.kill().unwrap();
+    host.wait().unwrap();
+    let killed = Instant::now();
+    while alive(pid) && killed.elapsed() < SECOND * 10 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!alive(pid), "sidecar {pid} outlived its killed host by 10 s");
+}
+
 /// The Python SDK's own tests, including the check that its hand-written descriptor
 /// matches proto/plugin.proto.
 #[test]
