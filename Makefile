@@ -6,7 +6,7 @@ export CARGO_TERM_COLOR ?= never
 CARGO ?= cargo
 ROLLOUT = $(CARGO_TARGET_DIR)/debug/rollout
 
-.PHONY: run test smoke crash-test redelivery preflight build fmt fmt-check clippy sans-io no-openssl release-deps unit bench bench-e2e bench-storage bench-sim bench-recovery bench-submit bench-compare sim-soak fuzz fuzz-seeds
+.PHONY: run test smoke crash-test redelivery preflight build fmt fmt-check clippy sans-io no-openssl release-deps unit bench bench-e2e bench-storage bench-sim bench-recovery bench-submit bench-compare bench-heartbeats sim-soak fuzz fuzz-seeds
 
 ## run: build, print the plan, then run a local cluster (coordinator + 2 workers over mTLS) through a demo job
 run: build
@@ -78,6 +78,14 @@ bench: bench-e2e bench-storage bench-sim bench-recovery
 ## system/transport/benches/e2e.rs)
 bench-e2e:
 	$(CARGO) bench -p rollout-transport --bench e2e
+
+## bench-heartbeats: BENCH_WORKERS (10,000) workers, each with its own certificate and connection,
+## beating every 500 ms against the real release binaries while `rollout submit` loops push echo
+## tasks: beats/s, beat round trip p50/p99, tasks/s against the same run's baseline without beats
+## (system/transport/benches/heartbeats.rs; about 2 minutes)
+bench-heartbeats:
+	$(CARGO) build --release --locked -p rollout-cli
+	ROLLOUT=$(CARGO_TARGET_DIR)/release/rollout $(CARGO) bench -p rollout-transport --bench heartbeats
 
 ## bench-storage: committed single-put transactions/s vs puts/s batched 1000 per transaction (file backend)
 bench-storage:
