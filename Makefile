@@ -8,10 +8,11 @@ ROLLOUT = $(CARGO_TARGET_DIR)/debug/rollout
 
 .PHONY: run test smoke crash-test redelivery preflight build fmt fmt-check clippy sans-io no-openssl release-deps unit bench bench-e2e bench-storage bench-sim bench-recovery bench-submit bench-compare bench-heartbeats sim-soak fuzz fuzz-seeds
 
-## run: build, print the plan, then run a local cluster (coordinator + 2 workers over mTLS) through a demo job
+## run: build, print the plan, then run a local cluster (coordinator + 2 workers over mTLS) through a demo job;
+## prints where /metrics is served; KEEP=1 keeps the cluster running after the demo until Ctrl-C
 run: build
 	$(ROLLOUT) plan $(if $(CONFIG),--config $(CONFIG))
-	ROLLOUT=$(ROLLOUT) scripts/run-local.sh
+	ROLLOUT=$(ROLLOUT) KEEP=$(KEEP) scripts/run-local.sh
 
 ## test: formatting, lints and every test of the workspace
 test: fmt-check clippy sans-io no-openssl release-deps unit

@@ -47,6 +47,10 @@ data_dir = "$dir/data"
 [tasks]
 retry_backoff_initial = "50ms"
 retry_backoff_max = "1s"
+
+[metrics]
+# Any free port (logged at start), so a test cluster never clashes with \`make run\`'s 9464.
+listen_addr = "127.0.0.1:0"
 EOF
 }
 

@@ -119,6 +119,7 @@ impl CoordinatorNode {
             emitter: self.history,
             shutdown,
             env: NodeEnv { wall_clock: Arc::new(self.wall), blocking: BlockingWork::Inline, plugin_time: None },
+            metrics: Default::default(),
         })?;
         let api = CoordinatorApi::new(handle, results, &self.config);
         let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;
@@ -178,6 +179,7 @@ impl WorkerNode {
                 blocking: BlockingWork::Inline,
                 plugin_time: self.plugin_time,
             },
+            metrics: Arc::new(rollout_transport::metrics::WorkerMetrics::new(0)),
         };
         run_worker(options, lazy_channel(connector)).await?;
         Ok(())

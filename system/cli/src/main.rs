@@ -110,6 +110,11 @@ enum Command {
         /// Append worker-side history events (JSON lines) to this file instead of standard output.
         #[arg(long, value_name = "FILE")]
         history: Option<PathBuf>,
+        /// Serve this worker's Prometheus metrics at http://ADDR/metrics instead of
+        /// metrics.worker_listen_addr (loopback only; port 0 picks a free port, logged at
+        /// start; empty turns it off).
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<String>,
     },
     /// Judge recorded histories with the simulator's invariant checker.
     ///
@@ -381,9 +386,9 @@ fn main() -> ExitCode {
 async fn run_async(command: Command) -> Result<(), Error> {
     match command {
         Command::Coordinator { common, listen, history } => run::coordinator(&common, listen, history).await,
-        Command::Worker { common, id, slots, coordinator, join, token, history } => {
+        Command::Worker { common, id, slots, coordinator, join, token, history, metrics_addr } => {
             let join = join.zip(token);
-            run::worker(&common, &id, slots, coordinator, join, history).await
+            run::worker(&common, &id, slots, coordinator, join, history, metrics_addr).await
         }
         Command::Submit { op, file, no_wait, json } => ops::submit(&op, &file, !no_wait, json).await,
         Command::Status { op, json, all, job, finished } => {

@@ -72,8 +72,13 @@ pub async fn worker(
     coordinator: Option<String>,
     join: Option<(String, String)>,
     history: Option<PathBuf>,
+    metrics_addr: Option<String>,
 ) -> Result<(), Error> {
-    let config = load_config(common)?;
+    let mut config = load_config(common)?;
+    if let Some(addr) = metrics_addr {
+        rollout_core::config::check_metrics_addr("--metrics-addr", &addr)?;
+        config.metrics.worker_listen_addr = addr;
+    }
     raise_open_files(FILES_BESIDES_CONNECTIONS + u64::from(slots));
     let id = WorkerId::new(id).map_err(|e| Error::invalid_input(format!("--id: {e}")))?;
     if slots == 0 || slots > config.limits.max_slots_per_worker {

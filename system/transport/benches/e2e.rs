@@ -103,6 +103,7 @@ impl Cluster {
         let mut config = Config::default();
         config.storage.data_dir = dir.path().join("data");
         config.transport.tls_dir = dir.path().join("tls");
+        config.metrics.listen_addr = "127.0.0.1:0".into();
         let tls = &config.transport.tls_dir;
         ensure_dev_ca(tls).expect("CA");
         issue_server_cert(tls, &[]).expect("server cert");

@@ -30,6 +30,7 @@ pub mod coordinator;
 pub mod enroll;
 pub mod history;
 pub mod limiter;
+pub mod metrics;
 pub mod net;
 pub mod node_env;
 pub mod pipeline;

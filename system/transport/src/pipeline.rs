@@ -42,8 +42,13 @@ use crate::node_env::BlockingWork;
 
 pub use rollout_storage::pipeline::WRITE_SETS_IN_FLIGHT_MAX;
 
+/// Told how long each durable commit (apply and fsync) took, in seconds.
+pub type CommitObserver = Arc<dyn Fn(f64) + Send + Sync>;
+
 struct Shared {
     inner: Arc<dyn Storage>,
+    /// Set once, by the driver that serves metrics.
+    observer: std::sync::OnceLock<CommitObserver>,
     state: Mutex<PipelineState>,
     /// Signalled whenever the sets in flight shrink.
     drained: Condvar,
@@ -61,7 +66,11 @@ impl Shared {
     fn commit_sets(&self, sets: Vec<Arc<WriteSet>>) {
         // None: built on writes that failed to commit, or from before a reset: dropped.
         let Some(plan) = self.lock().sync_plan(Some(sets)) else { return };
+        let started = self.observer.get().map(|_| std::time::Instant::now());
         let result = plan.apply(&*self.inner);
+        if let (Some(observe), Some(started)) = (self.observer.get(), started) {
+            observe(started.elapsed().as_secs_f64());
+        }
         let mut state = self.lock();
         match result {
             Ok(()) => state.synced(&plan),
@@ -104,8 +113,13 @@ impl CommitPipeline {
     /// [`BlockingWork::Inline`] each `commit` commits before it returns.
     pub fn new(inner: Arc<dyn Storage>, blocking: BlockingWork) -> Result<Self> {
         let (durable, _) = watch::channel(Durability::default());
-        let shared =
-            Arc::new(Shared { inner, state: Mutex::new(PipelineState::default()), drained: Condvar::new(), durable });
+        let shared = Arc::new(Shared {
+            inner,
+            observer: std::sync::OnceLock::new(),
+            state: Mutex::new(PipelineState::default()),
+            drained: Condvar::new(),
+            durable,
+        });
         let committer = match blocking {
             BlockingWork::Inline => Committer::Inline,
             BlockingWork::Pool => {
@@ -127,6 +141,12 @@ impl CommitPipeline {
             }
         };
         Ok(CommitPipeline { shared, committer: Mutex::new(committer) })
+    }
+
+    /// Has `observe` told the duration of every commit from now on (once; later calls
+    /// change nothing).
+    pub fn observe_commits(&self, observe: CommitObserver) {
+        let _ = self.shared.observer.set(observe);
     }
 
     /// The sequence number of the last write set handed over (0: none yet). A batch's

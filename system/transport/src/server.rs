@@ -24,6 +24,7 @@ use tonic::transport::{Channel, Server};
 
 use crate::coordinator::{CoordinatorDriverOptions, CoordinatorHandle, spawn_coordinator_driver};
 use crate::enroll::{EnrollmentApi, require_client_certificate};
+use crate::metrics::{CoordinatorMetrics, WorkerMetrics, serve_metrics};
 use crate::net::{ConnectionLimits, TcpDialer, TlsConnector, lazy_channel, tcp_incoming, tls_incoming};
 use crate::node_env::NodeEnv;
 use crate::service::{CoordinatorApi, ResultStore, STREAMS_PER_CONNECTION_MAX};
@@ -129,6 +130,11 @@ pub struct RunningCoordinator {
     pub local_addr: SocketAddr,
     /// The driver's handle (for in-process operators and tests).
     pub handle: CoordinatorHandle,
+    /// Where `/metrics` is served (`metrics.listen_addr`; none when it is empty).
+    pub metrics_addr: Option<SocketAddr>,
+    /// The coordinator's metrics (what `/metrics` serves).
+    pub metrics: Arc<CoordinatorMetrics>,
+    metrics_server: Option<JoinHandle<()>>,
     shutdown: watch::Sender<bool>,
     driver: JoinHandle<Result<()>>,
     server: JoinHandle<Result<()>>,
@@ -139,6 +145,9 @@ impl RunningCoordinator {
     /// server at most [`SHUTDOWN_GRACE`], then its connections are dropped).
     pub async fn shutdown(mut self) -> Result<()> {
         let _ = self.shutdown.send(true);
+        if let Some(m) = self.metrics_server.take() {
+            m.abort();
+        }
         let server = match tokio::time::timeout(SHUTDOWN_GRACE, &mut self.server).await {
             Ok(joined) => joined.map_err(|e| Error::internal(format!("server task: {e}")))?,
             Err(_) => {
@@ -155,6 +164,9 @@ impl RunningCoordinator {
     /// what was committed).
     pub async fn abort(self) {
         let _ = self.shutdown.send(true);
+        if let Some(m) = &self.metrics_server {
+            m.abort();
+        }
         self.server.abort();
         self.driver.abort();
         let _ = self.server.await;
@@ -189,13 +201,22 @@ pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordi
     let server_tls = tls::server_config(&CertFiles::ca(tls_dir).cert, &CertFiles::coordinator(tls_dir))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let storage_for_results = Arc::clone(&storage);
+    let metrics = Arc::new(CoordinatorMetrics::new());
     let (handle, driver) = spawn_coordinator_driver(CoordinatorDriverOptions {
         storage,
         settings: CoordinatorSettings::from_config(&config),
         emitter: opts.emitter,
         shutdown: shutdown_rx.clone(),
         env: NodeEnv::default(),
+        metrics: Arc::clone(&metrics),
     })?;
+    let (metrics_addr, metrics_server) = if config.metrics.listen_addr.is_empty() {
+        (None, None)
+    } else {
+        let for_scrape = Arc::clone(&metrics);
+        let (addr, task) = serve_metrics(&config.metrics.listen_addr, Arc::new(move || for_scrape.encode())).await?;
+        (Some(addr), Some(task))
+    };
     let addr = opts.listen_addr.unwrap_or_else(|| config.transport.listen_addr.clone());
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
@@ -220,7 +241,16 @@ pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordi
         let enrollment = Some(EnrollmentApi::with_limits(tls_dir_for_enrollment, &enrollment_limits));
         serve_coordinator_with_enrollment(api, enrollment, tcp_incoming(listener), server_tls, limits, shutdown).await
     });
-    Ok(RunningCoordinator { local_addr, handle, shutdown: shutdown_tx, driver, server })
+    Ok(RunningCoordinator {
+        local_addr,
+        handle,
+        metrics_addr,
+        metrics,
+        metrics_server,
+        shutdown: shutdown_tx,
+        driver,
+        server,
+    })
 }
 
 /// The single HTTP/2 connection (opened lazily, re-opened on demand) from a client
@@ -284,7 +314,20 @@ pub async fn run_worker_process(opts: WorkerOptions, shutdown: watch::Receiver<b
             .unwrap_or(0);
         nanos ^ rollout_core::ContentId::of(opts.id.as_str().as_bytes()).as_bytes()[0] as u64
     });
-    run_worker(
+    let metrics = Arc::new(WorkerMetrics::new(opts.slots));
+    let metrics_server = if config.metrics.worker_listen_addr.is_empty() {
+        None
+    } else {
+        let for_scrape = Arc::clone(&metrics);
+        let addr = &config.metrics.worker_listen_addr;
+        let (_, task) = serve_metrics(addr, Arc::new(move || for_scrape.encode()))
+            .await
+            .map_err(|e| Error::config_invalid("metrics.worker_listen_addr", e.to_string()))?;
+        Some(task)
+    };
+    tracing::info!(channel = "register", event = "connecting", worker = %opts.id, coordinator = %addr,
+        "connecting to the coordinator at {addr}");
+    let ran = run_worker(
         WorkerRuntimeOptions {
             settings,
             plugins: opts.plugins,
@@ -293,8 +336,13 @@ pub async fn run_worker_process(opts: WorkerOptions, shutdown: watch::Receiver<b
             max_message_bytes: config.limits.max_message_bytes as usize,
             shutdown,
             env: NodeEnv::default(),
+            metrics,
         },
         channel,
     )
-    .await
+    .await;
+    if let Some(task) = metrics_server {
+        task.abort();
+    }
+    ran
 }

@@ -25,6 +25,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use rollout_core::history::HistoryEvent;
 use rollout_core::protocol::{Channel as MessageChannel, Outcome, ToCoordinator, ToWorker, WorkerTerms};
 use rollout_core::traits::{CancelToken, EventEmitter, PluginCall, PluginError, PluginHost};
 use rollout_core::{ContentId, Error, FencingToken, Incarnation, Result, TaskId};
@@ -39,6 +40,7 @@ use tonic::transport::Channel;
 
 use crate::coordinator::NodeClock;
 use crate::history::Stamper;
+use crate::metrics::WorkerMetrics;
 use crate::node_env::{BlockingWork, NodeEnv};
 use crate::wire;
 
@@ -67,6 +69,9 @@ pub struct WorkerRuntimeOptions {
     pub shutdown: watch::Receiver<bool>,
     /// Wall clock and where plugin calls run (`NodeEnv::default()` outside a simulation).
     pub env: NodeEnv,
+    /// Where the driver counts calls, registrations, fences and beats (served at
+    /// `/metrics` by the caller).
+    pub metrics: Arc<WorkerMetrics>,
 }
 
 impl std::fmt::Debug for WorkerRuntimeOptions {
@@ -77,9 +82,27 @@ impl std::fmt::Debug for WorkerRuntimeOptions {
 
 type RunKey = (TaskId, FencingToken);
 
+/// One plugin call under way.
+struct Run {
+    cancel: CancelToken,
+    plugin: String,
+    started: tokio::time::Instant,
+}
+
+/// The worker's link to the coordinator, as its logs tell it: one line per change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// Registering, no answer yet.
+    Connecting,
+    /// Registrations go unanswered (`failures` in a row).
+    Unreachable { failures: u64 },
+    /// Registered.
+    Registered,
+}
+
 enum Event {
     RegisterAnswer(std::result::Result<pb::RegisterResponse, tonic::Status>),
-    BeatAnswer(Incarnation, std::result::Result<pb::HeartbeatResponse, tonic::Status>),
+    BeatAnswer(Incarnation, std::result::Result<pb::HeartbeatResponse, tonic::Status>, Duration),
     Frame(u64, Incarnation, pb::CoordinatorFrame),
     Control(u64, pb::ControlMessage),
     StreamEnded(u64, StreamChannel, String),
@@ -117,7 +140,8 @@ impl Drop for Streams {
 /// (`Err`, e.g. a protocol version mismatch), over `channel` (see
 /// [`crate::net::lazy_channel`]).
 pub async fn run_worker(opts: WorkerRuntimeOptions, channel: Channel) -> Result<()> {
-    let WorkerRuntimeOptions { settings, plugins, emitter, rng_seed, max_message_bytes, mut shutdown, env } = opts;
+    let WorkerRuntimeOptions { settings, plugins, emitter, rng_seed, max_message_bytes, mut shutdown, env, metrics } =
+        opts;
     let client = CoordinatorClient::new(channel)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
@@ -141,7 +165,8 @@ pub async fn run_worker(opts: WorkerRuntimeOptions, channel: Channel) -> Result<
         results: BTreeMap::new(),
         frame: pb::WorkerFrame::default(),
         finished_in_place: VecDeque::new(),
-        register_failures: 0,
+        link: Link::Connecting,
+        metrics,
     };
     driver.input(WorkerInput::Start)?;
     loop {
@@ -198,7 +223,7 @@ struct WorkerDriver {
     /// incarnation runs nothing more, and leases its tasks elsewhere at once.
     retired: Vec<(Streams, BTreeSet<RunKey>)>,
     next_session: u64,
-    runs: BTreeMap<RunKey, CancelToken>,
+    runs: BTreeMap<RunKey, Run>,
     /// Result bytes of finished runs, kept until their submit is acknowledged.
     results: BTreeMap<RunKey, Vec<u8>>,
     /// Pulls and submits not yet sent (see [`WorkerDriver::flush`]).
@@ -206,8 +231,9 @@ struct WorkerDriver {
     /// Ends of calls run in place ([`PluginHost::runs_in_place`]), fed to the machine
     /// after the input that started them.
     finished_in_place: VecDeque<Event>,
-    /// Registrations that failed in a row (logged at warn on the first and every power of two).
-    register_failures: u64,
+    /// The link as last logged.
+    link: Link,
+    metrics: Arc<WorkerMetrics>,
 }
 
 impl WorkerDriver {
@@ -215,9 +241,19 @@ impl WorkerDriver {
         match event {
             Event::RegisterAnswer(Ok(resp)) => match wire::terms_from_wire(resp.settings) {
                 Ok(terms) => {
-                    self.register_failures = 0;
-                    self.log_terms(terms);
                     let incarnation = Incarnation(resp.incarnation);
+                    let failed_before = match self.link {
+                        Link::Unreachable { failures } => failures,
+                        _ => 0,
+                    };
+                    tracing::info!(channel = "register", event = "registered", %incarnation,
+                        heartbeat_interval = ?terms.heartbeat_interval,
+                        worker_self_fence_timeout = ?terms.worker_self_fence_timeout, failed_before,
+                        "registered with the coordinator as {incarnation} (a beat every {:?}, self-fence after {:?}{})",
+                        terms.heartbeat_interval, terms.worker_self_fence_timeout,
+                        if failed_before > 0 { format!("; after {failed_before} unanswered registrations") } else { String::new() });
+                    self.link = Link::Registered;
+                    self.log_terms(terms);
                     let assigns_sent = resp.assigns_sent;
                     self.input(WorkerInput::Message(ToWorker::Registered { incarnation, terms, assigns_sent }))
                 }
@@ -234,22 +270,36 @@ impl WorkerDriver {
                 }
                 _ => {
                     // Unreachable or restarting: the machine retries with its backoff.
-                    self.register_failures += 1;
-                    if self.register_failures == 1 || self.register_failures.is_power_of_two() {
-                        tracing::warn!(channel = "register", code = ?status.code(), error = %status.message(),
-                            failures = self.register_failures, "cannot register with the coordinator yet; retrying with backoff");
-                    } else {
-                        tracing::debug!(channel = "register", code = ?status.code(), error = %status.message(), "register failed");
+                    // Logged once when the link changes to unreachable, then at debug.
+                    self.metrics.register_failed();
+                    let now = self.clock.now().mono;
+                    let next_ms = self.machine.poll_timeout().map_or(0, |at| at.saturating_since(now).as_millis());
+                    match &mut self.link {
+                        Link::Unreachable { failures } => {
+                            *failures += 1;
+                            tracing::debug!(channel = "register", code = ?status.code(), error = %status.message(),
+                                failures = *failures, next_attempt_ms = next_ms as u64, "register failed");
+                        }
+                        link => {
+                            *link = Link::Unreachable { failures: 1 };
+                            tracing::warn!(channel = "register", event = "coordinator_unreachable", code = ?status.code(),
+                                error = %status.message(), next_attempt_ms = next_ms as u64,
+                                "the coordinator is unreachable ({}); registering again with backoff, next attempt in about {next_ms} ms",
+                                status.message());
+                        }
                     }
                     Ok(())
                 }
             },
-            Event::BeatAnswer(incarnation, Ok(resp)) => self.input(WorkerInput::Message(ToWorker::HeartbeatAck {
-                incarnation,
-                beat_seq: resp.beat_seq,
-                reregister: resp.reregister,
-            })),
-            Event::BeatAnswer(_, Err(status)) => {
+            Event::BeatAnswer(incarnation, Ok(resp), rtt) => {
+                self.metrics.beat_acked(rtt.as_secs_f64());
+                self.input(WorkerInput::Message(ToWorker::HeartbeatAck {
+                    incarnation,
+                    beat_seq: resp.beat_seq,
+                    reregister: resp.reregister,
+                }))
+            }
+            Event::BeatAnswer(_, Err(status), _) => {
                 tracing::debug!(channel = "heartbeat", code = ?status.code(), error = %status.message(), "heartbeat failed");
                 Ok(())
             }
@@ -310,9 +360,13 @@ impl WorkerDriver {
                 Ok(())
             }
             Event::TaskFinished(key, outcome, bytes) => {
-                if self.runs.remove(&key).is_none() {
-                    return Ok(());
-                }
+                let Some(run) = self.runs.remove(&key) else { return Ok(()) };
+                let ended = match &outcome {
+                    TaskOutcome::Succeeded { .. } => "succeeded",
+                    TaskOutcome::Failed { .. } => "failed",
+                    TaskOutcome::Cancelled => "cancelled",
+                };
+                self.metrics.call_ended(&run.plugin, ended, run.started.elapsed().as_secs_f64());
                 self.retired.retain_mut(|(_, runs)| {
                     runs.remove(&key);
                     !runs.is_empty()
@@ -366,6 +420,7 @@ impl WorkerDriver {
         // runs it cancelled stopped. (A broken Control stream is re-opened on
         // `OpenControl`, not here.)
         let incarnation = self.machine.incarnation();
+        self.metrics.set_registered(incarnation.is_some());
         if incarnation != self.streams.as_ref().map(|s| s.incarnation) {
             if let Some(old) = self.streams.take() {
                 self.retire_streams(old);
@@ -387,6 +442,7 @@ impl WorkerDriver {
         for output in out {
             match output {
                 WorkerOutput::Send(ToCoordinator::Register(reg)) => {
+                    self.metrics.register_sent();
                     let mut request = tonic::Request::new(wire::register_to_wire(&self.id, reg));
                     request.set_timeout(self.machine.settings().register_timeout);
                     let (mut client, tx) = (self.client.clone(), self.events.clone());
@@ -403,8 +459,9 @@ impl WorkerDriver {
                     request.set_timeout(self.machine.terms().heartbeat_interval.saturating_mul(2));
                     let (mut client, tx) = (self.client.clone(), self.events.clone());
                     tokio::spawn(async move {
+                        let sent = tokio::time::Instant::now();
                         let answer = client.heartbeat(request).await.map(tonic::Response::into_inner);
-                        let _ = tx.send(Event::BeatAnswer(incarnation, answer)).await;
+                        let _ = tx.send(Event::BeatAnswer(incarnation, answer, sent.elapsed())).await;
                     });
                 }
                 WorkerOutput::Send(ToCoordinator::Pull(pull)) => {
@@ -434,8 +491,18 @@ impl WorkerDriver {
                 }
                 WorkerOutput::StartTask(assignment) => self.start_task(assignment),
                 WorkerOutput::CancelTask { task, token } => {
-                    if let Some(cancel) = self.runs.get(&(task, token)) {
-                        cancel.cancel();
+                    if let Some(run) = self.runs.get(&(task, token)) {
+                        run.cancel.cancel();
+                    }
+                }
+                WorkerOutput::Event(HistoryEvent::SelfFenced { incarnation, .. }) => {
+                    self.metrics.fenced();
+                    tracing::warn!(channel = "register", event = "self_fenced", %incarnation,
+                        "fenced itself: {incarnation} ended (no heartbeat acknowledged within the self-fence \
+                         timeout, or its Work stream broke); its runs are cancelled and their results withheld; \
+                         registering again");
+                    if self.link == Link::Registered {
+                        self.link = Link::Connecting;
                     }
                 }
                 WorkerOutput::Event(_) => {}
@@ -556,7 +623,11 @@ impl WorkerDriver {
     fn start_task(&mut self, a: rollout_core::protocol::Assignment) {
         let key = (a.task, a.token);
         let cancel = CancelToken::new();
-        self.runs.insert(key, cancel.clone());
+        self.runs.insert(
+            key,
+            Run { cancel: cancel.clone(), plugin: a.plugin.clone(), started: tokio::time::Instant::now() },
+        );
+        self.metrics.call_started();
         let deadline = a.deadline;
         let call = PluginCall { plugin: a.plugin, method: a.method, payload: a.payload, deadline };
         let simulated = self.plugin_time.as_ref().map(|t| (t.0)(&call));
@@ -595,8 +666,8 @@ impl WorkerDriver {
 
     /// Cancels every run and closes the streams.
     fn stop(&mut self) {
-        for cancel in self.runs.values() {
-            cancel.cancel();
+        for run in self.runs.values() {
+            run.cancel.cancel();
         }
         self.streams = None;
         self.retired.clear();

@@ -44,6 +44,46 @@ pub struct Config {
     pub tasks: TasksConfig,
     /// Bounds on sizes and counts; every queue and message is bounded.
     pub limits: LimitsConfig,
+    /// The Prometheus `/metrics` listeners.
+    pub metrics: MetricsConfig,
+}
+
+/// Where `/metrics` (Prometheus text) is served: loopback only, since the listener has
+/// no client authentication (the gRPC listener's operator mTLS does not cover it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// The coordinator's listener, `host:port` on loopback; empty: no listener.
+    pub listen_addr: String,
+    /// Each worker's listener, `host:port` on loopback (port 0: any free port, logged at
+    /// start; `rollout worker --metrics-addr` overrides it); empty: no listener.
+    pub worker_listen_addr: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { listen_addr: "127.0.0.1:9464".into(), worker_listen_addr: "127.0.0.1:0".into() }
+    }
+}
+
+/// Checks a metrics listener address: empty (off) or a loopback `ip:port`.
+pub fn check_metrics_addr(field: &str, addr: &str) -> Result<()> {
+    if addr.is_empty() {
+        return Ok(());
+    }
+    let parsed: std::net::SocketAddr = addr.parse().map_err(|_| {
+        Error::config_invalid(field, format!("{addr:?} is not an ip:port (e.g. 127.0.0.1:9464; empty turns it off)"))
+    })?;
+    if !parsed.ip().is_loopback() {
+        return Err(Error::config_invalid(
+            field,
+            format!(
+                "{addr} is not a loopback address: /metrics has no client authentication, so it is served on \
+                 loopback only (scrape through a local agent or an SSH tunnel)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Failure detection. See DESIGN.md, "Health, leases, fencing".
@@ -370,6 +410,8 @@ impl Config {
         if self.storage.cache_bytes < 1024 * 1024 {
             return Err(Error::config_invalid("storage.cache_bytes", "must be at least 1 MiB (1048576)"));
         }
+        check_metrics_addr("metrics.listen_addr", &self.metrics.listen_addr)?;
+        check_metrics_addr("metrics.worker_listen_addr", &self.metrics.worker_listen_addr)?;
         let k = &self.tasks;
         if k.max_attempts == 0 {
             return Err(Error::config_invalid("tasks.max_attempts", "must be at least 1"));

@@ -22,6 +22,7 @@ use rollout_coordinator::{
     Coordinator, CoordinatorInput, CoordinatorOutput, CoordinatorSettings, JobSubmission, Notice, OperatorReply,
     RequestId, StatusPage, StatusQuery, TaskSpec,
 };
+use rollout_core::history::HistoryEvent;
 use rollout_core::protocol::{Heartbeat, Pull, Register, Submit, ToCoordinator, ToWorker};
 use rollout_core::traits::{EventEmitter, Storage};
 use rollout_core::{Error, Incarnation, JobId, Mono, Now, Result, TaskId, WorkerId};
@@ -30,6 +31,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::history::Stamper;
+use crate::metrics::CoordinatorMetrics;
 use crate::node_env::{BlockingWork, NodeEnv, SystemWallClock, WallClock};
 use crate::pipeline::{CommitPipeline, Durability};
 use crate::wire;
@@ -50,6 +52,12 @@ pub const INBOX_CAPACITY: usize = 65_536;
 pub const WORK_FRAMES_QUEUED_MAX: usize = 1024;
 /// Control messages queued towards one worker before further ones are dropped.
 pub const CONTROL_QUEUED_MAX: usize = 256;
+/// The gauges of `/metrics` are refreshed from the machine at most this often.
+const GAUGE_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
+/// The coordinator logs a summary line this often.
+const SUMMARY_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+/// A worker silent this long leaves the heartbeat lateness bookkeeping.
+const BEATS_FORGOTTEN_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// What the driver needs.
 pub struct CoordinatorDriverOptions {
@@ -63,6 +71,8 @@ pub struct CoordinatorDriverOptions {
     pub shutdown: watch::Receiver<bool>,
     /// Wall clock and blocking work (`NodeEnv::default()` outside a simulation).
     pub env: NodeEnv,
+    /// Where the driver counts what it releases (served at `/metrics` by the caller).
+    pub metrics: Arc<CoordinatorMetrics>,
 }
 
 impl std::fmt::Debug for CoordinatorDriverOptions {
@@ -77,6 +87,8 @@ impl std::fmt::Debug for CoordinatorDriverOptions {
 pub fn spawn_coordinator_driver(opts: CoordinatorDriverOptions) -> Result<(CoordinatorHandle, JoinHandle<Result<()>>)> {
     let clock = NodeClock::start_with(Arc::clone(&opts.env.wall_clock));
     let pipeline = Arc::new(CommitPipeline::new(opts.storage, opts.env.blocking)?);
+    let for_commits = Arc::clone(&opts.metrics);
+    pipeline.observe_commits(Arc::new(move |seconds| for_commits.observe_commit(seconds)));
     let machine = Coordinator::recover(Arc::clone(&pipeline) as Arc<dyn Storage>, opts.settings.clone(), clock.now())?;
     let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
     let durable = pipeline.durable();
@@ -100,6 +112,10 @@ pub fn spawn_coordinator_driver(opts: CoordinatorDriverOptions) -> Result<(Coord
         pending_beats: BTreeMap::new(),
         pending_requests: BTreeMap::new(),
         next_request: 0,
+        metrics: opts.metrics,
+        last_beats: BTreeMap::new(),
+        gauges_at: None,
+        summary: None,
     };
     let join = tokio::spawn(driver.run(opts.shutdown));
     Ok((CoordinatorHandle { inbox: tx }, join))
@@ -143,6 +159,14 @@ struct Driver {
     pending_beats: BTreeMap<(WorkerId, Incarnation, u64), Vec<oneshot::Sender<ToWorker>>>,
     pending_requests: BTreeMap<RequestId, oneshot::Sender<OperatorReply>>,
     next_request: RequestId,
+    metrics: Arc<CoordinatorMetrics>,
+    /// When each worker's last beat arrived (for the lateness histogram); pruned of
+    /// workers silent for [`BEATS_FORGOTTEN_AFTER`] at each gauge refresh.
+    last_beats: BTreeMap<WorkerId, tokio::time::Instant>,
+    /// When the gauges were last refreshed from the machine.
+    gauges_at: Option<tokio::time::Instant>,
+    /// When the last summary line was logged, and the committed count then.
+    summary: Option<(tokio::time::Instant, u32)>,
 }
 
 impl Driver {
@@ -196,6 +220,7 @@ impl Driver {
             // the streams that sent them may send more.
             self.permits.clear();
             self.batch_result_bytes = 0;
+            self.refresh_gauges();
         }
     }
 
@@ -217,6 +242,13 @@ impl Driver {
                 inputs.push(CoordinatorInput::FromWorker { worker, message: ToCoordinator::Register(register) });
             }
             DriverMsg::Heartbeat(worker, beat, reply) => {
+                let now = tokio::time::Instant::now();
+                let interval = self.settings.health.heartbeat_interval;
+                let late = self
+                    .last_beats
+                    .insert(worker.clone(), now)
+                    .map_or(0.0, |before| now.saturating_duration_since(before + interval).as_secs_f64());
+                self.metrics.observe_beat(late);
                 self.pending_beats.entry((worker.clone(), beat.incarnation, beat.beat_seq)).or_default().push(reply);
                 inputs.push(CoordinatorInput::FromWorker { worker, message: ToCoordinator::Heartbeat(beat) });
             }
@@ -285,6 +317,7 @@ impl Driver {
         let Some(mut machine) = self.machine.take() else { return Err(Error::internal("coordinator machine missing")) };
         let now = self.clock.now();
         let batch_len = inputs.len();
+        self.metrics.observe_batch(batch_len);
         let mut work = std::pin::pin!(self.blocking.run(move || {
             let mut out = Vec::new();
             let result = if inputs.is_empty() {
@@ -389,6 +422,70 @@ impl Driver {
         }
     }
 
+    /// The events an operator should see in the log: registrations and declarations of
+    /// failure (with how long the worker had been silent).
+    fn log_event(&self, event: &HistoryEvent) {
+        match event {
+            HistoryEvent::Registered { worker, incarnation } => {
+                tracing::info!(channel = "register", event = "worker_registered", %worker, %incarnation,
+                    "worker {worker} registered as {incarnation}");
+            }
+            HistoryEvent::DeclaredFailed { worker, incarnation } => {
+                let silent_ms = self
+                    .last_beats
+                    .get(worker)
+                    .map(|at| tokio::time::Instant::now().saturating_duration_since(*at).as_millis() as u64);
+                tracing::warn!(channel = "heartbeat", event = "worker_declared_failed", %worker, %incarnation,
+                    last_beat_ms_ago = silent_ms,
+                    "worker {worker} ({incarnation}) declared failed{}; its leases are re-queued",
+                    silent_ms.map(|ms| format!(", its last beat {ms} ms ago")).unwrap_or_default());
+            }
+            _ => {}
+        }
+    }
+
+    /// Refreshes the gauges from the machine's counts, at most once per
+    /// [`GAUGE_REFRESH`] (a scrape reads what is there and never waits for the driver).
+    fn refresh_gauges(&mut self) {
+        let now = tokio::time::Instant::now();
+        if self.gauges_at.is_some_and(|at| now.saturating_duration_since(at) < GAUGE_REFRESH) {
+            return;
+        }
+        self.gauges_at = Some(now);
+        if let Some(m) = &self.machine {
+            let query = StatusQuery { workers_max: 0, jobs_max: 0, ..StatusQuery::default() };
+            let page = m.status(&query);
+            self.metrics.refresh(&page);
+            // One line a minute of what the cluster is doing.
+            let (at, committed_before) = *self.summary.get_or_insert((now, page.totals.tasks.committed));
+            if now.saturating_duration_since(at) >= SUMMARY_EVERY {
+                let t = &page.totals;
+                let per_s = f64::from(t.tasks.committed.saturating_sub(committed_before))
+                    / now.saturating_duration_since(at).as_secs_f64();
+                tracing::info!(
+                    channel = "coordinator",
+                    event = "summary",
+                    workers_active = t.workers_active,
+                    workers_failed = t.workers_failed,
+                    tasks_queued = t.tasks.queued,
+                    tasks_leased = t.tasks.leased,
+                    tasks_committed = t.tasks.committed,
+                    tasks_dead_lettered = t.tasks.dead_lettered,
+                    committed_per_s = per_s,
+                    "{} workers active ({} failed); tasks: {} queued, {} leased, {} committed ({per_s:.1}/s over the last minute), {} dead-lettered",
+                    t.workers_active,
+                    t.workers_failed,
+                    t.tasks.queued,
+                    t.tasks.leased,
+                    t.tasks.committed,
+                    t.tasks.dead_lettered
+                );
+                self.summary = Some((now, t.tasks.committed));
+            }
+        }
+        self.last_beats.retain(|_, at| now.saturating_duration_since(*at) < BEATS_FORGOTTEN_AFTER);
+    }
+
     fn release(&mut self, now: Now, out: Vec<CoordinatorOutput>) {
         let mut frames: BTreeMap<WorkerId, pb::CoordinatorFrame> = BTreeMap::new();
         // The batch's events first, in one write: recorded before anything they caused
@@ -398,6 +495,18 @@ impl Driver {
             _ => None,
         });
         self.stamper.emit_all(&*self.emitter, now.wall, events);
+        for output in &out {
+            match output {
+                CoordinatorOutput::Event(event) => {
+                    self.metrics.observe_event(event);
+                    self.log_event(event);
+                }
+                CoordinatorOutput::Send { message: ToWorker::SubmitAck { verdict, .. }, .. } => {
+                    self.metrics.observe_verdict(*verdict)
+                }
+                _ => {}
+            }
+        }
         for output in out {
             match output {
                 CoordinatorOutput::Event(_) => {}
@@ -505,6 +614,7 @@ mod tests {
             emitter: Arc::clone(emitter) as Arc<dyn EventEmitter>,
             shutdown,
             env: NodeEnv::default(),
+            metrics: Default::default(),
         })
         .expect("driver");
         (handle, stop)

@@ -27,10 +27,12 @@ pub struct Started {
     pub history: Arc<MemoryEmitter>,
 }
 
-/// `config` with its data and TLS dirs moved into `dir`.
+/// `config` with its data and TLS dirs moved into `dir`, and `/metrics` on any free
+/// port (tests run side by side; `RunningCoordinator::metrics_addr` says which).
 pub fn config_in(dir: &Path, mut config: Config) -> Config {
     config.storage.data_dir = dir.join("data");
     config.transport.tls_dir = dir.join("tls");
+    config.metrics.listen_addr = "127.0.0.1:0".into();
     config
 }
 
