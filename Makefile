@@ -6,7 +6,7 @@ export CARGO_TERM_COLOR ?= never
 CARGO ?= cargo
 ROLLOUT = $(CARGO_TARGET_DIR)/debug/rollout
 
-.PHONY: run test smoke crash-test redelivery preflight build fmt fmt-check clippy sans-io no-openssl release-deps unit bench bench-e2e bench-storage bench-sim bench-recovery bench-submit bench-compare bench-heartbeats sim-soak fuzz fuzz-seeds
+.PHONY: run test smoke crash-test redelivery dashboard-test preflight build fmt fmt-check clippy sans-io no-openssl release-deps unit bench bench-e2e bench-storage bench-sim bench-recovery bench-submit bench-compare bench-heartbeats sim-soak fuzz fuzz-seeds
 
 ## run: build, print the plan, then run a local cluster (coordinator + 2 workers over mTLS) through a demo job;
 ## prints where /metrics is served; KEEP=1 keeps the cluster running after the demo until Ctrl-C
@@ -21,12 +21,19 @@ test: fmt-check clippy sans-io no-openssl release-deps unit
 ## Python sidecar plugin; kills w1 and checks it is declared failed at once (its connection
 ## closed) and every task completes exactly once (scripts/smoke.sh; a temp dir, not ./data);
 ## then the crash test below; then six 1 MB payloads and results through one six-slot worker
-## (scripts/big-payloads.sh); then the redelivery measurement below
+## (scripts/big-payloads.sh); then the redelivery measurement and the browser test below
 smoke: preflight build
 	ROLLOUT=$(ROLLOUT) scripts/smoke.sh
 	ROLLOUT=$(ROLLOUT) scripts/coordinator-crash.sh
 	ROLLOUT=$(ROLLOUT) scripts/big-payloads.sh
 	ROLLOUT=$(ROLLOUT) scripts/redelivery.sh
+	ROLLOUT=$(ROLLOUT) scripts/dashboard-test.sh
+
+## dashboard-test: the coordinator's dashboard in headless Chromium (Selenium + chromedriver; installs
+## Debian's chromium and chromium-driver if missing and root): both workers shown, a job at 100%,
+## a killed worker shown failed; screenshot in $(CARGO_TARGET_DIR)/dashboard-test/ (scripts/dashboard-test.sh)
+dashboard-test: build
+	ROLLOUT=$(ROLLOUT) scripts/dashboard-test.sh
 
 ## redelivery: kill -9 a worker running tasks (ROUNDS, default 5) and print how long until it is
 ## declared failed and its tasks are leased to the other worker (median, worst; target 50 ms;

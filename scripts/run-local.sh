@@ -52,10 +52,13 @@ deadline=$((SECONDS + 30))
 until "$ROLLOUT" status --all --json 2>/dev/null | python3 -c '
 import json, sys
 try:
-    workers = {w["worker_id"]: w["state"] for w in json.load(sys.stdin)["workers"]}
+    workers = {w["worker_id"]: w for w in json.load(sys.stdin)["workers"]}
 except ValueError:
     sys.exit(1)
-sys.exit(0 if all(workers.get(w) == "active" for w in ("w1", "w2")) else 1)'; do
+# Active and beating: a record recovered from an earlier run is active too, until its
+# deadline, but has no beat until this run'"'"'s process registers.
+ok = lambda w: w is not None and w["state"] == "active" and w.get("last_beat_unix_ms")
+sys.exit(0 if all(ok(workers.get(w)) for w in ("w1", "w2")) else 1)'; do
     for i in 1 2; do
         kill -0 "${pids[$i]}" 2>/dev/null || { echo "error: w$i exited; its log says:" >&2; tail -n 5 "$LOGS/w$i.log" >&2; exit 1; }
     done

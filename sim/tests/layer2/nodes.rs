@@ -120,6 +120,7 @@ impl CoordinatorNode {
             shutdown,
             env: NodeEnv { wall_clock: Arc::new(self.wall), blocking: BlockingWork::Inline, plugin_time: None },
             metrics: Default::default(),
+            dashboard: None,
         })?;
         let api = CoordinatorApi::new(handle, results, &self.config);
         let listener = turmoil::net::TcpListener::bind(("0.0.0.0", PORT)).await?;

@@ -27,6 +27,7 @@
 //! and route.
 
 pub mod coordinator;
+pub mod dashboard;
 pub mod enroll;
 pub mod history;
 pub mod limiter;

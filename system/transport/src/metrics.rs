@@ -354,15 +354,19 @@ impl WorkerMetrics {
 /// What `/metrics` serves.
 pub type Encoder = Arc<dyn Fn() -> String + Send + Sync>;
 
-/// Serves `GET /metrics` (OpenMetrics text of `encode()`) on `addr`, until the returned
-/// task is aborted or the runtime stops. Returns the bound address (`addr` may have
-/// port 0).
-pub async fn serve_metrics(addr: &str, encode: Encoder) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+/// Serves `GET /metrics` (OpenMetrics text of `encode()`), and the routes of `extra`
+/// (the coordinator's dashboard), on `addr`, until the returned task is aborted or the
+/// runtime stops. Returns the bound address (`addr` may have port 0).
+pub async fn serve_metrics(
+    addr: &str,
+    encode: Encoder,
+    extra: Option<axum::Router>,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| Error::config_invalid("metrics.listen_addr", format!("cannot listen on {addr}: {e}")))?;
     let bound = listener.local_addr().map_err(|e| Error::internal(format!("metrics listener address: {e}")))?;
-    let app = axum::Router::new().route(
+    let app = extra.unwrap_or_default().route(
         "/metrics",
         axum::routing::get(move || {
             let encode = Arc::clone(&encode);

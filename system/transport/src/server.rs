@@ -23,6 +23,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Server};
 
 use crate::coordinator::{CoordinatorDriverOptions, CoordinatorHandle, spawn_coordinator_driver};
+use crate::dashboard::Dashboard;
 use crate::enroll::{EnrollmentApi, require_client_certificate};
 use crate::metrics::{CoordinatorMetrics, WorkerMetrics, serve_metrics};
 use crate::net::{ConnectionLimits, TcpDialer, TlsConnector, lazy_channel, tcp_incoming, tls_incoming};
@@ -202,6 +203,8 @@ pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordi
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let storage_for_results = Arc::clone(&storage);
     let metrics = Arc::new(CoordinatorMetrics::new());
+    // The dashboard lives on the metrics listener: none without it.
+    let dashboard = (!config.metrics.listen_addr.is_empty()).then(|| Arc::new(Dashboard::new()));
     let (handle, driver) = spawn_coordinator_driver(CoordinatorDriverOptions {
         storage,
         settings: CoordinatorSettings::from_config(&config),
@@ -209,13 +212,19 @@ pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordi
         shutdown: shutdown_rx.clone(),
         env: NodeEnv::default(),
         metrics: Arc::clone(&metrics),
+        dashboard: dashboard.clone(),
     })?;
-    let (metrics_addr, metrics_server) = if config.metrics.listen_addr.is_empty() {
-        (None, None)
-    } else {
-        let for_scrape = Arc::clone(&metrics);
-        let (addr, task) = serve_metrics(&config.metrics.listen_addr, Arc::new(move || for_scrape.encode())).await?;
-        (Some(addr), Some(task))
+    let (metrics_addr, metrics_server) = match &dashboard {
+        None => (None, None),
+        Some(dashboard) => {
+            let for_scrape = Arc::clone(&metrics);
+            let routes = Some(dashboard.routes());
+            let (addr, task) =
+                serve_metrics(&config.metrics.listen_addr, Arc::new(move || for_scrape.encode()), routes).await?;
+            tracing::info!(channel = "metrics", event = "dashboard_listening", %addr,
+                "the dashboard is at http://{addr}/ (read-only; loopback only)");
+            (Some(addr), Some(task))
+        }
     };
     let addr = opts.listen_addr.unwrap_or_else(|| config.transport.listen_addr.clone());
     let listener = tokio::net::TcpListener::bind(&addr)
@@ -320,7 +329,7 @@ pub async fn run_worker_process(opts: WorkerOptions, shutdown: watch::Receiver<b
     } else {
         let for_scrape = Arc::clone(&metrics);
         let addr = &config.metrics.worker_listen_addr;
-        let (_, task) = serve_metrics(addr, Arc::new(move || for_scrape.encode()))
+        let (_, task) = serve_metrics(addr, Arc::new(move || for_scrape.encode()), None)
             .await
             .map_err(|e| Error::config_invalid("metrics.worker_listen_addr", e.to_string()))?;
         Some(task)

@@ -30,6 +30,7 @@ use rollout_proto::transport as pb;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::dashboard::Dashboard;
 use crate::history::Stamper;
 use crate::metrics::CoordinatorMetrics;
 use crate::node_env::{BlockingWork, NodeEnv, SystemWallClock, WallClock};
@@ -54,6 +55,9 @@ pub const WORK_FRAMES_QUEUED_MAX: usize = 1024;
 pub const CONTROL_QUEUED_MAX: usize = 256;
 /// The gauges of `/metrics` are refreshed from the machine at most this often.
 const GAUGE_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
+/// Workers and jobs the dashboard's snapshot shows at most.
+const DASHBOARD_WORKERS_MAX: usize = 1000;
+const DASHBOARD_JOBS_MAX: usize = 200;
 /// The coordinator logs a summary line this often.
 const SUMMARY_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 /// A worker silent this long leaves the heartbeat lateness bookkeeping.
@@ -73,6 +77,8 @@ pub struct CoordinatorDriverOptions {
     pub env: NodeEnv,
     /// Where the driver counts what it releases (served at `/metrics` by the caller).
     pub metrics: Arc<CoordinatorMetrics>,
+    /// Where it publishes the dashboard's snapshot and events (none: no dashboard).
+    pub dashboard: Option<Arc<Dashboard>>,
 }
 
 impl std::fmt::Debug for CoordinatorDriverOptions {
@@ -113,6 +119,7 @@ pub fn spawn_coordinator_driver(opts: CoordinatorDriverOptions) -> Result<(Coord
         pending_requests: BTreeMap::new(),
         next_request: 0,
         metrics: opts.metrics,
+        dashboard: opts.dashboard,
         last_beats: BTreeMap::new(),
         gauges_at: None,
         summary: None,
@@ -160,6 +167,7 @@ struct Driver {
     pending_requests: BTreeMap<RequestId, oneshot::Sender<OperatorReply>>,
     next_request: RequestId,
     metrics: Arc<CoordinatorMetrics>,
+    dashboard: Option<Arc<Dashboard>>,
     /// When each worker's last beat arrived (for the lateness histogram); pruned of
     /// workers silent for [`BEATS_FORGOTTEN_AFTER`] at each gauge refresh.
     last_beats: BTreeMap<WorkerId, tokio::time::Instant>,
@@ -453,9 +461,21 @@ impl Driver {
         }
         self.gauges_at = Some(now);
         if let Some(m) = &self.machine {
-            let query = StatusQuery { workers_max: 0, jobs_max: 0, ..StatusQuery::default() };
+            // The dashboard shows the first workers and the current jobs; the gauges need
+            // only the totals.
+            let query = match self.dashboard {
+                Some(_) => StatusQuery {
+                    workers_max: DASHBOARD_WORKERS_MAX,
+                    jobs_max: DASHBOARD_JOBS_MAX,
+                    ..StatusQuery::default()
+                },
+                None => StatusQuery { workers_max: 0, jobs_max: 0, ..StatusQuery::default() },
+            };
             let page = m.status(&query);
             self.metrics.refresh(&page);
+            if let Some(dashboard) = &self.dashboard {
+                dashboard.publish(&page, self.clock.now().wall);
+            }
             // One line a minute of what the cluster is doing.
             let (at, committed_before) = *self.summary.get_or_insert((now, page.totals.tasks.committed));
             if now.saturating_duration_since(at) >= SUMMARY_EVERY {
@@ -500,6 +520,9 @@ impl Driver {
                 CoordinatorOutput::Event(event) => {
                     self.metrics.observe_event(event);
                     self.log_event(event);
+                    if let Some(dashboard) = &self.dashboard {
+                        dashboard.event(event, now.wall);
+                    }
                 }
                 CoordinatorOutput::Send { message: ToWorker::SubmitAck { verdict, .. }, .. } => {
                     self.metrics.observe_verdict(*verdict)
@@ -615,6 +638,7 @@ mod tests {
             shutdown,
             env: NodeEnv::default(),
             metrics: Default::default(),
+            dashboard: None,
         })
         .expect("driver");
         (handle, stop)
