@@ -10,6 +10,10 @@
 
 /// `rollout.transport.v1`: coordinator, enrollment and operator services.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
+/// The encoded `FileDescriptorSet` of transport.proto and plugin.proto (for gRPC server
+/// reflection).
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rollout_descriptor.bin"));
+
 pub mod transport {
     tonic::include_proto!("rollout.transport.v1");
 }

@@ -317,6 +317,10 @@ enum TokenCommand {
     List {
         #[command(flatten)]
         common: CommonArgs,
+        /// One JSON object per token instead of the table:
+        /// {"id":..,"worker":..|null,"expires_at_unix_ms":..,"state":"unused"|"expired"|"used","used_by":..|null,"used_at_unix_ms":..|null}
+        #[arg(long)]
+        json: bool,
     },
     /// Remove a token's record so it can no longer be used.
     Revoke {
@@ -339,6 +343,10 @@ enum AuditCommand {
     Verify {
         #[command(flatten)]
         common: CommonArgs,
+        /// Print {"database":..,"verified":true,"entries":N} instead of the sentence (a
+        /// chain that does not verify is still an error, exit status 1).
+        #[arg(long)]
+        json: bool,
     },
     /// Verify the audit chain, then write the coordinator's history from it: one JSON
     /// history record per line (the format `rollout check` reads), node "coordinator".
@@ -362,7 +370,7 @@ fn main() -> ExitCode {
         Command::Plan { config } => plan(config),
         Command::Certs { command } => report(certs::run(command)),
         Command::Token { command } => report(token::run(command)),
-        Command::Audit { command: AuditCommand::Verify { common } } => report(ops::audit_verify(&common)),
+        Command::Audit { command: AuditCommand::Verify { common, json } } => report(ops::audit_verify(&common, json)),
         Command::Audit { command: AuditCommand::Export { common, out } } => {
             report(ops::audit_export(&common, out.as_deref()))
         }

@@ -800,10 +800,17 @@ fn open_database(common: &CommonArgs) -> Result<(RedbStorage, std::path::PathBuf
     Ok((RedbStorage::open(&path)?, path))
 }
 
-pub fn audit_verify(common: &CommonArgs) -> Result<(), Error> {
+pub fn audit_verify(common: &CommonArgs, json: bool) -> Result<(), Error> {
     let (storage, path) = open_database(common)?;
     let entries = rollout_coordinator::audit::verify(&storage)?;
-    println!("audit chain of {} verifies: {entries} entries", path.display());
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"database": path.display().to_string(), "verified": true, "entries": entries})
+        );
+    } else {
+        println!("audit chain of {} verifies: {entries} entries", path.display());
+    }
     Ok(())
 }
 

@@ -26,12 +26,31 @@ pub fn run(command: TokenCommand) -> Result<(), Error> {
             println!("{token}");
             Ok(())
         }
-        TokenCommand::List { common } => {
+        TokenCommand::List { common, json } => {
             let config = load_config(&common)?;
             let now = SystemTime::now();
-            println!("{:<16}  {:<20}  {:<20}  state", "id", "worker", "expires");
+            if !json {
+                println!("{:<16}  {:<20}  {:<20}  state", "id", "worker", "expires");
+            }
             for (record, used) in enroll::list_tokens(&config.transport.tls_dir)? {
                 let expires = from_unix_millis(record.expires_at_unix_ms);
+                if json {
+                    let state = match &used {
+                        Some(_) => "used",
+                        None if now >= expires => "expired",
+                        None => "unused",
+                    };
+                    let line = serde_json::json!({
+                        "id": record.id,
+                        "worker": record.worker,
+                        "expires_at_unix_ms": record.expires_at_unix_ms,
+                        "state": state,
+                        "used_by": used.as_ref().map(|u| u.worker.to_string()),
+                        "used_at_unix_ms": used.as_ref().map(|u| u.used_at_unix_ms),
+                    });
+                    println!("{line}");
+                    continue;
+                }
                 let state = match used {
                     Some(u) => format!("used by {} at {}", u.worker, utc_text(from_unix_millis(u.used_at_unix_ms))),
                     None if now >= expires => "expired".to_owned(),

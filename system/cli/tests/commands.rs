@@ -145,8 +145,29 @@ fn audit_export_writes_the_coordinator_history_that_check_reads() {
     assert_eq!(records[0]["event"], "job_accepted");
     assert_eq!(records[0]["node"], "coordinator");
     assert_eq!(records[0]["tasks"], 2);
+    // audit verify --json, for scripts.
+    let verify = rollout(&["audit", "verify", "--json"], dir.path());
+    assert!(verify.status.success(), "{verify:?}");
+    let v: serde_json::Value = serde_json::from_slice(&verify.stdout).expect("one JSON object");
+    assert_eq!((v["verified"].as_bool(), v["entries"].as_u64()), (Some(true), Some(1)), "{v}");
     // The checker reads it: safe, and (with --complete) the unfinished tasks are named.
     assert!(rollout(&["check", "coord.jsonl"], dir.path()).status.success());
     let incomplete = rollout(&["check", "--complete", "coord.jsonl"], dir.path());
     assert_eq!(incomplete.status.code(), Some(1), "{incomplete:?}");
+}
+
+#[test]
+fn token_list_json_gives_each_token_with_its_state() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    assert!(rollout(&["certs", "init"], dir.path()).status.success());
+    let created = rollout(&["token", "create", "--worker", "w7"], dir.path());
+    assert!(created.status.success(), "{created:?}");
+    let listed = rollout(&["token", "list", "--json"], dir.path());
+    assert!(listed.status.success(), "{listed:?}");
+    let text = String::from_utf8_lossy(&listed.stdout);
+    let tokens: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).expect("JSON")).collect();
+    assert_eq!(tokens.len(), 1, "{text}");
+    assert_eq!(tokens[0]["worker"], "w7");
+    assert_eq!(tokens[0]["state"], "unused");
+    assert!(tokens[0]["used_by"].is_null() && tokens[0]["expires_at_unix_ms"].as_u64().is_some(), "{text}");
 }

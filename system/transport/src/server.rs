@@ -96,16 +96,35 @@ where
 {
     let max_message_bytes = limits.max_message_bytes;
     let (coordinator, operator) = api.into_services(max_message_bytes);
+    // The standard services, for grpcurl, grpc_health_probe and Kubernetes probes (with
+    // an operator or worker certificate, like every service but Enroll): health says
+    // SERVING for the whole server ("") and each of ours while this server runs.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in [service_name(&coordinator), service_name(&operator)] {
+        health.set_service_status(name, tonic_health::ServingStatus::Serving).await;
+    }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(rollout_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::internal(format!("gRPC reflection service: {e}")))?;
     Server::builder()
         .max_concurrent_streams(Some(STREAMS_PER_CONNECTION_MAX))
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(InterceptedService::new(coordinator, require_client_certificate))
         .add_service(InterceptedService::new(operator, require_client_certificate))
+        .add_service(InterceptedService::new(health_service, require_client_certificate))
+        .add_service(InterceptedService::new(reflection, require_client_certificate))
         .add_optional_service(enrollment.map(|e| e.into_service(max_message_bytes)))
         .serve_with_incoming_shutdown(tls_incoming(incoming, tls, limits.connections), shutdown)
         .await
         .map_err(|e| Error::internal(format!("gRPC server failed: {e}")))
+}
+
+/// A service's full gRPC name (e.g. `rollout.transport.v1.Coordinator`).
+fn service_name<S: tonic::server::NamedService>(_: &S) -> &'static str {
+    S::NAME
 }
 
 /// Where a coordinator keeps things and what it tells.
