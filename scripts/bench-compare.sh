@@ -118,17 +118,7 @@ start_cluster() {
         "$ROLLOUT" worker --config "$cfg" --id "$w" --slots 1024 --history "$history" >/dev/null 2>"$dir/$w.log" &
         pids+=($!)
     done
-    local deadline=$(($(now_ms) + 60000))
-    until "$ROLLOUT" status --config "$cfg" --all --json 2>/dev/null | python3 -c '
-import json, sys
-try:
-    workers = json.load(sys.stdin)["workers"]
-except ValueError:
-    sys.exit(1)
-sys.exit(0 if sum(w["state"] == "active" for w in workers) == 2 else 1)'; do
-        (($(now_ms) < deadline)) || die "$what: the workers did not register within 60s"
-        sleep 0.05
-    done
+    wait_active "$cfg" 2 "$what"
 }
 
 # (Each run below is a process substitution, a subshell of its own: its processes are

@@ -56,20 +56,7 @@ start_worker() {
 start_worker w1 0
 start_worker w2 0
 
-# Waits until both workers are active.
-both_active() {
-    local deadline=$(($(now_ms) + 60000))
-    until "$ROLLOUT" status --config "$cfg" --all --json 2>/dev/null | python3 -c '
-import json, sys
-try:
-    workers = json.load(sys.stdin)["workers"]
-except ValueError:
-    sys.exit(1)
-sys.exit(0 if sum(w["state"] == "active" for w in workers) == 2 else 1)'; do
-        (($(now_ms) < deadline)) || die "the workers did not become active within 60s"
-        sleep 0.05
-    done
-}
+both_active() { wait_active "$cfg" 2 "redelivery"; }
 both_active
 say "coordinator and workers w1, w2 up (heartbeat ${HEARTBEAT_MS}ms, failure timeout ${FAILURE_TIMEOUT_MS}ms)"
 

@@ -54,6 +54,23 @@ listen_addr = "127.0.0.1:0"
 EOF
 }
 
+# Waits (at most 60 s) until $2 workers of the cluster of config $1 are active, or dies
+# naming $3.
+wait_active() {
+    local cfg=$1 n=$2 what=$3
+    local deadline=$(($(now_ms) + 60000))
+    until "$ROLLOUT" status --config "$cfg" --all --json 2>/dev/null | python3 -c '
+import json, sys
+try:
+    workers = json.load(sys.stdin)["workers"]
+except ValueError:
+    sys.exit(1)
+sys.exit(0 if sum(w["state"] == "active" for w in workers) >= int(sys.argv[1]) else 1)' "$n"; do
+        (($(now_ms) < deadline)) || die "$what: the workers did not become active within 60s"
+        sleep 0.05
+    done
+}
+
 # The end of a test run's temp dir $tmp: removed when the run passed ($ok is 1) and $2
 # (the value of the script's KEEP variable) is empty; otherwise the last lines of every
 # log are shown and the dir is kept. $1 names the script in messages, $3 what is kept.

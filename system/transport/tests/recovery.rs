@@ -145,6 +145,17 @@ impl Harness {
         }
     }
 
+    /// Waits until w1 and w2 have both started tasks.
+    async fn wait_both_running(&self) {
+        self.wait_for(Duration::from_secs(10), "both workers to run tasks", |_, w| {
+            let on = |id: &str| {
+                w.iter().any(|r| matches!(&r.event, HistoryEvent::TaskStarted { worker, .. } if worker.as_str() == id))
+            };
+            on("w1") && on("w2")
+        })
+        .await;
+    }
+
     fn assert_each_task_committed_at_most_once(&self) {
         let mut commits: BTreeMap<String, u32> = BTreeMap::new();
         for r in self.history.records() {
@@ -217,13 +228,7 @@ async fn a_cut_off_worker_fences_itself_then_rejoins() {
 async fn the_tasks_of_a_vanished_worker_are_finished_by_the_other() {
     let mut h = Harness::start(&["w1", "w2"]).await;
     let job = h.submit_sleep_job(16, 300).await;
-    h.wait_for(Duration::from_secs(10), "both workers to run tasks", |_, w| {
-        let on = |id: &str| {
-            w.iter().any(|r| matches!(&r.event, HistoryEvent::TaskStarted { worker, .. } if worker.as_str() == id))
-        };
-        on("w1") && on("w2")
-    })
-    .await;
+    h.wait_both_running().await;
     let gone_at = tokio::time::Instant::now();
     if let Some(w1) = h.workers.remove("w1") {
         w1.abort();
@@ -251,13 +256,7 @@ async fn the_tasks_of_a_vanished_worker_are_finished_by_the_other() {
 async fn the_tasks_of_a_worker_whose_connection_closed_are_leased_elsewhere_at_once() {
     let mut h = Harness::start(&["w1", "w2"]).await;
     let job = h.submit_sleep_job(16, 300).await;
-    h.wait_for(Duration::from_secs(10), "both workers to run tasks", |_, w| {
-        let on = |id: &str| {
-            w.iter().any(|r| matches!(&r.event, HistoryEvent::TaskStarted { worker, .. } if worker.as_str() == id))
-        };
-        on("w1") && on("w2")
-    })
-    .await;
+    h.wait_both_running().await;
     let gone_at = tokio::time::Instant::now();
     if let Some(w1) = h.workers.remove("w1") {
         w1.abort();
