@@ -18,7 +18,7 @@ want=$(cat "$root/python/pyproject.toml" "${BASH_SOURCE[0]}" | sha256sum | cut -
 
 ready() {
     [[ -f $stamp && $(cat "$stamp") == "$want" ]] &&
-        "$venv/bin/python" -c 'import grpc, google.protobuf, grpc_tools, rollout_plugin' 2>/dev/null
+        "$venv/bin/python" -c 'import grpc, google.protobuf, grpc_tools, pytest, rollout_plugin, rollout_client' 2>/dev/null
 }
 
 if ready; then
@@ -41,6 +41,6 @@ fi
 echo "python-venv: setting up $venv" >&2
 "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install --disable-pip-version-check --quiet \
-    grpcio protobuf grpcio-tools -e "$root/python"
+    grpcio protobuf grpcio-tools pytest -e "$root/python"
 echo "$want" >"$stamp"
 echo "python-venv: ready ($("$venv/bin/python" --version))" >&2

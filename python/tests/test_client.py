@@ -1,0 +1,134 @@
+"""rollout_client against a real cluster: a `rollout coordinator` and two `rollout worker`
+processes (built-in echo and sleep plugins) started by this module, on loopback ports of
+their own, in a temp dir. $ROLLOUT names the binary (the Rust test that runs this file,
+system/cli/tests/python_client.rs, sets it); without it the tests fail, saying so.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+import pytest
+
+from rollout_client import Client, InvalidArgument, NotFound, Task
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    rollout = os.environ.get("ROLLOUT")
+    assert rollout and os.path.exists(rollout), "set ROLLOUT to the rollout binary (cargo test -p rollout-cli does)"
+    tmp = tempfile.mkdtemp(prefix="rollout-pyclient-")
+    port = free_port()
+    cfg = os.path.join(tmp, "cluster.toml")
+    with open(cfg, "w") as f:
+        f.write(
+            f"""[health]
+heartbeat_interval = "200ms"
+worker_self_fence_timeout = "800ms"
+coordinator_failure_timeout = "1s"
+clock_skew_budget = "100ms"
+failure_scan_interval = "100ms"
+[transport]
+listen_addr = "127.0.0.1:{port}"
+coordinator_addr = "127.0.0.1:{port}"
+tls_dir = "{tmp}/tls"
+[storage]
+data_dir = "{tmp}/data"
+[metrics]
+listen_addr = ""
+worker_listen_addr = ""
+"""
+        )
+    run = lambda *args: subprocess.run([rollout, *args, "--config", cfg], check=True, capture_output=True)
+    run("certs", "init")
+    for w in ("w1", "w2"):
+        run("certs", "issue", "--worker", w)
+    procs = [subprocess.Popen([rollout, "coordinator", "--config", cfg, "--history", "/dev/null"],
+                              stderr=open(os.path.join(tmp, "coordinator.log"), "w"))]
+    for w in ("w1", "w2"):
+        procs.append(subprocess.Popen(
+            [rollout, "worker", "--config", cfg, "--id", w, "--slots", "4", "--history", "/dev/null"],
+            stderr=open(os.path.join(tmp, f"{w}.log"), "w")))
+    addr = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    client = None
+    while True:
+        try:
+            client = client or Client(addr, tls_dir=os.path.join(tmp, "tls"), timeout=10)
+            if sum(w.state == "active" for w in client.status().workers) == 2:
+                break
+        except Exception:  # noqa: BLE001 - not up yet
+            client = None
+        assert time.monotonic() < deadline, "the cluster did not come up within 60 s"
+        time.sleep(0.1)
+    yield client
+    client.close()
+    for p in procs:
+        p.send_signal(signal.SIGINT)
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def test_status_shows_both_workers_with_their_plugins(cluster):
+    status = cluster.status()
+    ids = sorted(w.worker_id for w in status.workers)
+    assert ids == ["w1", "w2"]
+    assert all({"echo", "sleep"} <= set(w.plugins) and w.slots == 4 for w in status.workers)
+    assert status.totals["workers_active"] == 2
+
+
+def test_results_arrive_as_tasks_finish_not_only_at_the_end(cluster):
+    # 16 sleeps of 200..1700 ms on 8 slots: the first finish long before the last.
+    tasks = [Task("sleep", str(200 + 100 * i)) for i in range(16)]
+    started = time.monotonic()
+    job = cluster.submit(tasks, name="py-sleep")
+    arrivals = []
+    for r in job.results():
+        arrivals.append((time.monotonic() - started, r))
+    assert sorted(r.index for _, r in arrivals) == list(range(16)), "each task once"
+    assert all(r.state == "committed" and r.result == tasks[r.index].payload.encode() for _, r in arrivals)
+    first, last = arrivals[0][0], arrivals[-1][0]
+    assert last - first > 0.8, f"results came together ({first:.2f} s, {last:.2f} s): not as they finished"
+    assert job.wait(timeout=5).committed == 16
+
+
+def test_a_large_job_is_streamed_in_batches_and_every_result_is_its_payload(cluster):
+    n = 25_000  # more than one AppendTasks call holds
+    job = cluster.submit((Task("echo", f"t{i}") for i in range(n)), name="py-large", idempotency_key="py-large-1")
+    assert job.tasks == n and not job.existing
+    status = job.wait(timeout=120)
+    assert (status.committed, status.dead_lettered) == (n, 0)
+    results = job.all_results()
+    assert len(results) == n
+    assert all(r.result == f"t{r.index}".encode() for r in results)
+    again = cluster.submit((Task("echo", f"t{i}") for i in range(n)), name="py-large", idempotency_key="py-large-1")
+    assert again.id == job.id and again.existing, "the same key is the same job"
+
+
+def test_cancel_stops_what_has_not_run(cluster):
+    job = cluster.submit([Task("sleep", "3000") for _ in range(30)], name="py-cancel")
+    time.sleep(0.3)
+    cancelled = job.cancel()
+    assert cancelled > 0
+    status = job.wait(timeout=30)
+    assert status.cancelled == cancelled and status.committed + status.cancelled == 30
+
+
+def test_errors_name_what_is_wrong(cluster):
+    with pytest.raises(NotFound):
+        cluster.job(987_654)
+    with pytest.raises(InvalidArgument) as refused:
+        cluster.submit([Task("", "x")], name="py-bad")
+    assert "plugin" in refused.value.message, refused.value
