@@ -175,6 +175,16 @@ done
 status_json >"$tmp/status.json"
 job=$(python3 -c 'import json, sys; print(min(j["job"] for j in json.load(open(sys.argv[1]))["jobs"] if j["name"] == "smoke"))' "$tmp/status.json")
 "$ROLLOUT" results --config "$cfg" --bytes "$job" >"$tmp/results.jsonl"
+# The same job followed (WatchResults): every task once, in the order they ended.
+"$ROLLOUT" results --config "$cfg" --follow "$job" >"$tmp/follow.jsonl" || die "results --follow failed"
+python3 - "$tmp/follow.jsonl" "$total" <<'PY' || die "results --follow did not give every task once in order"
+import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1])]
+seqs = [l["seq"] for l in lines]
+assert len(lines) == int(sys.argv[2]) and len({l["task"] for l in lines}) == len(lines), len(lines)
+assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+print(f"smoke: results --follow: {len(lines)} tasks, each once, in the order they ended (seq {seqs[0]}..{seqs[-1]})")
+PY
 
 python3 - "$history" "$tmp/status.json" "$tmp/results.jsonl" "$kill_ms" "$total" "$TASK_MS" \
     "$HEARTBEAT_MS" "$FAILURE_TIMEOUT_MS" "$SKEW_BUDGET_MS" <<'PY' || die "assertions failed"

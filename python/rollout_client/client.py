@@ -91,7 +91,8 @@ class Task:
 
 @dataclasses.dataclass(frozen=True)
 class Result:
-    """A task's state and, once committed, its result."""
+    """A task's state and, once committed, its result. ``seq`` (from ``Job.results``)
+    is the audit seq of its end, to resume a stream after it."""
 
     index: int
     state: str
@@ -99,6 +100,7 @@ class Result:
     content_id: Optional[str]
     result: Optional[bytes]
     errors: list
+    seq: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,30 +188,34 @@ class Job:
             time.sleep(interval)
             interval = min(0.5, interval * 1.5)
 
-    def results(self, include_bytes: bool = True, timeout: Optional[float] = None) -> Iterator[Result]:
-        """Yields each task's result once, as tasks finish (committed, dead-lettered or
-        cancelled), until all have; then returns."""
+    def results(
+        self, include_bytes: bool = True, after_seq: int = 0, timeout: Optional[float] = None
+    ) -> Iterator[Result]:
+        """Yields each task once as it ends (committed, dead-lettered or cancelled), in
+        the order they end, until every task has; then returns. Streamed by the
+        coordinator (WatchResults). Each result carries ``seq``: pass the last one seen
+        as ``after_seq`` to resume later without missing or repeating a task; a broken
+        connection is resumed that way by itself."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        yielded = set()
-        seen_done = -1
-        interval = 0.05
-        while len(yielded) < self.tasks:
-            s = self.status()
-            if s.done != seen_done:
-                seen_done = s.done
-                for r in self._client._results(self.id, include_bytes=False, from_index=0):
-                    if r.state in _TERMINAL and r.index not in yielded:
-                        yielded.add(r.index)
-                        if include_bytes and r.state == "committed":
-                            r = next(self._client._results(self.id, include_bytes=True, from_index=r.index))
-                        yield r
-                interval = 0.05
-            if len(yielded) >= self.tasks:
+        cursor = after_seq
+        backoff = 0.1
+        while True:
+            remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
+            try:
+                for r in self._client._watch(self.id, include_bytes, cursor, remaining):
+                    cursor = r.seq
+                    backoff = 0.1
+                    yield r
                 return
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"job-{self.id}: {len(yielded)} of {self.tasks} results after {timeout} s")
-            time.sleep(interval)
-            interval = min(0.5, interval * 1.5)
+            except Unavailable:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                time.sleep(backoff)
+                backoff = min(5.0, backoff * 2)
+            except RolloutError as e:
+                if e.code == "DEADLINE_EXCEEDED":
+                    raise TimeoutError(f"job-{self.id}: results not all in after {timeout} s") from None
+                raise
 
     def all_results(self, include_bytes: bool = True) -> list:
         """Every task's current state and result, in task order."""
@@ -308,15 +314,33 @@ class Client:
         request = self._msg("ResultsRequest")(job=job, include_bytes=include_bytes, from_index=from_index)
         try:
             for r in call(request, timeout=self.timeout):
-                state = _STATES.get(r.state, "?")
-                yield Result(
-                    index=r.task.index,
-                    state=state,
-                    attempts=r.attempts,
-                    content_id=r.content_id.hex() if r.content_id else None,
-                    result=bytes(r.result) if include_bytes and state == "committed" else None,
-                    errors=list(r.errors),
-                )
+                yield self._result(r, include_bytes)
+        except grpc.RpcError as e:
+            raise _error(e) from None
+
+    @staticmethod
+    def _result(r, include_bytes: bool, seq: Optional[int] = None) -> Result:
+        state = _STATES.get(r.state, "?")
+        return Result(
+            index=r.task.index,
+            state=state,
+            attempts=r.attempts,
+            content_id=r.content_id.hex() if r.content_id else None,
+            result=bytes(r.result) if include_bytes and state == "committed" else None,
+            errors=list(r.errors),
+            seq=seq,
+        )
+
+    def _watch(self, job: int, include_bytes: bool, after_seq: int, timeout: Optional[float]) -> Iterator[Result]:
+        call = self._channel.unary_stream(
+            f"/{SERVICE}/WatchResults",
+            request_serializer=self._msg("WatchResultsRequest").SerializeToString,
+            response_deserializer=self._msg("TaskOutcome").FromString,
+        )
+        request = self._msg("WatchResultsRequest")(job=job, after_seq=after_seq, include_bytes=include_bytes)
+        try:
+            for o in call(request, timeout=timeout):
+                yield self._result(o.result, include_bytes, o.seq)
         except grpc.RpcError as e:
             raise _error(e) from None
 

@@ -132,3 +132,17 @@ def test_errors_name_what_is_wrong(cluster):
     with pytest.raises(InvalidArgument) as refused:
         cluster.submit([Task("", "x")], name="py-bad")
     assert "plugin" in refused.value.message, refused.value
+
+
+def test_a_result_stream_resumed_after_a_seq_neither_misses_nor_repeats(cluster):
+    job = cluster.submit([Task("sleep", str(100 + 60 * i)) for i in range(12)], name="py-resume")
+    first = []
+    for r in job.results():
+        first.append(r)
+        if len(first) == 5:
+            break  # the client goes away mid-stream
+    rest = list(job.results(after_seq=first[-1].seq))
+    seen = [r.index for r in first + rest]
+    assert sorted(seen) == list(range(12)), seen
+    assert [r.seq for r in first + rest] == sorted(r.seq for r in first + rest)
+    assert list(job.results(after_seq=rest[-1].seq)) == []

@@ -219,8 +219,16 @@ enum Command {
         #[arg(long)]
         bytes: bool,
         /// Start at this task index (to resume an interrupted listing).
-        #[arg(long, value_name = "INDEX", default_value_t = 0)]
+        #[arg(long, value_name = "INDEX", default_value_t = 0, conflicts_with = "follow")]
         from: u32,
+        /// Print each task as it ends (committed, dead-lettered or cancelled), in the
+        /// order they end, until every task has; each line carries "seq", to resume with
+        /// --after SEQ (a connection that breaks is resumed by itself).
+        #[arg(long)]
+        follow: bool,
+        /// With --follow: only the tasks that ended after this seq.
+        #[arg(long, value_name = "SEQ", default_value_t = 0, requires = "follow")]
+        after: u64,
     },
     /// Cancel every task of a job that has not finished.
     Cancel {
@@ -407,7 +415,8 @@ async fn run_async(command: Command) -> Result<(), Error> {
             };
             ops::status(&op, json, view).await
         }
-        Command::Results { op, job, bytes, from } => ops::results(&op, &job, bytes, from).await,
+        Command::Results { op, job, bytes, from, follow: false, .. } => ops::results(&op, &job, bytes, from).await,
+        Command::Results { op, job, bytes, follow: true, after, .. } => ops::follow(&op, &job, bytes, after).await,
         Command::Cancel { op, job } => ops::cancel(&op, &job).await,
         Command::Drain { op, worker } => ops::drain(&op, &worker).await,
         Command::Plan { .. }

@@ -724,6 +724,8 @@ pub async fn status(op: &OperatorArgs, json: bool, view: StatusView) -> Result<(
 
 #[derive(Serialize)]
 struct ResultLine {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
     task: String,
     state: &'static str,
     attempts: u32,
@@ -742,7 +744,62 @@ pub async fn results(op: &OperatorArgs, job: &str, bytes: bool, from: u32) -> Re
     let mut stream = client.results(request).await.map_err(|s| rpc_error("results", s))?.into_inner();
     let mut out = std::io::stdout().lock();
     while let Some(r) = stream.message().await.map_err(|s| rpc_error("results", s))? {
-        let task = rollout_transport::service::task_of(&r).map_err(Error::from)?;
+        // A closed pipe (`| head`) ends the listing quietly.
+        if writeln!(out, "{}", result_line(&r, bytes, None)?).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// `results --follow`: each task as it ends, resumed after the last seq printed when
+/// the connection breaks (the coordinator restarting, say), with the reconnect backoff.
+pub async fn follow(op: &OperatorArgs, job: &str, bytes: bool, after: u64) -> Result<(), Error> {
+    let job = parse_job(job)?;
+    let mut client = client(op)?;
+    let mut out = std::io::stdout().lock();
+    let mut cursor = after;
+    let mut backoff = std::time::Duration::from_millis(100);
+    loop {
+        let request = pb::WatchResultsRequest { job: job.get(), after_seq: cursor, include_bytes: bytes };
+        let mut stream = match client.watch_results(request).await {
+            Ok(stream) => stream.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                continue;
+            }
+            Err(s) => return Err(rpc_error("results --follow", s)),
+        };
+        loop {
+            match stream.message().await {
+                Ok(Some(outcome)) => {
+                    let Some(r) = &outcome.result else { continue };
+                    if writeln!(out, "{}", result_line(r, bytes, Some(outcome.seq))?).is_err() {
+                        return Ok(());
+                    }
+                    let _ = out.flush();
+                    cursor = outcome.seq;
+                    backoff = std::time::Duration::from_millis(100);
+                }
+                Ok(None) => return Ok(()),
+                Err(s)
+                    if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal) =>
+                {
+                    eprintln!("results --follow: the stream broke ({}); resuming after seq {cursor}", s.message());
+                    tokio::time::sleep(backoff).await;
+                    break;
+                }
+                Err(s) => return Err(rpc_error("results --follow", s)),
+            }
+        }
+    }
+}
+
+/// A task's JSON line (with `seq` when following).
+fn result_line(r: &pb::TaskResult, bytes: bool, seq: Option<u64>) -> Result<String, Error> {
+    {
+        let task = rollout_transport::service::task_of(r).map_err(Error::from)?;
         let state = match pb::TaskState::try_from(r.state) {
             Ok(pb::TaskState::Queued) => "queued",
             Ok(pb::TaskState::Leased) => "leased",
@@ -758,21 +815,17 @@ pub async fn results(op: &OperatorArgs, job: &str, bytes: bool, from: u32) -> Re
             (true, Err(_)) => (None, Some(hex::encode(&r.result))),
         };
         let line = ResultLine {
+            seq,
             task: task.to_string(),
             state,
             attempts: r.attempts,
             content_id: (!r.content_id.is_empty()).then(|| hex::encode(&r.content_id)),
             result,
             result_hex,
-            errors: r.errors,
+            errors: r.errors.clone(),
         };
-        let text = serde_json::to_string(&line).map_err(|e| Error::internal(e.to_string()))?;
-        // A closed pipe (`| head`) ends the listing quietly.
-        if writeln!(out, "{text}").is_err() {
-            return Ok(());
-        }
+        serde_json::to_string(&line).map_err(|e| Error::internal(e.to_string()))
     }
-    Ok(())
 }
 
 pub async fn cancel(op: &OperatorArgs, job: &str) -> Result<(), Error> {

@@ -131,6 +131,48 @@ pub fn verify(storage: &dyn Storage) -> Result<u64> {
     Ok(count)
 }
 
+/// Blocks probed (one lookup each) for the start of the block holding an entry.
+const BLOCK_PROBES_MAX: u64 = 1 << 20;
+
+/// Up to `max` kept entries after `after_seq`, in order: what a follower that has seen
+/// everything up to `after_seq` reads next. `None` when the entries just after it were
+/// deleted by the audit retention (the chain's base is past it).
+pub fn entries_after(storage: &dyn Storage, after_seq: u64, max: usize) -> Result<Option<Vec<AuditEntry>>> {
+    let base = base(storage)?;
+    if after_seq < base.seq {
+        return Ok(None);
+    }
+    // Blocks are stored under the seq of their first entry: the one holding
+    // after_seq + 1 starts at the highest stored seq at or below it.
+    let mut start = None;
+    let lowest = (base.seq + 1).max((after_seq + 1).saturating_sub(BLOCK_PROBES_MAX));
+    for k in (lowest..=after_seq + 1).rev() {
+        if storage.get(&audit_key(k))?.is_some() {
+            start = Some(k);
+            break;
+        }
+    }
+    let mut after = start.map(|k| audit_key(k - 1));
+    let mut out = Vec::new();
+    loop {
+        let page = storage.scan_page(AUDIT_PREFIX, after.as_deref(), 64)?;
+        let full = page.len() == 64;
+        after = page.last().map(|(k, _)| k.clone());
+        for (key, bytes) in page {
+            let block: Vec<AuditEntry> = decode(&key, &bytes)?;
+            for entry in block.into_iter().filter(|e| e.seq > after_seq) {
+                out.push(entry);
+                if out.len() >= max {
+                    return Ok(Some(out));
+                }
+            }
+        }
+        if !full {
+            return Ok(Some(out));
+        }
+    }
+}
+
 /// Every kept entry, in order (for tests and small chains; see [`for_each_entry`]).
 pub fn entries(storage: &dyn Storage) -> Result<Vec<AuditEntry>> {
     let mut all = Vec::new();

@@ -833,6 +833,35 @@ fn a_small_result_stays_in_its_task_record_and_writes_no_content_addressed_key()
 }
 
 #[test]
+fn entries_after_any_seq_are_exactly_the_rest_of_the_chain() {
+    let mut h = Harness::new();
+    let inc = h.register("w1");
+    // Batches of several events (a job of 5 leased at once) and of one.
+    h.submit_job((0..5).map(|_| spec("echo", 0)).collect());
+    let leased = h.pull("w1", inc, 5, 0);
+    for a in &leased {
+        h.submit("w1", a, success(b"r"));
+    }
+    h.coord = None;
+    let storage = RedbStorage::open_in_memory(&h.disk).expect("reopen");
+    let all: Vec<u64> = audit::entries(&storage).expect("read").iter().map(|e| e.seq).collect();
+    assert!(all.len() >= 8, "{all:?}");
+    for after in 0..=all.len() as u64 + 2 {
+        let got: Vec<u64> = audit::entries_after(&storage, after, usize::MAX)
+            .expect("reads")
+            .expect("nothing pruned")
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        let want: Vec<u64> = all.iter().copied().filter(|s| *s > after).collect();
+        assert_eq!(got, want, "after {after}");
+        let first: Vec<u64> =
+            audit::entries_after(&storage, after, 2).expect("reads").expect("kept").iter().map(|e| e.seq).collect();
+        assert_eq!(first, want.iter().copied().take(2).collect::<Vec<_>>(), "the first two after {after}");
+    }
+}
+
+#[test]
 fn audit_chain_verifies_and_detects_tampering() {
     let mut h = Harness::new();
     let inc = h.register("w1");

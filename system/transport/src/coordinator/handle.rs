@@ -114,6 +114,9 @@ pub(crate) enum DriverMsg {
 #[derive(Clone, Debug)]
 pub struct CoordinatorHandle {
     pub(crate) inbox: mpsc::Sender<DriverMsgBox>,
+    /// Bumped each time a released batch ended tasks (their audit entries are durable
+    /// by then): followers of results read the chain again.
+    pub(crate) tasks_ended: tokio::sync::watch::Receiver<u64>,
 }
 
 /// Wrapper so the handle can derive Debug without exposing the message type.

@@ -97,6 +97,7 @@ pub fn spawn_coordinator_driver(opts: CoordinatorDriverOptions) -> Result<(Coord
     pipeline.observe_commits(Arc::new(move |seconds| for_commits.observe_commit(seconds)));
     let machine = Coordinator::recover(Arc::clone(&pipeline) as Arc<dyn Storage>, opts.settings.clone(), clock.now())?;
     let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
+    let (tasks_ended, tasks_ended_rx) = watch::channel(0u64);
     let durable = pipeline.durable();
     let max_message_bytes = opts.settings.limits.max_message_bytes as usize;
     let driver = Driver {
@@ -120,12 +121,13 @@ pub fn spawn_coordinator_driver(opts: CoordinatorDriverOptions) -> Result<(Coord
         next_request: 0,
         metrics: opts.metrics,
         dashboard: opts.dashboard,
+        tasks_ended,
         last_beats: BTreeMap::new(),
         gauges_at: None,
         summary: None,
     };
     let join = tokio::spawn(driver.run(opts.shutdown));
-    Ok((CoordinatorHandle { inbox: tx }, join))
+    Ok((CoordinatorHandle { inbox: tx, tasks_ended: tasks_ended_rx }, join))
 }
 
 #[derive(Default)]
@@ -168,6 +170,8 @@ struct Driver {
     next_request: RequestId,
     metrics: Arc<CoordinatorMetrics>,
     dashboard: Option<Arc<Dashboard>>,
+    /// Bumped after releasing a batch that ended tasks (see `CoordinatorHandle`).
+    tasks_ended: watch::Sender<u64>,
     /// When each worker's last beat arrived (for the lateness histogram); pruned of
     /// workers silent for [`BEATS_FORGOTTEN_AFTER`] at each gauge refresh.
     last_beats: BTreeMap<WorkerId, tokio::time::Instant>,
@@ -515,6 +519,17 @@ impl Driver {
             _ => None,
         });
         self.stamper.emit_all(&*self.emitter, now.wall, events);
+        let ended = out.iter().any(|o| {
+            matches!(
+                o,
+                CoordinatorOutput::Event(
+                    HistoryEvent::Committed { .. } | HistoryEvent::DeadLettered { .. } | HistoryEvent::Cancelled { .. }
+                )
+            )
+        });
+        if ended {
+            self.tasks_ended.send_modify(|n| *n += 1);
+        }
         for output in &out {
             match output {
                 CoordinatorOutput::Event(event) => {

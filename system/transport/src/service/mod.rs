@@ -18,10 +18,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures_util::{Stream, StreamExt};
 use rollout_coordinator::{
-    JobLookup, JobPhase, JobsQuery, OperatorReply, StatusQuery, TaskState, WorkerState, stored_job, stored_result,
-    stored_task_reports,
+    JobLookup, JobPhase, JobsQuery, OperatorReply, StatusQuery, StoredJob, TaskReport, TaskState, WorkerState,
+    stored_job, stored_result, stored_task_reports,
 };
 use rollout_core::config::LimitsConfig;
+use rollout_core::history::HistoryEvent;
 use rollout_core::protocol::{Outcome, Submit, ToWorker};
 use rollout_core::time::unix_millis;
 use rollout_core::traits::Storage;

@@ -177,34 +177,11 @@ impl pb::operator_server::Operator for CoordinatorApi {
     async fn results(&self, req: Request<pb::ResultsRequest>) -> Result<Response<Self::ResultsStream>, Status> {
         authorize_operator(&req)?;
         let pb::ResultsRequest { job, include_bytes, from_index } = req.into_inner();
-        let job = JobId(job);
+        let stored = self.sealed_job(JobId(job)).await?;
         let results = self.results.clone();
-        let storage = Arc::clone(&results.storage);
-        let retention = self.job_retention_ms;
+        let (tx, rx) = mpsc::channel(256);
         // Served from storage (what is durable), never from the machine: a page of
         // task records at a time, on the blocking pool.
-        let lookup = tokio::task::spawn_blocking(move || stored_job(&*storage, job))
-            .await
-            .map_err(|e| Status::internal(format!("reading {job}: {e}")))?
-            .map_err(internal)?;
-        let stored = match lookup {
-            JobLookup::Found(stored) if stored.sealed => stored,
-            JobLookup::Found(stored) => {
-                return Err(Status::failed_precondition(format!(
-                    "{job} is open ({} tasks appended) and has no results until it is sealed",
-                    stored.tasks
-                )));
-            }
-            JobLookup::Gone => {
-                return Err(Status::not_found(format!(
-                    "{job} expired: finished jobs and their results are deleted after tasks.job_retention ({}), \
-                     and jobs never sealed after tasks.open_job_timeout",
-                    rollout_core::config::duration_text::format(std::time::Duration::from_millis(retention))
-                )));
-            }
-            JobLookup::Unknown => return Err(Status::not_found(format!("no job {job}"))),
-        };
-        let (tx, rx) = mpsc::channel(256);
         tokio::task::spawn_blocking(move || {
             let mut from = from_index;
             while from < stored.tasks {
@@ -217,35 +194,9 @@ impl pb::operator_server::Operator for CoordinatorApi {
                 };
                 from += page.len() as u32;
                 for r in page {
-                    let (state, content_id) = match &r.state {
-                        TaskState::Queued => (pb::TaskState::Queued, None),
-                        TaskState::Leased { .. } => (pb::TaskState::Leased, None),
-                        TaskState::Committed { result, .. } | TaskState::CommittedInline { result, .. } => {
-                            (pb::TaskState::Committed, Some(*result))
-                        }
-                        TaskState::DeadLettered => (pb::TaskState::DeadLettered, None),
-                        TaskState::Cancelled => (pb::TaskState::Cancelled, None),
-                    };
-                    let result = match (include_bytes, content_id, &r.state) {
-                        (true, _, TaskState::CommittedInline { bytes, .. }) => bytes.clone(),
-                        (true, Some(id), _) => match results.get(&id) {
-                            Ok(bytes) => bytes,
-                            Err(e) => {
-                                let _ = tx.blocking_send(Err(Status::internal(format!("result of {}: {e}", r.task))));
-                                return;
-                            }
-                        },
-                        _ => Vec::new(),
-                    };
-                    let item = pb::TaskResult {
-                        task: Some(r.task.into()),
-                        state: state.into(),
-                        attempts: r.attempts.get(),
-                        content_id: content_id.map(|c: ContentId| c.as_bytes().to_vec()).unwrap_or_default(),
-                        result,
-                        errors: r.errors,
-                    };
-                    if tx.blocking_send(Ok(item)).is_err() {
+                    let item = task_result(r, include_bytes, &results);
+                    let failed = item.is_err();
+                    if tx.blocking_send(item).is_err() || failed {
                         return;
                     }
                 }
@@ -253,6 +204,171 @@ impl pb::operator_server::Operator for CoordinatorApi {
         });
         Ok(Response::new(self.until_shutdown(ReceiverStream::new(rx))))
     }
+
+    type WatchResultsStream = BoxStream<pb::TaskOutcome>;
+
+    async fn watch_results(
+        &self,
+        req: Request<pb::WatchResultsRequest>,
+    ) -> Result<Response<Self::WatchResultsStream>, Status> {
+        authorize_operator(&req)?;
+        let pb::WatchResultsRequest { job, after_seq, include_bytes } = req.into_inner();
+        let job = JobId(job);
+        let stored = self.sealed_job(job).await?;
+        let (results, driver) = (self.results.clone(), self.driver.clone());
+        let mut ended = self.driver.tasks_ended.clone();
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let mut cursor = after_seq;
+            // Set once the job was seen finished: the next pass that catches up is the last.
+            let mut last_pass = false;
+            loop {
+                // Seen before reading: a batch released during the read wakes the wait.
+                ended.borrow_and_update();
+                let (storage, stored_now, results_now) =
+                    (Arc::clone(&results.storage), stored.clone(), results.clone());
+                let read = tokio::task::spawn_blocking(move || {
+                    outcomes_after(&*storage, &stored_now, cursor, include_bytes, &results_now)
+                })
+                .await;
+                let (outcomes, next, caught_up) = match read {
+                    Ok(Ok(read)) => read,
+                    Ok(Err(status)) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(format!("reading the audit chain: {e}")))).await;
+                        return;
+                    }
+                };
+                cursor = next;
+                for outcome in outcomes {
+                    if tx.send(Ok(outcome)).await.is_err() {
+                        return;
+                    }
+                }
+                if !caught_up {
+                    continue;
+                }
+                if last_pass {
+                    return;
+                }
+                // Caught up: a finished job's last ends were durable before the status
+                // answered, so one more pass reads them all, then the stream ends.
+                let query =
+                    StatusQuery { workers_max: 0, jobs: JobsQuery::One(job), jobs_max: 1, ..StatusQuery::default() };
+                let finished = match driver.status(query).await {
+                    Ok(page) => page.jobs.iter().find(|j| j.job == job).is_none_or(|j| j.phase == JobPhase::Finished),
+                    Err(_) => return,
+                };
+                if finished {
+                    last_pass = true;
+                    continue;
+                }
+                tokio::select! {
+                    changed = ended.changed() => if changed.is_err() { return },
+                    () = tokio::time::sleep(WATCH_RECHECK) => {}
+                }
+            }
+        });
+        Ok(Response::new(self.until_shutdown(ReceiverStream::new(rx))))
+    }
+}
+
+/// A followed job's outcomes are looked for at least this often, notified or not.
+const WATCH_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+/// Audit entries read per pass of a follower.
+const WATCH_ENTRIES_PER_PASS: usize = 1024;
+
+impl CoordinatorApi {
+    /// The stored record of a sealed job, or the status that says why there is none.
+    async fn sealed_job(&self, job: JobId) -> Result<StoredJob, Status> {
+        let storage = Arc::clone(&self.results.storage);
+        let retention = self.job_retention_ms;
+        let lookup = tokio::task::spawn_blocking(move || stored_job(&*storage, job))
+            .await
+            .map_err(|e| Status::internal(format!("reading {job}: {e}")))?
+            .map_err(internal)?;
+        match lookup {
+            JobLookup::Found(stored) if stored.sealed => Ok(stored),
+            JobLookup::Found(stored) => Err(Status::failed_precondition(format!(
+                "{job} is open ({} tasks appended) and has no results until it is sealed",
+                stored.tasks
+            ))),
+            JobLookup::Gone => Err(Status::not_found(format!(
+                "{job} expired: finished jobs and their results are deleted after tasks.job_retention ({}), \
+                 and jobs never sealed after tasks.open_job_timeout",
+                rollout_core::config::duration_text::format(std::time::Duration::from_millis(retention))
+            ))),
+            JobLookup::Unknown => Err(Status::not_found(format!("no job {job}"))),
+        }
+    }
+}
+
+/// A task's report as the wire carries it, with its result's bytes if asked.
+fn task_result(r: TaskReport, include_bytes: bool, results: &ResultStore) -> Result<pb::TaskResult, Status> {
+    let (state, content_id) = match &r.state {
+        TaskState::Queued => (pb::TaskState::Queued, None),
+        TaskState::Leased { .. } => (pb::TaskState::Leased, None),
+        TaskState::Committed { result, .. } | TaskState::CommittedInline { result, .. } => {
+            (pb::TaskState::Committed, Some(*result))
+        }
+        TaskState::DeadLettered => (pb::TaskState::DeadLettered, None),
+        TaskState::Cancelled => (pb::TaskState::Cancelled, None),
+    };
+    let result = match (include_bytes, content_id, &r.state) {
+        (true, _, TaskState::CommittedInline { bytes, .. }) => bytes.clone(),
+        (true, Some(id), _) => results.get(&id).map_err(|e| Status::internal(format!("result of {}: {e}", r.task)))?,
+        _ => Vec::new(),
+    };
+    Ok(pb::TaskResult {
+        task: Some(r.task.into()),
+        state: state.into(),
+        attempts: r.attempts.get(),
+        content_id: content_id.map(|c: ContentId| c.as_bytes().to_vec()).unwrap_or_default(),
+        result,
+        errors: r.errors,
+    })
+}
+
+/// One pass of a follower: the ends of `job`'s tasks among the audit entries after
+/// `after_seq` (at most [`WATCH_ENTRIES_PER_PASS`] entries looked at), the seq read up
+/// to, and whether that was the end of the chain.
+fn outcomes_after(
+    storage: &dyn Storage,
+    job: &StoredJob,
+    after_seq: u64,
+    include_bytes: bool,
+    results: &ResultStore,
+) -> Result<(Vec<pb::TaskOutcome>, u64, bool), Status> {
+    let entries = rollout_coordinator::audit::entries_after(storage, after_seq, WATCH_ENTRIES_PER_PASS)
+        .map_err(internal)?
+        .ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "the audit entries after seq {after_seq} were deleted by the audit retention (tasks.job_retention); \
+                 list {} with Results instead",
+                job.job
+            ))
+        })?;
+    let caught_up = entries.len() < WATCH_ENTRIES_PER_PASS;
+    let mut cursor = after_seq;
+    let mut out = Vec::new();
+    for entry in entries {
+        cursor = entry.seq;
+        let task = match entry.event().map_err(internal)? {
+            HistoryEvent::Committed { task, .. }
+            | HistoryEvent::DeadLettered { task, .. }
+            | HistoryEvent::Cancelled { task } => task,
+            _ => continue,
+        };
+        if task.job != job.job {
+            continue;
+        }
+        let Some(report) = stored_task_reports(storage, job, task.index, 1).map_err(internal)?.pop() else { continue };
+        out.push(pb::TaskOutcome { seq: entry.seq, result: Some(task_result(report, include_bytes, results)?) });
+    }
+    Ok((out, cursor, caught_up))
 }
 
 /// A status query from the wire.
