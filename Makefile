@@ -6,7 +6,7 @@ export CARGO_TERM_COLOR ?= never
 CARGO ?= cargo
 ROLLOUT = $(CARGO_TARGET_DIR)/debug/rollout
 
-.PHONY: run test smoke crash-test redelivery dashboard-test preflight build fmt fmt-check clippy sans-io no-openssl release-deps unit bench bench-e2e bench-storage bench-sim bench-recovery bench-submit bench-compare bench-heartbeats sim-soak fuzz fuzz-seeds
+.PHONY: run test smoke crash-test redelivery dashboard-test example-rl preflight build fmt fmt-check clippy sans-io no-openssl release-deps unit bench bench-e2e bench-storage bench-sim bench-recovery bench-submit bench-compare bench-heartbeats sim-soak fuzz fuzz-seeds
 
 ## run: build, print the plan, then run a local cluster (coordinator + 2 workers over mTLS) through a demo job;
 ## prints where /metrics is served; KEEP=1 keeps the cluster running after the demo until Ctrl-C
@@ -28,6 +28,13 @@ smoke: preflight build
 	ROLLOUT=$(ROLLOUT) scripts/big-payloads.sh
 	ROLLOUT=$(ROLLOUT) scripts/redelivery.sh
 	ROLLOUT=$(ROLLOUT) scripts/dashboard-test.sh
+	ROLLOUT=$(ROLLOUT) scripts/example-rl.sh
+
+## example-rl: the RL example: a CartPole policy improved by an evolution strategy whose episodes
+## run as tasks on a local cluster of two workers (a Python sidecar plugin); writes the learning
+## curve to ./data/rl/learning_curve.png (examples/rl/, scripts/example-rl.sh; part of make smoke)
+example-rl: build
+	ROLLOUT=$(ROLLOUT) scripts/example-rl.sh
 
 ## dashboard-test: the coordinator's dashboard in headless Chromium (Selenium + chromedriver; installs
 ## Debian's chromium and chromium-driver if missing and root): both workers shown, a job at 100%,
