@@ -20,7 +20,10 @@ scripts/python-venv.sh || die "scripts/python-venv.sh failed"
 PY=$root/.venv/bin/python
 if ! "$PY" -c 'import numpy, matplotlib' 2>/dev/null; then
     say "installing numpy and matplotlib into ./.venv"
-    "$PY" -m pip install -q numpy matplotlib || die "pip install numpy matplotlib failed"
+    if ! "$PY" -m pip install -q numpy matplotlib >/tmp/rollout-rl-pip.log 2>&1; then
+        echo "example-rl: SKIPPED: pip install numpy matplotlib failed (see /tmp/rollout-rl-pip.log; no network?)" >&2
+        exit 0
+    fi
 fi
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/rollout-rl.XXXXXX")
