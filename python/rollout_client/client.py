@@ -241,6 +241,7 @@ class Client:
         addr = addr or os.environ.get("ROLLOUT_TRANSPORT__COORDINATOR_ADDR") or "127.0.0.1:7450"
         tls_dir = tls_dir or os.environ.get("ROLLOUT_TRANSPORT__TLS_DIR") or "./data/tls"
         self.addr = addr
+        self.tls_dir = tls_dir
         self.timeout = timeout
         files = {
             "ca": os.path.join(tls_dir, "ca.pem"),

@@ -146,3 +146,23 @@ def test_a_result_stream_resumed_after_a_seq_neither_misses_nor_repeats(cluster)
     assert sorted(seen) == list(range(12)), seen
     assert [r.seq for r in first + rest] == sorted(r.seq for r in first + rest)
     assert list(job.results(after_seq=rest[-1].seq)) == []
+
+
+def test_the_asyncio_client_submits_streams_and_waits(cluster):
+    import asyncio
+
+    from rollout_client.aio import AsyncClient
+
+    async def run():
+        async with AsyncClient(cluster.addr, tls_dir=cluster.tls_dir, timeout=10) as client:
+            job = await client.submit([Task("echo", f"a{i}") for i in range(50)], name="py-async")
+            got = {}
+            async for r in job.results():
+                got[r.index] = r.result
+            status = await job.wait(timeout=10)
+            workers = (await client.status()).workers
+            return got, status, workers
+
+    got, status, workers = asyncio.run(run())
+    assert got == {i: f"a{i}".encode() for i in range(50)}
+    assert status.committed == 50 and len(workers) == 2
