@@ -379,6 +379,69 @@ class Client:
         sealed = self._call("SealJob", job=job, tasks=index)
         return Job(self, sealed.job, sealed.tasks, existing=opened.existing)
 
+    def put_blob(self, data: Union[bytes, bytearray, memoryview, str, "os.PathLike"], chunk_bytes: int = 1 << 20) -> str:
+        """Uploads a blob (bytes, or a file path, streamed in chunks) into the
+        coordinator's content-addressed store; returns its content id (64 hex digits).
+        The same bytes again are stored once. Over ``limits.max_blob_bytes`` it is
+        ``InvalidArgument`` and nothing is kept."""
+        Chunk = self._msg("BlobChunk")
+
+        def chunks():
+            if isinstance(data, (bytes, bytearray, memoryview)):
+                view = memoryview(data)
+                for at in range(0, len(view), chunk_bytes):
+                    yield Chunk(data=bytes(view[at : at + chunk_bytes]))
+                return
+            with open(data, "rb") as f:
+                while True:
+                    block = f.read(chunk_bytes)
+                    if not block:
+                        return
+                    yield Chunk(data=block)
+
+        call = self._channel.stream_unary(
+            f"/{SERVICE}/PutBlob",
+            request_serializer=Chunk.SerializeToString,
+            response_deserializer=self._msg("BlobInfo").FromString,
+        )
+        try:
+            return call(chunks(), timeout=None).content_id.hex()
+        except grpc.RpcError as e:
+            raise _error(e) from None
+
+    def get_blob(self, content_id: str, path: Optional[str] = None) -> Optional[bytes]:
+        """A blob's bytes (or, with ``path``, written there once complete and verified)."""
+        call = self._channel.unary_stream(
+            f"/{SERVICE}/GetBlob",
+            request_serializer=self._msg("GetBlobRequest").SerializeToString,
+            response_deserializer=self._msg("BlobChunk").FromString,
+        )
+        try:
+            stream = call(self._msg("GetBlobRequest")(content_id=bytes.fromhex(content_id)), timeout=None)
+            if path is None:
+                return b"".join(c.data for c in stream)
+            partial = path + ".partial"
+            with open(partial, "wb") as f:
+                for c in stream:
+                    f.write(c.data)
+            os.replace(partial, path)
+            return None
+        except grpc.RpcError as e:
+            raise _error(e) from None
+
+    def list_blobs(self) -> list:
+        """Every stored blob: dicts with content_id, size_bytes, created_unix_ms."""
+        call = self._channel.unary_unary(
+            f"/{SERVICE}/ListBlobs",
+            request_serializer=self._msg("ListBlobsRequest").SerializeToString,
+            response_deserializer=self._msg("ListBlobsResponse").FromString,
+        )
+        try:
+            blobs = call(self._msg("ListBlobsRequest")(), timeout=self.timeout).blobs
+        except grpc.RpcError as e:
+            raise _error(e) from None
+        return [{"content_id": b.content_id.hex(), "size_bytes": b.size_bytes, "created_unix_ms": b.created_unix_ms} for b in blobs]
+
     def job(self, job: Union[int, str]) -> Job:
         """A handle on an existing job (``3`` or ``"job-3"``)."""
         job_id = int(str(job).removeprefix("job-"))

@@ -166,3 +166,22 @@ def test_the_asyncio_client_submits_streams_and_waits(cluster):
     got, status, workers = asyncio.run(run())
     assert got == {i: f"a{i}".encode() for i in range(50)}
     assert status.committed == 50 and len(workers) == 2
+
+
+def test_a_blob_round_trips_once_and_a_missing_one_is_not_found(cluster, tmp_path):
+    import hashlib
+
+    data = bytes(range(256)) * 20_000  # about 5 MB, several chunks
+    cid = cluster.put_blob(data)
+    assert cid == hashlib.sha256(data).hexdigest()
+    path = tmp_path / "blob.bin"
+    path.write_bytes(data)
+    assert cluster.put_blob(str(path)) == cid, "the same bytes from a file: the same blob"
+    assert cluster.get_blob(cid) == data
+    out = tmp_path / "back.bin"
+    cluster.get_blob(cid, str(out))
+    assert out.read_bytes() == data
+    listed = [b for b in cluster.list_blobs() if b["content_id"] == cid]
+    assert len(listed) == 1 and listed[0]["size_bytes"] == len(data)
+    with pytest.raises(NotFound):
+        cluster.get_blob("00" * 32)

@@ -148,6 +148,12 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Upload, list or download blobs: inputs stored once in the coordinator's
+    /// content-addressed store (<storage.data_dir>/blobs), named by their SHA-256.
+    Blob {
+        #[command(subcommand)]
+        command: BlobCommand,
+    },
     /// Create or issue certificates (development CA).
     Certs {
         #[command(subcommand)]
@@ -256,6 +262,39 @@ struct CommonArgs {
     /// TOML config file; without it, defaults and ROLLOUT_<SECTION>__<KEY> environment overrides only.
     #[arg(long, short, value_name = "FILE")]
     config: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum BlobCommand {
+    /// Upload FILE (streamed in 1 MiB chunks; at most limits.max_blob_bytes) and print its
+    /// content id. The same bytes again are stored once.
+    Put {
+        #[command(flatten)]
+        op: OperatorArgs,
+        /// The file to upload.
+        file: PathBuf,
+        /// Print {"content_id":..,"size_bytes":..} instead of the id alone.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List every stored blob: content id, size, when it was stored.
+    Ls {
+        #[command(flatten)]
+        op: OperatorArgs,
+        /// One JSON object per blob.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download a blob by content id (checked against its hash) to --out or standard output.
+    Get {
+        #[command(flatten)]
+        op: OperatorArgs,
+        /// The content id (64 hex digits).
+        id: String,
+        /// Write here (replaced only once the whole blob verified) instead of standard output.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -418,6 +457,9 @@ async fn run_async(command: Command) -> Result<(), Error> {
         Command::Results { op, job, bytes, from, follow: false, .. } => ops::results(&op, &job, bytes, from).await,
         Command::Results { op, job, bytes, follow: true, after, .. } => ops::follow(&op, &job, bytes, after).await,
         Command::Cancel { op, job } => ops::cancel(&op, &job).await,
+        Command::Blob { command: BlobCommand::Put { op, file, json } } => ops::blob_put(&op, &file, json).await,
+        Command::Blob { command: BlobCommand::Ls { op, json } } => ops::blob_ls(&op, json).await,
+        Command::Blob { command: BlobCommand::Get { op, id, out } } => ops::blob_get(&op, &id, out.as_deref()).await,
         Command::Drain { op, worker } => ops::drain(&op, &worker).await,
         Command::Plan { .. }
         | Command::Certs { .. }

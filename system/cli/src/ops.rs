@@ -828,6 +828,124 @@ fn result_line(r: &pb::TaskResult, bytes: bool, seq: Option<u64>) -> Result<Stri
     }
 }
 
+/// Bytes per PutBlob chunk.
+const BLOB_CHUNK_BYTES: usize = 1024 * 1024;
+
+pub async fn blob_put(op: &OperatorArgs, file: &Path, json: bool) -> Result<(), Error> {
+    use std::io::Read;
+    use std::sync::{Arc, Mutex};
+    let mut client = client(op)?;
+    let mut f =
+        std::fs::File::open(file).map_err(|e| Error::invalid_input(format!("{}: cannot read: {e}", file.display())))?;
+    let expected = f.metadata().map(|m| m.len()).ok();
+    // Streamed: one chunk in memory at a time, read as the upload asks for it. A read
+    // error ends the stream early; it is reported (the prefix sent is stored under its
+    // own id, which nothing names).
+    let failed: Arc<Mutex<Option<String>>> = Arc::default();
+    let read_failed = Arc::clone(&failed);
+    let chunks = std::iter::from_fn(move || {
+        let mut buf = vec![0u8; BLOB_CHUNK_BYTES];
+        let mut filled = 0;
+        while filled < buf.len() {
+            match f.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    *read_failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e.to_string());
+                    return None;
+                }
+            }
+        }
+        (filled > 0).then(|| {
+            buf.truncate(filled);
+            pb::BlobChunk { data: buf }
+        })
+    });
+    let info = client.put_blob(tokio_stream::iter(chunks)).await.map_err(|s| rpc_error("blob put", s))?.into_inner();
+    if let Some(e) = failed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+        return Err(Error::invalid_input(format!(
+            "{}: read failed part way ({e}); the blob was not uploaded whole",
+            file.display()
+        )));
+    }
+    if expected.is_some_and(|n| n != info.size_bytes) {
+        return Err(Error::invalid_input(format!(
+            "{}: {} bytes uploaded but the file has {} (did it change during the upload?)",
+            file.display(),
+            info.size_bytes,
+            expected.unwrap_or(0)
+        )));
+    }
+    let id = hex::encode(&info.content_id);
+    if json {
+        println!("{}", serde_json::json!({"content_id": id, "size_bytes": info.size_bytes}));
+    } else {
+        println!("{id}");
+        eprintln!("{}: {} bytes stored as blob {id}", file.display(), info.size_bytes);
+    }
+    Ok(())
+}
+
+pub async fn blob_ls(op: &OperatorArgs, json: bool) -> Result<(), Error> {
+    let mut client = client(op)?;
+    let blobs =
+        client.list_blobs(pb::ListBlobsRequest {}).await.map_err(|s| rpc_error("blob ls", s))?.into_inner().blobs;
+    if !json {
+        println!("{:<64}  {:>14}  stored", "content id", "bytes");
+    }
+    for b in blobs {
+        let id = hex::encode(&b.content_id);
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"content_id": id, "size_bytes": b.size_bytes, "created_unix_ms": b.created_unix_ms})
+            );
+        } else {
+            let when = rollout_core::time::from_unix_millis(b.created_unix_ms);
+            println!("{id}  {:>14}  {}", b.size_bytes, rollout_transport::enroll::utc_text(when));
+        }
+    }
+    Ok(())
+}
+
+pub async fn blob_get(op: &OperatorArgs, id: &str, out: Option<&Path>) -> Result<(), Error> {
+    let bytes = hex::decode(id)
+        .ok()
+        .filter(|b| b.len() == 32)
+        .ok_or_else(|| Error::invalid_input(format!("blob id {id:?}: expected 64 hex digits (as blob put prints)")))?;
+    let mut client = client(op)?;
+    let mut stream = client
+        .get_blob(pb::GetBlobRequest { content_id: bytes })
+        .await
+        .map_err(|s| rpc_error("blob get", s))?
+        .into_inner();
+    match out {
+        Some(path) => {
+            // Written beside the target and renamed once complete and verified.
+            let tmp = path.with_extension("partial");
+            let mut file = std::fs::File::create(&tmp)
+                .map_err(|e| Error::invalid_input(format!("{}: cannot write: {e}", tmp.display())))?;
+            while let Some(chunk) = stream.message().await.map_err(|s| rpc_error("blob get", s))? {
+                file.write_all(&chunk.data)
+                    .map_err(|e| Error::invalid_input(format!("{}: write failed: {e}", tmp.display())))?;
+            }
+            file.sync_all().map_err(|e| Error::invalid_input(format!("{}: sync failed: {e}", tmp.display())))?;
+            std::fs::rename(&tmp, path)
+                .map_err(|e| Error::invalid_input(format!("{}: rename failed: {e}", path.display())))?;
+        }
+        None => {
+            let mut stdout = std::io::stdout().lock();
+            while let Some(chunk) = stream.message().await.map_err(|s| rpc_error("blob get", s))? {
+                if stdout.write_all(&chunk.data).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 pub async fn cancel(op: &OperatorArgs, job: &str) -> Result<(), Error> {
     let job = parse_job(job)?;
     let mut client = client(op)?;

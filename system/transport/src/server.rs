@@ -122,6 +122,9 @@ where
         .map_err(|e| Error::internal(format!("gRPC server failed: {e}")))
 }
 
+/// Operators' blobs live in `<storage.data_dir>/blobs` (content-addressed files).
+pub const BLOB_DIR: &str = "blobs";
+
 /// A service's full gRPC name (e.g. `rollout.transport.v1.Coordinator`).
 fn service_name<S: tonic::server::NamedService>(_: &S) -> &'static str {
     S::NAME
@@ -252,8 +255,11 @@ pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordi
     let local_addr = listener.local_addr().map_err(|e| Error::internal(format!("listener address of {addr}: {e}")))?;
     tracing::info!(channel = "transport", event = "transport_server_starting", addr = %local_addr,
         data_dir = %data_dir.display(), tls_dir = %tls_dir.display(), "transport_server_starting");
+    let blobs = rollout_cloud_local::FsObjectStore::open(data_dir.join(BLOB_DIR))?
+        .with_max_object_bytes(config.limits.max_blob_bytes);
     let api = CoordinatorApi::new(handle.clone(), ResultStore::new(storage_for_results), &config)
-        .with_shutdown(shutdown_rx.clone());
+        .with_shutdown(shutdown_rx.clone())
+        .with_blobs(blobs);
     let limits = ServeLimits::from_config(&config);
     let enrollment_limits = config.limits;
     let mut stop = shutdown_rx;

@@ -267,6 +267,8 @@ pub struct LimitsConfig {
     /// coordinator's batches; its next frames wait (so one worker cannot fill the
     /// coordinator's memory, and others are not slowed).
     pub max_work_bytes_in_flight: u32,
+    /// Largest blob an operator may upload (`rollout blob put`, PutBlob).
+    pub max_blob_bytes: u64,
 }
 
 impl Default for LimitsConfig {
@@ -288,6 +290,7 @@ impl Default for LimitsConfig {
             unauthenticated_connection_timeout: Duration::from_secs(10),
             max_failed_enrollments_per_minute: 10,
             max_work_bytes_in_flight: 16 * 1024 * 1024,
+            max_blob_bytes: 4 * 1024 * 1024 * 1024,
         }
     }
 }
@@ -447,6 +450,9 @@ impl Config {
             }
         }
         non_zero("limits.unauthenticated_connection_timeout", l.unauthenticated_connection_timeout)?;
+        if l.max_blob_bytes == 0 {
+            return Err(Error::config_invalid("limits.max_blob_bytes", "must be at least 1"));
+        }
         self.validate_cross_fields()
     }
 

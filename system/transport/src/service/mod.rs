@@ -84,6 +84,8 @@ pub struct CoordinatorApi {
     job_retention_ms: u64,
     shutdown: Option<watch::Receiver<bool>>,
     next_conn: Arc<AtomicU64>,
+    /// Operators' blobs (none: PutBlob and friends answer that there is no store).
+    blobs: Option<Arc<rollout_cloud_local::FsObjectStore>>,
 }
 
 impl std::fmt::Debug for CoordinatorApi {
@@ -103,7 +105,15 @@ impl CoordinatorApi {
             job_retention_ms: u64::try_from(config.tasks.job_retention.as_millis()).unwrap_or(u64::MAX),
             shutdown: None,
             next_conn: Arc::new(AtomicU64::new(1)),
+            blobs: None,
         }
+    }
+
+    /// Serves PutBlob, GetBlob and ListBlobs from `store` (its size limit is
+    /// `limits.max_blob_bytes`, set by the caller).
+    pub fn with_blobs(mut self, store: rollout_cloud_local::FsObjectStore) -> Self {
+        self.blobs = Some(Arc::new(store));
+        self
     }
 
     /// Ends every open stream once `shutdown` turns true, so a graceful server

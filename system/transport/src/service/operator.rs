@@ -2,6 +2,7 @@
 //! certificates only.
 
 use super::*;
+use rollout_core::traits::ObjectStore as _;
 
 pub(super) fn job_accepted(reply: OperatorReply) -> Result<Response<pb::SubmitJobResponse>, Status> {
     match reply {
@@ -205,6 +206,93 @@ impl pb::operator_server::Operator for CoordinatorApi {
         Ok(Response::new(self.until_shutdown(ReceiverStream::new(rx))))
     }
 
+    async fn put_blob(&self, req: Request<Streaming<pb::BlobChunk>>) -> Result<Response<pb::BlobInfo>, Status> {
+        authorize_operator(&req)?;
+        let store = self.blob_store()?;
+        let limit = self.limits.max_blob_bytes;
+        let mut inbound = req.into_inner();
+        // The bytes go to the store on the blocking pool through a small bounded
+        // channel: memory holds a few chunks, whatever the blob's size.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Option<Vec<u8>>>(BLOB_CHUNKS_QUEUED);
+        let writer = tokio::task::spawn_blocking(move || {
+            let mut reader = ChannelReader { rx, current: Vec::new(), at: 0 };
+            let id = store.put_stream(&mut reader)?;
+            let meta = store.meta(&id)?;
+            Ok::<_, Error>(meta)
+        });
+        let mut total: u64 = 0;
+        let mut refused = None;
+        loop {
+            match inbound.message().await {
+                Ok(Some(chunk)) => {
+                    total += chunk.data.len() as u64;
+                    if total > limit {
+                        refused = Some(Status::invalid_argument(format!(
+                            "blob: more than limits.max_blob_bytes ({limit}) bytes; nothing was stored"
+                        )));
+                        break;
+                    }
+                    if tx.send(Some(chunk.data)).is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(status) => {
+                    refused = Some(Status::cancelled(format!("the upload broke after {total} bytes: {status}")));
+                    break;
+                }
+            }
+        }
+        if let Some(status) = refused {
+            // The end-of-upload mark is never sent: the reader fails, the store
+            // deletes the upload's tmp file, and nothing is stored.
+            drop(tx);
+            let _ = writer.await;
+            return Err(status);
+        }
+        let _ = tx.send(None);
+        drop(tx);
+        let meta = writer.await.map_err(|e| Status::internal(format!("storing the blob: {e}")))?.map_err(internal)?;
+        tracing::info!(channel = "operator", event = "blob_stored", content_id = %meta.content_id,
+            size_bytes = meta.size_bytes, "blob stored");
+        Ok(Response::new(blob_info(&meta)))
+    }
+
+    type GetBlobStream = BoxStream<pb::BlobChunk>;
+
+    async fn get_blob(&self, req: Request<pb::GetBlobRequest>) -> Result<Response<Self::GetBlobStream>, Status> {
+        authorize_operator(&req)?;
+        let store = self.blob_store()?;
+        let id = blob_id("get_blob.content_id", &req.get_ref().content_id)?;
+        if !store.exists(&id).map_err(internal)? {
+            return Err(Status::not_found(format!("blob {id} is not stored")));
+        }
+        let (tx, rx) = mpsc::channel(BLOB_CHUNKS_QUEUED);
+        tokio::task::spawn_blocking(move || {
+            let mut sink = ChannelWriter { tx: tx.clone() };
+            if let Err(e) = rollout_core::traits::ObjectStore::get_stream(&*store, &id, &mut sink) {
+                let status = match &e {
+                    Error::Fatal(rollout_core::Fatal::Corrupt { .. }) => {
+                        Status::data_loss(format!("blob {id} is damaged; discard what was received: {e}"))
+                    }
+                    _ => internal(e),
+                };
+                let _ = tx.blocking_send(Err(status));
+            }
+        });
+        Ok(Response::new(self.until_shutdown(ReceiverStream::new(rx))))
+    }
+
+    async fn list_blobs(&self, req: Request<pb::ListBlobsRequest>) -> Result<Response<pb::ListBlobsResponse>, Status> {
+        authorize_operator(&req)?;
+        let store = self.blob_store()?;
+        let metas = tokio::task::spawn_blocking(move || store.list())
+            .await
+            .map_err(|e| Status::internal(format!("listing blobs: {e}")))?
+            .map_err(internal)?;
+        Ok(Response::new(pb::ListBlobsResponse { blobs: metas.iter().map(blob_info).collect() }))
+    }
+
     type WatchResultsStream = BoxStream<pb::TaskOutcome>;
 
     async fn watch_results(
@@ -276,12 +364,92 @@ impl pb::operator_server::Operator for CoordinatorApi {
     }
 }
 
+/// Chunks of a blob queued between the network and the disk, either way.
+const BLOB_CHUNKS_QUEUED: usize = 8;
+/// Bytes per chunk of a blob sent by GetBlob.
+const BLOB_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// A content id from the wire, naming the field when it is not 32 bytes.
+fn blob_id(field: &'static str, bytes: &[u8]) -> Result<ContentId, Status> {
+    let array: [u8; 32] = bytes.try_into().map_err(|_| {
+        Status::invalid_argument(format!("malformed message: field {field}: {} bytes, not 32", bytes.len()))
+    })?;
+    Ok(ContentId::from_digest(array))
+}
+
+fn blob_info(meta: &rollout_cloud_local::ObjectMeta) -> pb::BlobInfo {
+    pb::BlobInfo {
+        content_id: meta.content_id.as_bytes().to_vec(),
+        size_bytes: meta.size_bytes,
+        created_unix_ms: meta.created_unix_ms,
+    }
+}
+
+/// The upload's chunks as a `Read`, ended by `None`; a channel closed before that mark
+/// is an error, so the store deletes the partial upload.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<Option<Vec<u8>>>,
+    current: Vec<u8>,
+    at: usize,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at >= self.current.len() {
+            match self.rx.recv() {
+                Ok(Some(chunk)) => {
+                    self.current = chunk;
+                    self.at = 0;
+                }
+                Ok(None) => return Ok(0),
+                Err(_) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the upload was refused or broke",
+                    ));
+                }
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.at);
+        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// A `Write` that sends what it is given as blob chunks of at most
+/// [`BLOB_CHUNK_BYTES`]; a gone receiver (the client left) is an error, which stops
+/// the read.
+struct ChannelWriter {
+    tx: mpsc::Sender<Result<pb::BlobChunk, Status>>,
+}
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(BLOB_CHUNK_BYTES);
+        self.tx
+            .blocking_send(Ok(pb::BlobChunk { data: buf[..n].to_vec() }))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the client went away"))?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A followed job's outcomes are looked for at least this often, notified or not.
 const WATCH_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 /// Audit entries read per pass of a follower.
 const WATCH_ENTRIES_PER_PASS: usize = 1024;
 
 impl CoordinatorApi {
+    fn blob_store(&self) -> Result<Arc<rollout_cloud_local::FsObjectStore>, Status> {
+        self.blobs
+            .clone()
+            .ok_or_else(|| Status::unimplemented("this coordinator keeps no blobs (no blob store configured)"))
+    }
+
     /// The stored record of a sealed job, or the status that says why there is none.
     async fn sealed_job(&self, job: JobId) -> Result<StoredJob, Status> {
         let storage = Arc::clone(&self.results.storage);
