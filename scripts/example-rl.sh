@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The RL example on a local cluster (what `make example-rl` runs): a coordinator and two
 # workers serving the CartPole sidecar plugin (examples/rl/cartpole_plugin.py), then
-# examples/rl/train.py improving a policy over ITERATIONS (default 20) iterations. Writes
+# examples/rl/train.py improving a policy over ITERATIONS (default 30) iterations. Writes
 # the learning curve to $OUT (default ./data/rl/learning_curve.png) and prints the time
 # per iteration and what each worker ran. Everything else in a temp dir.
 #
@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
 ROLLOUT=${ROLLOUT:-${CARGO_TARGET_DIR:-$HOME/.cache/rollout/target}/debug/rollout}
-ITERATIONS=${ITERATIONS:-20}
+ITERATIONS=${ITERATIONS:-30}
 OUT=${OUT:-$root/data/rl/learning_curve.png}
 LOG_PREFIX=example-rl
 source scripts/lib/cluster.sh

@@ -1,9 +1,13 @@
 """The rollout side of examples/rl: a sidecar plugin that runs CartPole episodes with a
 linear policy, in plain numpy (no gym, nothing downloaded).
 
-Method ``episodes``, payload JSON: {"weights": [5 floats], "seed": int, "episodes": int}.
-The policy pushes right when weights[:4] . state + weights[4] > 0. Returns JSON
-{"return": mean undiscounted return over the episodes (at most 500 each)}.
+Method ``episodes``: the task's one input is the current weights (a .npy blob the
+trainer uploaded once per iteration, fetched once per worker); the payload is JSON
+{"noise_seed": int, "sign": 1 or -1, "sigma": float, "seed": int, "episodes": int}:
+the policy evaluated is weights + sign * sigma * noise, the noise drawn from
+noise_seed (the trainer draws the same). The policy pushes right when
+w[:4] . state + w[4] > 0. Returns JSON {"return": mean undiscounted return over the
+episodes (at most 500 each)}.
 """
 
 import json
@@ -33,13 +37,20 @@ def episode(w: np.ndarray, rng: np.random.Generator) -> float:
     return float(MAX_STEPS)
 
 
-def handle(method: str, payload: bytes) -> bytes:
+def perturbation(noise_seed: int) -> np.ndarray:
+    return np.random.default_rng(noise_seed).standard_normal(5)
+
+
+def handle(method: str, payload: bytes, inputs: list) -> bytes:
     if method != "episodes":
         raise ValueError(f"unknown method {method!r} (this plugin has: episodes)")
+    if len(inputs) != 1:
+        raise ValueError(f"expected one input (the weights blob), got {len(inputs)}")
     args = json.loads(payload)
-    w = np.asarray(args["weights"], dtype=float)
-    if w.shape != (5,):
-        raise ValueError(f"weights: expected 5 numbers, got {w.shape}")
+    base = np.load(inputs[0])
+    if base.shape != (5,):
+        raise ValueError(f"weights: expected 5 numbers, got shape {base.shape}")
+    w = base + float(args["sign"]) * float(args["sigma"]) * perturbation(int(args["noise_seed"]))
     rng = np.random.default_rng(int(args["seed"]))
     returns = [episode(w, rng) for _ in range(int(args.get("episodes", 1)))]
     return json.dumps({"return": float(np.mean(returns))}).encode()

@@ -1,19 +1,19 @@
 """An RL rollout loop on rollout: a linear CartPole policy improved by an evolution
 strategy, its episodes run as tasks on the cluster's workers (examples/rl/cartpole_plugin.py).
 
-Each iteration: draw POPULATION perturbations of the weights, submit one task per
-perturbation (and its mirror: antithetic sampling), stream the returns back as the
-tasks finish (job.results()), and step the weights along the return-weighted noise.
-At the end it writes a learning curve (PNG) and prints the time per iteration and how
-many bytes of weights each worker was sent.
-
-The weights travel inline in each task's payload (five floats here); blobs by reference,
-sent once per worker, are issue 17's next step.
+Each iteration: upload the current weights once as a blob, draw POPULATION
+perturbations (by seed), submit one task per perturbation and its mirror (antithetic
+sampling), each naming the weights blob as its input (every worker fetches it once,
+however many of the tasks it runs), stream the returns back as the tasks finish
+(job.results()), and step the weights along the return-weighted noise. At the end it
+writes a learning curve (PNG) and prints the time per iteration and how many bytes of
+weights each worker fetched.
 
 Usage: python examples/rl/train.py --addr HOST:PORT --tls-dir DIR [--iterations 20] [--out curve.png]
 """
 
 import argparse
+import io
 import json
 import sys
 import time
@@ -42,23 +42,27 @@ def main() -> int:
     client = Client(args.addr, tls_dir=args.tls_dir)
     curve, times = [], []
     metrics = dict(kv.split("=", 1) for kv in args.worker_metrics.split(",") if kv)
-    calls_before = {w: plugin_calls(a) for w, a in metrics.items()}
-    payload_bytes = 0
+    before = {w: worker_counts(a) for w, a in metrics.items()}
+    weights_bytes = 0
     for it in range(args.iterations):
         started = time.monotonic()
-        noise = rng.standard_normal((args.population, 5))
-        candidates = np.concatenate([weights + args.sigma * noise, weights - args.sigma * noise])
+        buf = io.BytesIO()
+        np.save(buf, weights)
+        blob = client.put_blob(buf.getvalue())
+        noise_seeds = [int(s) for s in rng.integers(1 << 31, size=args.population)]
+        noise = np.stack([np.random.default_rng(s).standard_normal(5) for s in noise_seeds])
         payloads = [
-            json.dumps({"weights": c.tolist(), "seed": int(rng.integers(1 << 31)), "episodes": args.episodes})
-            for c in candidates
+            json.dumps({"noise_seed": s, "sign": sign, "sigma": args.sigma, "seed": int(rng.integers(1 << 31)),
+                        "episodes": args.episodes})
+            for sign in (1, -1) for s in noise_seeds
         ]
-        job = client.submit((Task("cartpole", p, method="episodes") for p in payloads), name=f"es-{it}")
-        returns = np.zeros(len(candidates))
+        job = client.submit((Task("cartpole", p, method="episodes", inputs=(blob,)) for p in payloads), name=f"es-{it}")
+        returns = np.zeros(len(payloads))
         for r in job.results():
             if r.state != "committed":
                 raise SystemExit(f"task {r.index} {r.state}: {r.errors}")
             returns[r.index] = json.loads(r.result)["return"]
-        payload_bytes += sum(len(p) for p in payloads)
+        weights_bytes = len(buf.getvalue())
         ranks = (returns - returns.mean()) / (returns.std() + 1e-8)
         grad = (ranks[: args.population] - ranks[args.population :]) @ noise / (2 * args.population)
         weights = weights + args.lr * grad
@@ -84,22 +88,20 @@ def main() -> int:
     print(f"learning curve: {args.out}")
     print(f"return: first iteration {curve[0]:.1f}, last {curve[-1]:.1f}, best {max(curve):.1f}")
     print(f"time per iteration: median {sorted(times)[len(times) // 2]:.2f} s ({2 * args.population} tasks)")
-    calls = {w: plugin_calls(a) - calls_before[w] for w, a in metrics.items()}
-    total = sum(calls.values()) or 1
-    per_task = payload_bytes / (args.iterations * 2 * args.population)
-    print("tasks and weights (inline in payloads, about %.0f bytes a task) per worker: " % per_task
-          + ", ".join(f"{w} {n} tasks, {n * per_task / 1024:.1f} KiB" for w, n in sorted(calls.items()))
-          + f" ({total} tasks in all)")
+    after = {w: worker_counts(a) for w, a in metrics.items()}
+    print(f"weights: one {weights_bytes}-byte blob per iteration; per worker: "
+          + ", ".join(f"{w} ran {after[w][0] - before[w][0]} tasks and fetched {after[w][1] - before[w][1]} bytes of weights"
+                      f" ({(after[w][1] - before[w][1]) / weights_bytes:.0f} blobs)" for w in sorted(metrics)))
     return 0 if curve[-1] > curve[0] else 1
 
 
-def plugin_calls(metrics_addr: str) -> int:
-    """The cartpole calls a worker has run, from its /metrics."""
+def worker_counts(metrics_addr: str) -> tuple:
+    """(cartpole calls run, blob bytes fetched) of a worker, from its /metrics."""
     import urllib.request
 
     text = urllib.request.urlopen(f"http://{metrics_addr}/metrics", timeout=5).read().decode()
-    return int(sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines()
-                   if l.startswith('rollout_worker_plugin_calls_total{plugin="cartpole"')))
+    value = lambda prefix: int(sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(prefix)))
+    return value('rollout_worker_plugin_calls_total{plugin="cartpole"'), value("rollout_worker_blob_fetch_bytes_total")
 
 
 if __name__ == "__main__":

@@ -6,15 +6,24 @@
 - sleep: sleeps for the payload, read as milliseconds, then returns it
 - crash: exits the process at once (the worker restarts it)
 - pid:   returns this process's pid (tests use it to see a restart)
+- inputs: returns, per input blob, its SHA-256 and size ("<hex> <bytes>" lines)
 """
 
+import hashlib
 import os
 import time
 
 from rollout_plugin import serve
 
 
-def handle(method: str, payload: bytes) -> bytes:
+def handle(method: str, payload: bytes, inputs: list) -> bytes:
+    if method == "inputs":
+        lines = []
+        for path in inputs:
+            with open(path, "rb") as f:
+                data = f.read()
+            lines.append(f"{hashlib.sha256(data).hexdigest()} {len(data)}")
+        return "\n".join(lines).encode()
     if method == "echo":
         return payload
     if method == "upper":
@@ -32,4 +41,4 @@ def handle(method: str, payload: bytes) -> bytes:
 
 
 if __name__ == "__main__":
-    serve(handle, name="echo", methods=["echo", "upper", "fail", "sleep", "crash", "pid"])
+    serve(handle, name="echo", methods=["echo", "upper", "fail", "sleep", "crash", "pid", "inputs"])

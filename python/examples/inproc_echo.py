@@ -1,11 +1,20 @@
 """Example in-process plugin (mode = "python"): the worker imports this module and
-calls handle(method, payload) -> bytes. A one-argument handle(payload) also works.
+calls handle(method, payload, inputs) -> bytes, inputs being the local files of the
+task's input blobs. handle(method, payload) and handle(payload) work too.
 """
 
+import hashlib
 import time
 
 
-def handle(method: str, payload: bytes) -> bytes:
+def handle(method: str, payload: bytes, inputs: list) -> bytes:
+    if method == "inputs":
+        out = []
+        for path in inputs:
+            with open(path, "rb") as f:
+                data = f.read()
+            out.append(f"{hashlib.sha256(data).hexdigest()} {len(data)}")
+        return "\n".join(out).encode()
     if method == "echo":
         return payload
     if method == "upper":

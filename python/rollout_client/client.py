@@ -87,6 +87,9 @@ class Task:
     method: str = "run"
     gpus: int = 0
     deadline_ms: int = 0
+    #: Content ids (hex, from ``put_blob``) of blobs the task reads; each worker fetches
+    #: a blob once, and the plugin gets local file paths.
+    inputs: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,8 +372,10 @@ class Client:
                 first = index
                 continue
             payload = t.payload.encode() if isinstance(t.payload, str) else bytes(t.payload)
-            batch.append(TaskSpec(plugin=t.plugin, method=t.method, payload=payload, gpus=t.gpus, deadline_ms=t.deadline_ms))
-            batch_bytes += len(payload) + len(t.plugin) + len(t.method) + 16
+            inputs = [bytes.fromhex(i) for i in t.inputs]
+            batch.append(TaskSpec(plugin=t.plugin, method=t.method, payload=payload, gpus=t.gpus,
+                                  deadline_ms=t.deadline_ms, inputs=inputs))
+            batch_bytes += len(payload) + len(t.plugin) + len(t.method) + 16 + 34 * len(inputs)
             index += 1
             if len(batch) >= APPEND_TASKS_MAX or batch_bytes >= APPEND_BYTES_MAX:
                 flush(first, batch)

@@ -45,6 +45,7 @@ def _file() -> descriptor_pb2.FileDescriptorProto:
             ("deadline_ms", _F.TYPE_UINT64, {}),
             ("task_id", _F.TYPE_STRING, {}),
             ("attempt", _F.TYPE_UINT32, {}),
+            ("input_paths", _F.TYPE_STRING, {"repeated": True}),
         ],
     )
     message(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import signal
 import sys
@@ -38,9 +39,24 @@ def socket_path(argv: Optional[list] = None) -> str:
     return path
 
 
+def _takes_inputs(handler) -> bool:
+    """Whether ``handler`` takes a third positional argument: the task's input files."""
+    try:
+        params = [
+            p for p in inspect.signature(handler).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        return False
+    return len(params) >= 3
+
+
 def _call(handler: Handler, request, context):
     try:
-        result = handler(request.method, bytes(request.payload))
+        if _takes_inputs(handler):
+            result = handler(request.method, bytes(request.payload), list(request.input_paths))
+        else:
+            result = handler(request.method, bytes(request.payload))
         if isinstance(result, str):
             result = result.encode()
         if not isinstance(result, (bytes, bytearray, memoryview)):
@@ -83,6 +99,10 @@ def serve(
     max_workers: int = 4,
 ) -> None:
     """Serves ``handler(method, payload) -> bytes`` until SIGTERM/SIGINT or the worker dies.
+
+    A handler with a third parameter, ``handler(method, payload, inputs)``, also gets the
+    task's input blobs as a list of local file paths (fetched by the worker, verified,
+    shared by every task that names the same blob).
 
     ``max_workers`` bounds how many calls run at once (the worker may send several).
     """

@@ -7,6 +7,7 @@ system/cli/tests/python_client.rs, sets it); without it the tests fail, saying s
 import os
 import signal
 import socket
+import sys
 import subprocess
 import tempfile
 import time
@@ -28,6 +29,8 @@ def cluster():
     assert rollout and os.path.exists(rollout), "set ROLLOUT to the rollout binary (cargo test -p rollout-cli does)"
     tmp = tempfile.mkdtemp(prefix="rollout-pyclient-")
     port = free_port()
+    metrics = {w: f"127.0.0.1:{free_port()}" for w in ("w1", "w2")}
+    examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
     cfg = os.path.join(tmp, "cluster.toml")
     with open(cfg, "w") as f:
         f.write(
@@ -46,6 +49,13 @@ data_dir = "{tmp}/data"
 [metrics]
 listen_addr = ""
 worker_listen_addr = ""
+
+[[plugins]]
+name = "echo-py"
+mode = "sidecar"
+script = "{examples}/echo_plugin.py"
+python = "{sys.executable}"
+startup_timeout = "30s"
 """
         )
     run = lambda *args: subprocess.run([rollout, *args, "--config", cfg], check=True, capture_output=True)
@@ -56,7 +66,8 @@ worker_listen_addr = ""
                               stderr=open(os.path.join(tmp, "coordinator.log"), "w"))]
     for w in ("w1", "w2"):
         procs.append(subprocess.Popen(
-            [rollout, "worker", "--config", cfg, "--id", w, "--slots", "4", "--history", "/dev/null"],
+            [rollout, "worker", "--config", cfg, "--id", w, "--slots", "4", "--history", "/dev/null",
+             "--metrics-addr", metrics[w]],
             stderr=open(os.path.join(tmp, f"{w}.log"), "w")))
     addr = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -70,6 +81,7 @@ worker_listen_addr = ""
             client = None
         assert time.monotonic() < deadline, "the cluster did not come up within 60 s"
         time.sleep(0.1)
+    client.worker_metrics = metrics
     yield client
     client.close()
     for p in procs:
@@ -85,7 +97,7 @@ def test_status_shows_both_workers_with_their_plugins(cluster):
     status = cluster.status()
     ids = sorted(w.worker_id for w in status.workers)
     assert ids == ["w1", "w2"]
-    assert all({"echo", "sleep"} <= set(w.plugins) and w.slots == 4 for w in status.workers)
+    assert all({"echo", "sleep", "echo-py"} <= set(w.plugins) and w.slots == 4 for w in status.workers)
     assert status.totals["workers_active"] == 2
 
 
@@ -185,3 +197,42 @@ def test_a_blob_round_trips_once_and_a_missing_one_is_not_found(cluster, tmp_pat
     assert len(listed) == 1 and listed[0]["size_bytes"] == len(data)
     with pytest.raises(NotFound):
         cluster.get_blob("00" * 32)
+
+
+def scrape(addr):
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://{addr}/metrics", timeout=5).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            samples[key] = float(value)
+    return samples
+
+
+def test_200_tasks_reading_one_64_mib_blob_fetch_it_once_per_worker(cluster):
+    import hashlib
+
+    blob = os.urandom(64 * 1024 * 1024)
+    cid = cluster.put_blob(blob)
+    before = {w: scrape(a) for w, a in cluster.worker_metrics.items()}
+    job = cluster.submit([Task("echo-py", b"", method="inputs", inputs=(cid,)) for _ in range(200)], name="py-blob")
+    want = f"{hashlib.sha256(blob).hexdigest()} {len(blob)}".encode()
+    results = list(job.results())
+    assert len(results) == 200 and all(r.state == "committed" and r.result == want for r in results), results[:2]
+    after = {w: scrape(a) for w, a in cluster.worker_metrics.items()}
+    for w in ("w1", "w2"):
+        fetches = after[w]["rollout_worker_blob_fetches_total"] - before[w].get("rollout_worker_blob_fetches_total", 0)
+        fetched = after[w]["rollout_worker_blob_fetch_bytes_total"] - before[w].get("rollout_worker_blob_fetch_bytes_total", 0)
+        calls = sum(v for k, v in after[w].items() if k.startswith('rollout_worker_plugin_calls_total{plugin="echo-py"'))
+        print(f"{w}: {int(calls)} echo-py calls, {int(fetches)} blob fetch(es), {int(fetched)} bytes fetched")
+        assert calls > 0, f"{w} ran none of the tasks"
+        assert (fetches, fetched) == (1, len(blob)), f"{w} fetched the blob {fetches} times ({fetched} bytes)"
+
+
+def test_a_task_naming_a_blob_that_is_not_stored_is_refused_naming_it(cluster):
+    missing = "ab" * 32
+    with pytest.raises(InvalidArgument) as refused:
+        cluster.submit([Task("echo-py", b"", method="inputs", inputs=(missing,))], name="py-missing")
+    assert missing in refused.value.message and "tasks[0].inputs[0]" in refused.value.message, refused.value

@@ -24,6 +24,7 @@ impl Sim {
                 payload: payload(job, k, wl.payload_bytes as usize),
                 gpus: 0,
                 deadline: wl.task_deadline_ms.map(Duration::from_millis),
+                inputs: Vec::new(),
             })
             .collect();
         let submission = JobSubmission { name: format!("job{job}"), tasks, idempotency_key: Some(format!("job{job}")) };

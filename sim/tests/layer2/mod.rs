@@ -282,6 +282,7 @@ impl Cluster {
                     },
                     gpus: 0,
                     deadline_ms: 30_000,
+                    inputs: Vec::new(),
                 })
                 .collect(),
             idempotency_key: name.clone(),

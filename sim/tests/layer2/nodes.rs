@@ -181,6 +181,7 @@ impl WorkerNode {
                 plugin_time: self.plugin_time,
             },
             metrics: Arc::new(rollout_transport::metrics::WorkerMetrics::new(0)),
+            blob_cache: None,
         };
         run_worker(options, lazy_channel(connector)).await?;
         Ok(())

@@ -162,9 +162,10 @@ enum Command {
     /// Submit tasks from a JSONL file and, by default, wait for them with a progress bar.
     ///
     /// One task per line: {"plugin": "echo", "payload": "text"}, with optional "method"
-    /// (default "run"), "gpus", "deadline_ms" and "job" (lines with the same "job"
-    /// label form one job, at most 64 labels; without it, all lines form one job named
-    /// after the file). A hash of each job's lines is its idempotency key, so re-running
+    /// (default "run"), "gpus", "deadline_ms", "inputs" (content ids of blobs from
+    /// `rollout blob put` the task reads; refused if one is not stored) and "job" (lines
+    /// with the same "job" label form one job, at most 64 labels; without it, all lines
+    /// form one job named after the file). A hash of each job's lines is its idempotency key, so re-running
     /// the same command does not queue the same tasks twice, and a submit that was cut
     /// off resumes where it stopped.
     ///

@@ -68,6 +68,9 @@ struct TaskLine {
     deadline_ms: u64,
     #[serde(default)]
     job: Option<String>,
+    /// Content ids (64 hex digits, as `rollout blob put` prints) of blobs the task reads.
+    #[serde(default)]
+    inputs: Vec<String>,
 }
 
 /// Most distinct `"job"` labels one submit file may use (each is a job open at once).
@@ -160,6 +163,13 @@ fn parse_task(path: &Path, number: usize, line: &str, max_payload_bytes: u32) ->
     }
     if payload.len() > max_payload_bytes as usize {
         return fail(format!("payload: {} bytes exceed limits.max_payload_bytes ({max_payload_bytes})", payload.len()));
+    }
+    for (i, id) in task.inputs.iter().enumerate() {
+        if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return fail(format!(
+                "inputs[{i}]: {id:?} is not a content id (64 hex digits, as `rollout blob put` prints)"
+            ));
+        }
     }
     Ok((task, payload))
 }
@@ -311,8 +321,9 @@ pub async fn submit(op: &OperatorArgs, file: &Path, wait: bool, json: bool) -> R
             payload,
             gpus: task.gpus,
             deadline_ms: task.deadline_ms,
+            inputs: task.inputs.iter().filter_map(|id| hex::decode(id).ok()).collect(),
         };
-        let size = spec.payload.len() + 512;
+        let size = spec.payload.len() + 512 + 34 * spec.inputs.len();
         job.buffered_bytes += size;
         buffered += size;
         job.buffer.push(spec);

@@ -130,8 +130,14 @@ fn audit_export_writes_the_coordinator_history_that_check_reads() {
         let settings = CoordinatorSettings::from_config(&Config::default());
         let now = Now::new(Mono::ZERO, SystemTime::now());
         let mut coordinator = Coordinator::recover(storage, settings, now).expect("recover");
-        let spec =
-            TaskSpec { plugin: "echo".into(), method: "run".into(), payload: b"x".to_vec(), gpus: 0, deadline: None };
+        let spec = TaskSpec {
+            plugin: "echo".into(),
+            method: "run".into(),
+            payload: b"x".to_vec(),
+            gpus: 0,
+            deadline: None,
+            inputs: Vec::new(),
+        };
         let job = JobSubmission { name: "j".into(), tasks: vec![spec.clone(), spec], idempotency_key: None };
         let mut out = Vec::new();
         coordinator.handle(now, CoordinatorInput::SubmitJob { request: 1, job }, &mut out).expect("commits");

@@ -52,6 +52,7 @@ fn spec(i: u32) -> TaskSpec {
         payload: format!("task-{i:08}").into_bytes(),
         gpus: 0,
         deadline: None,
+        inputs: Vec::new(),
     }
 }
 

@@ -13,7 +13,7 @@ use rollout_core::protocol::{Assignment, ToWorker};
 use rollout_core::{Attempt, Error, Result, TaskId, WorkerId};
 
 use crate::machine::{ASSIGN_BYTES_PER_BATCH_MAX, Batch, Coordinator, ReadyKey};
-use crate::records::{StateKind, TaskRecord, TaskState, WorkerState, payload_key};
+use crate::records::{StateKind, TaskRecord, TaskState, WorkerState, inputs_key, payload_key};
 
 impl Coordinator {
     /// Whether `task` is a live task waiting for a worker.
@@ -147,6 +147,9 @@ impl Coordinator {
         let payload = batch
             .get_chunked(&payload_key(task))?
             .ok_or_else(|| Error::internal(format!("task {task} has no stored payload")))?;
+        let has_inputs = self.jobs.get(&task.job).is_some_and(|j| j.has_inputs);
+        let inputs: Vec<rollout_core::ContentId> =
+            if has_inputs { batch.load(&inputs_key(task))?.unwrap_or_default() } else { Vec::new() };
         self.counters.last_token = self.counters.last_token.next();
         self.counters_dirty = true;
         let token = self.counters.last_token;
@@ -182,6 +185,7 @@ impl Coordinator {
                 method: shape.method.clone(),
                 payload,
                 deadline,
+                inputs,
             }),
         );
         Ok(())

@@ -12,6 +12,9 @@ use crate::machine::{
 };
 use crate::records::{self, *};
 
+/// Most blobs one task may name as inputs (the wire holds it to the same).
+pub const INPUTS_PER_TASK_MAX: usize = 64;
+
 impl Coordinator {
     pub(crate) fn on_submit_job(
         &mut self,
@@ -209,6 +212,12 @@ impl Coordinator {
                     "tasks[{i}]: plugin and method names are at most {NAME_BYTES_MAX} bytes"
                 )));
             }
+            if spec.inputs.len() > INPUTS_PER_TASK_MAX {
+                return Err(Error::invalid_input(format!(
+                    "tasks[{i}].inputs: {} blobs exceed the {INPUTS_PER_TASK_MAX} a task may name",
+                    spec.inputs.len()
+                )));
+            }
             if spec.payload.len() > limits.max_payload_bytes as usize {
                 return Err(Error::invalid_input(format!(
                     "tasks[{i}].payload: {} bytes exceed limits.max_payload_bytes ({})",
@@ -243,7 +252,7 @@ impl Coordinator {
             counts: TaskCounts::default(),
             finished_at_unix_ms: None,
         };
-        self.jobs.insert(id, JobEntry { record, shapes: Vec::new(), opened_at: now.mono });
+        self.jobs.insert(id, JobEntry { record, shapes: Vec::new(), opened_at: now.mono, has_inputs: false });
         self.open_jobs.insert((now.mono, id));
         self.dirty_jobs.insert(id);
         Ok(id)
@@ -255,7 +264,12 @@ impl Coordinator {
         let entry = self.jobs.get_mut(&job).ok_or_else(|| Error::internal(format!("appending to unknown {job}")))?;
         let first = entry.record.tasks;
         for (i, spec) in tasks.iter().enumerate() {
-            batch.put_chunked(&payload_key(TaskId::new(job, first + i as u32)), &spec.payload)?;
+            let task = TaskId::new(job, first + i as u32);
+            batch.put_chunked(&payload_key(task), &spec.payload)?;
+            if !spec.inputs.is_empty() {
+                batch.put(&inputs_key(task), &spec.inputs)?;
+                entry.has_inputs = true;
+            }
         }
         let runs = shape_runs(tasks);
         batch.put(&shapes_key(job, first), &runs)?;
@@ -453,6 +467,7 @@ impl Coordinator {
             batch.delete(&key)?;
         }
         batch.delete_chunked(&payload_key(task))?;
+        batch.delete(&inputs_key(task))?;
         Ok(())
     }
 

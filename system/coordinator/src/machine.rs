@@ -401,6 +401,8 @@ pub(crate) struct JobEntry {
     pub shapes: Vec<(u32, Arc<TaskShape>)>,
     /// When it was opened (or recovered), for `tasks.open_job_timeout`.
     pub opened_at: Mono,
+    /// Whether any of its tasks names blob inputs (then a lease reads `c/ti/`).
+    pub has_inputs: bool,
 }
 
 impl JobEntry {
@@ -732,7 +734,8 @@ impl Coordinator {
     /// shapes and live tasks back, checked against the counts stored with the job.
     fn recover_job(&mut self, record: JobRecord, now: Now, orphans: &mut Vec<TaskId>) -> Result<()> {
         let id = record.id;
-        let mut entry = JobEntry { record, shapes: Vec::new(), opened_at: now.mono };
+        let has_inputs = !self.storage.scan_page(&job_inputs_prefix(id), None, 1)?.is_empty();
+        let mut entry = JobEntry { record, shapes: Vec::new(), opened_at: now.mono, has_inputs };
         if entry.is_finished() {
             self.totals.add(&entry.record.counts);
             self.finished_jobs.insert((entry.record.finished_at_unix_ms.unwrap_or(0), id));

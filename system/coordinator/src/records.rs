@@ -12,6 +12,7 @@
 //! | `c/idem/<key>` | [`JobId`] of the job submitted with that idempotency key |
 //! | `c/js/<job u64><first index u32>` | [`ShapeRuns`] of the tasks appended from that index (one record per append) |
 //! | `c/tp/<job u64><index u32><chunk u32>` | a task's payload, in chunks of [`CHUNK_BYTES`] (written once) |
+//! | `c/ti/<job u64><index u32>` | the content ids of the blobs a task reads (`Vec<ContentId>`), only for tasks that name any (additive: no format change) |
 //! | `c/t/<job u64><index u32>` | [`TaskRecord`] (written at the first state change after queued, then at every one); a result of at most [`INLINE_RESULT_BYTES_MAX`] lives here ([`TaskState::CommittedInline`]) |
 //! | `c/audit/<first seq u64>` | a block of [`crate::audit::AuditEntry`]: (part of) one batch's events |
 //! | `c/audit_base` | [`crate::audit::AuditBase`]: the last entry deleted by the audit retention |
@@ -54,6 +55,8 @@ pub(crate) const JOB_PREFIX: &[u8] = b"c/j/";
 pub(crate) const IDEMPOTENCY_PREFIX: &[u8] = b"c/idem/";
 pub(crate) const SHAPES_PREFIX: &[u8] = b"c/js/";
 pub(crate) const PAYLOAD_PREFIX: &[u8] = b"c/tp/";
+/// A task's blob inputs (only for tasks that name any).
+pub(crate) const INPUTS_PREFIX: &[u8] = b"c/ti/";
 pub(crate) const TASK_PREFIX: &[u8] = b"c/t/";
 pub(crate) const AUDIT_PREFIX: &[u8] = b"c/audit/";
 pub(crate) const AUDIT_BASE: &[u8] = b"c/audit_base";
@@ -214,6 +217,8 @@ pub struct TaskSpec {
     pub gpus: u32,
     /// How long one attempt may run (`None`: the coordinator's default).
     pub deadline: Option<Duration>,
+    /// Blobs it reads (stored under `c/ti/<task>` when there are any).
+    pub inputs: Vec<ContentId>,
 }
 
 impl TaskSpec {
@@ -403,6 +408,16 @@ pub(crate) fn job_shapes_prefix(job: JobId) -> Vec<u8> {
 /// The prefix of a task's payload chunks.
 pub(crate) fn payload_key(task: TaskId) -> Vec<u8> {
     [PAYLOAD_PREFIX, &task_suffix(task)].concat()
+}
+
+/// Where a task's blob inputs are (a `Vec<ContentId>`; absent when it names none).
+pub(crate) fn inputs_key(task: TaskId) -> Vec<u8> {
+    [INPUTS_PREFIX, &task_suffix(task)].concat()
+}
+
+/// The prefix of every inputs record of `job`.
+pub(crate) fn job_inputs_prefix(job: JobId) -> Vec<u8> {
+    [INPUTS_PREFIX, &job.get().to_be_bytes()].concat()
 }
 
 /// The key of chunk `n` of the value stored under `base`.

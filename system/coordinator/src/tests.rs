@@ -32,7 +32,14 @@ pub(crate) fn w(name: &str) -> WorkerId {
 }
 
 pub(crate) fn spec(plugin: &str, gpus: u32) -> TaskSpec {
-    TaskSpec { plugin: plugin.into(), method: "handle".into(), payload: b"in".to_vec(), gpus, deadline: None }
+    TaskSpec {
+        plugin: plugin.into(),
+        method: "handle".into(),
+        payload: b"in".to_vec(),
+        gpus,
+        deadline: None,
+        inputs: Vec::new(),
+    }
 }
 
 impl Harness {

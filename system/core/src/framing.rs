@@ -96,6 +96,7 @@ mod tests {
             method: "m".into(),
             payload: vec![0; payload],
             deadline: Duration::from_secs(1),
+            inputs: Vec::new(),
         })
     }
 

@@ -325,7 +325,7 @@ impl ToWorker {
     /// [`ToCoordinator::work_entry_bytes`]). `None` for the other channels.
     pub fn work_entry_bytes(&self) -> Option<usize> {
         match self {
-            ToWorker::Assign(a) => Some(96 + a.plugin.len() + a.method.len() + a.payload.len()),
+            ToWorker::Assign(a) => Some(96 + a.plugin.len() + a.method.len() + a.payload.len() + 34 * a.inputs.len()),
             ToWorker::SubmitAck { .. } => Some(48),
             _ => None,
         }
@@ -353,6 +353,9 @@ pub struct Assignment {
     pub payload: Vec<u8>,
     /// How long the attempt may run.
     pub deadline: Duration,
+    /// Blobs the task reads, by content id (the worker fetches them before the call).
+    #[serde(default)]
+    pub inputs: Vec<crate::ContentId>,
 }
 
 /// The coordinator's verdict on a submit.

@@ -192,6 +192,8 @@ pub struct PluginCall {
     pub payload: Vec<u8>,
     /// How long the call may take before it is cancelled.
     pub deadline: Duration,
+    /// Local files of the blobs the task reads, in the order the task names them.
+    pub inputs: Vec<std::path::PathBuf>,
 }
 
 /// Why a plugin call produced no result. Each costs one task attempt, never the worker.

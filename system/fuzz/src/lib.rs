@@ -389,6 +389,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
                 payload: format!("task {i}").into_bytes(),
                 gpus: i % 2,
                 deadline_ms: 1_000,
+                inputs: Vec::new(),
             })
             .collect(),
         idempotency_key: "k".into(),
@@ -476,6 +477,7 @@ fn storage_of_a_small_run() -> Arc<dyn Storage> {
         payload: p.as_bytes().to_vec(),
         gpus: 0,
         deadline: None,
+        inputs: Vec::new(),
     };
     let job = rollout_coordinator::JobSubmission {
         name: "seed".into(),

@@ -234,11 +234,21 @@ impl PluginHost for LocalPluginHost {
         if call.deadline.is_zero() {
             return Err(PluginError::DeadlineExceeded(call.deadline));
         }
+        let inputs: Vec<String> = call.inputs.iter().map(|p| p.display().to_string()).collect();
         match plugin {
+            Plugin::Cdylib(_) if !inputs.is_empty() => Err(PluginError::Failed {
+                message: format!(
+                    "plugin {:?} is a cdylib, and cdylib ABI {} has no way to pass input blobs; run tasks with \
+                     inputs on a sidecar or in-process Python plugin",
+                    call.plugin,
+                    rollout_plugin_sdk::abi::ABI_VERSION
+                ),
+                detail: None,
+            }),
             Plugin::Cdylib(p) => p.call(&call.method, &call.payload, call.deadline, cancel),
             #[cfg(feature = "python")]
-            Plugin::Python(p) => p.call(&call.method, &call.payload, call.deadline, cancel),
-            Plugin::Sidecar(p) => p.call(&call.method, &call.payload, call.deadline, cancel),
+            Plugin::Python(p) => p.call(&call.method, &call.payload, &inputs, call.deadline, cancel),
+            Plugin::Sidecar(p) => p.call(&call.method, &call.payload, &inputs, call.deadline, cancel),
         }
     }
 }

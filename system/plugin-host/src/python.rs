@@ -43,7 +43,7 @@ def load(module, path):
             p for p in inspect.signature(handle).parameters.values()
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
         ]
-        arity = 1 if len(required) == 1 else 2
+        arity = 1 if len(required) == 1 else (3 if len(required) >= 3 else 2)
     except (TypeError, ValueError):
         arity = 2
     return handle, arity
@@ -51,9 +51,14 @@ def load(module, path):
 def ident():
     return threading.get_ident()
 
-def call(handle, arity, method, payload):
+def call(handle, arity, method, payload, inputs):
     try:
-        result = handle(payload) if arity == 1 else handle(method, payload)
+        if arity == 1:
+            result = handle(payload)
+        elif arity == 3:
+            result = handle(method, payload, inputs)
+        else:
+            result = handle(method, payload)
         if isinstance(result, str):
             result = result.encode()
         if not isinstance(result, (bytes, bytearray, memoryview)):
@@ -101,16 +106,18 @@ impl PythonPlugin {
         &self,
         method: &str,
         payload: &[u8],
+        inputs: &[String],
         deadline: Duration,
         cancel: &CancelToken,
     ) -> Result<Vec<u8>, PluginError> {
         let loaded = Arc::clone(&self.loaded);
+        let inputs = inputs.to_vec();
         let thread_ident = Arc::new(AtomicU64::new(0));
         let ident_for_call = Arc::clone(&thread_ident);
         let (method, payload) = (method.to_owned(), payload.to_vec());
         let work = move || {
             Python::attach(|py| {
-                let result = run_call(py, &loaded, &ident_for_call, &method, &payload);
+                let result = run_call(py, &loaded, &ident_for_call, &method, &payload, &inputs);
                 // Cleared while attached, so `interrupt` (also attached) never targets
                 // this thread once its Python part is over.
                 ident_for_call.store(0, Ordering::Release);
@@ -145,6 +152,7 @@ fn run_call(
     ident: &AtomicU64,
     method: &str,
     payload: &[u8],
+    inputs: &[String],
 ) -> Result<Vec<u8>, PluginError> {
     let crashed = |e: PyErr| PluginError::Crashed(format!("python plugin host: {}", describe(&e)));
     let host = loaded.host.bind(py);
@@ -152,7 +160,9 @@ fn run_call(
     ident.store(me, Ordering::Release);
     let outcome = host
         .getattr("call")
-        .and_then(|f| f.call1((loaded.handle.bind(py), loaded.arity, method, PyBytes::new(py, payload))))
+        .and_then(|f| {
+            f.call1((loaded.handle.bind(py), loaded.arity, method, PyBytes::new(py, payload), inputs.to_vec()))
+        })
         .map_err(crashed)?;
     let (ok, bytes, message, traceback): (bool, Bound<'_, PyBytes>, String, String) =
         outcome.extract().map_err(crashed)?;

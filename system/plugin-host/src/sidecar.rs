@@ -153,6 +153,7 @@ impl SidecarPlugin {
         &self,
         method: &str,
         payload: &[u8],
+        inputs: &[String],
         deadline: Duration,
         cancel: &CancelToken,
     ) -> Result<Vec<u8>, PluginError> {
@@ -174,6 +175,7 @@ impl SidecarPlugin {
             deadline_ms: u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
             task_id: String::new(),
             attempt: 0,
+            input_paths: inputs.to_vec(),
         });
         enum Ended {
             Rpc(Result<tonic::Response<rollout_proto::plugin::CallResponse>, tonic::Status>),

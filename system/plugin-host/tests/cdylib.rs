@@ -16,7 +16,7 @@ fn echo_host() -> LocalPluginHost {
 }
 
 fn call(method: &str, payload: &[u8], deadline: Duration) -> PluginCall {
-    PluginCall { plugin: "echo".into(), method: method.into(), payload: payload.to_vec(), deadline }
+    PluginCall { plugin: "echo".into(), method: method.into(), payload: payload.to_vec(), deadline, inputs: Vec::new() }
 }
 
 const SECOND: Duration = Duration::from_secs(1);

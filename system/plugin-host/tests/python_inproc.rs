@@ -27,7 +27,7 @@ fn host(name: &str, module: &str, path: PathBuf) -> Result<LocalPluginHost, Load
 }
 
 fn call(plugin: &str, method: &str, payload: &[u8], deadline: Duration) -> PluginCall {
-    PluginCall { plugin: plugin.into(), method: method.into(), payload: payload.to_vec(), deadline }
+    PluginCall { plugin: plugin.into(), method: method.into(), payload: payload.to_vec(), deadline, inputs: Vec::new() }
 }
 
 #[test]
@@ -110,4 +110,22 @@ fn a_module_that_cannot_be_loaded_is_a_load_error_with_the_reason() {
     let err = host("py", "broken_plugin", dir.path().to_owned()).unwrap_err();
     let text = err.to_string();
     assert!(text.contains("broken at import") && text.contains("broken_plugin.py"), "{text}");
+}
+
+#[test]
+fn a_three_argument_handle_reads_the_tasks_input_files() {
+    let host = host("py", "inproc_echo", examples_dir()).unwrap();
+    let dir = TempDir::new().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::write(&a, b"first").unwrap();
+    std::fs::write(&b, vec![9u8; 1000]).unwrap();
+    let mut with_inputs = call("py", "inputs", b"", SECOND * 5);
+    with_inputs.inputs = vec![a, b];
+    let out = String::from_utf8(host.call(&with_inputs, &CancelToken::new()).unwrap()).unwrap();
+    let want = format!(
+        "{} 5\n{} 1000",
+        rollout_core::ContentId::of(b"first").to_hex(),
+        rollout_core::ContentId::of(&[9u8; 1000]).to_hex()
+    );
+    assert_eq!(out, want);
 }

@@ -46,7 +46,13 @@ fn start_echo() -> Sidecar {
 }
 
 fn call(method: &str, payload: &[u8], deadline: Duration) -> PluginCall {
-    PluginCall { plugin: "echo-py".into(), method: method.into(), payload: payload.to_vec(), deadline }
+    PluginCall {
+        plugin: "echo-py".into(),
+        method: method.into(),
+        payload: payload.to_vec(),
+        deadline,
+        inputs: Vec::new(),
+    }
 }
 
 impl Sidecar {
@@ -67,6 +73,20 @@ impl Sidecar {
 fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z ")
+}
+
+#[test]
+fn a_handle_with_an_inputs_parameter_gets_the_tasks_input_files() {
+    let sidecar = start_echo();
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("blob");
+    std::fs::write(&path, b"weights").unwrap();
+    let mut with_inputs = call("inputs", b"", SECOND * 5);
+    with_inputs.inputs = vec![path];
+    let out = sidecar.host.call(&with_inputs, &CancelToken::new()).unwrap();
+    assert_eq!(String::from_utf8(out).unwrap(), format!("{} 7", rollout_core::ContentId::of(b"weights").to_hex()));
+    // A two-argument call still works beside it.
+    assert_eq!(sidecar.call("echo", b"x", SECOND * 5), Ok(b"x".to_vec()));
 }
 
 #[test]

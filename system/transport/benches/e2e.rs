@@ -244,6 +244,7 @@ fn noop_job(tasks: u32, noop: NoOp) -> pb::SubmitJobRequest {
             },
             gpus: 0,
             deadline_ms: 60_000,
+            inputs: Vec::new(),
         })
         .collect();
     pb::SubmitJobRequest { name: "bench".into(), tasks, idempotency_key: String::new() }

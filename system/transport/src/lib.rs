@@ -26,6 +26,7 @@
 //! in the binaries); decisions stay in the machines. The drivers only translate, batch
 //! and route.
 
+pub mod blob_cache;
 pub mod coordinator;
 pub mod dashboard;
 pub mod enroll;

@@ -265,6 +265,9 @@ pub struct WorkerMetrics {
     fences: Counter,
     beats_acked: Counter,
     beat_rtt: Histogram,
+    blob_fetches: Counter,
+    blob_fetch_bytes: Counter,
+    blob_cache_bytes: Gauge,
 }
 
 impl WorkerMetrics {
@@ -283,6 +286,9 @@ impl WorkerMetrics {
             fences: Counter::default(),
             beats_acked: Counter::default(),
             beat_rtt: Histogram::new(seconds_buckets()),
+            blob_fetches: Counter::default(),
+            blob_fetch_bytes: Counter::default(),
+            blob_cache_bytes: Gauge::default(),
         };
         m.slots.set(i64::from(slots));
         registry.register("slots", "Tasks this worker runs at once", m.slots.clone());
@@ -309,7 +315,19 @@ impl WorkerMetrics {
             prometheus_client::registry::Unit::Seconds,
             m.beat_rtt.clone(),
         );
+        registry.register("blob_fetches", "Input blobs downloaded into the cache", m.blob_fetches.clone());
+        registry.register("blob_fetch_bytes", "Bytes of input blobs downloaded", m.blob_fetch_bytes.clone());
+        registry.register("blob_cache_bytes", "Bytes of blobs in the cache now", m.blob_cache_bytes.clone());
         WorkerMetrics { registry, ..m }
+    }
+
+    pub(crate) fn blob_fetched(&self, bytes: u64) {
+        self.blob_fetches.inc();
+        self.blob_fetch_bytes.inc_by(bytes);
+    }
+
+    pub(crate) fn set_blob_cache_bytes(&self, bytes: u64) {
+        self.blob_cache_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// The OpenMetrics text of every series.

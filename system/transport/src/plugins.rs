@@ -128,6 +128,7 @@ mod tests {
             method: "run".into(),
             payload: payload.to_vec(),
             deadline: Duration::from_millis(deadline_ms),
+            inputs: Vec::new(),
         }
     }
 

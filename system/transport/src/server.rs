@@ -22,6 +22,7 @@ use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Server};
 
+use crate::blob_cache::BlobCache;
 use crate::coordinator::{CoordinatorDriverOptions, CoordinatorHandle, spawn_coordinator_driver};
 use crate::dashboard::Dashboard;
 use crate::enroll::{EnrollmentApi, require_client_certificate};
@@ -124,6 +125,8 @@ where
 
 /// Operators' blobs live in `<storage.data_dir>/blobs` (content-addressed files).
 pub const BLOB_DIR: &str = "blobs";
+/// A worker keeps the blobs its tasks read in `<storage.data_dir>/blob-cache/<worker id>`.
+pub const BLOB_CACHE_DIR: &str = "blob-cache";
 
 /// A service's full gRPC name (e.g. `rollout.transport.v1.Coordinator`).
 fn service_name<S: tonic::server::NamedService>(_: &S) -> &'static str {
@@ -359,6 +362,9 @@ pub async fn run_worker_process(opts: WorkerOptions, shutdown: watch::Receiver<b
             .map_err(|e| Error::config_invalid("metrics.worker_listen_addr", e.to_string()))?;
         Some(task)
     };
+    let cache_dir = config.storage.data_dir.join(BLOB_CACHE_DIR).join(opts.id.as_str());
+    let blob_cache = BlobCache::open(&cache_dir, config.storage.blob_cache_bytes, Arc::clone(&metrics))
+        .map_err(|e| Error::config_invalid("storage.data_dir", format!("blob cache {}: {e}", cache_dir.display())))?;
     tracing::info!(channel = "register", event = "connecting", worker = %opts.id, coordinator = %addr,
         "connecting to the coordinator at {addr}");
     let ran = run_worker(
@@ -371,6 +377,7 @@ pub async fn run_worker_process(opts: WorkerOptions, shutdown: watch::Receiver<b
             shutdown,
             env: NodeEnv::default(),
             metrics,
+            blob_cache: Some(Arc::new(blob_cache)),
         },
         channel,
     )

@@ -13,7 +13,7 @@ use rollout_core::protocol::{
     WorkerTerms,
 };
 use rollout_core::time::{from_unix_millis, unix_millis};
-use rollout_core::{Attempt, FencingToken, Incarnation, JobId};
+use rollout_core::{Attempt, ContentId, FencingToken, Incarnation, JobId};
 use rollout_proto::transport as pb;
 use rollout_proto::{WireError, required_task_id};
 
@@ -174,7 +174,30 @@ pub fn assign_to_wire(a: Assignment) -> pb::Assign {
         method: a.method,
         payload: a.payload,
         deadline_ms: u64::try_from(a.deadline.as_millis()).unwrap_or(u64::MAX),
+        inputs: a.inputs.iter().map(|id| id.as_bytes().to_vec()).collect(),
     }
+}
+
+/// Most blobs one task may name as inputs.
+pub const INPUTS_PER_TASK_MAX: usize = 64;
+
+/// Content ids from the wire, each 32 bytes, at most [`INPUTS_PER_TASK_MAX`].
+pub fn content_ids(field: &'static str, ids: Vec<Vec<u8>>) -> Result<Vec<ContentId>, WireError> {
+    if ids.len() > INPUTS_PER_TASK_MAX {
+        return Err(WireError {
+            field,
+            reason: format!("{} inputs exceed the {INPUTS_PER_TASK_MAX} a task may name", ids.len()),
+        });
+    }
+    ids.into_iter()
+        .map(|b| {
+            let array: [u8; 32] = b
+                .as_slice()
+                .try_into()
+                .map_err(|_| WireError { field, reason: format!("a content id of {} bytes, not 32", b.len()) })?;
+            Ok(ContentId::from_digest(array))
+        })
+        .collect()
 }
 
 /// A coordinator's terms for the wire (`RegisterResponse.settings`).
@@ -231,6 +254,7 @@ pub fn assign_from_wire(incarnation: Incarnation, a: pb::Assign) -> Result<Assig
         method: a.method,
         payload: a.payload,
         deadline: Duration::from_millis(a.deadline_ms),
+        inputs: content_ids("assign.inputs", a.inputs)?,
     })
 }
 
@@ -375,6 +399,7 @@ pub fn tasks_from_wire(field: &'static str, tasks: Vec<pb::TaskSpec>) -> Result<
             payload: t.payload,
             gpus: t.gpus,
             deadline: (t.deadline_ms > 0).then(|| Duration::from_millis(t.deadline_ms)),
+            inputs: content_ids("tasks.inputs", t.inputs)?,
         });
     }
     Ok(out)
@@ -431,7 +456,7 @@ mod tests {
                 let task = TaskId::new(JobId(job), index);
                 let assign = Assignment {
                     incarnation: Incarnation(1), seq, task, token: FencingToken(token), attempt: Attempt(attempt),
-                    plugin, method, payload: vec![7; payload_len], deadline: Duration::from_millis(deadline_ms),
+                    plugin, method, payload: vec![7; payload_len], deadline: Duration::from_millis(deadline_ms), inputs: Vec::new(),
                 };
                 let exact = entry_len(assign_to_wire(assign.clone()).encoded_len());
                 within_bound(ToWorker::Assign(assign).work_entry_bytes(), exact)?;
@@ -507,6 +532,7 @@ mod tests {
             method: "run".into(),
             payload: b"hi".to_vec(),
             deadline: Duration::from_millis(1500),
+            inputs: Vec::new(),
         };
         assert_eq!(assign_from_wire(Incarnation(3), assign_to_wire(a.clone())), Ok(a));
     }
@@ -535,6 +561,7 @@ mod tests {
             method: "m".repeat(NAME_BYTES_MAX),
             payload: vec![7; payload_bytes],
             deadline: Duration::from_secs(1),
+            inputs: Vec::new(),
         })
     }
 

@@ -38,6 +38,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::transport::Channel;
 
+use crate::blob_cache::BlobCache;
 use crate::coordinator::NodeClock;
 use crate::history::Stamper;
 use crate::metrics::WorkerMetrics;
@@ -72,6 +73,8 @@ pub struct WorkerRuntimeOptions {
     /// Where the driver counts calls, registrations, fences and beats (served at
     /// `/metrics` by the caller).
     pub metrics: Arc<WorkerMetrics>,
+    /// Where tasks' input blobs are kept (none: tasks that name inputs fail, saying so).
+    pub blob_cache: Option<Arc<BlobCache>>,
 }
 
 impl std::fmt::Debug for WorkerRuntimeOptions {
@@ -140,8 +143,17 @@ impl Drop for Streams {
 /// (`Err`, e.g. a protocol version mismatch), over `channel` (see
 /// [`crate::net::lazy_channel`]).
 pub async fn run_worker(opts: WorkerRuntimeOptions, channel: Channel) -> Result<()> {
-    let WorkerRuntimeOptions { settings, plugins, emitter, rng_seed, max_message_bytes, mut shutdown, env, metrics } =
-        opts;
+    let WorkerRuntimeOptions {
+        settings,
+        plugins,
+        emitter,
+        rng_seed,
+        max_message_bytes,
+        mut shutdown,
+        env,
+        metrics,
+        blob_cache,
+    } = opts;
     let client = CoordinatorClient::new(channel)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);
@@ -167,6 +179,7 @@ pub async fn run_worker(opts: WorkerRuntimeOptions, channel: Channel) -> Result<
         finished_in_place: VecDeque::new(),
         link: Link::Connecting,
         metrics,
+        blob_cache,
     };
     driver.input(WorkerInput::Start)?;
     loop {
@@ -234,6 +247,7 @@ struct WorkerDriver {
     /// The link as last logged.
     link: Link,
     metrics: Arc<WorkerMetrics>,
+    blob_cache: Option<Arc<BlobCache>>,
 }
 
 impl WorkerDriver {
@@ -629,36 +643,84 @@ impl WorkerDriver {
         );
         self.metrics.call_started();
         let deadline = a.deadline;
-        let call = PluginCall { plugin: a.plugin, method: a.method, payload: a.payload, deadline };
+        let inputs = a.inputs;
+        let mut call =
+            PluginCall { plugin: a.plugin, method: a.method, payload: a.payload, deadline, inputs: Vec::new() };
         let simulated = self.plugin_time.as_ref().map(|t| (t.0)(&call));
-        if simulated.is_none() && self.plugins.runs_in_place(&call.plugin) {
+        if inputs.is_empty() && simulated.is_none() && self.plugins.runs_in_place(&call.plugin) {
             // No thread hand-off, no timer: the call returns at once.
             let (outcome, bytes) = task_outcome(self.plugins.call(&call, &cancel));
             self.finished_in_place.push_back(Event::TaskFinished(key, outcome, bytes));
             return;
         }
         let (plugins, tx, blocking) = (Arc::clone(&self.plugins), self.events.clone(), self.blocking);
+        let (cache, mut client) = (self.blob_cache.clone(), self.client.clone());
         tokio::spawn(async move {
-            let blocking_cancel = cancel.clone();
-            let run = async move {
-                let result = blocking.run(move || plugins.call(&call, &blocking_cancel)).await;
-                if let Some(lasts) = simulated {
-                    tokio::time::sleep(lasts).await;
+            // The task's input blobs first, each from the cache or fetched once; the
+            // fetch counts against the task's deadline like the call.
+            let started = tokio::time::Instant::now();
+            let mut held = Vec::new();
+            let mut fetch_error = None;
+            if !inputs.is_empty() {
+                match &cache {
+                    None => {
+                        fetch_error =
+                            Some("this worker has no blob cache, so it cannot run tasks with inputs".to_owned())
+                    }
+                    Some(cache) => {
+                        for id in &inputs {
+                            let hold = tokio::time::timeout(deadline, cache.hold(*id, &mut client)).await;
+                            match hold {
+                                Ok(Ok(path)) => {
+                                    held.push(*id);
+                                    call.inputs.push(path);
+                                }
+                                Ok(Err(e)) => {
+                                    fetch_error = Some(e);
+                                    break;
+                                }
+                                Err(_) => {
+                                    fetch_error =
+                                        Some(format!("input blob {id}: not fetched within the task's deadline"));
+                                    break;
+                                }
+                            }
+                        }
+                    }
                 }
-                result
-            };
-            // The host is asked to honour the deadline; if it does not, the driver stops
-            // waiting at the deadline plus the grace every driver gives (the simulator
-            // too) and reports the attempt failed. (Biased: a call that finished is never
-            // reported late, and the choice draws no randomness.)
-            let result = tokio::select! {
-                biased;
-                joined = run => joined.unwrap_or_else(|e| Err(PluginError::Crashed(format!("plugin call panicked: {e}")))),
-                () = tokio::time::sleep(rollout_worker::plugin_stop_after(deadline)) => {
-                    cancel.cancel();
-                    Err(PluginError::DeadlineExceeded(deadline))
+            }
+            let result = match fetch_error {
+                Some(message) => Err(PluginError::Failed { message, detail: None }),
+                None => {
+                    let blocking_cancel = cancel.clone();
+                    let run = async move {
+                        let result = blocking.run(move || plugins.call(&call, &blocking_cancel)).await;
+                        if let Some(lasts) = simulated {
+                            tokio::time::sleep(lasts).await;
+                        }
+                        result
+                    };
+                    let left = rollout_worker::plugin_stop_after(deadline).saturating_sub(started.elapsed());
+                    // The host is asked to honour the deadline; if it does not, the
+                    // driver stops waiting at the deadline plus the grace every driver
+                    // gives (the simulator too) and reports the attempt failed. (Biased:
+                    // a call that finished is never reported late, and the choice draws
+                    // no randomness.)
+                    tokio::select! {
+                        biased;
+                        joined = run => joined.unwrap_or_else(|e| Err(PluginError::Crashed(format!("plugin call panicked: {e}")))),
+                        () = tokio::time::sleep(left) => {
+                            cancel.cancel();
+                            Err(PluginError::DeadlineExceeded(deadline))
+                        }
+                    }
                 }
             };
+            if let Some(cache) = &cache {
+                for id in &held {
+                    cache.release(id);
+                }
+            }
             let (outcome, bytes) = task_outcome(result);
             let _ = tx.send(Event::TaskFinished(key, outcome, bytes)).await;
         });

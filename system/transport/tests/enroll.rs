@@ -115,6 +115,7 @@ async fn a_token_turns_a_bare_machine_into_a_worker_that_runs_a_task() {
         payload: b"hi".to_vec(),
         gpus: 0,
         deadline_ms: 10_000,
+        inputs: Vec::new(),
     };
     let job = operator
         .submit_job(pb::SubmitJobRequest { name: "one".into(), tasks: vec![task], idempotency_key: "one".into() })

@@ -179,6 +179,7 @@ async fn submit(started: &common::Started, plugin: &str, payloads: Vec<Vec<u8>>)
             payload,
             gpus: 0,
             deadline_ms: 30_000,
+            inputs: Vec::new(),
         })
         .collect();
     let request = pb::SubmitJobRequest { name: plugin.into(), tasks, idempotency_key: String::new() };

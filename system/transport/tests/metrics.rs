@@ -77,6 +77,7 @@ async fn the_coordinators_and_the_workers_metrics_match_what_the_cluster_did() {
             payload: format!("p{i}").into_bytes(),
             gpus: 0,
             deadline_ms: 10_000,
+            inputs: Vec::new(),
         })
         .collect();
     let request = pb::SubmitJobRequest { name: "m".into(), tasks, idempotency_key: String::new() };

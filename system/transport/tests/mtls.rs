@@ -178,6 +178,7 @@ async fn two_workers_complete_every_task_of_a_job_exactly_once() {
             payload: format!("payload-{i}").into_bytes(),
             gpus: 0,
             deadline_ms: 10_000,
+            inputs: Vec::new(),
         })
         .collect();
     let accepted = operator

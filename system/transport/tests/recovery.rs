@@ -113,6 +113,7 @@ impl Harness {
                 payload: sleep_ms.to_string().into_bytes(),
                 gpus: 0,
                 deadline_ms: 30_000,
+                inputs: Vec::new(),
             })
             .collect();
         let request = pb::SubmitJobRequest { name: "sleepers".into(), tasks, idempotency_key: String::new() };

@@ -58,6 +58,7 @@ async fn outcomes_stream_as_tasks_end_and_resume_from_any_seq() {
             payload: (100 + 50 * i).to_string().into_bytes(),
             gpus: 0,
             deadline_ms: 30_000,
+            inputs: Vec::new(),
         })
         .collect();
     let request = pb::SubmitJobRequest { name: "watched".into(), tasks, idempotency_key: String::new() };

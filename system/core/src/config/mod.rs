@@ -172,6 +172,9 @@ pub struct StorageConfig {
     /// whole file, about a second per GiB: a damaged file is found at start, not at the
     /// first read of the damage).
     pub check_integrity_on_open: bool,
+    /// Bytes of task input blobs a worker keeps (under `<data_dir>/blob-cache/<worker>`);
+    /// beyond it, the least recently used blobs no running task holds are deleted.
+    pub blob_cache_bytes: u64,
 }
 
 impl Default for StorageConfig {
@@ -180,6 +183,7 @@ impl Default for StorageConfig {
             data_dir: PathBuf::from("./data"),
             cache_bytes: 64 * 1024 * 1024,
             check_integrity_on_open: true,
+            blob_cache_bytes: 16 * 1024 * 1024 * 1024,
         }
     }
 }

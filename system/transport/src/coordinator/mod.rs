@@ -639,8 +639,14 @@ mod tests {
     use crate::test_storage::{GatedStorage, OpenOnDrop};
 
     fn job(name: &str) -> JobSubmission {
-        let spec =
-            TaskSpec { plugin: "echo".into(), method: "run".into(), payload: b"x".to_vec(), gpus: 0, deadline: None };
+        let spec = TaskSpec {
+            plugin: "echo".into(),
+            method: "run".into(),
+            payload: b"x".to_vec(),
+            gpus: 0,
+            deadline: None,
+            inputs: Vec::new(),
+        };
         JobSubmission { name: name.into(), tasks: vec![spec], idempotency_key: None }
     }
 

@@ -284,6 +284,18 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
         Ok(Response::new(self.until_shutdown(stream)))
     }
 
+    type FetchBlobStream = BoxStream<pb::BlobChunk>;
+
+    async fn fetch_blob(&self, req: Request<pb::GetBlobRequest>) -> Result<Response<Self::FetchBlobStream>, Status> {
+        // Any worker may read any blob: tasks name them, and content ids are not secret
+        // from the fleet.
+        match req.extensions().get::<PeerInfo>().and_then(|p| p.role.clone()) {
+            Some(PeerRole::Worker(_)) => {}
+            _ => return Err(Status::permission_denied("FetchBlob is for workers (Operator.GetBlob for operators)")),
+        }
+        self.blob_stream("fetch_blob.content_id", &req.get_ref().content_id)
+    }
+
     type WorkStream = BoxStream<pb::CoordinatorFrame>;
 
     async fn work(&self, req: Request<Streaming<pb::WorkerFrame>>) -> Result<Response<Self::WorkStream>, Status> {

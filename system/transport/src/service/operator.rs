@@ -20,6 +20,7 @@ impl pb::operator_server::Operator for CoordinatorApi {
     async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
         let operator = authorize_operator(&req)?;
         let job = wire::job_from_wire(req.into_inner()).map_err(invalid)?;
+        self.check_inputs(&job.tasks, 0).await?;
         let span = tracing::info_span!("rpc", channel = "operator", operator = %operator, op = "submit_job");
         async move { job_accepted(self.driver.operator(OperatorRequest::SubmitJob(job)).await.map_err(unavailable)?) }
             .instrument(span)
@@ -48,6 +49,7 @@ impl pb::operator_server::Operator for CoordinatorApi {
         authorize_operator(&req)?;
         let pb::AppendTasksRequest { job, first_index, tasks } = req.into_inner();
         let tasks = wire::tasks_from_wire("append_tasks.tasks", tasks).map_err(invalid)?;
+        self.check_inputs(&tasks, first_index as usize).await?;
         let request = OperatorRequest::AppendTasks { job: JobId(job), first_index, tasks };
         match self.driver.operator(request).await.map_err(unavailable)? {
             OperatorReply::TasksAppended { tasks, .. } => Ok(Response::new(pb::AppendTasksResponse { tasks })),
@@ -262,25 +264,7 @@ impl pb::operator_server::Operator for CoordinatorApi {
 
     async fn get_blob(&self, req: Request<pb::GetBlobRequest>) -> Result<Response<Self::GetBlobStream>, Status> {
         authorize_operator(&req)?;
-        let store = self.blob_store()?;
-        let id = blob_id("get_blob.content_id", &req.get_ref().content_id)?;
-        if !store.exists(&id).map_err(internal)? {
-            return Err(Status::not_found(format!("blob {id} is not stored")));
-        }
-        let (tx, rx) = mpsc::channel(BLOB_CHUNKS_QUEUED);
-        tokio::task::spawn_blocking(move || {
-            let mut sink = ChannelWriter { tx: tx.clone() };
-            if let Err(e) = rollout_core::traits::ObjectStore::get_stream(&*store, &id, &mut sink) {
-                let status = match &e {
-                    Error::Fatal(rollout_core::Fatal::Corrupt { .. }) => {
-                        Status::data_loss(format!("blob {id} is damaged; discard what was received: {e}"))
-                    }
-                    _ => internal(e),
-                };
-                let _ = tx.blocking_send(Err(status));
-            }
-        });
-        Ok(Response::new(self.until_shutdown(ReceiverStream::new(rx))))
+        self.blob_stream("get_blob.content_id", &req.get_ref().content_id)
     }
 
     async fn list_blobs(&self, req: Request<pb::ListBlobsRequest>) -> Result<Response<pb::ListBlobsResponse>, Status> {
@@ -444,6 +428,64 @@ const WATCH_RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
 const WATCH_ENTRIES_PER_PASS: usize = 1024;
 
 impl CoordinatorApi {
+    /// Refuses tasks that name a blob the store does not hold, naming the task, the
+    /// input and the blob.
+    async fn check_inputs(&self, tasks: &[rollout_coordinator::TaskSpec], first: usize) -> Result<(), Status> {
+        let named: Vec<(usize, usize, ContentId)> = tasks
+            .iter()
+            .enumerate()
+            .flat_map(|(i, t)| t.inputs.iter().enumerate().map(move |(j, id)| (first + i, j, *id)))
+            .collect();
+        if named.is_empty() {
+            return Ok(());
+        }
+        let store = self.blob_store()?;
+        tokio::task::spawn_blocking(move || {
+            let mut known = std::collections::BTreeSet::new();
+            for (i, j, id) in named {
+                if known.contains(&id) {
+                    continue;
+                }
+                if !store.exists(&id).map_err(internal)? {
+                    return Err(Status::invalid_argument(format!(
+                        "tasks[{i}].inputs[{j}]: blob {id} is not stored (upload it first: rollout blob put FILE)"
+                    )));
+                }
+                known.insert(id);
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| Status::internal(format!("checking inputs: {e}")))?
+    }
+
+    /// A stored blob's bytes as a stream of chunks, verified as they are read.
+    pub(super) fn blob_stream(
+        &self,
+        field: &'static str,
+        id: &[u8],
+    ) -> Result<Response<BoxStream<pb::BlobChunk>>, Status> {
+        let store = self.blob_store()?;
+        let id = blob_id(field, id)?;
+        if !store.exists(&id).map_err(internal)? {
+            return Err(Status::not_found(format!("blob {id} is not stored")));
+        }
+        let (tx, rx) = mpsc::channel(BLOB_CHUNKS_QUEUED);
+        tokio::task::spawn_blocking(move || {
+            let mut sink = ChannelWriter { tx: tx.clone() };
+            if let Err(e) = store.get_stream(&id, &mut sink) {
+                let status = match &e {
+                    Error::Fatal(rollout_core::Fatal::Corrupt { .. }) => {
+                        Status::data_loss(format!("blob {id} is damaged; discard what was received: {e}"))
+                    }
+                    _ => internal(e),
+                };
+                let _ = tx.blocking_send(Err(status));
+            }
+        });
+        Ok(Response::new(self.until_shutdown(ReceiverStream::new(rx))))
+    }
+
     fn blob_store(&self) -> Result<Arc<rollout_cloud_local::FsObjectStore>, Status> {
         self.blobs
             .clone()

@@ -65,6 +65,7 @@ pub fn assignment(incarnation: u64, seq: u64, task: TaskId, token: u64) -> Assig
         method: "run".to_owned(),
         payload: b"input".to_vec(),
         deadline: Duration::from_secs(60),
+        inputs: Vec::new(),
     }
 }
 
