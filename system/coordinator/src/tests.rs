@@ -840,6 +840,35 @@ fn a_small_result_stays_in_its_task_record_and_writes_no_content_addressed_key()
 }
 
 #[test]
+fn a_tasks_inputs_survive_a_restart_and_travel_with_its_lease() {
+    let mut h = Harness::new();
+    let weights = ContentId::of(b"weights");
+    let mut with_inputs = spec("echo", 0);
+    with_inputs.inputs = vec![weights, ContentId::of(b"vocab")];
+    h.submit_job(vec![spec("echo", 0), with_inputs.clone()]);
+    h.crash_and_restart();
+    let inc = h.register("w1");
+    let mut got = h.pull("w1", inc, 4, 0);
+    got.sort_by_key(|a| a.task.index);
+    assert_eq!(got.len(), 2);
+    assert!(got[0].inputs.is_empty(), "a task without inputs leases without them");
+    assert_eq!(got[1].inputs, with_inputs.inputs);
+    // More than the limit is refused naming the field.
+    let mut too_many = spec("echo", 0);
+    too_many.inputs = vec![weights; 65];
+    let request = h.next_request();
+    let out = h.input(CoordinatorInput::SubmitJob {
+        request,
+        job: JobSubmission { name: "t".into(), tasks: vec![too_many], idempotency_key: None },
+    });
+    assert!(
+        out.iter().any(|o| matches!(o, CoordinatorOutput::Reply { reply: OperatorReply::Rejected(e), .. }
+            if e.to_string().contains("tasks[0].inputs"))),
+        "{out:?}"
+    );
+}
+
+#[test]
 fn entries_after_any_seq_are_exactly_the_rest_of_the_chain() {
     let mut h = Harness::new();
     let inc = h.register("w1");
