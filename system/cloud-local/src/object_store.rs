@@ -180,6 +180,45 @@ impl FsObjectStore {
         Ok(out)
     }
 
+    /// When `id` was last stored or used ([`FsObjectStore::touch`]): its file's
+    /// modification time.
+    pub fn last_used(&self, id: &ContentId) -> Result<SystemTime> {
+        let path = self.object_path(id);
+        fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .map_err(|e| io_error(format_args!("reading the age of {}", path.display()), &e))
+    }
+
+    /// Marks `id` used now (its file's modification time), so a retention sweep counts
+    /// its age from here.
+    pub fn touch(&self, id: &ContentId) -> Result<()> {
+        let path = self.object_path(id);
+        let file = File::options()
+            .write(true)
+            .open(&path)
+            .map_err(|e| io_error(format_args!("opening {}", path.display()), &e))?;
+        file.set_modified(SystemTime::now()).map_err(|e| io_error(format_args!("touching {}", path.display()), &e))
+    }
+
+    /// Deletes `id` (its bytes, then its sidecar); true if it was there.
+    pub fn remove(&self, id: &ContentId) -> Result<bool> {
+        let path = self.object_path(id);
+        let removed = match fs::remove_file(&path) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(io_error(format_args!("removing {}", path.display()), &e)),
+        };
+        match fs::remove_file(self.meta_path(id)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error(format_args!("removing the sidecar of {id}"), &e)),
+        }
+        if let Some(dir) = path.parent() {
+            sync_dir(dir)?;
+        }
+        Ok(removed)
+    }
+
     /// Re-reads the object `id` and checks that its bytes still hash to `id`;
     /// returns its length. Damage is [`Fatal::Corrupt`] naming the object's file.
     pub fn verify(&self, id: &ContentId) -> Result<u64> {

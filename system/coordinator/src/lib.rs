@@ -27,7 +27,8 @@ pub use machine::{
 };
 pub use records::{
     FORMAT_VERSION, FORMAT_VERSION_OLDEST, INLINE_RESULT_BYTES_MAX, JobLookup, StoredJob, TaskCounts, TaskReport,
-    TaskShape, TaskSpec, TaskState, WorkerState, durable_task_states, stored_job, stored_result, stored_task_reports,
+    TaskShape, TaskSpec, TaskState, WorkerState, durable_task_states, referenced_blobs, stored_job, stored_result,
+    stored_task_reports,
 };
 pub use status::{ClusterTotals, JobPhase, JobStatus, JobsQuery, StatusPage, StatusQuery, WorkerStatus};
 

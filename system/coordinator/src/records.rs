@@ -415,6 +415,20 @@ pub(crate) fn inputs_key(task: TaskId) -> Vec<u8> {
     [INPUTS_PREFIX, &task_suffix(task)].concat()
 }
 
+/// Every blob a held task names as an input (open, active or finished jobs not yet
+/// deleted): what a blob retention sweep must keep. Read a page at a time.
+pub fn referenced_blobs(storage: &dyn Storage) -> Result<std::collections::BTreeSet<ContentId>> {
+    let mut out = std::collections::BTreeSet::new();
+    for_each_page(storage, INPUTS_PREFIX, |page| {
+        for (key, bytes) in page {
+            let ids: Vec<ContentId> = decode(&key, &bytes)?;
+            out.extend(ids);
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
 /// The prefix of every inputs record of `job`.
 pub(crate) fn job_inputs_prefix(job: JobId) -> Vec<u8> {
     [INPUTS_PREFIX, &job.get().to_be_bytes()].concat()

@@ -27,6 +27,7 @@
 //! and route.
 
 pub mod blob_cache;
+pub mod blob_retention;
 pub mod coordinator;
 pub mod dashboard;
 pub mod enroll;

@@ -150,7 +150,6 @@ impl std::fmt::Debug for CoordinatorOptions {
 }
 
 /// A coordinator running on the current tokio runtime.
-#[derive(Debug)]
 pub struct RunningCoordinator {
     /// The address it listens on.
     pub local_addr: SocketAddr,
@@ -160,10 +159,21 @@ pub struct RunningCoordinator {
     pub metrics_addr: Option<SocketAddr>,
     /// The coordinator's metrics (what `/metrics` serves).
     pub metrics: Arc<CoordinatorMetrics>,
+    /// Its storage, for reads beside the driver (tests, sweeps): what is committed.
+    pub storage: Arc<dyn Storage>,
     metrics_server: Option<JoinHandle<()>>,
     shutdown: watch::Sender<bool>,
     driver: JoinHandle<Result<()>>,
     server: JoinHandle<Result<()>>,
+}
+
+impl std::fmt::Debug for RunningCoordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningCoordinator")
+            .field("local_addr", &self.local_addr)
+            .field("metrics_addr", &self.metrics_addr)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RunningCoordinator {
@@ -227,6 +237,7 @@ pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordi
     let server_tls = tls::server_config(&CertFiles::ca(tls_dir).cert, &CertFiles::coordinator(tls_dir))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let storage_for_results = Arc::clone(&storage);
+    let storage_for_sweep = Arc::clone(&storage);
     let metrics = Arc::new(CoordinatorMetrics::new());
     // The dashboard lives on the metrics listener: none without it.
     let dashboard = (!config.metrics.listen_addr.is_empty()).then(|| Arc::new(Dashboard::new()));
@@ -260,6 +271,37 @@ pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordi
         data_dir = %data_dir.display(), tls_dir = %tls_dir.display(), "transport_server_starting");
     let blobs = rollout_cloud_local::FsObjectStore::open(data_dir.join(BLOB_DIR))?
         .with_max_object_bytes(config.limits.max_blob_bytes);
+    // The blob retention sweep, until shutdown (it holds nothing the server needs).
+    {
+        let (store, storage, keep_for) = (blobs.clone(), Arc::clone(&storage_for_sweep), config.tasks.job_retention);
+        let mut stop = shutdown_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(crate::blob_retention::SWEEP_EVERY) => {}
+                    _ = stop.changed() => return,
+                }
+                let (store, storage) = (store.clone(), Arc::clone(&storage));
+                let swept = tokio::task::spawn_blocking(move || {
+                    crate::blob_retention::sweep(&store, &*storage, keep_for, std::time::SystemTime::now())
+                })
+                .await;
+                match swept {
+                    Ok(Ok(s)) if s.removed > 0 => tracing::info!(
+                        channel = "blobs",
+                        event = "blob_sweep",
+                        kept = s.kept,
+                        removed = s.removed,
+                        removed_bytes = s.removed_bytes,
+                        "blob retention sweep"
+                    ),
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(channel = "blobs", error = %e, "blob retention sweep failed"),
+                    Err(e) => tracing::warn!(channel = "blobs", error = %e, "blob retention sweep panicked"),
+                }
+            }
+        });
+    }
     let api = CoordinatorApi::new(handle.clone(), ResultStore::new(storage_for_results), &config)
         .with_shutdown(shutdown_rx.clone())
         .with_blobs(blobs);
@@ -279,6 +321,7 @@ pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordi
         serve_coordinator_with_enrollment(api, enrollment, tcp_incoming(listener), server_tls, limits, shutdown).await
     });
     Ok(RunningCoordinator {
+        storage: Arc::clone(&storage_for_sweep),
         local_addr,
         handle,
         metrics_addr,

@@ -4,6 +4,7 @@
 mod common;
 
 use rollout_core::ContentId;
+use rollout_core::traits::ObjectStore as _;
 use rollout_proto::transport as pb;
 use rollout_transport::operator_client;
 
@@ -56,5 +57,52 @@ async fn a_blob_goes_up_once_comes_back_whole_and_the_limit_keeps_nothing() {
     assert_eq!(err.code(), tonic::Code::NotFound);
     let err = ops.get_blob(pb::GetBlobRequest { content_id: vec![0; 5] }).await.expect_err("malformed");
     assert!(err.code() == tonic::Code::InvalidArgument && err.message().contains("get_blob.content_id"), "{err:?}");
+    started.coordinator.shutdown().await.expect("clean shutdown");
+}
+
+/// Retention: a blob no held task names goes once unused for tasks.job_retention; one a
+/// held task names stays however old; a submit naming a blob counts as a use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unnamed_blobs_go_after_the_retention_and_named_ones_stay() {
+    use std::time::{Duration, SystemTime};
+
+    let started = common::start(common::fast_config(), &[]).await;
+    let mut ops = operator_client(&started.config, "ops", Some(&started.addr)).expect("operator");
+    let put = |bytes: &'static [u8]| pb::BlobChunk { data: bytes.to_vec() };
+    let named = ops.put_blob(tokio_stream::iter([put(b"named by a task")])).await.expect("put").into_inner();
+    let loose = ops.put_blob(tokio_stream::iter([put(b"named by nothing")])).await.expect("put").into_inner();
+    let fresh = ops.put_blob(tokio_stream::iter([put(b"uploaded just now")])).await.expect("put").into_inner();
+    let task = pb::TaskSpec {
+        plugin: "echo".into(),
+        method: "run".into(),
+        payload: b"x".to_vec(),
+        gpus: 0,
+        deadline_ms: 0,
+        inputs: vec![named.content_id.clone()],
+    };
+    let request = pb::SubmitJobRequest { name: "holds".into(), tasks: vec![task], idempotency_key: String::new() };
+    ops.submit_job(request).await.expect("accepted");
+
+    let store = rollout_cloud_local::FsObjectStore::open(started.config.storage.data_dir.join("blobs")).expect("store");
+    let id = |b: &pb::BlobInfo| ContentId::from_digest(b.content_id.clone().try_into().expect("32 bytes"));
+    // Age the named and the loose blob past a day's retention; leave the fresh one.
+    let long_ago = SystemTime::now() - Duration::from_secs(3 * 86_400);
+    for b in [&named, &loose] {
+        let file = std::fs::File::options().write(true).open(store.object_path(&id(b))).expect("open");
+        file.set_modified(long_ago).expect("age it");
+    }
+    let report = rollout_transport::blob_retention::sweep(
+        &store,
+        &*started.coordinator.storage,
+        Duration::from_secs(86_400),
+        SystemTime::now(),
+    )
+    .expect("sweeps");
+    assert_eq!((report.kept, report.removed), (2, 1), "{report:?}");
+    assert!(store.exists(&id(&named)).expect("check"), "a blob a held task names stays");
+    assert!(store.exists(&id(&fresh)).expect("check"), "a blob used within the retention stays");
+    assert!(!store.exists(&id(&loose)).expect("check"), "an unnamed, unused blob goes");
+    let listed = ops.list_blobs(pb::ListBlobsRequest {}).await.expect("list").into_inner().blobs;
+    assert_eq!(listed.len(), 2);
     started.coordinator.shutdown().await.expect("clean shutdown");
 }

@@ -451,6 +451,9 @@ impl CoordinatorApi {
                         "tasks[{i}].inputs[{j}]: blob {id} is not stored (upload it first: rollout blob put FILE)"
                     )));
                 }
+                // Used now: the retention counts from here (and the job's inputs
+                // record keeps it from the next sweep on).
+                store.touch(&id).map_err(internal)?;
                 known.insert(id);
             }
             Ok(())
