@@ -88,28 +88,15 @@ impl BlobCache {
     pub async fn hold(&self, id: ContentId, client: &mut CoordinatorClient<Channel>) -> Result<PathBuf, String> {
         let gate = {
             let mut s = self.lock();
-            if s.entries.contains_key(&id) {
-                s.clock += 1;
-                let clock = s.clock;
-                let e = s.entries.get_mut(&id).expect("checked");
-                e.holders += 1;
-                e.last_use = clock;
+            if Self::hold_present(&mut s, &id) {
                 return Ok(self.path(&id));
             }
             Arc::clone(s.fetching.entry(id).or_default())
         };
         let _fetching = gate.lock().await;
         // Another task may have fetched it while this one waited.
-        {
-            let mut s = self.lock();
-            if s.entries.contains_key(&id) {
-                s.clock += 1;
-                let clock = s.clock;
-                let e = s.entries.get_mut(&id).expect("checked");
-                e.holders += 1;
-                e.last_use = clock;
-                return Ok(self.path(&id));
-            }
+        if Self::hold_present(&mut self.lock(), &id) {
+            return Ok(self.path(&id));
         }
         let size = self.fetch(id, client).await?;
         let mut s = self.lock();
@@ -120,6 +107,20 @@ impl BlobCache {
         s.entries.insert(id, Entry { size, last_use: clock, holders: 1 });
         self.evict(&mut s);
         Ok(self.path(&id))
+    }
+
+    /// Holds `id` if it is cached (one more holder, used now); whether it was.
+    fn hold_present(s: &mut State, id: &ContentId) -> bool {
+        s.clock += 1;
+        let clock = s.clock;
+        match s.entries.get_mut(id) {
+            Some(e) => {
+                e.holders += 1;
+                e.last_use = clock;
+                true
+            }
+            None => false,
+        }
     }
 
     /// A task is done with blob `id`.

@@ -4,13 +4,10 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rollout_core::WorkerId;
 use rollout_proto::transport as pb;
-use rollout_transport::{BuiltinPlugins, MemoryEmitter, WorkerOptions, operator_client, run_worker_process};
-use tokio::sync::watch;
+use rollout_transport::operator_client;
 
 async fn follow(
     operator: &mut rollout_proto::transport::operator_client::OperatorClient<tonic::transport::Channel>,
@@ -33,21 +30,7 @@ async fn follow(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outcomes_stream_as_tasks_end_and_resume_from_any_seq() {
     let started = common::start(common::fast_config(), &["w1", "w2"]).await;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut workers = Vec::new();
-    for (i, w) in ["w1", "w2"].into_iter().enumerate() {
-        let opts = WorkerOptions {
-            config: started.config.clone(),
-            id: WorkerId::new(w).expect("id"),
-            slots: 4,
-            plugins: Arc::new(BuiltinPlugins),
-            emitter: Arc::new(MemoryEmitter::new()),
-            coordinator_addr: Some(started.addr.clone()),
-            cert: None,
-            rng_seed: Some(i as u64),
-        };
-        workers.push(tokio::spawn(run_worker_process(opts, stop_rx.clone())));
-    }
+    let (stop_tx, workers) = common::spawn_workers(&started, &["w1", "w2"]);
     let mut operator = operator_client(&started.config, "ops", Some(&started.addr)).expect("operator");
     // 20 sleeps of 100..1050 ms on 8 slots: they end over about a second and a half.
     const TASKS: u32 = 20;

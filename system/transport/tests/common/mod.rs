@@ -59,3 +59,30 @@ pub async fn start(config: Config, workers: &[&str]) -> Started {
     let addr = coordinator.local_addr.to_string();
     Started { dir, config, addr, coordinator, history }
 }
+
+/// Starts in-process workers `ids` (built-in plugins, 4 slots each) against `started`;
+/// sending `true` on the returned sender stops them.
+pub fn spawn_workers(
+    started: &Started,
+    ids: &[&str],
+) -> (tokio::sync::watch::Sender<bool>, Vec<tokio::task::JoinHandle<rollout_core::Result<()>>>) {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let workers = ids
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let opts = rollout_transport::WorkerOptions {
+                config: started.config.clone(),
+                id: WorkerId::new(*w).expect("id"),
+                slots: 4,
+                plugins: Arc::new(rollout_transport::BuiltinPlugins),
+                emitter: Arc::new(MemoryEmitter::new()),
+                coordinator_addr: Some(started.addr.clone()),
+                cert: None,
+                rng_seed: Some(i as u64),
+            };
+            tokio::spawn(rollout_transport::run_worker_process(opts, stop_rx.clone()))
+        })
+        .collect();
+    (stop_tx, workers)
+}
