@@ -30,12 +30,14 @@ impl CdylibPlugin {
         &self,
         method: &str,
         payload: &[u8],
+        inputs: &[String],
         deadline: Duration,
         cancel: &CancelToken,
     ) -> Result<Vec<u8>, PluginError> {
         let library = Arc::clone(&self.library);
-        let (method, payload) = (method.to_owned(), payload.to_vec());
-        run_bounded(&self.name, deadline, cancel, &self.abandoned, move || library.call(&method, &payload), || {})
+        let (method, payload, inputs) = (method.to_owned(), payload.to_vec(), inputs.to_vec());
+        let work = move || library.call(&method, &payload, &inputs);
+        run_bounded(&self.name, deadline, cancel, &self.abandoned, work, || {})
     }
 
     pub(crate) fn abandoned_calls(&self) -> usize {

@@ -9,8 +9,11 @@ use std::path::{Path, PathBuf};
 use libloading::Library;
 use rollout_core::traits::PluginError;
 use rollout_plugin_sdk::abi::{
-    ABI_VERSION, DESCRIPTOR_SYMBOL, PluginDescriptor, PluginResult, STATUS_ERROR, STATUS_OK, STATUS_PANIC,
+    ABI_VERSION, ABI_VERSION_OLDEST, DESCRIPTOR_SYMBOL, PluginDescriptor, PluginResult, STATUS_ERROR, STATUS_OK,
+    STATUS_PANIC,
 };
+
+type CallWithInputs = unsafe extern "C" fn(*const u8, usize, *const u8, usize, *const u8, usize) -> PluginResult;
 
 use crate::LoadError;
 
@@ -19,6 +22,21 @@ use crate::LoadError;
 /// refused instead of being undefined behaviour.
 #[repr(C)]
 struct RawDescriptor {
+    abi_version: u32,
+    name_ptr: *const u8,
+    name_len: usize,
+    init: Option<extern "C" fn() -> PluginResult>,
+    call: Option<unsafe extern "C" fn(*const u8, usize, *const u8, usize) -> PluginResult>,
+    free: Option<unsafe extern "C" fn(PluginResult)>,
+    shutdown: Option<extern "C" fn()>,
+    /// Version 2 only: read only when the library says 2 (a version-1 static ends
+    /// before it).
+    call_with_inputs: Option<CallWithInputs>,
+}
+
+/// The version-1 prefix of [`RawDescriptor`]: all a version-1 library's static holds.
+#[repr(C)]
+struct RawDescriptorV1 {
     abi_version: u32,
     name_ptr: *const u8,
     name_len: usize,
@@ -38,6 +56,9 @@ const _: () = assert!(align_of::<RawDescriptor>() == align_of::<PluginDescriptor
 pub(crate) struct NativeLibrary {
     plugin_name: String,
     call: unsafe extern "C" fn(*const u8, usize, *const u8, usize) -> PluginResult,
+    /// None for a version-1 library (it cannot take input blobs).
+    call_with_inputs: Option<CallWithInputs>,
+    abi_version: u32,
     free: unsafe extern "C" fn(PluginResult),
     shutdown: extern "C" fn(),
     // Dropped last (fields drop in declaration order, after `Drop::drop`).
@@ -80,7 +101,7 @@ impl NativeLibrary {
         // exactly that much is valid whatever version the plugin speaks; the symbol is a
         // static of the library, which stays loaded while `library` lives.
         let theirs = unsafe { address.cast::<u32>().read() };
-        if theirs != ABI_VERSION {
+        if !(ABI_VERSION_OLDEST..=ABI_VERSION).contains(&theirs) {
             return Err(LoadError::AbiMismatch {
                 plugin: plugin.to_owned(),
                 path: path_buf,
@@ -88,11 +109,23 @@ impl NativeLibrary {
                 theirs,
             });
         }
-        // SAFETY: same version, so the static has the layout of `PluginDescriptor`,
-        // which `RawDescriptor` mirrors with nullable function pointers (asserted above).
-        let raw = unsafe { &*address.cast::<RawDescriptor>() };
+        // SAFETY: a known version: the static has the layout of `PluginDescriptor` up to
+        // what that version has, and the version-1 fields are its prefix, which
+        // `RawDescriptorV1` mirrors with nullable function pointers.
+        let raw = unsafe { &*address.cast::<RawDescriptorV1>() };
         let (Some(init), Some(call), Some(free), Some(shutdown)) = (raw.init, raw.call, raw.free, raw.shutdown) else {
             return Err(missing("the descriptor has a null function pointer".to_owned()));
+        };
+        let call_with_inputs = if theirs >= 2 {
+            // SAFETY: a version-2 static has the whole `PluginDescriptor` layout, which
+            // `RawDescriptor` mirrors (asserted above).
+            let full = unsafe { &*address.cast::<RawDescriptor>() };
+            Some(
+                full.call_with_inputs
+                    .ok_or_else(|| missing("the descriptor has a null call_with_inputs".to_owned()))?,
+            )
+        } else {
+            None
         };
         let own_name = if raw.name_ptr.is_null() {
             String::new()
@@ -101,7 +134,15 @@ impl NativeLibrary {
             String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(raw.name_ptr, raw.name_len) }).into_owned()
         };
         tracing::debug!(plugin, path = %path.display(), own_name, "plugin_library_loaded");
-        let loaded = NativeLibrary { plugin_name: plugin.to_owned(), call, free, shutdown, _library: library };
+        let loaded = NativeLibrary {
+            plugin_name: plugin.to_owned(),
+            call,
+            call_with_inputs,
+            abi_version: theirs,
+            free,
+            shutdown,
+            _library: library,
+        };
         let result = init();
         let (status, bytes) = loaded.take(result);
         if status != STATUS_OK {
@@ -114,10 +155,37 @@ impl NativeLibrary {
     }
 
     /// Runs one call on the current thread. Blocks for as long as the plugin does.
-    pub(crate) fn call(&self, method: &str, payload: &[u8]) -> Result<Vec<u8>, PluginError> {
-        // SAFETY: both buffers are live borrows for the whole call, as the ABI requires;
-        // the plugin's `call` is thread-safe by the ABI's contract.
-        let result = unsafe { (self.call)(method.as_ptr(), method.len(), payload.as_ptr(), payload.len()) };
+    pub(crate) fn call(&self, method: &str, payload: &[u8], inputs: &[String]) -> Result<Vec<u8>, PluginError> {
+        let result = match (inputs.is_empty(), self.call_with_inputs) {
+            // SAFETY: both buffers are live borrows for the whole call, as the ABI
+            // requires; the plugin's `call` is thread-safe by the ABI's contract.
+            (true, _) => unsafe { (self.call)(method.as_ptr(), method.len(), payload.as_ptr(), payload.len()) },
+            (false, Some(call_with_inputs)) => {
+                let encoded = rollout_plugin_sdk::abi::encode_inputs(inputs);
+                // SAFETY: the three buffers are live borrows for the whole call, as the
+                // ABI requires; `call_with_inputs` is thread-safe by its contract.
+                unsafe {
+                    call_with_inputs(
+                        method.as_ptr(),
+                        method.len(),
+                        payload.as_ptr(),
+                        payload.len(),
+                        encoded.as_ptr(),
+                        encoded.len(),
+                    )
+                }
+            }
+            (false, None) => {
+                return Err(PluginError::Failed {
+                    message: format!(
+                        "plugin {:?} was built with plugin ABI {}, which cannot take input blobs; rebuild it with \
+                         rollout-plugin-sdk (ABI {ABI_VERSION}) and export_plugin!(name, handler, inputs)",
+                        self.plugin_name, self.abi_version
+                    ),
+                    detail: None,
+                });
+            }
+        };
         let (status, bytes) = self.take(result);
         let text = || String::from_utf8_lossy(&bytes).into_owned();
         match status {

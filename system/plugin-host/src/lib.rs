@@ -236,16 +236,7 @@ impl PluginHost for LocalPluginHost {
         }
         let inputs: Vec<String> = call.inputs.iter().map(|p| p.display().to_string()).collect();
         match plugin {
-            Plugin::Cdylib(_) if !inputs.is_empty() => Err(PluginError::Failed {
-                message: format!(
-                    "plugin {:?} is a cdylib, and cdylib ABI {} has no way to pass input blobs; run tasks with \
-                     inputs on a sidecar or in-process Python plugin",
-                    call.plugin,
-                    rollout_plugin_sdk::abi::ABI_VERSION
-                ),
-                detail: None,
-            }),
-            Plugin::Cdylib(p) => p.call(&call.method, &call.payload, call.deadline, cancel),
+            Plugin::Cdylib(p) => p.call(&call.method, &call.payload, &inputs, call.deadline, cancel),
             #[cfg(feature = "python")]
             Plugin::Python(p) => p.call(&call.method, &call.payload, &inputs, call.deadline, cancel),
             Plugin::Sidecar(p) => p.call(&call.method, &call.payload, &inputs, call.deadline, cancel),

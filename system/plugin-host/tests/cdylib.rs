@@ -161,3 +161,17 @@ fn a_worker_config_section_starts_the_host() {
     let host = LocalPluginHost::start(&specs).unwrap();
     assert_eq!(host.call(&call("echo", b"from config", SECOND), &CancelToken::new()), Ok(b"from config".to_vec()));
 }
+
+#[test]
+fn a_cdylib_gets_the_tasks_input_files_through_abi_2() {
+    let host = echo_host();
+    let dir = tempfile::TempDir::new().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::write(&a, vec![1u8; 10]).unwrap();
+    std::fs::write(&b, vec![2u8; 2048]).unwrap();
+    let mut with_inputs = call("inputs", b"", Duration::from_secs(5));
+    with_inputs.inputs = vec![a, b];
+    assert_eq!(host.call(&with_inputs, &CancelToken::new()), Ok(b"10\n2048".to_vec()));
+    // No inputs: the version-1 entry point, as before.
+    assert_eq!(host.call(&call("echo", b"x", Duration::from_secs(5)), &CancelToken::new()), Ok(b"x".to_vec()));
+}

@@ -2,9 +2,13 @@
 //!
 //! A plugin exports one symbol, `rollout_plugin_descriptor`, a [`PluginDescriptor`]
 //! static. The host reads its first field, `abi_version`, before anything else and
-//! refuses the library unless it equals [`ABI_VERSION`]; only then does it use the rest.
-//! So `abi_version` stays the first field, a `u32`, in every future version, and any
-//! change to the layout below bumps [`ABI_VERSION`].
+//! refuses the library unless it is between [`ABI_VERSION_OLDEST`] and [`ABI_VERSION`];
+//! only then does it use the rest, and only the fields that version has. So
+//! `abi_version` stays the first field, a `u32`, in every future version, and any change
+//! to the layout below bumps [`ABI_VERSION`].
+//!
+//! Versions: 1 ends at `shutdown`; 2 appends `call_with_inputs`, which also passes the
+//! local files of the task's input blobs (paths in UTF-8, separated by NUL bytes).
 //!
 //! Ownership: the host passes borrowed buffers as pointer + length, valid only for the
 //! duration of the call. The plugin returns a [`PluginResult`] whose buffer it owns; the
@@ -17,7 +21,10 @@ use std::any::Any;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 /// The ABI version this SDK (and the host built from the same workspace) speaks.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
+/// The oldest ABI version the host still loads (a version-1 library runs every task
+/// that names no input blobs).
+pub const ABI_VERSION_OLDEST: u32 = 1;
 
 /// The exported symbol name, NUL-terminated for `dlsym`.
 pub const DESCRIPTOR_SYMBOL: &[u8] = b"rollout_plugin_descriptor\0";
@@ -31,6 +38,10 @@ pub const STATUS_PANIC: u32 = 2;
 
 /// The signature a plugin author implements.
 pub type Handler = fn(method: &str, payload: &[u8]) -> Result<Vec<u8>, String>;
+
+/// The signature of a plugin that reads the task's input blobs (local files, in the
+/// order the task names them).
+pub type InputsHandler = fn(method: &str, payload: &[u8], inputs: &[&std::path::Path]) -> Result<Vec<u8>, String>;
 
 /// What `init` and `call` return: a status and a buffer owned by the plugin.
 #[repr(C)]
@@ -75,6 +86,19 @@ pub struct PluginDescriptor {
     pub free: unsafe extern "C" fn(result: PluginResult),
     /// Called once before the library is unloaded, after the last call returned.
     pub shutdown: extern "C" fn(),
+    /// (Version 2.) Runs one call with the task's input files: `inputs_ptr`/`inputs_len`
+    /// is their paths in UTF-8, separated by NUL bytes (empty: none).
+    ///
+    /// # Safety
+    /// As `call`, and the inputs buffer likewise.
+    pub call_with_inputs: unsafe extern "C" fn(
+        method_ptr: *const u8,
+        method_len: usize,
+        payload_ptr: *const u8,
+        payload_len: usize,
+        inputs_ptr: *const u8,
+        inputs_len: usize,
+    ) -> PluginResult,
 }
 
 // SAFETY: the descriptor is an immutable static; its pointers refer to 'static data
@@ -112,6 +136,46 @@ pub unsafe fn call(
         Ok(Err(message)) => result(STATUS_ERROR, message.into_bytes()),
         Err(panic) => result(STATUS_PANIC, panic_message(panic.as_ref()).into_bytes()),
     }
+}
+
+/// `call_with_inputs` of a plugin built with `export_plugin!`: decodes the inputs and
+/// runs `handler`, catching panics.
+///
+/// # Safety
+/// As [`PluginDescriptor::call_with_inputs`].
+#[doc(hidden)]
+pub unsafe fn call_with_inputs(
+    handler: InputsHandler,
+    method_ptr: *const u8,
+    method_len: usize,
+    payload_ptr: *const u8,
+    payload_len: usize,
+    inputs_ptr: *const u8,
+    inputs_len: usize,
+) -> PluginResult {
+    // SAFETY: the caller guarantees the three buffers are readable for their lengths
+    // and outlive this call.
+    let (method, payload, inputs) = unsafe {
+        (borrowed(method_ptr, method_len), borrowed(payload_ptr, payload_len), borrowed(inputs_ptr, inputs_len))
+    };
+    let Ok(method) = std::str::from_utf8(method) else {
+        return result(STATUS_ERROR, b"method name is not valid UTF-8".to_vec());
+    };
+    let Ok(inputs) = std::str::from_utf8(inputs) else {
+        return result(STATUS_ERROR, b"input paths are not valid UTF-8".to_vec());
+    };
+    let paths: Vec<&std::path::Path> =
+        if inputs.is_empty() { Vec::new() } else { inputs.split('\0').map(std::path::Path::new).collect() };
+    match catch_unwind(AssertUnwindSafe(|| handler(method, payload, &paths))) {
+        Ok(Ok(bytes)) => result(STATUS_OK, bytes),
+        Ok(Err(message)) => result(STATUS_ERROR, message.into_bytes()),
+        Err(panic) => result(STATUS_PANIC, panic_message(panic.as_ref()).into_bytes()),
+    }
+}
+
+/// The input paths as `call_with_inputs` takes them (NUL-separated UTF-8).
+pub fn encode_inputs(paths: &[String]) -> Vec<u8> {
+    paths.join("\0").into_bytes()
 }
 
 /// `free` of a plugin built with `export_plugin!`.
