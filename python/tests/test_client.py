@@ -17,6 +17,12 @@ import pytest
 from rollout_client import Client, InvalidArgument, NotFound, Task
 
 
+# Set by system/cli/tests/python_client.rs: the example cdylib, and whether the binary
+# under test has in-process Python (the `python` feature).
+ECHO_SO = os.environ.get("ROLLOUT_TEST_ECHO_SO", "")
+PY_INPROC = os.environ.get("ROLLOUT_TEST_PY_INPROC") == "1"
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -58,6 +64,21 @@ python = "{sys.executable}"
 startup_timeout = "30s"
 """
         )
+        if ECHO_SO:
+            f.write(f"""
+[[plugins]]
+name = "echo-rs"
+mode = "cdylib"
+path = "{ECHO_SO}"
+""")
+        if PY_INPROC:
+            f.write(f"""
+[[plugins]]
+name = "echo-inproc"
+mode = "python"
+module = "inproc_echo"
+path = "{examples}"
+""")
     run = lambda *args: subprocess.run([rollout, *args, "--config", cfg], check=True, capture_output=True)
     run("certs", "init")
     for w in ("w1", "w2"):
@@ -236,3 +257,22 @@ def test_a_task_naming_a_blob_that_is_not_stored_is_refused_naming_it(cluster):
     with pytest.raises(InvalidArgument) as refused:
         cluster.submit([Task("echo-py", b"", method="inputs", inputs=(missing,))], name="py-missing")
     assert missing in refused.value.message and "tasks[0].inputs[0]" in refused.value.message, refused.value
+
+
+@pytest.mark.parametrize("plugin", ["echo-py", "echo-rs", "echo-inproc"])
+def test_a_task_reads_its_input_blob_in_each_plugin_mode(cluster, plugin):
+    import hashlib
+
+    if plugin == "echo-rs" and not ECHO_SO:
+        pytest.fail("ROLLOUT_TEST_ECHO_SO is not set: run this suite through cargo test -p rollout-cli")
+    if plugin == "echo-inproc" and not PY_INPROC:
+        pytest.skip("this rollout binary was built without the python feature (make test builds it with all features)")
+    data = os.urandom(100_000)
+    cid = cluster.put_blob(data)
+    job = cluster.submit([Task(plugin, b"", method="inputs", inputs=(cid,))], name=f"py-mode-{plugin}")
+    [r] = list(job.results())
+    assert r.state == "committed", r.errors
+    if plugin == "echo-rs":
+        assert r.result == str(len(data)).encode()  # the cdylib reports each input's size
+    else:
+        assert r.result == f"{hashlib.sha256(data).hexdigest()} {len(data)}".encode()
