@@ -436,7 +436,9 @@ impl TmpFile {
         let mut last_err = None;
         for _ in 0..TMP_NAME_ATTEMPTS {
             let path = tmp_dir.join(format!("{}{TMP_SUFFIX}", ulid::Ulid::new()));
-            match OpenOptions::new().write(true).create_new(true).open(&path) {
+            match std::os::unix::fs::OpenOptionsExt::mode(OpenOptions::new().write(true).create_new(true), 0o600)
+                .open(&path)
+            {
                 Ok(file) => return Ok(TmpFile { path, file, persisted: false }),
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last_err = Some((path, e)),
                 Err(e) => return Err(io_error(format_args!("creating {}", path.display()), &e)),

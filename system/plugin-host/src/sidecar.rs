@@ -33,6 +33,22 @@ use crate::spec::{SidecarSpec, check_socket};
 pub const SIDECAR_ABI_VERSION: u32 = 1;
 /// Largest request or response on a sidecar connection (both directions).
 pub const SIDECAR_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// A fresh directory for a sidecar's socket, mode 0700, under the temp directory: a
+/// name that exists already (someone else's, or a leftover) is skipped, never reused.
+fn private_dir(plugin: &str) -> Result<PathBuf, String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let base = std::env::temp_dir();
+    for n in 0..1000u32 {
+        let dir = base.join(format!("rollout-sidecar-{}-{plugin}-{n}", std::process::id()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(format!("cannot make a private directory for the socket in {}: {e}", base.display())),
+        }
+    }
+    Err(format!("no free name for a private socket directory in {}", base.display()))
+}
+
 /// Set to `stdin` in a sidecar's environment: its stdin is a pipe from the worker, and
 /// end of file on it means the worker is gone (the SDK exits then).
 pub const PARENT_PIPE_ENV: &str = "ROLLOUT_PLUGIN_PARENT_PIPE";
@@ -111,20 +127,30 @@ pub(crate) struct SidecarPlugin {
     runtime: Arc<SidecarRuntime>,
     running: Mutex<Option<Running>>,
     starts: AtomicU64,
+    /// The 0700 directory made for the socket (removed with the plugin).
+    private_dir: Option<PathBuf>,
 }
 
 impl SidecarPlugin {
     /// Starts the process and waits until it is healthy and speaks our ABI version.
     pub(crate) fn start(name: &str, spec: &SidecarSpec, runtime: Arc<SidecarRuntime>) -> Result<Self, LoadError> {
-        let socket = match &spec.socket {
-            Some(socket) => socket.clone(),
-            None => std::env::temp_dir().join(format!("rollout-{}-{name}.sock", std::process::id())),
+        let (socket, private_dir) = match &spec.socket {
+            Some(socket) => (socket.clone(), None),
+            None => {
+                // In a directory only this user can enter, made fresh here: a name in the
+                // shared temp directory could be taken first by another local user, who
+                // would then be talked to as the plugin.
+                let dir =
+                    private_dir(name).map_err(|reason| LoadError::SidecarStart { plugin: name.to_owned(), reason })?;
+                (dir.join(format!("{name}.sock")), Some(dir))
+            }
         };
         check_socket(&socket).map_err(|reason| LoadError::SidecarStart { plugin: name.to_owned(), reason })?;
         let plugin = SidecarPlugin {
             name: name.to_owned(),
             spec: spec.clone(),
             socket,
+            private_dir,
             runtime,
             running: Mutex::new(None),
             starts: AtomicU64::new(0),
@@ -296,6 +322,14 @@ impl SidecarPlugin {
     fn launch(&self) -> Result<Running, StartError> {
         remove_socket(&self.socket);
         let mut command = Command::new(&self.spec.program);
+        // The worker's own settings and secrets stay with the worker: no ROLLOUT_*
+        // variable (ROLLOUT_SECRET_*, ROLLOUT_JOIN_TOKEN, config overrides) reaches user
+        // code; the plugin's own ROLLOUT_PLUGIN_* are set below.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("ROLLOUT_") {
+                command.env_remove(&key);
+            }
+        }
         command
             .args(&self.spec.args)
             .arg("--socket")
@@ -343,6 +377,9 @@ impl Drop for SidecarPlugin {
             reap(&mut running.child);
         }
         remove_socket(&self.socket);
+        if let Some(dir) = &self.private_dir {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 

@@ -266,6 +266,50 @@ fn a_sidecar_dies_with_its_killed_worker_process() {
     assert!(!alive(pid), "sidecar {pid} outlived its killed host by 10 s");
 }
 
+/// A sidecar sees none of the worker's ROLLOUT_* variables (secrets, the join token)
+/// and talks over a socket in a fresh 0700 directory, not a guessable name in the shared
+/// temp dir. (Run in a copy of this test binary whose environment holds the secrets.)
+#[test]
+fn a_sidecar_gets_no_worker_secrets_and_a_private_socket() {
+    const CHILD: &str = "ROLLOUT_SIDECAR_ENV_TEST";
+    if std::env::var_os(CHILD).is_some() {
+        let spec = PluginSpec {
+            name: "echo-py".into(),
+            mode: PluginMode::Sidecar(SidecarSpec {
+                program: common::venv_python(),
+                args: vec![echo_script().display().to_string()],
+                python_path: None,
+                socket: None,
+                startup_timeout: Duration::from_secs(20),
+            }),
+        };
+        let host = LocalPluginHost::start(&[spec]).expect("start");
+        let pid: u32 = String::from_utf8(host.call(&call("pid", b"", SECOND * 5), &CancelToken::new()).unwrap())
+            .unwrap()
+            .parse()
+            .unwrap();
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        let vars: Vec<String> = environ.split(|b| *b == 0).map(|v| String::from_utf8_lossy(v).into_owned()).collect();
+        let leaked: Vec<&String> =
+            vars.iter().filter(|v| v.starts_with("ROLLOUT_") && !v.starts_with("ROLLOUT_PLUGIN_")).collect();
+        let socket = vars.iter().find_map(|v| v.strip_prefix("ROLLOUT_PLUGIN_SOCKET=")).unwrap().to_owned();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(Path::new(&socket).parent().unwrap()).unwrap().permissions().mode() & 0o777;
+        println!("report leaked={} mode={mode:o}", leaked.len());
+        return;
+    }
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "a_sidecar_gets_no_worker_secrets_and_a_private_socket", "--nocapture", "--test-threads=1"])
+        .env(CHILD, "1")
+        .env("ROLLOUT_SECRET_DB_PASSWORD", "hunter2")
+        .env("ROLLOUT_JOIN_TOKEN", "rollout-join.abc.def")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("report leaked=0 mode=700"), "{stdout}");
+}
+
 /// The Python SDK's own tests, including the check that its hand-written descriptor
 /// matches proto/plugin.proto.
 #[test]

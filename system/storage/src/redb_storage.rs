@@ -92,6 +92,14 @@ impl RedbStorage {
         }
         let mut builder = Database::builder();
         builder.set_check_integrity_on_open(options.check_integrity_on_open).set_cache_size(options.cache_bytes);
+        // Created for this user alone (results, payloads and the audit log are in it),
+        // before redb opens it; an existing file is narrowed to the same.
+        if !path.exists() {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| {
+                Error::config_invalid(path.display().to_string(), format!("cannot create the database: {e}"))
+            })?;
+        }
         let db = builder.create(path).map_err(|err| open_error(path, err))?;
         RedbStorage::from_database(db, path.to_path_buf())
     }
@@ -555,6 +563,17 @@ mod tests {
         // The next transaction starts from the committed state, not the dropped one.
         let txn = storage.begin_write().expect("begin");
         assert_eq!(txn.get(b"discarded").expect("get"), None);
+    }
+
+    #[test]
+    fn a_new_database_file_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("rollout.db");
+        let storage = RedbStorage::open(&path).expect("open");
+        drop(storage);
+        let mode = std::fs::metadata(&path).expect("file").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the database file is {mode:o}");
     }
 
     #[test]

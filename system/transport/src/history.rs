@@ -66,10 +66,9 @@ impl FileJsonEmitter {
                 Error::config_invalid(parent.display().to_string(), format!("creating the history directory: {e}"))
             })?;
         }
-        let file =
-            OpenOptions::new().create(true).append(true).open(path).map_err(|e| {
-                Error::config_invalid(path.display().to_string(), format!("opening the history file: {e}"))
-            })?;
+        let file = std::os::unix::fs::OpenOptionsExt::mode(OpenOptions::new().create(true).append(true), 0o600)
+            .open(path)
+            .map_err(|e| Error::config_invalid(path.display().to_string(), format!("opening the history file: {e}")))?;
         Ok(FileJsonEmitter { out: Mutex::new(LineWriter::new(file)) })
     }
 }

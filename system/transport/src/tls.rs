@@ -341,8 +341,10 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic(path, bytes, 0o600)
 }
 
-/// Writes to a sibling temporary file created with `mode`, syncs, then renames, so a
-/// crash never leaves a half-written key and a key is never readable by others. The
+/// Writes to a sibling temporary file created with `mode`, syncs, renames, then syncs
+/// the directory (so the rename itself survives a power loss: `--join` spends its token
+/// on these files), so a crash never leaves a half-written key and a key is never
+/// readable by others. The
 /// temporary name is unique to the call, so two writers of one path (two enrollments
 /// of one worker id) cannot trip over each other's file: the last rename wins whole.
 fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
@@ -360,7 +362,11 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
         .open(&tmp)
         .map_err(|e| io_err("creating", &tmp, &e))?;
     file.write_all(bytes).and_then(|()| file.sync_all()).map_err(|e| io_err("writing", &tmp, &e))?;
-    fs::rename(&tmp, path).map_err(|e| io_err("renaming into place", path, &e))
+    fs::rename(&tmp, path).map_err(|e| io_err("renaming into place", path, &e))?;
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fs::File::open(parent).and_then(|d| d.sync_all()).map_err(|e| io_err("syncing directory", parent, &e))?;
+    }
+    Ok(())
 }
 
 pub(crate) fn io_err(what: &str, path: &Path, e: &std::io::Error) -> Error {
