@@ -69,7 +69,8 @@ sys.exit(0 if all(ok(workers.get(w)) for w in ("w1", "w2")) else 1)'; do
     fi
     sleep 0.2
 done
-echo "   w1 and w2 registered; metrics: http://$COORDINATOR_METRICS/metrics (coordinator), http://${metrics_addr[w1]}/metrics (w1), http://${metrics_addr[w2]}/metrics (w2)"
+echo "   w1 and w2 registered; dashboard: http://$COORDINATOR_METRICS/ (KEEP=1 keeps it up after the demo)"
+echo "   metrics: http://$COORDINATOR_METRICS/metrics (coordinator), http://${metrics_addr[w1]}/metrics (w1), http://${metrics_addr[w2]}/metrics (w2)"
 
 echo "== demo job: $TASKS echo tasks and 8 sleep tasks"
 demo=$DATA/demo.jsonl
@@ -116,7 +117,7 @@ job=$("$ROLLOUT" status --all --json | python3 -c 'import json,sys; print(max(j[
 
 if [ -n "${KEEP:-}" ]; then
     echo "== KEEP=1: the cluster keeps running; Ctrl-C stops it"
-    echo "   curl -s http://$COORDINATOR_METRICS/metrics | grep -v '^#'"
+    echo "   dashboard: http://$COORDINATOR_METRICS/   metrics: curl -s http://$COORDINATOR_METRICS/metrics | grep -v '^#'"
     echo "   ROLLOUT_STORAGE__DATA_DIR=$DATA ROLLOUT_TRANSPORT__TLS_DIR=$DATA/tls $ROLLOUT status"
     trap 'echo; echo "== stopping"' INT
     wait "${pids[0]}" 2>/dev/null || true
