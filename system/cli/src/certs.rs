@@ -1,7 +1,11 @@
-//! `rollout certs init|issue`.
+//! `rollout certs init|issue|list`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use rollout_core::{Error, WorkerId};
-use rollout_transport::tls::{self, CertFiles};
+use rollout_transport::enroll::{ENROLLED_DIR, utc_text};
+use rollout_transport::tls::{self, CertFiles, CertInfo, Lifetimes, PeerRole};
 
 use crate::{CertsCommand, load_config};
 
@@ -12,45 +16,150 @@ pub fn run(command: CertsCommand) -> Result<(), Error> {
     match command {
         CertsCommand::Init { common, sans } => {
             let config = load_config(&common)?;
+            let lifetimes = Lifetimes::of(&config.transport);
             let dir = &config.transport.tls_dir;
-            let ca = tls::ensure_dev_ca(dir)?;
-            println!("{} {}", if ca.created { "created" } else { "kept   " }, ca.files.cert.display());
+            let ca = tls::ensure_ca(dir, lifetimes.ca)?;
+            report(if ca.created { "created" } else { "kept   " }, &ca.files.cert);
             let server = CertFiles::coordinator(dir);
             if server.exist() && sans.is_empty() {
-                println!("kept    {}", server.cert.display());
+                report("kept   ", &server.cert);
             } else {
                 let mut names = sans;
                 if let Some((host, _)) = config.transport.listen_addr.rsplit_once(':') {
                     names.push(host.trim_matches(['[', ']']).to_owned());
                 }
-                let files = tls::issue_server_cert(dir, &names)?;
-                println!("issued  {}", files.cert.display());
+                report("issued ", &tls::issue_server_cert_for(dir, &names, lifetimes.server)?.cert);
             }
             let operator = CertFiles::operator(dir, DEFAULT_OPERATOR);
             if operator.exist() {
-                println!("kept    {}", operator.cert.display());
+                report("kept   ", &operator.cert);
             } else {
-                println!("issued  {}", tls::issue_operator_cert(dir, DEFAULT_OPERATOR)?.cert.display());
+                report("issued ", &tls::issue_operator_cert_for(dir, DEFAULT_OPERATOR, lifetimes.operator)?.cert);
             }
             Ok(())
         }
-        CertsCommand::Issue { common, worker, operator, server, sans } => {
+        CertsCommand::Issue { common, worker, operator, server, sans, valid_for } => {
             let config = load_config(&common)?;
+            let lifetimes = Lifetimes::of(&config.transport);
             let dir = &config.transport.tls_dir;
+            if let Some(d) = valid_for {
+                check_valid_for(d, lifetimes.ca)?;
+            }
             let files = match (worker, operator, server) {
                 (Some(id), _, _) => {
                     let id = WorkerId::new(id).map_err(|e| Error::invalid_input(format!("--worker: {e}")))?;
-                    tls::issue_client_cert(dir, &id)?
+                    tls::issue_client_cert_for(dir, &id, valid_for.unwrap_or(lifetimes.worker))?
                 }
-                (None, Some(name), _) => tls::issue_operator_cert(dir, &name)?,
-                (None, None, true) => tls::issue_server_cert(dir, &sans)?,
+                (None, Some(name), _) => {
+                    tls::issue_operator_cert_for(dir, &name, valid_for.unwrap_or(lifetimes.operator))?
+                }
+                (None, None, true) => tls::issue_server_cert_for(dir, &sans, valid_for.unwrap_or(lifetimes.server))?,
                 (None, None, false) => {
                     return Err(Error::invalid_input("say what to issue: --worker ID, --operator NAME or --server"));
                 }
             };
-            println!("issued  {}", files.cert.display());
+            report("issued ", &files.cert);
             println!("key     {}", files.key.display());
             Ok(())
         }
+        CertsCommand::List { common, json } => {
+            let config = load_config(&common)?;
+            let now = SystemTime::now();
+            let rows = list(&config.transport.tls_dir)?;
+            if json {
+                for (path, info) in &rows {
+                    println!("{}", row_json(path, info, now));
+                }
+            } else {
+                println!("{:<10} {:<20} {:<34} {:<21} STATE", "KIND", "NAME", "SERIAL", "EXPIRES");
+                for (path, info) in &rows {
+                    let (kind, name) = kind_and_name(path, info);
+                    println!(
+                        "{kind:<10} {name:<20} {:<34} {:<21} {}",
+                        info.serial,
+                        utc_text(info.not_after),
+                        state(info, now)
+                    );
+                }
+            }
+            Ok(())
+        }
     }
+}
+
+/// `issued  data/tls/worker.w1.pem (serial …, expires …)`.
+fn report(verb: &str, cert: &Path) {
+    match CertInfo::of_file(cert) {
+        Ok(info) => {
+            println!("{verb} {} (serial {}, expires {})", cert.display(), info.serial, utc_text(info.not_after))
+        }
+        Err(_) => println!("{verb} {}", cert.display()),
+    }
+}
+
+fn check_valid_for(d: Duration, ca: Duration) -> Result<(), Error> {
+    let min = rollout_core::config::CERT_LIFETIME_MIN;
+    if d < min || d > ca {
+        return Err(Error::invalid_input(format!(
+            "--valid-for: {}s is outside {}s..={}s (at least a minute, at most transport.ca_cert_lifetime)",
+            d.as_secs(),
+            min.as_secs(),
+            ca.as_secs()
+        )));
+    }
+    Ok(())
+}
+
+/// Every certificate file of the TLS directory (not keys), in name order, with what it
+/// says. A file that does not parse is an error naming it.
+fn list(dir: &Path) -> Result<Vec<(PathBuf, CertInfo)>, Error> {
+    let mut paths = Vec::new();
+    for d in [dir.to_path_buf(), dir.join(ENROLLED_DIR)] {
+        let entries = match std::fs::read_dir(&d) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && d != dir => continue,
+            Err(e) => return Err(Error::invalid_input(format!("reading {}: {e}", d.display()))),
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".pem") && !name.ends_with(".key.pem") {
+                paths.push(path);
+            }
+        }
+    }
+    paths.sort();
+    paths.into_iter().map(|p| CertInfo::of_file(&p).map(|info| (p, info))).collect()
+}
+
+fn kind_and_name(path: &Path, info: &CertInfo) -> (&'static str, String) {
+    let enrolled = path.parent().and_then(Path::file_name).is_some_and(|n| n == ENROLLED_DIR);
+    match &info.role {
+        Some(PeerRole::Worker(id)) => (if enrolled { "enrolled" } else { "worker" }, id.to_string()),
+        Some(PeerRole::Operator(name)) => ("operator", name.clone()),
+        None if path.file_name().is_some_and(|n| n == "ca.pem") => ("ca", info.common_name.clone()),
+        None => ("server", info.common_name.clone()),
+    }
+}
+
+fn state(info: &CertInfo, now: SystemTime) -> String {
+    match info.not_after.duration_since(now) {
+        Err(_) => "expired".to_owned(),
+        Ok(left) if left.as_secs() >= 2 * 86_400 => format!("valid, {} days left", left.as_secs() / 86_400),
+        Ok(left) => format!("valid, {}h {}m left", left.as_secs() / 3600, left.as_secs() % 3600 / 60),
+    }
+}
+
+fn row_json(path: &Path, info: &CertInfo, now: SystemTime) -> serde_json::Value {
+    let (kind, name) = kind_and_name(path, info);
+    serde_json::json!({
+        "kind": kind,
+        "name": name,
+        "file": path.display().to_string(),
+        "serial": info.serial,
+        "not_before": utc_text(info.not_before),
+        "not_after": utc_text(info.not_after),
+        "not_after_unix_ms": rollout_core::time::unix_millis(info.not_after),
+        "expired": info.expired_at(now),
+    })
 }

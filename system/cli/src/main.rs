@@ -337,6 +337,20 @@ enum CertsCommand {
         /// Extra names for --server.
         #[arg(long = "san", value_name = "NAME", requires = "server")]
         sans: Vec<String>,
+        /// How long it is valid, e.g. 12h or 30d (default: transport.worker_cert_lifetime,
+        /// operator_cert_lifetime or server_cert_lifetime).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        valid_for: Option<std::time::Duration>,
+    },
+    /// List the certificates in transport.tls_dir (the CA, the coordinator's, workers'
+    /// and operators', and those enrollment issued) with serial number, expiry and
+    /// whether each is still valid.
+    List {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// One JSON object per certificate instead of the table.
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -234,6 +234,13 @@ pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordi
     };
     let storage: Arc<dyn Storage> = Arc::new(RedbStorage::open_with(data_dir.join(DATABASE_FILE), options)?);
     let tls_dir = &config.transport.tls_dir;
+    let now = std::time::SystemTime::now();
+    tls::check_own_certificate(&CertFiles::ca(tls_dir), now, "make a new CA (rollout certs init in a fresh tls_dir)")?;
+    tls::check_own_certificate(
+        &CertFiles::coordinator(tls_dir),
+        now,
+        "issue a new one: rollout certs issue --server [--san NAME]",
+    )?;
     let server_tls = tls::server_config(&CertFiles::ca(tls_dir).cert, &CertFiles::coordinator(tls_dir))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let storage_for_results = Arc::clone(&storage);
@@ -307,6 +314,7 @@ pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordi
         .with_blobs(blobs);
     let limits = ServeLimits::from_config(&config);
     let enrollment_limits = config.limits;
+    let worker_cert_lifetime = config.transport.worker_cert_lifetime;
     let mut stop = shutdown_rx;
     let tls_dir_for_enrollment = tls_dir.clone();
     let server = tokio::spawn(async move {
@@ -317,7 +325,10 @@ pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordi
                 }
             }
         };
-        let enrollment = Some(EnrollmentApi::with_limits(tls_dir_for_enrollment, &enrollment_limits));
+        let enrollment = Some(
+            EnrollmentApi::with_limits(tls_dir_for_enrollment, &enrollment_limits)
+                .with_worker_cert_lifetime(worker_cert_lifetime),
+        );
         serve_coordinator_with_enrollment(api, enrollment, tcp_incoming(listener), server_tls, limits, shutdown).await
     });
     Ok(RunningCoordinator {
@@ -345,7 +356,15 @@ pub fn connect(addr: &str, ca_cert: &Path, client: &CertFiles) -> Result<Channel
 pub fn operator_client(config: &Config, name: &str, addr: Option<&str>) -> Result<OperatorClient<Channel>> {
     let dir = &config.transport.tls_dir;
     let addr = addr.unwrap_or(&config.transport.coordinator_addr);
-    let channel = connect(addr, &CertFiles::ca(dir).cert, &CertFiles::operator(dir, name))?;
+    let files = CertFiles::operator(dir, name);
+    if files.cert.exists() {
+        tls::check_own_certificate(
+            &files,
+            std::time::SystemTime::now(),
+            &format!("issue a new one where the CA is: rollout certs issue --operator {name}"),
+        )?;
+    }
+    let channel = connect(addr, &CertFiles::ca(dir).cert, &files)?;
     let max = config.limits.max_message_bytes as usize;
     Ok(OperatorClient::new(channel).max_decoding_message_size(max).max_encoding_message_size(max))
 }
@@ -384,6 +403,27 @@ pub async fn run_worker_process(opts: WorkerOptions, shutdown: watch::Receiver<b
     let dir: PathBuf = config.transport.tls_dir.clone();
     let cert = opts.cert.unwrap_or_else(|| CertFiles::worker(&dir, &opts.id));
     let addr = opts.coordinator_addr.unwrap_or_else(|| config.transport.coordinator_addr.clone());
+    let own = tls::check_own_certificate(
+        &cert,
+        std::time::SystemTime::now(),
+        &format!(
+            "a worker whose certificate has expired re-enrolls with a token: rollout worker --join ADDR --token T \
+             (make one with rollout token create --worker {})",
+            opts.id
+        ),
+    )?;
+    let left = own.not_after.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+    let lifetime = own.not_after.duration_since(own.not_before).unwrap_or_default();
+    if left < lifetime / 3 {
+        tracing::warn!(channel = "tls", event = "certificate_expiring", worker = %opts.id, serial = %own.serial,
+            expires = %crate::enroll::utc_text(own.not_after),
+            "the worker's certificate {} expires at {} ({}s from now); issue a new one before then",
+            cert.cert.display(), crate::enroll::utc_text(own.not_after), left.as_secs());
+    } else {
+        tracing::info!(channel = "tls", event = "certificate_loaded", worker = %opts.id, serial = %own.serial,
+            expires = %crate::enroll::utc_text(own.not_after), "worker certificate valid until {}",
+            crate::enroll::utc_text(own.not_after));
+    }
     let channel = connect(&addr, &CertFiles::ca(&dir).cert, &cert)?;
     let inventory = rollout_cloud_local::LocalComputeHint::new().inventory().unwrap_or_default();
     let settings = WorkerSettings::from_config(opts.id.clone(), opts.slots, opts.plugins.plugins(), inventory, &config);

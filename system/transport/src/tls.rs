@@ -22,11 +22,13 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    KeyUsagePurpose, SanType, SerialNumber,
 };
+use rollout_core::config::TransportConfig;
 use rollout_core::{Error, Fatal, Result, WorkerId};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -86,6 +88,141 @@ impl CertFiles {
     }
 }
 
+/// How long the certificates this module makes are valid (`transport.*_cert_lifetime`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetimes {
+    /// The CA.
+    pub ca: Duration,
+    /// The coordinator's server certificate.
+    pub server: Duration,
+    /// A worker's client certificate.
+    pub worker: Duration,
+    /// An operator's client certificate.
+    pub operator: Duration,
+}
+
+impl Lifetimes {
+    /// The lifetimes a config sets.
+    pub fn of(transport: &TransportConfig) -> Self {
+        Lifetimes {
+            ca: transport.ca_cert_lifetime,
+            server: transport.server_cert_lifetime,
+            worker: transport.worker_cert_lifetime,
+            operator: transport.operator_cert_lifetime,
+        }
+    }
+}
+
+impl Default for Lifetimes {
+    fn default() -> Self {
+        Self::of(&TransportConfig::default())
+    }
+}
+
+/// How far before its issue a certificate's validity starts, so that a verifier whose
+/// clock is behind the issuer's accepts it (the clock skew tolerated at issue).
+pub const NOT_BEFORE_SLACK: Duration = Duration::from_secs(3600);
+
+/// Sets `params` valid from [`NOT_BEFORE_SLACK`] before `now` for `lifetime`, with a
+/// random 128-bit serial number (never chosen by the requester, unlike rcgen's default
+/// of a hash of the subject's key).
+pub(crate) fn set_validity(params: &mut CertificateParams, now: SystemTime, lifetime: Duration) -> Result<()> {
+    let at = |t: SystemTime| {
+        let secs = rollout_core::time::unix_millis(t) / 1000;
+        time::OffsetDateTime::from_unix_timestamp(i64::try_from(secs).unwrap_or(i64::MAX))
+            .map_err(|e| Error::invalid_input(format!("certificate validity date: {e}")))
+    };
+    params.not_before = at(now.checked_sub(NOT_BEFORE_SLACK).unwrap_or(SystemTime::UNIX_EPOCH))?;
+    params.not_after = at(now + lifetime)?;
+    params.serial_number = Some(SerialNumber::from_slice(&random_serial()?));
+    Ok(())
+}
+
+/// 16 random bytes, the first below 0x80 and not zero (a positive DER integer of
+/// exactly 16 bytes).
+fn random_serial() -> Result<[u8; 16]> {
+    use ring::rand::SecureRandom;
+    let mut serial = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut serial)
+        .map_err(|_| Error::internal("the system's random source failed (certificate serial)"))?;
+    serial[0] = (serial[0] & 0x7f).max(1);
+    Ok(serial)
+}
+
+/// What a certificate file says about itself, for `rollout certs list` and the checks
+/// a worker makes of its own certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    /// Serial number, hex.
+    pub serial: String,
+    /// The rollout role, if it has one.
+    pub role: Option<PeerRole>,
+    /// The subject's common name.
+    pub common_name: String,
+    /// Start of validity.
+    pub not_before: SystemTime,
+    /// End of validity.
+    pub not_after: SystemTime,
+    /// SHA-256 of the issuer's distinguished name (DER), hex: which CA signed it.
+    pub issuer: String,
+}
+
+impl CertInfo {
+    /// Reads the first certificate of a DER blob.
+    pub fn of_der(der: &[u8]) -> Option<CertInfo> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let unix = |t: x509_parser::time::ASN1Time| {
+            rollout_core::time::from_unix_millis(u64::try_from(t.timestamp()).unwrap_or(0).saturating_mul(1000))
+        };
+        let validity = cert.validity();
+        Some(CertInfo {
+            serial: hex::encode(cert.raw_serial()),
+            role: peer_role(der),
+            common_name: cert
+                .subject()
+                .iter_common_name()
+                .next()
+                .and_then(|c| c.as_str().ok())
+                .unwrap_or("")
+                .to_owned(),
+            not_before: unix(validity.not_before),
+            not_after: unix(validity.not_after),
+            issuer: hex::encode(ring::digest::digest(&ring::digest::SHA256, cert.issuer().as_raw()).as_ref()),
+        })
+    }
+
+    /// Reads the first certificate of a PEM file.
+    pub fn of_file(path: &Path) -> Result<CertInfo> {
+        let certs = load_certs(path)?;
+        CertInfo::of_der(&certs[0]).ok_or_else(|| tls_err(path, "not a readable X.509 certificate"))
+    }
+
+    /// Whether it has expired at `now`.
+    pub fn expired_at(&self, now: SystemTime) -> bool {
+        now > self.not_after
+    }
+}
+
+/// A client's own certificate, checked before it is used: an expired one is an error
+/// naming the file and the expiry, and what to do about it (`remedy`). Returns its
+/// facts otherwise.
+pub fn check_own_certificate(files: &CertFiles, now: SystemTime, remedy: &str) -> Result<CertInfo> {
+    let info = CertInfo::of_file(&files.cert)?;
+    if info.expired_at(now) {
+        return Err(Error::config_invalid(
+            "transport.tls_dir",
+            format!(
+                "the certificate {} expired at {} (it is {} now); {remedy}",
+                files.cert.display(),
+                crate::enroll::utc_text(info.not_after),
+                crate::enroll::utc_text(now)
+            ),
+        ));
+    }
+    Ok(info)
+}
+
 /// What [`ensure_dev_ca`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DevCa {
@@ -99,6 +236,11 @@ pub struct DevCa {
 /// Idempotent: a second call changes nothing. A lone certificate or lone key is an
 /// error naming the file (it is never overwritten). Emits `mtls_handshake_bootstrap`.
 pub fn ensure_dev_ca(dir: &Path) -> Result<DevCa> {
+    ensure_ca(dir, Lifetimes::default().ca)
+}
+
+/// [`ensure_dev_ca`] with a CA valid for `lifetime` when it is created.
+pub fn ensure_ca(dir: &Path, lifetime: Duration) -> Result<DevCa> {
     let files = CertFiles::ca(dir);
     match (files.cert.exists(), files.key.exists()) {
         (true, true) => {
@@ -118,6 +260,7 @@ pub fn ensure_dev_ca(dir: &Path) -> Result<DevCa> {
     params.distinguished_name = name("rollout development CA", "rollout-ca");
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    set_validity(&mut params, SystemTime::now(), lifetime)?;
     let cert = params.self_signed(&key).map_err(|e| rcgen_err("self-signing the CA", &e))?;
     write_private(&files.key, key.serialize_pem().as_bytes())?;
     write_public(&files.cert, cert.pem().as_bytes())?;
@@ -130,6 +273,11 @@ pub fn ensure_dev_ca(dir: &Path) -> Result<DevCa> {
 /// or IP addresses; `localhost` and `127.0.0.1` are always included), signed by the CA
 /// in `dir`. Overwrites an earlier one.
 pub fn issue_server_cert(dir: &Path, names: &[String]) -> Result<CertFiles> {
+    issue_server_cert_for(dir, names, Lifetimes::default().server)
+}
+
+/// [`issue_server_cert`], valid for `lifetime`.
+pub fn issue_server_cert_for(dir: &Path, names: &[String], lifetime: Duration) -> Result<CertFiles> {
     let mut all: Vec<String> = vec!["localhost".into(), "127.0.0.1".into()];
     for n in names {
         if !all.contains(n) {
@@ -142,13 +290,27 @@ pub fn issue_server_cert(dir: &Path, names: &[String]) -> Result<CertFiles> {
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     params.use_authority_key_identifier_extension = true;
+    set_validity(&mut params, SystemTime::now(), lifetime)?;
     issue(dir, params, CertFiles::coordinator(dir))
 }
 
 /// Issues a worker's client certificate (EKU ClientAuth, CN and DNS SAN = the worker
 /// id, OU [`WORKER_OU`]), signed by the CA in `dir`.
 pub fn issue_client_cert(dir: &Path, worker: &WorkerId) -> Result<CertFiles> {
-    issue(dir, worker_cert_params(worker)?, CertFiles::worker(dir, worker))
+    issue_client_cert_for(dir, worker, Lifetimes::default().worker)
+}
+
+/// [`issue_client_cert`], valid for `lifetime`.
+pub fn issue_client_cert_for(dir: &Path, worker: &WorkerId, lifetime: Duration) -> Result<CertFiles> {
+    issue_client_cert_at(dir, worker, SystemTime::now(), lifetime)
+}
+
+/// [`issue_client_cert`] as if issued at `at` (its validity starts
+/// [`NOT_BEFORE_SLACK`] before), valid for `lifetime`: tests make expired ones with it.
+pub fn issue_client_cert_at(dir: &Path, worker: &WorkerId, at: SystemTime, lifetime: Duration) -> Result<CertFiles> {
+    let mut params = worker_cert_params(worker)?;
+    set_validity(&mut params, at, lifetime)?;
+    issue(dir, params, CertFiles::worker(dir, worker))
 }
 
 /// What every worker certificate says, whoever made its key: CN and DNS SAN = the
@@ -168,12 +330,18 @@ pub(crate) fn worker_cert_params(worker: &WorkerId) -> Result<CertificateParams>
 /// Issues an operator's client certificate (EKU ClientAuth, CN `operator:<name>`, OU
 /// [`OPERATOR_OU`]). `name` follows the worker id rules (letters, digits, `._-`).
 pub fn issue_operator_cert(dir: &Path, operator: &str) -> Result<CertFiles> {
+    issue_operator_cert_for(dir, operator, Lifetimes::default().operator)
+}
+
+/// [`issue_operator_cert`], valid for `lifetime`.
+pub fn issue_operator_cert_for(dir: &Path, operator: &str, lifetime: Duration) -> Result<CertFiles> {
     WorkerId::new(operator).map_err(|e| Error::invalid_input(format!("operator name: {e}")))?;
     let mut params = CertificateParams::default();
     params.distinguished_name = name(&format!("{OPERATOR_CN_PREFIX}{operator}"), OPERATOR_OU);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.use_authority_key_identifier_extension = true;
+    set_validity(&mut params, SystemTime::now(), lifetime)?;
     issue(dir, params, CertFiles::operator(dir, operator))
 }
 

@@ -96,6 +96,53 @@ async fn a_certificate_from_a_foreign_ca_is_refused_at_the_handshake() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_certificate_is_refused_naming_its_expiry() {
+    use rollout_transport::tls::{CertInfo, issue_client_cert_at};
+    use std::time::SystemTime;
+    let cluster = start_cluster().await;
+    let tls_dir = cluster.config.transport.tls_dir.clone();
+    let w3 = WorkerId::new("w3").expect("id");
+    let day = Duration::from_secs(86_400);
+    // Issued two days ago for one day: expired a day ago (an hour of slack before issue).
+    let expired = issue_client_cert_at(&tls_dir, &w3, SystemTime::now() - 2 * day, day).expect("cert");
+    let info = CertInfo::of_file(&expired.cert).expect("info");
+    assert!(info.expired_at(SystemTime::now()));
+    assert_eq!(info.serial.len(), 32, "a 128-bit random serial, not a hash of the key: {}", info.serial);
+
+    // The worker process refuses to start on it, naming the file, the expiry and the way out.
+    let (_stop, stop_rx) = watch::channel(false);
+    let opts = WorkerOptions {
+        config: cluster.config.clone(),
+        id: w3.clone(),
+        slots: 1,
+        plugins: Arc::new(BuiltinPlugins),
+        emitter: Arc::new(MemoryEmitter::new()),
+        coordinator_addr: Some(cluster.addr.clone()),
+        cert: None,
+        rng_seed: Some(1),
+    };
+    let err = run_worker_process(opts, stop_rx).await.expect_err("an expired certificate");
+    let text = err.to_string();
+    let expiry = rollout_transport::enroll::utc_text(info.not_after);
+    assert!(text.contains("expired at") && text.contains(&expiry), "{text}");
+    assert!(text.contains("worker.w3.pem") && text.contains("--join"), "{text}");
+
+    // Used anyway, the coordinator refuses it at the handshake: no RPC gets through.
+    let mut client = worker_client(&cluster, &expired);
+    let err = client.register(register_request("w3", PROTOCOL_VERSION)).await.expect_err("refused");
+    assert!(
+        matches!(err.code(), Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled),
+        "expected a transport failure, got {err:?}"
+    );
+    // A fresh one for the same worker gets in, and its serial differs.
+    let fresh = issue_client_cert(&tls_dir, &w3).expect("fresh");
+    assert_ne!(CertInfo::of_file(&fresh.cert).expect("info").serial, info.serial);
+    let mut client = worker_client(&cluster, &fresh);
+    client.register(register_request("w3", PROTOCOL_VERSION)).await.expect("registered");
+    cluster.coordinator.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_may_only_speak_for_itself() {
     let cluster = start_cluster().await;
     let tls = cluster.config.transport.tls_dir.clone();

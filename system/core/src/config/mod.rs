@@ -29,6 +29,8 @@ pub const ENV_SEPARATOR: &str = "__";
 /// The top-level key of the worker's `[[plugins]]` tables, which the plugin host reads
 /// from the same file; [`Config::load`] checks their shape and otherwise ignores them.
 pub const PLUGINS_KEY: &str = "plugins";
+/// The shortest lifetime `transport.*_cert_lifetime` may give a certificate.
+pub const CERT_LIFETIME_MIN: Duration = Duration::from_secs(60);
 
 /// Everything that can be configured. Each section has the seed defaults.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -144,6 +146,19 @@ pub struct TransportConfig {
     /// Upper bound of the reconnect delay.
     #[serde(with = "duration_text")]
     pub reconnect_backoff_max: Duration,
+    /// How long a CA made by `rollout certs init` is valid.
+    #[serde(with = "duration_text")]
+    pub ca_cert_lifetime: Duration,
+    /// How long the coordinator's server certificate is valid.
+    #[serde(with = "duration_text")]
+    pub server_cert_lifetime: Duration,
+    /// How long a worker certificate is valid (issued by `rollout certs issue` or
+    /// enrollment). A worker whose certificate has expired re-enrolls with a token.
+    #[serde(with = "duration_text")]
+    pub worker_cert_lifetime: Duration,
+    /// How long an operator certificate is valid.
+    #[serde(with = "duration_text")]
+    pub operator_cert_lifetime: Duration,
 }
 
 impl Default for TransportConfig {
@@ -154,6 +169,10 @@ impl Default for TransportConfig {
             tls_dir: PathBuf::from("./data/tls"),
             reconnect_backoff_initial: Duration::from_millis(100),
             reconnect_backoff_max: Duration::from_secs(5),
+            ca_cert_lifetime: Duration::from_secs(730 * 86_400),
+            server_cert_lifetime: Duration::from_secs(365 * 86_400),
+            worker_cert_lifetime: Duration::from_secs(7 * 86_400),
+            operator_cert_lifetime: Duration::from_secs(90 * 86_400),
         }
     }
 }
@@ -411,6 +430,23 @@ impl Config {
             "transport.reconnect_backoff_max",
             t.reconnect_backoff_max,
         )?;
+        for (field, lifetime) in [
+            ("transport.server_cert_lifetime", t.server_cert_lifetime),
+            ("transport.worker_cert_lifetime", t.worker_cert_lifetime),
+            ("transport.operator_cert_lifetime", t.operator_cert_lifetime),
+        ] {
+            if lifetime < CERT_LIFETIME_MIN {
+                return Err(Error::config_invalid(
+                    field,
+                    format!(
+                        "{} is shorter than the shortest certificate lifetime, {}",
+                        duration_text::format(lifetime),
+                        duration_text::format(CERT_LIFETIME_MIN)
+                    ),
+                ));
+            }
+            at_most(field, lifetime, "transport.ca_cert_lifetime", t.ca_cert_lifetime)?;
+        }
         if self.storage.data_dir.as_os_str().is_empty() {
             return Err(Error::config_invalid("storage.data_dir", "must not be empty"));
         }

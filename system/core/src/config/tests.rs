@@ -197,3 +197,15 @@ fn the_fast_failure_detection_preset_is_valid_and_faster() {
     assert!(fast.health.coordinator_failure_timeout < default.health.coordinator_failure_timeout);
     assert!(fast.health.heartbeat_interval < default.health.heartbeat_interval);
 }
+
+#[test]
+fn certificate_lifetimes_are_bounded_naming_the_field() {
+    let c = Config::default();
+    assert_eq!(c.transport.worker_cert_lifetime, Duration::from_secs(7 * 86_400));
+    assert_eq!(c.transport.operator_cert_lifetime, Duration::from_secs(90 * 86_400));
+    let err = Config::load(None, [("ROLLOUT_TRANSPORT__WORKER_CERT_LIFETIME", "10s")]).expect_err("under a minute");
+    assert_eq!(field_of(&err), "transport.worker_cert_lifetime");
+    let err = Config::load(None, [("ROLLOUT_TRANSPORT__OPERATOR_CERT_LIFETIME", "1000d")]).expect_err("beyond the CA");
+    assert_eq!(field_of(&err), "transport.operator_cert_lifetime");
+    assert!(err.to_string().contains("transport.ca_cert_lifetime"), "{err}");
+}

@@ -15,6 +15,7 @@ pub const ENROLL_MESSAGE_BYTES_MAX: usize = 2 * CSR_PEM_BYTES_MAX;
 pub struct EnrollmentApi {
     tls_dir: PathBuf,
     failures_per_minute_max: u32,
+    worker_cert_lifetime: Duration,
     failures: Arc<WindowCounter>,
     refusals: Arc<LogLimiter>,
 }
@@ -31,9 +32,16 @@ impl EnrollmentApi {
         EnrollmentApi {
             tls_dir: tls_dir.into(),
             failures_per_minute_max: limits.max_failed_enrollments_per_minute,
+            worker_cert_lifetime: tls::Lifetimes::default().worker,
             failures: Arc::new(WindowCounter::new(Duration::from_secs(60))),
             refusals: Arc::new(LogLimiter::new(crate::net::REFUSAL_LOG_INTERVAL)),
         }
+    }
+
+    /// Certificates it issues are valid for `lifetime` (`transport.worker_cert_lifetime`).
+    pub fn with_worker_cert_lifetime(mut self, lifetime: Duration) -> Self {
+        self.worker_cert_lifetime = lifetime;
+        self
     }
 
     /// The service, with message size limits ([`ENROLL_MESSAGE_BYTES_MAX`] in,
@@ -64,10 +72,10 @@ impl pb::enrollment_server::Enrollment for EnrollmentApi {
             self.log_refusal(&source, &remote, &status);
             return Err(status);
         }
-        let tls_dir = self.tls_dir.clone();
+        let (tls_dir, lifetime) = (self.tls_dir.clone(), self.worker_cert_lifetime);
         let req = req.into_inner();
         // File I/O, fsyncs and signing: off the async threads.
-        let outcome = tokio::task::spawn_blocking(move || enroll(&tls_dir, &req, SystemTime::now()))
+        let outcome = tokio::task::spawn_blocking(move || enroll(&tls_dir, &req, SystemTime::now(), lifetime))
             .await
             .map_err(|e| Status::internal(format!("enrollment task: {e}")))?;
         match &outcome {
@@ -102,6 +110,7 @@ pub(super) fn enroll(
     tls_dir: &Path,
     req: &pb::EnrollRequest,
     now: SystemTime,
+    lifetime: Duration,
 ) -> std::result::Result<(WorkerId, String, pb::EnrollResponse), Status> {
     let token: BootstrapToken =
         req.bootstrap_token.parse().map_err(|e| Status::invalid_argument(format!("enroll.bootstrap_token: {e}")))?;
@@ -175,7 +184,8 @@ pub(super) fn enroll(
     // Only the CSR's public key is used (its signature was checked by the parser); the
     // name, usages and role are the ones every worker certificate has.
     let cert = tls::worker_cert_params(&worker)
-        .and_then(|params| {
+        .and_then(|mut params| {
+            tls::set_validity(&mut params, now, lifetime)?;
             params.signed_by(&csr.public_key, &issuer).map_err(|e| Error::internal(format!("signing: {e}")))
         })
         .map_err(|e| Status::internal(format!("issuing the certificate of worker {worker}: {e}")))?;
