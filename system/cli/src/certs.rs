@@ -5,6 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use rollout_core::{Error, WorkerId};
 use rollout_transport::enroll::{ENROLLED_DIR, utc_text};
+use rollout_transport::revocation;
 use rollout_transport::tls::{self, CertFiles, CertInfo, Lifetimes, PeerRole};
 
 use crate::{CertsCommand, load_config};
@@ -62,13 +63,53 @@ pub fn run(command: CertsCommand) -> Result<(), Error> {
             println!("key     {}", files.key.display());
             Ok(())
         }
+        CertsCommand::Revoke { common, worker, operator, serial } => {
+            let config = load_config(&common)?;
+            let dir = &config.transport.tls_dir;
+            let now = SystemTime::now();
+            let revoked = match (worker, operator, serial) {
+                (Some(id), _, _) => {
+                    let id = WorkerId::new(id).map_err(|e| Error::invalid_input(format!("--worker: {e}")))?;
+                    revocation::revoke_identity(dir, &PeerRole::Worker(id), None, now)?
+                }
+                (None, Some(name), _) => revocation::revoke_identity(dir, &PeerRole::Operator(name), None, now)?,
+                (None, None, Some(serial)) => {
+                    let serial = serial.to_ascii_lowercase();
+                    let known = revocation::known_certificates(dir)?;
+                    let Some((_, info)) = known.get(&serial) else {
+                        return Err(Error::invalid_input(format!(
+                            "--serial {serial}: no certificate with that serial in {} (see rollout certs list)",
+                            dir.display()
+                        )));
+                    };
+                    revocation::revoke(dir, info, now)?;
+                    vec![info.clone()]
+                }
+                (None, None, None) => {
+                    return Err(Error::invalid_input(
+                        "say what to revoke: --worker ID, --operator NAME or --serial HEX",
+                    ));
+                }
+            };
+            if revoked.is_empty() {
+                return Err(Error::invalid_input(format!(
+                    "no unexpired certificate of that identity in {} (see rollout certs list)",
+                    dir.display()
+                )));
+            }
+            for info in &revoked {
+                println!("revoked {} (expires {})", info.serial, utc_text(info.not_after));
+            }
+            Ok(())
+        }
         CertsCommand::List { common, json } => {
             let config = load_config(&common)?;
             let now = SystemTime::now();
             let rows = list(&config.transport.tls_dir)?;
+            let denied = revocation::load_denied(&config.transport.tls_dir, now)?;
             if json {
                 for (path, info) in &rows {
-                    println!("{}", row_json(path, info, now));
+                    println!("{}", row_json(path, info, now, denied.contains(&info.serial)));
                 }
             } else {
                 println!("{:<10} {:<20} {:<34} {:<21} STATE", "KIND", "NAME", "SERIAL", "EXPIRES");
@@ -78,7 +119,7 @@ pub fn run(command: CertsCommand) -> Result<(), Error> {
                         "{kind:<10} {name:<20} {:<34} {:<21} {}",
                         info.serial,
                         utc_text(info.not_after),
-                        state(info, now)
+                        state(info, now, denied.contains(&info.serial))
                     );
                 }
             }
@@ -142,7 +183,10 @@ fn kind_and_name(path: &Path, info: &CertInfo) -> (&'static str, String) {
     }
 }
 
-fn state(info: &CertInfo, now: SystemTime) -> String {
+fn state(info: &CertInfo, now: SystemTime, revoked: bool) -> String {
+    if revoked {
+        return "revoked".to_owned();
+    }
     match info.not_after.duration_since(now) {
         Err(_) => "expired".to_owned(),
         Ok(left) if left.as_secs() >= 2 * 86_400 => format!("valid, {} days left", left.as_secs() / 86_400),
@@ -150,7 +194,7 @@ fn state(info: &CertInfo, now: SystemTime) -> String {
     }
 }
 
-fn row_json(path: &Path, info: &CertInfo, now: SystemTime) -> serde_json::Value {
+fn row_json(path: &Path, info: &CertInfo, now: SystemTime, revoked: bool) -> serde_json::Value {
     let (kind, name) = kind_and_name(path, info);
     serde_json::json!({
         "kind": kind,
@@ -161,5 +205,6 @@ fn row_json(path: &Path, info: &CertInfo, now: SystemTime) -> serde_json::Value 
         "not_after": utc_text(info.not_after),
         "not_after_unix_ms": rollout_core::time::unix_millis(info.not_after),
         "expired": info.expired_at(now),
+        "revoked": revoked,
     })
 }

@@ -342,6 +342,24 @@ enum CertsCommand {
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         valid_for: Option<std::time::Duration>,
     },
+    /// Revoke certificates: the coordinator refuses them at the handshake and on every
+    /// RPC, and closes their connections within a fraction of a second (it reads the
+    /// deny list in transport.tls_dir/revoked). Run it where the CA is. A worker's
+    /// leases then follow the failure path (its deadline). Revoking a worker or operator
+    /// revokes every unexpired certificate issued to it.
+    Revoke {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Every certificate of this worker.
+        #[arg(long, value_name = "ID", group = "who")]
+        worker: Option<String>,
+        /// Every certificate of this operator.
+        #[arg(long, value_name = "NAME", group = "who")]
+        operator: Option<String>,
+        /// One certificate, by serial number (hex, as `certs list` prints it).
+        #[arg(long, value_name = "HEX", group = "who")]
+        serial: Option<String>,
+    },
     /// List the certificates in transport.tls_dir (the CA, the coordinator's, workers'
     /// and operators', and those enrollment issued) with serial number, expiry and
     /// whether each is still valid.

@@ -38,6 +38,7 @@ pub mod net;
 pub mod node_env;
 pub mod pipeline;
 pub mod plugins;
+pub mod revocation;
 pub mod server;
 pub mod service;
 #[cfg(test)]
@@ -52,8 +53,8 @@ pub use net::ConnectionLimits;
 pub use node_env::{BlockingWork, NodeEnv, PluginTime, SystemWallClock, WallClock};
 pub use plugins::{BuiltinPlugins, PluginRouter};
 pub use server::{
-    CoordinatorOptions, RunningCoordinator, ServeLimits, WorkerOptions, connect, operator_client, run_worker_process,
-    serve_coordinator, serve_coordinator_with_enrollment, start_coordinator,
+    CoordinatorOptions, RunningCoordinator, ServeLimits, ServerTls, WorkerOptions, connect, operator_client,
+    run_worker_process, serve_coordinator, serve_coordinator_with_enrollment, start_coordinator,
 };
 pub use service::{CoordinatorApi, ResultStore};
 pub use tls::{CertFiles, PeerRole, ensure_dev_ca, issue_client_cert, issue_operator_cert, issue_server_cert};

@@ -95,7 +95,33 @@ pub struct PeerInfo {
     pub remote: String,
     /// How the connection's byte stream ended, once it has.
     pub connection: ConnectionWatch,
+    /// Set once the peer's certificate is revoked (every RPC is refused from then on).
+    pub revoked: RevokedWatch,
 }
+
+/// Shared view of whether a connection's certificate has been revoked; equal only to
+/// its own clones. The default (no certificate, or no deny list) is never revoked.
+#[derive(Debug, Clone, Default)]
+pub struct RevokedWatch(Option<Arc<crate::revocation::RevokeFlag>>);
+
+impl RevokedWatch {
+    /// Whether the certificate has been revoked.
+    pub fn is_revoked(&self) -> bool {
+        self.0.as_ref().is_some_and(|f| f.is_revoked())
+    }
+}
+
+impl PartialEq for RevokedWatch {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for RevokedWatch {}
 
 /// How a connection's byte stream ended, as the first read (or write) that did not
 /// carry bytes showed it.
@@ -216,6 +242,8 @@ pub struct PeerStream<IO> {
     _slots: (Slot, Option<Slot>),
     /// When a connection without a client certificate is cut.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Its certificate's place in the deny list: reads and writes fail once revoked.
+    live: Option<crate::revocation::LiveCert>,
 }
 
 impl<IO> PeerStream<IO> {
@@ -228,6 +256,15 @@ impl<IO> PeerStream<IO> {
                 .map(|()| io::Error::new(io::ErrorKind::TimedOut, "connection without a client certificate timed out")),
             None => Poll::Pending,
         }
+    }
+
+    /// An error once the certificate is revoked (the reader is woken when it is).
+    fn check_revoked(&self, cx: &mut Context<'_>) -> Option<io::Error> {
+        let live = self.live.as_ref()?;
+        live.flag.register(cx.waker());
+        live.flag
+            .is_revoked()
+            .then(|| io::Error::new(io::ErrorKind::PermissionDenied, "the peer's certificate was revoked"))
     }
 }
 
@@ -244,6 +281,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for PeerStream<IO> {
         if let Poll::Ready(e) = self.check_deadline(cx) {
             return Poll::Ready(Err(e));
         }
+        if let Some(e) = self.check_revoked(cx) {
+            return Poll::Ready(Err(e));
+        }
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
@@ -251,6 +291,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for PeerStream<IO> {
 impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for PeerStream<IO> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         if let Poll::Ready(e) = self.check_deadline(cx) {
+            return Poll::Ready(Err(e));
+        }
+        if let Some(e) = self.check_revoked(cx) {
             return Poll::Ready(Err(e));
         }
         Pin::new(&mut self.inner).poll_write(cx, buf)
@@ -309,6 +352,7 @@ pub fn tls_incoming<L, IO, E>(
     listener: L,
     config: Arc<ServerConfig>,
     limits: ConnectionLimits,
+    deny: Arc<crate::revocation::DenyList>,
 ) -> impl Stream<Item = Result<PeerStream<IO>, io::Error>> + Send + 'static
 where
     L: Stream<Item = Result<(IO, String), E>> + Send + 'static,
@@ -342,8 +386,8 @@ where
             // Back-pressure: beyond the handshake bound, accepting waits (the kernel's
             // backlog holds the rest).
             let Ok(permit) = Arc::clone(&handshakes).acquire_owned().await else { break };
-            let (acceptor, tx, unauthenticated, refusals) =
-                (acceptor.clone(), tx.clone(), Arc::clone(&unauthenticated), Arc::clone(&refusals));
+            let (acceptor, tx, unauthenticated, refusals, deny) =
+                (acceptor.clone(), tx.clone(), Arc::clone(&unauthenticated), Arc::clone(&refusals), Arc::clone(&deny));
             tokio::spawn(async move {
                 let connection = ConnectionWatch::default();
                 let io = Watched::new(io, connection.clone());
@@ -352,8 +396,10 @@ where
                 match handshake {
                     Ok(Ok(stream)) => {
                         let certified = stream.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
-                        let role =
-                            stream.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| peer_role(c));
+                        let leaf = stream.get_ref().1.peer_certificates().and_then(|c| c.first());
+                        let role = leaf.and_then(|c| peer_role(c));
+                        let live = leaf.and_then(|c| crate::revocation::serial_of(c)).map(|s| deny.register(s));
+                        let revoked = RevokedWatch(live.as_ref().map(|l| Arc::clone(&l.flag)));
                         let (extra, deadline) = if certified {
                             (None, None)
                         } else {
@@ -371,9 +417,10 @@ where
                         tracing::debug!(channel = "tls", event = "mtls_handshake_ok", %remote, ?role);
                         let peer = PeerStream {
                             inner: stream,
-                            info: PeerInfo { role, remote, connection },
+                            info: PeerInfo { role, remote, connection, revoked },
                             _slots: (slot, extra),
                             deadline,
+                            live,
                         };
                         let _ = tx.send(Ok(peer)).await;
                     }

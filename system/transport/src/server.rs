@@ -58,13 +58,31 @@ impl ServeLimits {
     }
 }
 
+/// The server's rustls configuration and the deny list its verifier and its
+/// connections consult.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// The rustls configuration (built with the same deny list, see
+    /// [`tls::server_config_denying`]).
+    pub config: Arc<ServerConfig>,
+    /// Revoked serials; live connections presenting one are cut.
+    pub deny: Arc<crate::revocation::DenyList>,
+}
+
+impl From<Arc<ServerConfig>> for ServerTls {
+    /// A configuration without revocation.
+    fn from(config: Arc<ServerConfig>) -> Self {
+        ServerTls { config, deny: crate::revocation::DenyList::empty() }
+    }
+}
+
 /// Serves both gRPC services on `incoming` (any stream of accepted byte streams, each
 /// with a peer address for logs) under mutual TLS, until `shutdown` completes.
 /// Enrollment is not served (Enroll answers `UNIMPLEMENTED`).
 pub async fn serve_coordinator<L, IO, E, F>(
     api: CoordinatorApi,
     incoming: L,
-    tls: Arc<ServerConfig>,
+    tls: impl Into<ServerTls>,
     limits: ServeLimits,
     shutdown: F,
 ) -> Result<()>
@@ -85,7 +103,7 @@ pub async fn serve_coordinator_with_enrollment<L, IO, E, F>(
     api: CoordinatorApi,
     enrollment: Option<EnrollmentApi>,
     incoming: L,
-    tls: Arc<ServerConfig>,
+    tls: impl Into<ServerTls>,
     limits: ServeLimits,
     shutdown: F,
 ) -> Result<()>
@@ -95,6 +113,7 @@ where
     E: std::fmt::Display + Send + 'static,
     F: Future<Output = ()> + Send,
 {
+    let tls = tls.into();
     let max_message_bytes = limits.max_message_bytes;
     let (coordinator, operator) = api.into_services(max_message_bytes);
     // The standard services, for grpcurl, grpc_health_probe and Kubernetes probes (with
@@ -118,7 +137,7 @@ where
         .add_service(InterceptedService::new(health_service, require_client_certificate))
         .add_service(InterceptedService::new(reflection, require_client_certificate))
         .add_optional_service(enrollment.map(|e| e.into_service(max_message_bytes)))
-        .serve_with_incoming_shutdown(tls_incoming(incoming, tls, limits.connections), shutdown)
+        .serve_with_incoming_shutdown(tls_incoming(incoming, tls.config, limits.connections, tls.deny), shutdown)
         .await
         .map_err(|e| Error::internal(format!("gRPC server failed: {e}")))
 }
@@ -241,8 +260,26 @@ pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordi
         now,
         "issue a new one: rollout certs issue --server [--san NAME]",
     )?;
-    let server_tls = tls::server_config(&CertFiles::ca(tls_dir).cert, &CertFiles::coordinator(tls_dir))?;
+    let deny = crate::revocation::DenyList::load(tls_dir)?;
+    let server_tls = ServerTls {
+        config: tls::server_config_denying(
+            &CertFiles::ca(tls_dir).cert,
+            &CertFiles::coordinator(tls_dir),
+            Arc::clone(&deny),
+        )?,
+        deny: Arc::clone(&deny),
+    };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    deny.spawn_poll(shutdown_rx.clone());
+    if !deny.is_empty() {
+        tracing::info!(
+            channel = "tls",
+            event = "deny_list_loaded",
+            revoked = deny.len(),
+            "{} revoked certificates are refused",
+            deny.len()
+        );
+    }
     let storage_for_results = Arc::clone(&storage);
     let storage_for_sweep = Arc::clone(&storage);
     let metrics = Arc::new(CoordinatorMetrics::new());

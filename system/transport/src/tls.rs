@@ -351,6 +351,7 @@ fn issue(dir: &Path, params: CertificateParams, files: CertFiles) -> Result<Cert
     let cert = params.signed_by(&key, &issuer).map_err(|e| rcgen_err("signing a certificate", &e))?;
     write_private(&files.key, key.serialize_pem().as_bytes())?;
     write_public(&files.cert, cert.pem().as_bytes())?;
+    crate::revocation::archive_issued(dir, &cert.pem(), SystemTime::now())?;
     Ok(files)
 }
 
@@ -391,6 +392,15 @@ fn name(common_name: &str, unit: &str) -> DistinguishedName {
 /// every other service refuses it (`crate::enroll::require_client_certificate`, and
 /// each handler's own identity check).
 pub fn server_config(ca_cert: &Path, server: &CertFiles) -> Result<Arc<ServerConfig>> {
+    server_config_denying(ca_cert, server, crate::revocation::DenyList::empty())
+}
+
+/// [`server_config`] refusing, at the handshake, client certificates `deny` lists.
+pub fn server_config_denying(
+    ca_cert: &Path,
+    server: &CertFiles,
+    deny: Arc<crate::revocation::DenyList>,
+) -> Result<Arc<ServerConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let ca_chain = load_certs(ca_cert)?;
     let roots = Arc::new(root_store(ca_cert)?);
@@ -398,6 +408,7 @@ pub fn server_config(ca_cert: &Path, server: &CertFiles) -> Result<Arc<ServerCon
         .allow_unauthenticated()
         .build()
         .map_err(|e| tls_err(ca_cert, &format!("building the client verifier: {e}")))?;
+    let verifier = Arc::new(crate::revocation::DenyingVerifier::new(verifier, deny));
     let (mut chain, key) = load_pair(server)?;
     for ca in ca_chain {
         if !chain.contains(&ca) {

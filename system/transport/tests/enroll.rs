@@ -204,6 +204,18 @@ async fn bad_tokens_and_bad_requests_are_refused_with_the_reason() {
     assert_refused(&err, Code::Unauthenticated, &["already used", "by worker w3", "single-use"]);
     let uses: Vec<_> = list_tokens(&tls_dir).expect("list").into_iter().filter(|(_, used)| used.is_some()).collect();
     assert_eq!(uses.len(), 1, "{uses:?}");
+
+    // Re-enrolling w1 (a token bound to it) revokes the certificate it had.
+    let old = tls::CertInfo::of_file(&CertFiles::worker(&tls_dir, &id("w1")).cert).expect("w1's certificate");
+    let rebind = create_token(&tls_dir, HOUR, Some(id("w1")), now).expect("token");
+    let issued = raw_enroll(&channel, &rebind.to_string(), "w1", csr_for("w1")).await.expect("re-enrolled");
+    let denied = rollout_transport::revocation::load_denied(&tls_dir, std::time::SystemTime::now()).expect("deny list");
+    let new = tls::CertInfo::of_der(
+        &x509_parser::pem::parse_x509_pem(issued.certificate_pem.as_bytes()).expect("pem").1.contents,
+    )
+    .expect("new certificate");
+    assert!(denied.contains(&old.serial), "the old certificate is revoked: {denied:?}");
+    assert!(!denied.contains(&new.serial), "the new one is not");
     started.coordinator.shutdown().await.expect("clean shutdown");
 }
 

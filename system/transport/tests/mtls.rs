@@ -11,7 +11,7 @@ use rollout_core::history::HistoryEvent;
 use rollout_core::{Config, PROTOCOL_VERSION, WorkerId};
 use rollout_proto::transport as pb;
 use rollout_proto::transport::coordinator_client::CoordinatorClient;
-use rollout_transport::tls::CertFiles;
+use rollout_transport::tls::{CertFiles, PeerRole};
 use rollout_transport::{
     BuiltinPlugins, MemoryEmitter, RunningCoordinator, WorkerOptions, connect, ensure_dev_ca, issue_client_cert,
     operator_client, run_worker_process,
@@ -140,6 +140,132 @@ async fn an_expired_certificate_is_refused_naming_its_expiry() {
     let mut client = worker_client(&cluster, &fresh);
     client.register(register_request("w3", PROTOCOL_VERSION)).await.expect("registered");
     cluster.coordinator.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_worker_is_cut_off_at_once_and_its_task_runs_elsewhere() {
+    use rollout_transport::revocation::{DENY_LIST_POLL, revoke_identity};
+    let mut config = Config::fast_failure_detection();
+    config.health.heartbeat_interval = Duration::from_millis(300);
+    config.health.worker_self_fence_timeout = Duration::from_millis(1200);
+    config.health.coordinator_failure_timeout = Duration::from_millis(1500);
+    config.validate().expect("valid");
+    let started = common::start(config, &["w1", "w2"]).await;
+    let tls_dir = started.config.transport.tls_dir.clone();
+    let spawn = |id: &str, stop: watch::Receiver<bool>, history: Arc<MemoryEmitter>| {
+        let opts = WorkerOptions {
+            config: started.config.clone(),
+            id: WorkerId::new(id).expect("id"),
+            slots: 2,
+            plugins: Arc::new(BuiltinPlugins),
+            emitter: history,
+            coordinator_addr: Some(started.addr.clone()),
+            cert: None,
+            rng_seed: Some(3),
+        };
+        tokio::spawn(run_worker_process(opts, stop))
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let worker_history = Arc::new(MemoryEmitter::new());
+    let w1 = spawn("w1", stop_rx.clone(), worker_history.clone());
+    let mut operator = operator_client(&started.config, "ops", Some(&started.addr)).expect("operator client");
+    let task = pb::TaskSpec {
+        plugin: "sleep".into(),
+        method: "run".into(),
+        payload: b"1500".to_vec(),
+        gpus: 0,
+        deadline_ms: 30_000,
+        inputs: Vec::new(),
+    };
+    let job = operator
+        .submit_job(pb::SubmitJobRequest { name: "long".into(), tasks: vec![task], idempotency_key: "long".into() })
+        .await
+        .expect("accepted")
+        .into_inner()
+        .job;
+    let leased_to = |worker: &str| {
+        started
+            .history
+            .records()
+            .iter()
+            .any(|r| matches!(&r.event, HistoryEvent::Leased { worker: w, .. } if w.as_str() == worker))
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !leased_to("w1") {
+        assert!(tokio::time::Instant::now() < deadline, "the task was never leased to w1");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A second connection with w1's certificate, open before the revocation.
+    let w1_files = CertFiles::worker(&tls_dir, &WorkerId::new("w1").expect("id"));
+    let mut held = worker_client_at(&started.addr, &tls_dir, &w1_files);
+    held.register(register_request("w1-probe-no", PROTOCOL_VERSION)).await.expect_err("speaks for itself only");
+    let w2 = spawn("w2", stop_rx.clone(), worker_history.clone());
+
+    let revoked_at = tokio::time::Instant::now();
+    let revoked = revoke_identity(
+        &tls_dir,
+        &PeerRole::Worker(WorkerId::new("w1").expect("id")),
+        None,
+        std::time::SystemTime::now(),
+    )
+    .expect("revoke");
+    assert_eq!(revoked.len(), 1);
+    // The open connection is cut within the deny list's poll (under one heartbeat interval).
+    // (The probe speaks for another id, so it never disturbs the running w1: before the
+    // cut it is refused by the identity check, after it by the revocation.)
+    loop {
+        let err = held.register(register_request("w1-probe-no", PROTOCOL_VERSION)).await.expect_err("never served");
+        if !err.message().contains("may not speak for") {
+            break;
+        }
+        assert!(revoked_at.elapsed() < Duration::from_secs(5), "the revoked certificate still gets answers");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let cut_after = revoked_at.elapsed();
+    eprintln!("the revoked connection was cut {cut_after:?} after the revocation");
+    assert!(cut_after <= DENY_LIST_POLL * 2 + Duration::from_millis(100), "cut after {cut_after:?}");
+    assert!(cut_after < started.config.health.heartbeat_interval, "cut after {cut_after:?}");
+    // A new connection is refused at the handshake.
+    let mut fresh = worker_client_at(&started.addr, &tls_dir, &w1_files);
+    fresh.register(register_request("w1", PROTOCOL_VERSION)).await.expect_err("refused at the handshake");
+
+    // w1's lease follows the failure path: declared failed at its deadline, the task
+    // re-leased to w2 and committed there, once.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = operator.status(pb::StatusRequest::default()).await.expect("status").into_inner();
+        if status.jobs.iter().any(|j| j.job == job && j.committed == 1) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the task never finished elsewhere: {status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let records = started.history.records();
+    assert!(
+        records
+            .iter()
+            .any(|r| matches!(&r.event, HistoryEvent::DeclaredFailed { worker, .. } if worker.as_str() == "w1"))
+    );
+    let commits: Vec<_> = records
+        .iter()
+        .filter_map(|r| match &r.event {
+            HistoryEvent::Committed { worker, .. } => Some(worker.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(commits, vec!["w2".to_owned()]);
+    let _ = stop_tx.send(true);
+    w2.await.expect("w2 task").expect("w2 stops cleanly");
+    w1.abort();
+    started.coordinator.shutdown().await.expect("clean shutdown");
+}
+
+fn worker_client_at(
+    addr: &str,
+    tls_dir: &std::path::Path,
+    cert: &CertFiles,
+) -> CoordinatorClient<tonic::transport::Channel> {
+    CoordinatorClient::new(connect(addr, &CertFiles::ca(tls_dir).cert, cert).expect("channel"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -192,6 +192,17 @@ pub(super) fn enroll(
     let cert_pem = cert.pem();
     let record = tls_dir.join(ENROLLED_DIR).join(format!("{worker}.pem"));
     tls::write_public(&record, cert_pem.as_bytes()).map_err(|e| Status::internal(e.to_string()))?;
+    crate::revocation::archive_issued(tls_dir, &cert_pem, now).map_err(|e| Status::internal(e.to_string()))?;
+    // Re-enrolling an id revokes what it held before: a worker that re-enrolls because
+    // its key was lost or stolen leaves nothing behind that still gets in.
+    let new_serial = tls::CertInfo::of_der(cert.der()).map(|i| i.serial);
+    let replaced =
+        crate::revocation::revoke_identity(tls_dir, &PeerRole::Worker(worker.clone()), new_serial.as_deref(), now)
+            .map_err(|e| Status::internal(e.to_string()))?;
+    for old in &replaced {
+        tracing::info!(channel = "tls", event = "certificate_revoked", %worker, serial = %old.serial,
+            reason = "re-enrolled", "the earlier certificate of worker {worker} is revoked");
+    }
     let ca_pem = tls::read_text(&ca.cert).map_err(|e| Status::internal(e.to_string()))?;
     Ok((worker, id.clone(), pb::EnrollResponse { certificate_pem: cert_pem, ca_certificate_pem: ca_pem }))
 }
@@ -316,6 +327,9 @@ pub(super) fn equal_in_constant_time(a: &[u8], b: &[u8]) -> bool {
 /// request reaches a handler. The handlers check the role again.
 pub fn require_client_certificate(req: Request<()>) -> std::result::Result<Request<()>, Status> {
     match req.extensions().get::<PeerInfo>() {
+        Some(PeerInfo { revoked, .. }) if revoked.is_revoked() => {
+            Err(Status::permission_denied("this connection's client certificate has been revoked"))
+        }
         Some(PeerInfo { role: Some(_), .. }) => Ok(req),
         _ => Err(Status::unauthenticated(
             "no client certificate with a rollout role on this connection; without one only Enrollment/Enroll may \

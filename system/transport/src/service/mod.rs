@@ -322,6 +322,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
                     role: Some(role),
                     remote: String::new(),
                     connection: Default::default(),
+                    revoked: Default::default(),
                 });
             }
             authorize_worker(&probe, "work.hello.worker_id", &hello.worker_id)?
