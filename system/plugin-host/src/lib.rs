@@ -33,7 +33,7 @@ use rollout_core::traits::{CancelToken, PluginCall, PluginError, PluginHost};
 pub use rollout_plugin_sdk::abi::ABI_VERSION;
 pub use sidecar::{PARENT_PIPE_ENV, SIDECAR_ABI_VERSION, SIDECAR_MESSAGE_BYTES_MAX};
 pub use spec::{
-    PluginMode, PluginSpec, SidecarSpec, plugin_specs_from_config_file, plugin_specs_from_toml_str,
+    PluginMode, PluginSpec, SIDECAR_BASE_ENV, SidecarSpec, plugin_specs_from_config_file, plugin_specs_from_toml_str,
     validate_plugin_specs,
 };
 

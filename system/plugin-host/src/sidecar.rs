@@ -322,12 +322,30 @@ impl SidecarPlugin {
     fn launch(&self) -> Result<Running, StartError> {
         remove_socket(&self.socket);
         let mut command = Command::new(&self.spec.program);
-        // The worker's own settings and secrets stay with the worker: no ROLLOUT_*
-        // variable (ROLLOUT_SECRET_*, ROLLOUT_JOIN_TOKEN, config overrides) reaches user
-        // code; the plugin's own ROLLOUT_PLUGIN_* are set below.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("ROLLOUT_") {
-                command.env_remove(&key);
+        // The worker's environment stays with the worker: the sidecar starts from a
+        // cleared one, with only SIDECAR_BASE_ENV inherited, then what its [[plugins]]
+        // entry declares (`env`, and `secrets` through an allowlist of exactly those),
+        // then the SDK's own ROLLOUT_PLUGIN_*. No ROLLOUT_SECRET_* it did not ask for,
+        // no ROLLOUT_JOIN_TOKEN, no config override reaches user code.
+        command.env_clear();
+        for key in crate::spec::SIDECAR_BASE_ENV {
+            if let Some(value) = std::env::var_os(key) {
+                command.env(key, value);
+            }
+        }
+        command.envs(&self.spec.env);
+        if !self.spec.secrets.is_empty() {
+            use rollout_core::traits::SecretStore;
+            let store = rollout_cloud_local::EnvSecretStore::new(self.spec.secrets.iter().cloned())
+                .map_err(|e| StartError::Other(format!("secrets: {e}")))?;
+            for name in &self.spec.secrets {
+                let secret = store.get(name).map_err(|e| {
+                    StartError::Other(format!(
+                        "secret {name} (asked for by its secrets list): {e}; set {}{name} in the worker's environment",
+                        rollout_cloud_local::ENV_PREFIX
+                    ))
+                })?;
+                command.env(name, secret.expose());
             }
         }
         command

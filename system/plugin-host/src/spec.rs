@@ -29,7 +29,7 @@
 //! such as `python3` is looked up on `PATH`); `command`'s arguments are passed as
 //! written. [`plugin_specs_from_toml_str`] takes every path as given.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -90,7 +90,21 @@ pub struct SidecarSpec {
     pub socket: Option<PathBuf>,
     /// How long the sidecar may take to start answering health checks.
     pub startup_timeout: Duration,
+    /// Variables set in its environment (beside [`SIDECAR_BASE_ENV`] and the SDK's own).
+    pub env: BTreeMap<String, String>,
+    /// Secrets it gets, each as a variable of its name, read from the worker's
+    /// `ROLLOUT_SECRET_<NAME>` through an `EnvSecretStore` allowing only these.
+    pub secrets: Vec<String>,
 }
+
+/// The variables a sidecar inherits from the worker when they are set; everything else
+/// of the worker's environment is withheld (a sidecar starts from a cleared one).
+pub const SIDECAR_BASE_ENV: &[&str] =
+    &["PATH", "HOME", "USER", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV"];
+/// At most this many `env` entries per plugin.
+pub const SIDECAR_ENV_MAX: usize = 64;
+/// The longest `env` value.
+pub const SIDECAR_ENV_VALUE_BYTES_MAX: usize = 4096;
 
 /// The shape of one `[[plugins]]` table as written in TOML, before validation.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,6 +135,13 @@ pub struct PluginSpecToml {
     /// sidecar: e.g. `"10s"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub startup_timeout: Option<String>,
+    /// sidecar: variables for its environment, e.g. `env = { MODEL = "small" }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+    /// sidecar: secrets it gets as variables of their names, e.g. `secrets = ["OPENAI_KEY"]`
+    /// (read from the worker's `ROLLOUT_SECRET_OPENAI_KEY`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -225,7 +246,9 @@ impl PluginSpecToml {
         let allowed: &[&str] = match self.mode.as_str() {
             "cdylib" => &["path"],
             "python" => &["module", "path"],
-            "sidecar" => &["path", "module", "script", "command", "python", "socket", "startup_timeout"],
+            "sidecar" => {
+                &["path", "module", "script", "command", "python", "socket", "startup_timeout", "env", "secrets"]
+            }
             other => {
                 return Err(Error::config_invalid(
                     field("mode"),
@@ -328,10 +351,61 @@ impl PluginSpecToml {
                 timeout
             }
         };
-        Ok(SidecarSpec { program, args, python_path: self.path.clone(), socket: self.socket.clone(), startup_timeout })
+        let env = self.env.clone().unwrap_or_default();
+        if env.len() > SIDECAR_ENV_MAX {
+            return Err(Error::config_invalid(
+                field("env"),
+                format!("{} variables, at most {SIDECAR_ENV_MAX} are allowed", env.len()),
+            ));
+        }
+        for (key, value) in &env {
+            let valid = key.bytes().next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+                && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !valid {
+                return Err(Error::config_invalid(
+                    field("env"),
+                    format!("{key:?} is not a variable name (letters, digits and '_', not starting with a digit)"),
+                ));
+            }
+            if key.starts_with("ROLLOUT_") {
+                return Err(Error::config_invalid(
+                    field("env"),
+                    format!("{key:?}: ROLLOUT_* variables are the worker's and the SDK's; use another name"),
+                ));
+            }
+            if value.len() > SIDECAR_ENV_VALUE_BYTES_MAX || value.contains('\0') {
+                return Err(Error::config_invalid(
+                    field("env"),
+                    format!("the value of {key} is over {SIDECAR_ENV_VALUE_BYTES_MAX} bytes or holds a NUL"),
+                ));
+            }
+        }
+        let secrets = self.secrets.clone().unwrap_or_default();
+        for name in &secrets {
+            let valid = name.bytes().next().is_some_and(|b| b.is_ascii_uppercase())
+                && name.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+            if !valid {
+                return Err(Error::config_invalid(
+                    field("secrets"),
+                    format!("{name:?} is not a secret name ([A-Z][A-Z0-9_]*, read from ROLLOUT_SECRET_<NAME>)"),
+                ));
+            }
+            if env.contains_key(name) {
+                return Err(Error::config_invalid(field("secrets"), format!("{name} is also set in env")));
+            }
+        }
+        Ok(SidecarSpec {
+            program,
+            args,
+            python_path: self.path.clone(),
+            socket: self.socket.clone(),
+            startup_timeout,
+            env,
+            secrets,
+        })
     }
 
-    fn present_fields(&self) -> [(&'static str, bool); 7] {
+    fn present_fields(&self) -> [(&'static str, bool); 9] {
         [
             ("path", self.path.is_some()),
             ("module", self.module.is_some()),
@@ -340,6 +414,8 @@ impl PluginSpecToml {
             ("python", self.python.is_some()),
             ("socket", self.socket.is_some()),
             ("startup_timeout", self.startup_timeout.is_some()),
+            ("env", self.env.is_some()),
+            ("secrets", self.secrets.is_some()),
         ]
     }
 }
@@ -461,6 +537,30 @@ mod tests {
         let PluginMode::Sidecar(b) = &specs[1].mode else { panic!("expected a sidecar") };
         assert_eq!(b.program, PathBuf::from("/opt/py/bin/python"));
         assert_eq!(b.socket.as_deref(), Some(Path::new("/tmp/b.sock")));
+        Ok(())
+    }
+
+    #[test]
+    fn a_sidecar_declares_its_environment_and_secrets() -> Result<()> {
+        let base = "[[plugins]]\nname = \"a\"\nmode = \"sidecar\"\nmodule = \"m\"\n";
+        let specs = parse(&format!("{base}env = {{ MODEL = \"small\" }}\nsecrets = [\"OPENAI_KEY\"]\n"))?;
+        let PluginMode::Sidecar(a) = &specs[0].mode else { panic!("expected a sidecar") };
+        assert_eq!(a.env.get("MODEL").map(String::as_str), Some("small"));
+        assert_eq!(a.secrets, vec!["OPENAI_KEY".to_owned()]);
+        for (extra, words) in [
+            ("env = { ROLLOUT_JOIN_TOKEN = \"x\" }", "ROLLOUT_"),
+            ("env = { \"1X\" = \"x\" }", "not a variable name"),
+            ("secrets = [\"lower\"]", "not a secret name"),
+            ("secrets = [\"MODEL\"]\nenv = { MODEL = \"x\" }", "also set in env"),
+        ] {
+            let err = parse(&format!("{base}{extra}\n")).expect_err(extra);
+            let text = err.to_string();
+            assert!(text.contains(words), "{extra}: {text}");
+            assert!(field_of(err).starts_with("plugins[0]."), "{extra}");
+        }
+        let err = parse("[[plugins]]\nname = \"c\"\nmode = \"cdylib\"\npath = \"x.so\"\nsecrets = [\"K\"]\n")
+            .expect_err("cdylib secrets");
+        assert_eq!(field_of(err), "plugins[0].secrets");
         Ok(())
     }
 

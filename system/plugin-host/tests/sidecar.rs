@@ -31,6 +31,8 @@ fn spec_for(script: &Path, dir: &TempDir) -> PluginSpec {
             python_path: None,
             socket: Some(dir.path().join("echo.sock")),
             startup_timeout: Duration::from_secs(20),
+            env: Default::default(),
+            secrets: Vec::new(),
         }),
     }
 }
@@ -281,6 +283,8 @@ fn a_sidecar_gets_no_worker_secrets_and_a_private_socket() {
                 python_path: None,
                 socket: None,
                 startup_timeout: Duration::from_secs(20),
+                env: [("MODEL".to_owned(), "small".to_owned())].into(),
+                secrets: vec!["API_KEY".to_owned()],
             }),
         };
         let host = LocalPluginHost::start(&[spec]).expect("start");
@@ -295,7 +299,21 @@ fn a_sidecar_gets_no_worker_secrets_and_a_private_socket() {
         let socket = vars.iter().find_map(|v| v.strip_prefix("ROLLOUT_PLUGIN_SOCKET=")).unwrap().to_owned();
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(Path::new(&socket).parent().unwrap()).unwrap().permissions().mode() & 0o777;
-        println!("report leaked={} mode={mode:o}", leaked.len());
+        // Nothing but the base variables, the declared ones and the SDK's own.
+        let allowed = |name: &str| {
+            rollout_plugin_host::SIDECAR_BASE_ENV.contains(&name)
+                || ["MODEL", "API_KEY", "PYTHONUNBUFFERED", "PYTHONPATH"].contains(&name)
+                || name.starts_with("ROLLOUT_PLUGIN_")
+        };
+        let extra: Vec<&str> =
+            vars.iter().filter_map(|v| v.split_once('=')).map(|(k, _)| k).filter(|k| !allowed(k)).collect();
+        let has = |v: &str| vars.iter().any(|x| x == v);
+        println!(
+            "report leaked={} mode={mode:o} extra={extra:?} model={} key={}",
+            leaked.len(),
+            has("MODEL=small"),
+            has("API_KEY=sk-test-1")
+        );
         return;
     }
     let out = Command::new(std::env::current_exe().unwrap())
@@ -303,11 +321,13 @@ fn a_sidecar_gets_no_worker_secrets_and_a_private_socket() {
         .env(CHILD, "1")
         .env("ROLLOUT_SECRET_DB_PASSWORD", "hunter2")
         .env("ROLLOUT_JOIN_TOKEN", "rollout-join.abc.def")
+        .env("ROLLOUT_SECRET_API_KEY", "sk-test-1")
+        .env("WORKER_ONLY_SETTING", "not for plugins")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("report leaked=0 mode=700"), "{stdout}");
+    assert!(stdout.contains("report leaked=0 mode=700 extra=[] model=true key=true"), "{stdout}");
 }
 
 /// The Python SDK's own tests, including the check that its hand-written descriptor
