@@ -31,9 +31,10 @@ use rollout_core::{Config, TaskId, WorkerId};
 use rollout_proto::transport as pb;
 use rollout_proto::transport::operator_client::OperatorClient;
 use rollout_storage::{CrashMode, MemDisk};
+use rollout_transport::PluginTime;
 use rollout_transport::net::{TlsConnector, lazy_channel};
 use rollout_transport::tls::{self, CertFiles};
-use rollout_transport::{PluginTime, ensure_dev_ca, issue_client_cert, issue_operator_cert, issue_server_cert};
+use rollout_transport::tls::{ensure_ca_at, issue_client_cert_at, issue_operator_cert_at, issue_server_cert_at};
 use sim::checker::{RecordedVerdict, check_recorded, merge_histories};
 
 pub mod histories;
@@ -53,6 +54,17 @@ const PORT: u16 = 7000;
 const SLOTS: u32 = 2;
 /// Where simulated wall clocks start: fixed, so every stamp is a function of the seed.
 const EPOCH_UNIX_S: u64 = 1_700_000_000;
+/// When the stories' certificates are issued and how long they last: from a day before
+/// the simulated wall clocks start to a year past this process's clock. rustls checks
+/// them against the simulated clock where the process's clocks are pinned to turmoil's
+/// (`layer2_bytes`), and against the real one otherwise; both lie inside.
+fn cert_dates() -> (SystemTime, Duration) {
+    let issued_at = SystemTime::UNIX_EPOCH + Duration::from_secs(EPOCH_UNIX_S - 86_400);
+    let until_now = SystemTime::now().duration_since(issued_at).unwrap_or_default();
+    // Whole days, so the dates are a function of the day the test runs on, not the instant.
+    let days = until_now.as_secs() / 86_400 + 365;
+    (issued_at, Duration::from_secs(days * 86_400))
+}
 /// How often `run_until` looks at the histories (a step is one simulated millisecond),
 /// so how late it may notice what it waits for.
 const STEPS_PER_CHECK: u32 = 10;
@@ -145,9 +157,12 @@ impl Cluster {
         let config = spec.config.clone();
         let tls_dir = tempfile::tempdir().expect("tempdir");
         let dir = tls_dir.path();
-        ensure_dev_ca(dir).expect("CA");
-        issue_server_cert(dir, &[COORDINATOR.to_owned()]).expect("server certificate");
-        issue_operator_cert(dir, "ops").expect("operator certificate");
+        // Certificates are checked against the hosts' simulated wall clocks, which start
+        // at EPOCH_UNIX_S: issue them a day before it, valid well past any run.
+        let (issued_at, lifetime) = cert_dates();
+        ensure_ca_at(dir, issued_at, lifetime).expect("CA");
+        issue_server_cert_at(dir, &[COORDINATOR.to_owned()], issued_at, lifetime).expect("server certificate");
+        issue_operator_cert_at(dir, "ops", issued_at, lifetime).expect("operator certificate");
         let ca = CertFiles::ca(dir).cert;
 
         let mut sim = turmoil::Builder::new()
@@ -183,7 +198,7 @@ impl Cluster {
         let mut recorders = BTreeMap::new();
         for (i, name) in spec.workers.iter().enumerate() {
             let id = WorkerId::new(name).expect("worker id");
-            let files = issue_client_cert(dir, &id).expect("worker certificate");
+            let files = issue_client_cert_at(dir, &id, issued_at, lifetime).expect("worker certificate");
             let history = Arc::new(Recorder::default());
             recorders.insert(name.clone(), Arc::clone(&history));
             let node = WorkerNode {

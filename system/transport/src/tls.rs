@@ -241,6 +241,12 @@ pub fn ensure_dev_ca(dir: &Path) -> Result<DevCa> {
 
 /// [`ensure_dev_ca`] with a CA valid for `lifetime` when it is created.
 pub fn ensure_ca(dir: &Path, lifetime: Duration) -> Result<DevCa> {
+    ensure_ca_at(dir, SystemTime::now(), lifetime)
+}
+
+/// [`ensure_ca`] as if created at `at` (a simulation whose clocks start at a fixed
+/// date issues its certificates at that date).
+pub fn ensure_ca_at(dir: &Path, at: SystemTime, lifetime: Duration) -> Result<DevCa> {
     let files = CertFiles::ca(dir);
     match (files.cert.exists(), files.key.exists()) {
         (true, true) => {
@@ -260,7 +266,7 @@ pub fn ensure_ca(dir: &Path, lifetime: Duration) -> Result<DevCa> {
     params.distinguished_name = name("rollout development CA", "rollout-ca");
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    set_validity(&mut params, SystemTime::now(), lifetime)?;
+    set_validity(&mut params, at, lifetime)?;
     let cert = params.self_signed(&key).map_err(|e| rcgen_err("self-signing the CA", &e))?;
     write_private(&files.key, key.serialize_pem().as_bytes())?;
     write_public(&files.cert, cert.pem().as_bytes())?;
@@ -278,6 +284,11 @@ pub fn issue_server_cert(dir: &Path, names: &[String]) -> Result<CertFiles> {
 
 /// [`issue_server_cert`], valid for `lifetime`.
 pub fn issue_server_cert_for(dir: &Path, names: &[String], lifetime: Duration) -> Result<CertFiles> {
+    issue_server_cert_at(dir, names, SystemTime::now(), lifetime)
+}
+
+/// [`issue_server_cert`] as if issued at `at`, valid for `lifetime`.
+pub fn issue_server_cert_at(dir: &Path, names: &[String], at: SystemTime, lifetime: Duration) -> Result<CertFiles> {
     let mut all: Vec<String> = vec!["localhost".into(), "127.0.0.1".into()];
     for n in names {
         if !all.contains(n) {
@@ -290,7 +301,7 @@ pub fn issue_server_cert_for(dir: &Path, names: &[String], lifetime: Duration) -
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     params.use_authority_key_identifier_extension = true;
-    set_validity(&mut params, SystemTime::now(), lifetime)?;
+    set_validity(&mut params, at, lifetime)?;
     issue(dir, params, CertFiles::coordinator(dir))
 }
 
@@ -335,13 +346,18 @@ pub fn issue_operator_cert(dir: &Path, operator: &str) -> Result<CertFiles> {
 
 /// [`issue_operator_cert`], valid for `lifetime`.
 pub fn issue_operator_cert_for(dir: &Path, operator: &str, lifetime: Duration) -> Result<CertFiles> {
+    issue_operator_cert_at(dir, operator, SystemTime::now(), lifetime)
+}
+
+/// [`issue_operator_cert`] as if issued at `at`, valid for `lifetime`.
+pub fn issue_operator_cert_at(dir: &Path, operator: &str, at: SystemTime, lifetime: Duration) -> Result<CertFiles> {
     WorkerId::new(operator).map_err(|e| Error::invalid_input(format!("operator name: {e}")))?;
     let mut params = CertificateParams::default();
     params.distinguished_name = name(&format!("{OPERATOR_CN_PREFIX}{operator}"), OPERATOR_OU);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.use_authority_key_identifier_extension = true;
-    set_validity(&mut params, SystemTime::now(), lifetime)?;
+    set_validity(&mut params, at, lifetime)?;
     issue(dir, params, CertFiles::operator(dir, operator))
 }
 
