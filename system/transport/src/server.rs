@@ -142,6 +142,26 @@ where
         .map_err(|e| Error::internal(format!("gRPC server failed: {e}")))
 }
 
+/// Creates `dir` (and its missing parents) readable by this user only (0700). An
+/// existing directory keeps its mode; one that others may read is logged, naming the
+/// setting, since the database and the objects in it are private.
+pub fn create_private_dir(dir: &Path, field: &str) -> Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::config_invalid(field, format!("creating {}: {e}", dir.display())))?;
+    if let Ok(meta) = std::fs::metadata(dir) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(channel = "storage", dir = %dir.display(), mode = format!("{mode:o}"),
+                "{field} {} is open to other users (mode {mode:o}); `chmod 700` it", dir.display());
+        }
+    }
+    Ok(())
+}
+
 /// Operators' blobs live in `<storage.data_dir>/blobs` (content-addressed files).
 pub const BLOB_DIR: &str = "blobs";
 /// A worker keeps the blobs its tasks read in `<storage.data_dir>/blob-cache/<worker id>`.
@@ -245,8 +265,7 @@ impl RunningCoordinator {
 pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordinator> {
     let config = opts.config;
     let data_dir = &config.storage.data_dir;
-    std::fs::create_dir_all(data_dir)
-        .map_err(|e| Error::config_invalid("storage.data_dir", format!("creating {}: {e}", data_dir.display())))?;
+    create_private_dir(data_dir, "storage.data_dir")?;
     let options = OpenOptions {
         cache_bytes: usize::try_from(config.storage.cache_bytes).unwrap_or(usize::MAX),
         check_integrity_on_open: config.storage.check_integrity_on_open,
@@ -483,6 +502,7 @@ pub async fn run_worker_process(opts: WorkerOptions, shutdown: watch::Receiver<b
         Some(task)
     };
     let cache_dir = config.storage.data_dir.join(BLOB_CACHE_DIR).join(opts.id.as_str());
+    create_private_dir(&cache_dir, "storage.data_dir")?;
     let blob_cache = BlobCache::open(&cache_dir, config.storage.blob_cache_bytes, Arc::clone(&metrics))
         .map_err(|e| Error::config_invalid("storage.data_dir", format!("blob cache {}: {e}", cache_dir.display())))?;
     tracing::info!(channel = "register", event = "connecting", worker = %opts.id, coordinator = %addr,

@@ -101,6 +101,13 @@ async fn an_expired_certificate_is_refused_naming_its_expiry() {
     use std::time::SystemTime;
     let cluster = start_cluster().await;
     let tls_dir = cluster.config.transport.tls_dir.clone();
+    // The coordinator made its data dir private and its database 0600.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+    let data_dir = &cluster.config.storage.data_dir;
+    assert_eq!(mode(data_dir), 0o700, "{}", data_dir.display());
+    assert_eq!(mode(&data_dir.join(rollout_transport::server::DATABASE_FILE)), 0o600);
+    assert_eq!(mode(&CertFiles::ca(&tls_dir).key), 0o600);
     let w3 = WorkerId::new("w3").expect("id");
     let day = Duration::from_secs(86_400);
     // Issued two days ago for one day: expired a day ago (an hour of slack before issue).
