@@ -492,6 +492,79 @@ impl tower_service::Service<Uri> for UnixConnector {
 
     fn call(&mut self, _uri: Uri) -> Self::Future {
         let path = Arc::clone(&self.0);
-        Box::pin(async move { Ok(TokioIo::new(UnixStream::connect(&*path).await?)) })
+        Box::pin(async move {
+            let stream = UnixStream::connect(&*path).await?;
+            check_peer(&stream, &path)?;
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
+
+/// The process at the other end of a sidecar's socket must run as this worker's user
+/// (SO_PEERCRED): a socket someone else bound at that path is refused before a byte of
+/// a task is sent to it.
+fn check_peer(stream: &UnixStream, path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let peer = stream.peer_cred()?;
+    // The owner of /proc/self is this process's effective user.
+    let ours = std::fs::metadata("/proc/self")?.uid();
+    if peer.uid() != ours {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "the process serving the sidecar socket {} (pid {:?}) runs as uid {}, not as this worker's uid {ours}; \
+                 refusing to talk to it",
+                path.display(),
+                peer.pid(),
+                peer.uid()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod peer_tests {
+    use super::*;
+
+    /// A socket served by this user passes; one served by another user (nobody, which
+    /// needs root to arrange) is refused naming both uids.
+    #[tokio::test]
+    async fn a_socket_served_by_another_user_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mine = dir.path().join("mine.sock");
+        let _listener = tokio::net::UnixListener::bind(&mine).expect("bind");
+        let stream = UnixStream::connect(&mine).await.expect("connect");
+        check_peer(&stream, &mine).expect("our own user");
+
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        use std::os::unix::process::CommandExt;
+        if std::fs::metadata("/proc/self").expect("proc").uid() != 0 {
+            println!("the other-user half of this test needs root (it starts a listener as nobody); not run");
+            return;
+        }
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        let theirs = dir.path().join("theirs.sock");
+        let script = format!(
+            "import socket, time\ns = socket.socket(socket.AF_UNIX)\ns.bind({:?})\ns.listen()\ntime.sleep(30)",
+            theirs.display().to_string()
+        );
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", &script])
+            .uid(65534)
+            .gid(65534)
+            .spawn()
+            .expect("python3 as nobody");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !theirs.exists() {
+            assert!(std::time::Instant::now() < deadline, "the other user's listener never bound");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let stream = UnixStream::connect(&theirs).await.expect("connect");
+        let err = check_peer(&stream, &theirs).expect_err("another user");
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(err.kind(), io::ErrorKind::PermissionDenied);
+        assert!(err.to_string().contains("uid 65534") && err.to_string().contains("uid 0"), "{err}");
     }
 }
