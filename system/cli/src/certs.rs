@@ -112,11 +112,11 @@ pub fn run(command: CertsCommand) -> Result<(), Error> {
                     println!("{}", row_json(path, info, now, denied.contains(&info.serial)));
                 }
             } else {
-                println!("{:<10} {:<20} {:<34} {:<21} STATE", "KIND", "NAME", "SERIAL", "EXPIRES");
+                println!("{:<10} {:<24} {:<34} {:<21} STATE", "KIND", "NAME", "SERIAL", "EXPIRES");
                 for (path, info) in &rows {
                     let (kind, name) = kind_and_name(path, info);
                     println!(
-                        "{kind:<10} {name:<20} {:<34} {:<21} {}",
+                        "{kind:<10} {name:<24} {:<34} {:<21} {}",
                         info.serial,
                         utc_text(info.not_after),
                         state(info, now, denied.contains(&info.serial))

@@ -346,8 +346,9 @@ pub fn tcp_incoming(listener: TcpListener) -> impl Stream<Item = io::Result<(Tcp
 /// never stops the server. Beyond `limits.max_connections` open connections, a new one
 /// is closed at once; a connection without a client certificate counts against
 /// `limits.max_unauthenticated` too and is cut `limits.unauthenticated_timeout` after
-/// its handshake (it needs one Enroll call). Refusals are logged once per source per
-/// [`REFUSAL_LOG_INTERVAL`].
+/// its handshake (it needs one Enroll call). A connection with a client certificate is
+/// registered in `deny` under its serial, and its reads and writes fail once that serial
+/// is revoked. Refusals are logged once per source per [`REFUSAL_LOG_INTERVAL`].
 pub fn tls_incoming<L, IO, E>(
     listener: L,
     config: Arc<ServerConfig>,
