@@ -21,10 +21,29 @@ use super::{Ev, Sim};
 use crate::liveness::CoordEnv;
 use crate::model_store::ModelStorage;
 
-/// The coordinator's disk: redb on a crash-faithful in-memory disk, or the model.
+/// The coordinator's disk: redb on a crash-faithful in-memory disk with its write-ahead
+/// log on another (as the real coordinator runs, `storage.wal_bytes`), or the model.
 pub(super) enum Disk {
-    Redb(MemDisk),
+    Redb { data: MemDisk, log: MemDisk },
     Model(ModelStorage),
+}
+
+/// The log's capacity in the simulator: the smallest a config allows, so that runs of a
+/// few simulated minutes wrap it and checkpoint many times.
+pub(super) const SIM_WAL_BYTES: u64 = rollout_storage::wal::WAL_BYTES_MIN;
+
+/// How each of the coordinator's disks comes through a crash.
+#[derive(Debug)]
+pub(super) struct CrashModes {
+    data: CrashMode,
+    log: CrashMode,
+}
+
+impl CrashModes {
+    /// A process crash or a clean power loss: exactly the synced bytes remain.
+    pub(super) fn lose_unsynced() -> CrashModes {
+        CrashModes { data: CrashMode::LoseUnsynced, log: CrashMode::LoseUnsynced }
+    }
 }
 
 impl Disk {
@@ -32,16 +51,19 @@ impl Disk {
     /// a look at what a restart would find: `fork` leaves the live disk alone).
     pub(super) fn open(&self, fork: bool) -> Result<Arc<dyn Storage>, String> {
         match self {
-            Disk::Redb(disk) => {
-                let disk = if fork {
+            Disk::Redb { data, log } => {
+                let (data, log) = if fork {
                     // What a restart now would find: the synced bytes, no armed power cut.
-                    let copy = disk.fork();
-                    copy.crash(CrashMode::LoseUnsynced);
-                    copy
+                    let (data, log) = (data.fork(), log.fork());
+                    data.crash(CrashMode::LoseUnsynced);
+                    log.crash(CrashMode::LoseUnsynced);
+                    (data, log)
                 } else {
-                    disk.clone()
+                    (data.clone(), log.clone())
                 };
-                RedbStorage::open_in_memory(&disk).map(|s| Arc::new(s) as Arc<dyn Storage>).map_err(|e| e.to_string())
+                RedbStorage::open_in_memory_with_wal(&data, &log, SIM_WAL_BYTES)
+                    .map(|s| Arc::new(s) as Arc<dyn Storage>)
+                    .map_err(|e| e.to_string())
             }
             Disk::Model(m) => Ok(Arc::new(m.clone())),
         }
@@ -129,7 +151,7 @@ impl Sim {
     /// nothing more (no FIN, no RST): each worker learns of it from its keepalive, or
     /// from the reset the restarted host answers its next message with. Otherwise the
     /// process was killed, and its kernel resets every connection at once.
-    pub(super) fn coord_crash(&mut self, mode: CrashMode, power: bool) {
+    pub(super) fn coord_crash(&mut self, modes: CrashModes, power: bool) {
         if self.coord.machine.take().is_none() {
             return;
         }
@@ -148,9 +170,10 @@ impl Sim {
         self.coord.run_scheduled = false;
         self.coord.power_cut = None;
         self.coord.fail_next_sync = false;
-        if let Disk::Redb(disk) = &self.coord.disk {
+        if let Disk::Redb { data, log } = &self.coord.disk {
             // Also disarms a power cut that no commit has met yet.
-            disk.crash(mode);
+            data.crash(modes.data);
+            log.crash(modes.log);
         }
         self.liveness.coord_env(self.now, CoordEnv::Down);
         for w in 0..self.links.len() {
@@ -163,13 +186,17 @@ impl Sim {
         }
     }
 
-    /// A crash mode for a power cut in the middle of a commit: the unsynced writes are
-    /// torn or reordered, as drawn from the seed.
-    fn torn_mode(&mut self) -> CrashMode {
-        let sizes = match &self.coord.disk {
-            Disk::Redb(disk) => disk.unsynced_write_sizes(),
-            Disk::Model(_) => Vec::new(),
+    /// Crash modes for a power cut in the middle of a commit: each disk's unsynced writes
+    /// are torn or reordered, as drawn from the seed.
+    fn torn_modes(&mut self) -> CrashModes {
+        let (data, log) = match &self.coord.disk {
+            Disk::Redb { data, log } => (data.unsynced_write_sizes(), log.unsynced_write_sizes()),
+            Disk::Model(_) => (Vec::new(), Vec::new()),
         };
+        CrashModes { data: self.torn_mode(&data), log: self.torn_mode(&log) }
+    }
+
+    fn torn_mode(&mut self, sizes: &[usize]) -> CrashMode {
         let n = sizes.len() as u64;
         if self.rng_fault.below(2) == 0 {
             let whole = self.rng_fault.below(n + 1) as usize;
@@ -269,10 +296,10 @@ impl Sim {
         if let Err(reason) = pipeline.finish_sync(&plan) {
             if let Some(down_ns) = self.coord.power_cut.take() {
                 // The commit died with the power: tear the unsynced writes, come back later.
-                let mode = self.torn_mode();
+                let modes = self.torn_modes();
                 self.coverage.torn_recovered += 1;
-                self.open_span("coordinator", format!("power cut ({mode:?})"));
-                self.coord_crash(mode, true);
+                self.open_span("coordinator", format!("power cut ({modes:?})"));
+                self.coord_crash(modes, true);
                 let epoch = self.coord.epoch;
                 self.push(self.now + down_ns, Ev::PowerRestore { epoch });
                 return;

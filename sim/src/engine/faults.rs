@@ -3,9 +3,8 @@
 
 use rollout_coordinator::CoordinatorInput;
 use rollout_core::TaskId;
-use rollout_storage::CrashMode;
 
-use super::coordinator::Disk;
+use super::coordinator::{CrashModes, Disk};
 use super::{Ev, NS_PER_MS, Sim};
 use crate::liveness::{CoordEnv, Env};
 use crate::scenario::{Direction, FaultAction, NodeRef, SeenBy, WorkerRef};
@@ -20,7 +19,7 @@ impl Sim {
         let undo_at = fault.for_ms().map(|ms| self.now + ms * NS_PER_MS);
         match fault.action {
             FaultAction::Crash { node: NodeRef::Coordinator, .. } => {
-                self.coord_crash(CrashMode::LoseUnsynced, false);
+                self.coord_crash(CrashModes::lose_unsynced(), false);
                 self.open_span(&name, "crash".into());
             }
             FaultAction::Crash { node: NodeRef::Worker(w), .. } => {
@@ -145,8 +144,10 @@ impl Sim {
                 }
                 // The next commit's first or second sync fails; the crash follows it.
                 let syncs = self.rng_fault.below(2);
-                if let Disk::Redb(disk) = &self.coord.disk {
-                    disk.cut_power_after_syncs(syncs);
+                if let Disk::Redb { data, log } = &self.coord.disk {
+                    // A commit syncs the log, or (a checkpoint) the database: either may be the one cut.
+                    data.cut_power_after_syncs(syncs);
+                    log.cut_power_after_syncs(syncs);
                 }
                 self.coord.power_cut = Some(for_ms.unwrap_or(POWER_CUT_DOWNTIME_MS) * NS_PER_MS);
                 return;

@@ -1,6 +1,8 @@
 //! Storage throughput on the file backend: committed single-put transactions per second (each
 //! one fsync) against puts per second batched 1000 to a transaction, as medians over several
-//! runs. Run with `make bench-storage` (`cargo bench -p rollout-storage --bench storage`).
+//! runs, each with the write-ahead log (`storage.wal_bytes`, the default) and without it
+//! (every commit a durable redb commit), alternating in one run, with their ratios. Run with
+//! `make bench-storage` (`cargo bench -p rollout-storage --bench storage`).
 //!
 //! The database goes in a fresh temporary directory (under `ROLLOUT_BENCH_DIR` when set, so a
 //! run can target the disk a deployment would use; a tmpfs would make fsync free and the
@@ -9,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use rollout_core::traits::Storage;
-use rollout_storage::RedbStorage;
+use rollout_storage::{OpenOptions, RedbStorage};
 
 const RUNS: usize = 5;
 const SINGLE_PUT_COMMITS_PER_RUN: u64 = 200;
@@ -36,13 +38,14 @@ fn commit_puts(storage: &RedbStorage, first_key: u64, puts: u64) {
 
 /// Runs `commits` transactions of `puts_per_commit` puts on a fresh database; returns the
 /// elapsed time of the timed part.
-fn timed_run(commits: u64, puts_per_commit: u64) -> Duration {
+fn timed_run(commits: u64, puts_per_commit: u64, wal_bytes: u64) -> Duration {
     let dir = match std::env::var_os("ROLLOUT_BENCH_DIR") {
         Some(base) => tempfile::tempdir_in(base),
         None => tempfile::tempdir(),
     }
     .expect("temporary directory");
-    let storage = RedbStorage::open(dir.path().join("bench.db")).expect("open");
+    let options = OpenOptions { wal_bytes, ..OpenOptions::default() };
+    let storage = RedbStorage::open_with(dir.path().join("bench.db"), options).expect("open");
     let mut next_key = 0;
     for _ in 0..WARM_UP_COMMITS {
         commit_puts(&storage, next_key, puts_per_commit);
@@ -61,31 +64,39 @@ fn median(mut samples: Vec<f64>) -> f64 {
     samples[samples.len() / 2]
 }
 
+/// Medians of `RUNS` runs with the log and without it, alternating.
+fn compare(commits: u64, puts_per_commit: u64) -> (f64, f64) {
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for _ in 0..RUNS {
+        let rate = |wal_bytes| {
+            (commits * puts_per_commit) as f64 / timed_run(commits, puts_per_commit, wal_bytes).as_secs_f64()
+        };
+        with.push(rate(OpenOptions::default().wal_bytes));
+        without.push(rate(0));
+    }
+    let runs = |rates: &[f64]| rates.iter().map(|rate| format!("{rate:.0}")).collect::<Vec<_>>().join(", ");
+    println!("  runs with the log: {}; without: {}", runs(&with), runs(&without));
+    (median(with), median(without))
+}
+
 fn main() {
     let location = std::env::var("ROLLOUT_BENCH_DIR").unwrap_or_else(|_| std::env::temp_dir().display().to_string());
-    println!("rollout-storage: redb file backend, Durability::Immediate, {VALUE_BYTES}-byte values, under {location}");
-
-    let single: Vec<f64> = (0..RUNS)
-        .map(|_| SINGLE_PUT_COMMITS_PER_RUN as f64 / timed_run(SINGLE_PUT_COMMITS_PER_RUN, 1).as_secs_f64())
-        .collect();
-    let single_median = median(single.clone());
     println!(
-        "single-put transactions: {single_median:.0} txn/s (median of {RUNS} runs of {SINGLE_PUT_COMMITS_PER_RUN} \
-         commits; runs: {})",
-        single.iter().map(|rate| format!("{rate:.0}")).collect::<Vec<_>>().join(", ")
+        "rollout-storage: redb file backend, {VALUE_BYTES}-byte values, under {location}; with the write-ahead log \
+         ({} MiB) and without it (Durability::Immediate on every commit), {RUNS} runs each",
+        OpenOptions::default().wal_bytes >> 20
     );
-
-    let batched: Vec<f64> = (0..RUNS)
-        .map(|_| {
-            let puts = (BATCHED_COMMITS_PER_RUN * PUTS_PER_BATCH) as f64;
-            puts / timed_run(BATCHED_COMMITS_PER_RUN, PUTS_PER_BATCH).as_secs_f64()
-        })
-        .collect();
-    let batched_median = median(batched.clone());
+    let (single_wal, single) = compare(SINGLE_PUT_COMMITS_PER_RUN, 1);
     println!(
-        "batched puts ({PUTS_PER_BATCH} per txn): {batched_median:.0} puts/s (median of {RUNS} runs of \
-         {BATCHED_COMMITS_PER_RUN} commits; runs: {})",
-        batched.iter().map(|rate| format!("{rate:.0}")).collect::<Vec<_>>().join(", ")
+        "single-put transactions: {single_wal:.0} txn/s with the log, {single:.0} without: {:.2}x (medians of runs of \
+         {SINGLE_PUT_COMMITS_PER_RUN} commits)",
+        single_wal / single
     );
-    println!("batched puts/s / single-put txn/s: {:.1}x", batched_median / single_median);
+    let (batched_wal, batched) = compare(BATCHED_COMMITS_PER_RUN, PUTS_PER_BATCH);
+    println!(
+        "batched puts ({PUTS_PER_BATCH} per txn): {batched_wal:.0} puts/s with the log, {batched:.0} without: {:.2}x \
+         (medians of runs of {BATCHED_COMMITS_PER_RUN} commits)",
+        batched_wal / batched
+    );
+    println!("batched puts/s / single-put txn/s, with the log: {:.1}x", batched_wal / single_wal);
 }

@@ -17,13 +17,14 @@
 mod mem_disk;
 mod redb_storage;
 mod values;
+pub mod wal;
 #[cfg(feature = "watch")]
 mod watch;
 
 pub mod pipeline;
 
 pub use mem_disk::{CrashMode, DEFAULT_CAPACITY_BYTES, MemDisk, MemDiskBackend, MemDiskError};
-pub use redb_storage::{DEFAULT_PATH, OpenOptions, RedbStorage};
+pub use redb_storage::{DEFAULT_PATH, OpenOptions, RedbStorage, wal_path};
 pub use values::{StorageExt, StorageTxnExt, decode_value, display_key, encode_value};
 #[cfg(feature = "watch")]
 pub use watch::{WATCH_CHANNEL_CAPACITY, WatchEvent};

@@ -4,12 +4,14 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableError, WriteTransaction};
 use rollout_core::error::{Error, Fatal, Result};
 use rollout_core::traits::{KeyValue, Storage, StorageTxn};
 
 use crate::mem_disk::{MemDisk, MemDiskError};
+use crate::wal::{self, Wal};
 #[cfg(feature = "watch")]
 use crate::watch::{WatchEvent, Watchers};
 
@@ -27,6 +29,18 @@ const IN_MEMORY_CACHE_BYTES: usize = 4 << 20;
 /// The one table: byte keys to opaque byte values. The name is part of the file format.
 const KV_TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("rollout_kv");
 
+/// The write-ahead log's bookkeeping in the database: `seq` is the sequence number of the
+/// last commit the database holds (see [`crate::wal`]).
+const WAL_TABLE: TableDefinition<&str, u64> = TableDefinition::new("rollout_wal");
+const WAL_SEQ_KEY: &str = "seq";
+
+/// The write-ahead log of a database file `rollout.db` is `rollout.db.wal` beside it.
+pub fn wal_path(database: &Path) -> PathBuf {
+    let mut name = database.as_os_str().to_owned();
+    name.push(".wal");
+    PathBuf::from(name)
+}
+
 /// Durable key/value storage on redb.
 ///
 /// A caller may rely on the [`Storage`] contract: a transaction's writes become visible and
@@ -41,6 +55,8 @@ const KV_TABLE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("rollout_kv
 pub struct RedbStorage {
     db: Database,
     location: PathBuf,
+    /// The write-ahead log, when commits go through one (see [`crate::wal`]).
+    wal: Option<Mutex<Wal>>,
     #[cfg(feature = "watch")]
     watchers: Watchers,
 }
@@ -60,11 +76,14 @@ pub struct OpenOptions {
     /// Verify every page of the file when opening it (a read of the whole file: it
     /// finds a damaged file at start rather than at the first read of the damage).
     pub check_integrity_on_open: bool,
+    /// The capacity of the write-ahead log in bytes ([`crate::wal`]; 0: every commit is a
+    /// durable redb commit, after replaying a log left from a run that had one).
+    pub wal_bytes: u64,
 }
 
 impl Default for OpenOptions {
     fn default() -> Self {
-        OpenOptions { cache_bytes: 64 << 20, check_integrity_on_open: true }
+        OpenOptions { cache_bytes: 64 << 20, check_integrity_on_open: true, wal_bytes: wal::DEFAULT_WAL_BYTES }
     }
 }
 
@@ -101,7 +120,70 @@ impl RedbStorage {
             })?;
         }
         let db = builder.create(path).map_err(|err| open_error(path, err))?;
-        RedbStorage::from_database(db, path.to_path_buf())
+        let mut storage = RedbStorage::from_database(db, path.to_path_buf())?;
+        // After redb holds its lock: a second process never touches the log.
+        let log = wal_path(path);
+        if options.wal_bytes > 0 || log.exists() {
+            storage.attach_wal(open_log_file(&log)?, &log, options.wal_bytes)?;
+        }
+        Ok(storage)
+    }
+
+    /// [`RedbStorage::open_in_memory`] with a write-ahead log of `wal_bytes` on `wal_disk`,
+    /// as a simulated node that runs like the real coordinator does.
+    pub fn open_in_memory_with_wal(disk: &MemDisk, wal_disk: &MemDisk, wal_bytes: u64) -> Result<Self> {
+        let mut storage = RedbStorage::open_in_memory(disk)?;
+        let location = PathBuf::from(format!("{IN_MEMORY_LOCATION}.wal"));
+        let backend = wal_disk.attach().map_err(|err| match err {
+            MemDiskError::AlreadyAttached => already_open(&location),
+            other => Error::internal(format!("{}: {other}", location.display())),
+        })?;
+        storage.attach_wal(Box::new(backend), &location, wal_bytes)?;
+        Ok(storage)
+    }
+
+    /// Replays the log into the database (one durable commit) and, unless `wal_bytes` is 0,
+    /// routes every later commit through it.
+    fn attach_wal(&mut self, backend: Box<dyn redb::StorageBackend>, location: &Path, wal_bytes: u64) -> Result<()> {
+        let durable_seq = self.wal_seq()?;
+        let (mut log, replay) = Wal::open(backend, location, wal_bytes, durable_seq)?;
+        if !replay.records.is_empty() {
+            let mut txn = self.db.begin_write().map_err(|err| self.error(err))?;
+            txn.set_durability(Durability::Immediate).map_err(|err| self.error(err))?;
+            {
+                let mut table = txn.open_table(KV_TABLE).map_err(|err| self.error(err))?;
+                for (key, value) in wal::merged(replay.records) {
+                    match value {
+                        Some(value) => table.insert(key.as_slice(), value.as_slice()).map(drop),
+                        None => table.remove(key.as_slice()).map(drop),
+                    }
+                    .map_err(|err| self.error(err))?;
+                }
+            }
+            set_wal_seq(&txn, replay.last_seq).map_err(|err| self.error(err))?;
+            txn.commit().map_err(|err| self.error(err))?;
+        }
+        log.checkpointed(replay.last_seq);
+        if wal_bytes == 0 {
+            log.truncate()?;
+        } else {
+            self.wal = Some(Mutex::new(log));
+        }
+        Ok(())
+    }
+
+    /// The sequence number of the last commit the database holds (0 before any log).
+    fn wal_seq(&self) -> Result<u64> {
+        let read = self.db.begin_read().map_err(|err| self.error(err))?;
+        match read.open_table(WAL_TABLE) {
+            Ok(table) => Ok(table.get(WAL_SEQ_KEY).map_err(|err| self.error(err))?.map_or(0, |v| v.value())),
+            Err(TableError::TableDoesNotExist(_)) => Ok(0),
+            Err(err) => Err(self.error(err)),
+        }
+    }
+
+    fn wal(&self) -> Option<MutexGuard<'_, Wal>> {
+        self.wal.as_ref().map(|log| log.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
     /// Opens (or creates) a database on `disk`, as a simulated node does at every start.
@@ -126,6 +208,7 @@ impl RedbStorage {
         let storage = RedbStorage {
             db,
             location,
+            wal: None,
             #[cfg(feature = "watch")]
             watchers: Watchers::default(),
         };
@@ -179,6 +262,35 @@ fn database_builder() -> redb::Builder {
     let mut builder = Database::builder();
     builder.set_check_integrity_on_open(true);
     builder
+}
+
+fn set_wal_seq(txn: &WriteTransaction, seq: u64) -> std::result::Result<(), redb::Error> {
+    txn.open_table(WAL_TABLE)?.insert(WAL_SEQ_KEY, seq)?;
+    Ok(())
+}
+
+/// Opens (or creates, 0600, its directory synced) the log file of a database.
+fn open_log_file(path: &Path) -> Result<Box<dyn redb::StorageBackend>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let place = path.display().to_string();
+    let created = !path.exists();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| Error::config_invalid(place.clone(), format!("cannot open the write-ahead log: {e}")))?;
+    if created {
+        // The file holds acknowledged commits from its first record on: its name must survive a power cut.
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::File::open(parent)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|e| Error::internal(format!("{}: cannot sync the directory: {e}", parent.display())))?;
+    }
+    let backend = redb::backends::FileBackend::new(file).map_err(|err| open_error(path, err))?;
+    Ok(Box::new(backend))
 }
 
 fn already_open(location: &Path) -> Error {
@@ -287,11 +399,14 @@ impl Storage for RedbStorage {
         let mut txn = self.db.begin_write().map_err(|err| self.error(err))?;
         // Immediate is redb's default; saying it keeps the contract visible here.
         txn.set_durability(Durability::Immediate).map_err(|err| self.error(err))?;
+        let log_limit = self.wal().map(|log| log.payload_limit());
         Ok(Box::new(RedbTxn {
             txn,
             storage: self,
             buffer: BTreeMap::new(),
             buffered_bytes: 0,
+            log: log_limit.map(|_| Vec::new()),
+            log_limit: log_limit.unwrap_or(0),
             #[cfg(feature = "watch")]
             changes: BTreeMap::new(),
         }))
@@ -334,6 +449,10 @@ struct RedbTxn<'s> {
     /// Each buffered key's latest value (`None`: deleted).
     buffer: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     buffered_bytes: usize,
+    /// The record of this transaction's writes for the write-ahead log, when there is one
+    /// (`None` too once the writes outgrew `log_limit`: the commit is then a checkpoint).
+    log: Option<Vec<u8>>,
+    log_limit: usize,
     /// Each written key's latest value, sent to watchers once the commit succeeds.
     #[cfg(feature = "watch")]
     changes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
@@ -353,6 +472,15 @@ impl RedbTxn<'_> {
 
     fn buffer(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<()> {
         self.buffered_bytes += key.len() + value.map_or(0, <[u8]>::len);
+        if let Some(log) = &mut self.log {
+            match value {
+                Some(value) => wal::encode_put(log, key, value),
+                None => wal::encode_delete(log, key),
+            }
+            if log.len() > self.log_limit {
+                self.log = None;
+            }
+        }
         #[cfg(feature = "watch")]
         self.changes.insert(key.to_vec(), value.map(<[u8]>::to_vec));
         self.buffer.insert(key.to_vec(), value.map(<[u8]>::to_vec));
@@ -424,16 +552,53 @@ impl StorageTxn for RedbTxn<'_> {
         let RedbTxn {
             txn,
             storage,
+            log,
             #[cfg(feature = "watch")]
             changes,
             ..
         } = *self;
         #[cfg(feature = "watch")]
         let _commit_order = storage.watchers.order_commit();
-        txn.commit().map_err(|err| storage.error(err))?;
+        match storage.wal() {
+            None => txn.commit().map_err(|err| storage.error(err))?,
+            Some(mut wal) => commit_logged(storage, &mut wal, txn, log)?,
+        }
         #[cfg(feature = "watch")]
         storage.watchers.publish(changes);
         Ok(())
+    }
+}
+
+/// Commits `txn` through the write-ahead log: its record appended and synced, then a
+/// non-durable redb commit; or a durable redb commit (a checkpoint) when the log wants one
+/// or the writes were too many to log. The database holds the commit's sequence number
+/// either way.
+fn commit_logged(storage: &RedbStorage, wal: &mut Wal, mut txn: WriteTransaction, log: Option<Vec<u8>>) -> Result<()> {
+    wal.usable()?;
+    let error = |err: redb::Error| storage.error(err);
+    let seq = wal.next_seq();
+    if log.as_ref().is_some_and(Vec::is_empty) {
+        // Nothing written: nothing to make durable, and no number used.
+        txn.set_durability(Durability::None).map_err(|e| error(e.into()))?;
+        return txn.commit().map_err(|e| error(e.into()));
+    }
+    set_wal_seq(&txn, seq).map_err(error)?;
+    match log {
+        Some(record) if !wal.wants_checkpoint(Some(record.len())) => {
+            wal.append(&record)?;
+            txn.set_durability(Durability::None).map_err(|e| error(e.into()))?;
+            txn.commit().map_err(|e| {
+                let err = error(e.into());
+                wal.fail(format!("the database refused a commit whose record is logged: {err}"));
+                err
+            })
+        }
+        _ => {
+            txn.set_durability(Durability::Immediate).map_err(|e| error(e.into()))?;
+            txn.commit().map_err(|e| error(e.into()))?;
+            wal.checkpointed(seq);
+            Ok(())
+        }
     }
 }
 

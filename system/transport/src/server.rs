@@ -269,6 +269,7 @@ pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordi
     let options = OpenOptions {
         cache_bytes: usize::try_from(config.storage.cache_bytes).unwrap_or(usize::MAX),
         check_integrity_on_open: config.storage.check_integrity_on_open,
+        wal_bytes: config.storage.wal_bytes,
     };
     let storage: Arc<dyn Storage> = Arc::new(RedbStorage::open_with(data_dir.join(DATABASE_FILE), options)?);
     let tls_dir = &config.transport.tls_dir;

@@ -209,3 +209,17 @@ fn certificate_lifetimes_are_bounded_naming_the_field() {
     assert_eq!(field_of(&err), "transport.operator_cert_lifetime");
     assert!(err.to_string().contains("transport.ca_cert_lifetime"), "{err}");
 }
+
+#[test]
+fn the_write_ahead_log_is_off_or_between_a_mebibyte_and_a_gibibyte() {
+    assert_eq!(Config::default().storage.wal_bytes, 64 << 20);
+    for ok in ["0", "1048576", "1073741824"] {
+        let c = Config::load(None, [("ROLLOUT_STORAGE__WAL_BYTES", ok)]).expect(ok);
+        assert_eq!(c.storage.wal_bytes.to_string(), ok);
+    }
+    for bad in ["1000", "2147483648"] {
+        let err = Config::load(None, [("ROLLOUT_STORAGE__WAL_BYTES", bad)]).expect_err(bad);
+        assert_eq!(field_of(&err), "storage.wal_bytes");
+        assert!(err.to_string().contains(bad), "{err}");
+    }
+}
