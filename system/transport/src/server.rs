@@ -164,6 +164,10 @@ pub fn create_private_dir(dir: &Path, field: &str) -> Result<()> {
 
 /// Operators' blobs live in `<storage.data_dir>/blobs` (content-addressed files).
 pub const BLOB_DIR: &str = "blobs";
+
+/// A temporary file this much older than the coordinator's start is a crashed writer's
+/// and is removed then (an hour: far beyond any upload or certificate write in progress).
+pub const STALE_TMP_AGE: Duration = Duration::from_secs(3600);
 /// A worker keeps the blobs its tasks read in `<storage.data_dir>/blob-cache/<worker id>`.
 pub const BLOB_CACHE_DIR: &str = "blob-cache";
 
@@ -335,6 +339,23 @@ pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordi
         data_dir = %data_dir.display(), tls_dir = %tls_dir.display(), "transport_server_starting");
     let blobs = rollout_cloud_local::FsObjectStore::open(data_dir.join(BLOB_DIR))?
         .with_max_object_bytes(config.limits.max_blob_bytes);
+    // Temporary files a crashed writer left (an upload, a certificate write), old enough
+    // that no live writer can own them.
+    let swept_blobs = blobs.remove_stale_tmp(STALE_TMP_AGE)?;
+    let swept_tls = tls::remove_stale_tmp(tls_dir, STALE_TMP_AGE)?;
+    if swept_blobs + swept_tls > 0 {
+        tracing::info!(
+            channel = "transport",
+            event = "stale_tmp_removed",
+            blobs = swept_blobs,
+            tls = swept_tls,
+            "removed {} temporary file(s) older than {}s that crashed writers left ({swept_blobs} under {}, {swept_tls} under {})",
+            swept_blobs + swept_tls,
+            STALE_TMP_AGE.as_secs(),
+            data_dir.join(BLOB_DIR).display(),
+            tls_dir.display()
+        );
+    }
     // The blob retention sweep, until shutdown (it holds nothing the server needs).
     {
         let (store, storage, keep_for) = (blobs.clone(), Arc::clone(&storage_for_sweep), config.tasks.job_retention);

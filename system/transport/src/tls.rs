@@ -564,6 +564,43 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     Ok(())
 }
 
+/// Removes the temporary files of [`write_atomic`] (`.<name>.<pid>.<n>.tmp`) last modified
+/// more than `older_than` ago, in `dir` and its subdirectories one level down (enrolled,
+/// revoked, issued, tokens): writes a crash cut short. Returns how many went.
+pub fn remove_stale_tmp(dir: &Path, older_than: std::time::Duration) -> Result<usize> {
+    let cutoff = std::time::SystemTime::now().checked_sub(older_than).unwrap_or(std::time::UNIX_EPOCH);
+    let mut removed = 0;
+    let mut dirs = vec![(dir.to_path_buf(), 0)];
+    while let Some((current, depth)) = dirs.pop() {
+        let entries = match fs::read_dir(&current) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io_err("listing", &current, &e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| io_err("listing", &current, &e))?;
+            let path = entry.path();
+            let meta = entry.metadata().map_err(|e| io_err("reading", &path, &e))?;
+            if meta.is_dir() {
+                if depth == 0 {
+                    dirs.push((path, depth + 1));
+                }
+                continue;
+            }
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let ours = name.starts_with('.') && name.ends_with(".tmp");
+            if ours && meta.modified().is_ok_and(|m| m <= cutoff) {
+                match fs::remove_file(&path) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err("removing", &path, &e)),
+                }
+            }
+        }
+    }
+    Ok(removed)
+}
+
 pub(crate) fn io_err(what: &str, path: &Path, e: &std::io::Error) -> Error {
     Error::config_invalid(path.display().to_string(), format!("{what}: {e}"))
 }
@@ -590,6 +627,32 @@ fn missing_pair(missing: &Path, present: &Path) -> Error {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn stale_temporary_files_go_and_young_ones_and_real_files_stay() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        let make = |rel: &str, aged: bool| {
+            let path = dir.path().join(rel);
+            fs::create_dir_all(path.parent().expect("parent")).expect("dir");
+            let file = fs::File::create(&path).expect("create");
+            if aged {
+                file.set_modified(old).expect("age it");
+            }
+            path
+        };
+        let stale = [make(".worker.w1.key.pem.41.0.tmp", true), make("enrolled/.w2.pem.41.1.tmp", true)];
+        let kept = [
+            make(".ca.pem.42.0.tmp", false),
+            make("worker.w1.pem", true),
+            make("a/b/.deep.pem.1.0.tmp", true),
+            make("notes.tmp", true),
+        ];
+        assert_eq!(remove_stale_tmp(dir.path(), std::time::Duration::from_secs(3600)).expect("sweep"), 2);
+        assert!(stale.iter().all(|p| !p.exists()), "the crashed writes are gone");
+        assert!(kept.iter().all(|p| p.exists()), "young, real, too deep or not ours: kept");
+        assert_eq!(remove_stale_tmp(&dir.path().join("absent"), std::time::Duration::ZERO).expect("no dir"), 0);
+    }
 
     #[test]
     fn dev_ca_is_created_once_with_a_private_key() {
