@@ -135,6 +135,7 @@ pub struct Cluster {
     pub seed: u64,
     tls_dir: tempfile::TempDir,
     disk: MemDisk,
+    log_disk: MemDisk,
     coordinator: Arc<Recorder>,
     workers: BTreeMap<String, Arc<Recorder>>,
     clocks: BTreeMap<String, HostWallClock>,
@@ -176,7 +177,7 @@ impl Cluster {
             .build();
 
         let coordinator = Arc::new(Recorder::default());
-        let disk = MemDisk::new();
+        let (disk, log_disk) = (MemDisk::new(), MemDisk::new());
         let mut clocks: BTreeMap<String, HostWallClock> = BTreeMap::new();
         let mut clock_of = |name: &str| {
             let clock = HostWallClock::default();
@@ -189,6 +190,7 @@ impl Cluster {
             config: config.clone(),
             tap: tap.clone(),
             disk: disk.clone(),
+            log_disk: log_disk.clone(),
             history: Arc::clone(&coordinator),
             wall: clock_of(COORDINATOR),
             tls: tls::server_config(&ca, &CertFiles::coordinator(dir)).expect("server TLS"),
@@ -220,6 +222,7 @@ impl Cluster {
             seed,
             tls_dir,
             disk,
+            log_disk,
             coordinator,
             workers: recorders,
             clocks,
@@ -440,6 +443,7 @@ impl Cluster {
         }
         if node == COORDINATOR {
             self.disk.crash(CrashMode::LoseUnsynced);
+            self.log_disk.crash(CrashMode::LoseUnsynced);
             return;
         }
         let history = self.workers.get(node).unwrap_or_else(|| panic!("no worker {node}"));

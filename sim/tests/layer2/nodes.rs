@@ -102,6 +102,9 @@ pub(super) struct CoordinatorNode {
     pub(super) config: Config,
     pub(super) tap: Tap,
     pub(super) disk: MemDisk,
+    /// The write-ahead log's disk (`storage.wal_bytes`), as the real coordinator keeps
+    /// `rollout.db.wal` beside its database.
+    pub(super) log_disk: MemDisk,
     pub(super) history: Arc<Recorder>,
     pub(super) wall: HostWallClock,
     pub(super) tls: Arc<rustls::ServerConfig>,
@@ -109,7 +112,10 @@ pub(super) struct CoordinatorNode {
 
 impl CoordinatorNode {
     pub(super) async fn run(self) -> turmoil::Result {
-        let storage: Arc<dyn Storage> = Arc::new(RedbStorage::open_in_memory(&self.disk)?);
+        let storage: Arc<dyn Storage> = Arc::new(match self.config.storage.wal_bytes {
+            0 => RedbStorage::open_in_memory(&self.disk)?,
+            wal_bytes => RedbStorage::open_in_memory_with_wal(&self.disk, &self.log_disk, wal_bytes)?,
+        });
         // Never sent: the host runs until turmoil crashes it.
         let (_running, shutdown) = watch::channel(false);
         let results = ResultStore::new(Arc::clone(&storage));
