@@ -54,10 +54,7 @@ impl Disk {
             Disk::Redb { data, log } => {
                 let (data, log) = if fork {
                     // What a restart now would find: the synced bytes, no armed power cut.
-                    let (data, log) = (data.fork(), log.fork());
-                    data.crash(CrashMode::LoseUnsynced);
-                    log.crash(CrashMode::LoseUnsynced);
-                    (data, log)
+                    (data.durable_fork(), log.durable_fork())
                 } else {
                     (data.clone(), log.clone())
                 };

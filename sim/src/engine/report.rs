@@ -188,8 +188,10 @@ impl Sim {
         let Some(coord) = coord else {
             return self.fail("coordinator_recovery", "the final state could not be recovered from disk".into());
         };
-        // Judged from what its disk holds, not from the machine's memory.
-        let durable = self.coord.disk.open(true).and_then(|s| durable_task_states(&*s).map_err(|e| e.to_string()));
+        // Judged from what its disk holds, not from the machine's memory: one look at it
+        // (a fork, opened once) for the task states and the audit chain, both read-only.
+        let on_disk = self.coord.disk.open(true);
+        let durable = on_disk.clone().and_then(|s| durable_task_states(&*s).map_err(|e| e.to_string()));
         let states = match durable {
             Ok(states) => states,
             Err(e) => return self.fail("coordinator_recovery", format!("reading the final task states: {e}")),
@@ -222,7 +224,7 @@ impl Sim {
         }
         self.coord.machine = Some(coord);
         // audit_chain: the hash chain on disk verifies, entry by entry.
-        let audit = self.coord.disk.open(true).and_then(|s| audit::verify(&*s).map_err(|e| e.to_string()));
+        let audit = on_disk.and_then(|s| audit::verify(&*s).map_err(|e| e.to_string()));
         match audit {
             Ok(entries) => self.audit_entries = entries,
             Err(e) => self.fail("audit_chain", e),

@@ -332,6 +332,25 @@ impl MemDisk {
         MemDisk { state: Arc::new(Mutex::new(copy)) }
     }
 
+    /// An independent copy of what this disk would hold after a crash that loses every
+    /// unsynced write (`fork` then `crash(LoseUnsynced)`, copying only the durable bytes):
+    /// what a restart now would find, the live disk left alone.
+    pub fn durable_fork(&self) -> MemDisk {
+        let state = self.lock();
+        let copy = DiskState {
+            durable: state.durable.clone(),
+            live: state.durable.clone(),
+            unsynced: Vec::new(),
+            capacity_bytes: state.capacity_bytes,
+            attached_backend: None,
+            next_backend_id: state.next_backend_id,
+            syncs_before_power_cut: None,
+            powered_off: false,
+            syncs_completed: state.syncs_completed,
+        };
+        MemDisk { state: Arc::new(Mutex::new(copy)) }
+    }
+
     /// Replaces the durable contents with `bytes` (nothing unsynced): e.g. to load a corrupt image.
     /// Disconnects the attached backend, as replacing a disk under a running process would.
     pub fn overwrite(&self, bytes: Vec<u8>) {

@@ -185,3 +185,29 @@ fn a_commit_torn_anywhere_is_applied_whole_or_not_at_all() {
     assert!(saw_before, "no crash lost the transaction: the cut never landed inside the commit");
     assert!(saw_after, "no torn crash kept the transaction: the tear points missed the commit record");
 }
+
+#[test]
+fn a_durable_fork_is_a_fork_that_lost_its_unsynced_writes() {
+    use redb::StorageBackend;
+    let disk = MemDisk::new();
+    let backend = disk.attach().expect("attach");
+    backend.write(0, b"synced--").expect("write");
+    backend.sync_data().expect("sync");
+    backend.write(4, b"LOST").expect("unsynced write");
+    backend.write(8, b"grown").expect("unsynced growth");
+    let image = |d: &MemDisk| {
+        let b = d.attach().expect("attach the copy");
+        let mut bytes = vec![0; b.len().expect("len") as usize];
+        b.read(0, &mut bytes).expect("read");
+        bytes
+    };
+    let crashed = disk.fork();
+    crashed.crash(CrashMode::LoseUnsynced);
+    let durable = disk.durable_fork();
+    assert_eq!(image(&durable), b"synced--".to_vec());
+    assert_eq!(image(&durable), image(&crashed));
+    // The live disk is untouched: its backend still reads the unsynced bytes.
+    let mut live = [0; 13];
+    backend.read(0, &mut live).expect("live read");
+    assert_eq!(&live, b"syncLOSTgrown");
+}
