@@ -38,6 +38,7 @@ pub mod net;
 pub mod node_env;
 pub mod pipeline;
 pub mod plugins;
+pub mod renewal;
 pub mod revocation;
 pub mod server;
 pub mod service;

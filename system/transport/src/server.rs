@@ -481,6 +481,11 @@ pub async fn run_worker_process(opts: WorkerOptions, shutdown: watch::Receiver<b
     let dir: PathBuf = config.transport.tls_dir.clone();
     let cert = opts.cert.unwrap_or_else(|| CertFiles::worker(&dir, &opts.id));
     let addr = opts.coordinator_addr.unwrap_or_else(|| config.transport.coordinator_addr.clone());
+    match crate::renewal::finish_pending_renewal(&cert)? {
+        crate::renewal::Pending::None => {}
+        pending => tracing::warn!(channel = "tls", event = "renewal_recovered", worker = %opts.id, ?pending,
+            "a certificate renewal was cut short by a crash: {pending:?} ({})", cert.cert.display()),
+    }
     let own = tls::check_own_certificate(
         &cert,
         std::time::SystemTime::now(),
@@ -495,14 +500,18 @@ pub async fn run_worker_process(opts: WorkerOptions, shutdown: watch::Receiver<b
     if left < lifetime / 3 {
         tracing::warn!(channel = "tls", event = "certificate_expiring", worker = %opts.id, serial = %own.serial,
             expires = %crate::enroll::utc_text(own.not_after),
-            "the worker's certificate {} expires at {} ({}s from now); issue a new one before then",
+            "the worker's certificate {} expires at {} ({}s from now); it is renewed over the connection once \
+             registered (or re-enroll with a token)",
             cert.cert.display(), crate::enroll::utc_text(own.not_after), left.as_secs());
     } else {
         tracing::info!(channel = "tls", event = "certificate_loaded", worker = %opts.id, serial = %own.serial,
             expires = %crate::enroll::utc_text(own.not_after), "worker certificate valid until {}",
             crate::enroll::utc_text(own.not_after));
     }
-    let channel = connect(&addr, &CertFiles::ca(&dir).cert, &cert)?;
+    let ca_cert = CertFiles::ca(&dir).cert;
+    let (client_tls, resolver) = crate::renewal::client_config(&ca_cert, &cert)?;
+    let channel =
+        lazy_channel(TlsConnector::new(TcpDialer::new(addr.clone()), client_tls, tls::server_name_of(&addr)?));
     let inventory = rollout_cloud_local::LocalComputeHint::new().inventory().unwrap_or_default();
     let settings = WorkerSettings::from_config(opts.id.clone(), opts.slots, opts.plugins.plugins(), inventory, &config);
     let rng_seed = opts.rng_seed.unwrap_or_else(|| {
@@ -529,6 +538,18 @@ pub async fn run_worker_process(opts: WorkerOptions, shutdown: watch::Receiver<b
         .map_err(|e| Error::config_invalid("storage.data_dir", format!("blob cache {}: {e}", cache_dir.display())))?;
     tracing::info!(channel = "register", event = "connecting", worker = %opts.id, coordinator = %addr,
         "connecting to the coordinator at {addr}");
+    let renewal = tokio::spawn(crate::renewal::run(
+        crate::renewal::RenewalOptions {
+            channel: channel.clone(),
+            worker: opts.id.clone(),
+            files: cert.clone(),
+            ca_cert,
+            resolver,
+            max_message_bytes: config.limits.max_message_bytes as usize,
+            rng_seed: rng_seed ^ 0x5245_4e45_5741_4c00,
+        },
+        shutdown.clone(),
+    ));
     let ran = run_worker(
         WorkerRuntimeOptions {
             settings,
@@ -544,6 +565,7 @@ pub async fn run_worker_process(opts: WorkerOptions, shutdown: watch::Receiver<b
         channel,
     )
     .await;
+    renewal.abort();
     if let Some(task) = metrics_server {
         task.abort();
     }

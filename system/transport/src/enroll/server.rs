@@ -92,6 +92,73 @@ impl pb::enrollment_server::Enrollment for EnrollmentApi {
         }
         outcome.map(|(_, _, response)| Response::new(response))
     }
+
+    async fn renew(&self, req: Request<pb::RenewRequest>) -> std::result::Result<Response<pb::EnrollResponse>, Status> {
+        let peer = req.extensions().get::<PeerInfo>().cloned();
+        let worker = match &peer {
+            Some(PeerInfo { revoked, .. }) if revoked.is_revoked() => {
+                return Err(Status::permission_denied("this connection's client certificate has been revoked"));
+            }
+            Some(PeerInfo { role: Some(PeerRole::Worker(worker)), .. }) => worker.clone(),
+            Some(PeerInfo { role: Some(PeerRole::Operator(name)), .. }) => {
+                return Err(Status::permission_denied(format!(
+                    "renew: operator {name} called it; only a worker renews its own certificate"
+                )));
+            }
+            _ => {
+                return Err(Status::unauthenticated(
+                    "renew: no worker certificate on this connection; a worker without a valid certificate \
+                     re-enrolls with a token (rollout worker --join ADDR --token T)",
+                ));
+            }
+        };
+        let remote = peer.map(|p| p.remote).unwrap_or_default();
+        let (tls_dir, lifetime) = (self.tls_dir.clone(), self.worker_cert_lifetime);
+        let csr_pem = req.into_inner().csr_pem;
+        let for_worker = worker.clone();
+        let outcome =
+            tokio::task::spawn_blocking(move || renew(&tls_dir, &for_worker, &csr_pem, SystemTime::now(), lifetime))
+                .await
+                .map_err(|e| Status::internal(format!("renewal task: {e}")))?;
+        match &outcome {
+            Ok((serial, _)) => {
+                tracing::info!(channel = "tls", event = "certificate_renewed", %worker, %serial, %remote,
+                "renewed the certificate of worker {worker} (new serial {serial})")
+            }
+            Err(status) => tracing::warn!(channel = "tls", event = "renew_refused", %worker, %remote,
+                code = ?status.code(), reason = status.message(), "renew_refused"),
+        }
+        outcome.map(|(_, response)| Response::new(response))
+    }
+}
+
+/// Signs a renewing worker's CSR: a new certificate for the same id, valid for
+/// `lifetime`, kept in `enrolled/<id>.pem` and archived like every certificate the CA
+/// signs. The caller has checked the worker's certificate; the earlier one is not
+/// revoked (its connection is the one asking), it expires on its own.
+pub(super) fn renew(
+    tls_dir: &Path,
+    worker: &WorkerId,
+    csr_pem: &str,
+    now: SystemTime,
+    lifetime: Duration,
+) -> std::result::Result<(String, pb::EnrollResponse), Status> {
+    let csr = parse_csr(csr_pem)?;
+    let issuer = tls::ca_issuer(tls_dir)
+        .map_err(|e| Status::failed_precondition(format!("renewal needs the CA key on the coordinator ({e})")))?;
+    let cert = tls::worker_cert_params(worker)
+        .and_then(|mut params| {
+            tls::set_validity(&mut params, now, lifetime)?;
+            params.signed_by(&csr.public_key, &issuer).map_err(|e| Error::internal(format!("signing: {e}")))
+        })
+        .map_err(|e| Status::internal(format!("renewing the certificate of worker {worker}: {e}")))?;
+    let cert_pem = cert.pem();
+    let record = tls_dir.join(ENROLLED_DIR).join(format!("{worker}.pem"));
+    tls::write_public(&record, cert_pem.as_bytes()).map_err(|e| Status::internal(e.to_string()))?;
+    crate::revocation::archive_issued(tls_dir, &cert_pem, now).map_err(|e| Status::internal(e.to_string()))?;
+    let serial = tls::CertInfo::of_der(cert.der()).map(|i| i.serial).unwrap_or_default();
+    let ca_pem = tls::read_text(&CertFiles::ca(tls_dir).cert).map_err(|e| Status::internal(e.to_string()))?;
+    Ok((serial, pb::EnrollResponse { certificate_pem: cert_pem, ca_certificate_pem: ca_pem }))
 }
 
 impl EnrollmentApi {

@@ -1,0 +1,330 @@
+//! Certificate renewal, the worker's side (issue 18 item 2): a worker renews its own
+//! certificate over its authenticated connection before it expires, with no person
+//! involved.
+//!
+//! - **When.** At about two thirds of the certificate's validity ([`renew_at`]), less a
+//!   jitter of up to a twelfth of it so a fleet issued together does not renew together.
+//!   A failed attempt is retried with jittered exponential backoff
+//!   ([`RETRY_INITIAL`] doubling to [`RETRY_MAX`]) until the certificate expires; after
+//!   that only `rollout worker --join` with a token gets a new one.
+//! - **How.** A new key pair is made here and never leaves; its CSR goes to
+//!   `Enrollment/Renew` on the worker's connection (the coordinator signs it for the id
+//!   in the certificate that connection presents). The answer must verify against the
+//!   worker's CA as a client certificate, name this worker and carry this key.
+//! - **Atomically and durably.** The new key and certificate are written as
+//!   `worker.<id>.key.pem.next` and `worker.<id>.pem.next` (each synced, the directory
+//!   too), then the key and then the certificate are renamed into place. A crash in
+//!   between is finished at the next start by [`finish_pending_renewal`]: a `.next`
+//!   certificate means both were written, so both go into place; a lone `.next` key is
+//!   an unfinished attempt and is removed. The old key is gone once the rename lands.
+//! - **Live.** The client configuration resolves its certificate through
+//!   [`ReloadableClientCert`], so the next handshake presents the new certificate; the
+//!   connection open now keeps its session (and its leases) as it is.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
+use rollout_core::{Error, Result, WorkerId};
+use rollout_proto::transport as pb;
+use rustls::client::ResolvesClientCert;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore};
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+use crate::tls::{self, ALPN_H2, CertFiles, CertInfo, PeerRole};
+
+/// First delay before retrying a failed renewal.
+pub const RETRY_INITIAL: Duration = Duration::from_secs(5);
+/// Longest delay between two renewal attempts.
+pub const RETRY_MAX: Duration = Duration::from_secs(600);
+/// The longest single sleep before re-reading the wall clock (it may be stepped).
+const SLEEP_MAX: Duration = Duration::from_secs(3600);
+
+/// The client certificate a worker presents, replaceable while connections use the
+/// configuration that holds it.
+#[derive(Debug)]
+pub struct ReloadableClientCert {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl ReloadableClientCert {
+    fn certified(
+        files: &CertFiles,
+        chain: Vec<CertificateDer<'static>>,
+        key: &PrivateKeyDer<'_>,
+    ) -> Result<Arc<CertifiedKey>> {
+        let provider = rustls::crypto::ring::default_provider();
+        let signing = provider.key_provider.load_private_key(key.clone_key()).map_err(|e| {
+            Error::config_invalid(files.key.display().to_string(), format!("not a usable private key: {e}"))
+        })?;
+        Ok(Arc::new(CertifiedKey::new(chain, signing)))
+    }
+
+    /// The certificate now presented.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        Arc::clone(&self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    fn replace(&self, certified: Arc<CertifiedKey>) {
+        *self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = certified;
+    }
+}
+
+impl ResolvesClientCert for ReloadableClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+fn read_pair(files: &CertFiles) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let chain = tls::load_certs(&files.cert)?;
+    let text = tls::read_text(&files.key)?;
+    let key = PrivateKeyDer::from_pem_slice(text.as_bytes())
+        .map_err(|e| Error::config_invalid(files.key.display().to_string(), format!("not a PEM private key: {e}")))?;
+    Ok((chain, key))
+}
+
+/// A client configuration trusting the CA at `ca_cert` and presenting `files` through a
+/// [`ReloadableClientCert`] (returned too, for [`renew_once`] to replace).
+pub fn client_config(ca_cert: &Path, files: &CertFiles) -> Result<(Arc<ClientConfig>, Arc<ReloadableClientCert>)> {
+    let (chain, key) = read_pair(files)?;
+    let resolver =
+        Arc::new(ReloadableClientCert { current: RwLock::new(ReloadableClientCert::certified(files, chain, &key)?) });
+    let mut roots = RootCertStore::empty();
+    for cert in tls::load_certs(ca_cert)? {
+        roots.add(cert).map_err(|e| Error::config_invalid(ca_cert.display().to_string(), format!("{e}")))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::internal(format!("TLS versions: {e}")))?
+        .with_root_certificates(roots)
+        .with_client_cert_resolver(Arc::clone(&resolver) as Arc<dyn ResolvesClientCert>);
+    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // No session resumption: a TLS 1.3 resumption does not authenticate the client again,
+    // so a reconnect after a renewal would carry the old certificate's identity (and,
+    // once that one is revoked, be refused). A worker reconnects rarely; a full
+    // handshake then costs a millisecond.
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok((Arc::new(config), resolver))
+}
+
+/// Where a renewal stages its files before renaming them into place.
+pub fn staged(files: &CertFiles) -> CertFiles {
+    let next = |p: &Path| {
+        let mut name = p.as_os_str().to_owned();
+        name.push(".next");
+        PathBuf::from(name)
+    };
+    CertFiles { cert: next(&files.cert), key: next(&files.key) }
+}
+
+/// What [`finish_pending_renewal`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pending {
+    /// No renewal was cut short.
+    None,
+    /// A renewal's new files were in place but not yet renamed: they are now.
+    RolledForward,
+    /// A renewal was cut short before its certificate was written: its key is removed.
+    Discarded,
+}
+
+/// Finishes (or discards) a renewal a crash cut short; run before the files are read.
+pub fn finish_pending_renewal(files: &CertFiles) -> Result<Pending> {
+    let next = staged(files);
+    let io = |what: &str, path: &Path, e: std::io::Error| tls::io_err(what, path, &e);
+    let outcome = if next.cert.exists() {
+        if next.key.exists() {
+            std::fs::rename(&next.key, &files.key).map_err(|e| io("renaming into place", &files.key, e))?;
+        }
+        std::fs::rename(&next.cert, &files.cert).map_err(|e| io("renaming into place", &files.cert, e))?;
+        Pending::RolledForward
+    } else if next.key.exists() {
+        std::fs::remove_file(&next.key).map_err(|e| io("removing", &next.key, e))?;
+        Pending::Discarded
+    } else {
+        return Ok(Pending::None);
+    };
+    sync_dir(&files.cert)?;
+    Ok(outcome)
+}
+
+fn sync_dir(file: &Path) -> Result<()> {
+    let dir = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| tls::io_err("syncing directory", dir, &e))
+}
+
+/// When a certificate valid from `not_before` to `not_after` is due for renewal: two
+/// thirds of the way, less `jitter` (0..1) of a twelfth of its validity.
+pub fn renew_at(not_before: SystemTime, not_after: SystemTime, jitter: f64) -> SystemTime {
+    let span = not_after.duration_since(not_before).unwrap_or_default();
+    let early = span.div_f64(12.0).mul_f64(jitter.clamp(0.0, 1.0));
+    (not_before + span.mul_f64(2.0 / 3.0)).checked_sub(early).unwrap_or(not_before)
+}
+
+/// One renewal: a new key and CSR, `Enrollment/Renew` over `channel`, the answer
+/// checked against the CA at `ca_cert`, the files swapped, `resolver` updated.
+pub async fn renew_once(
+    channel: Channel,
+    worker: &WorkerId,
+    files: &CertFiles,
+    ca_cert: &Path,
+    resolver: &ReloadableClientCert,
+    max_message_bytes: usize,
+) -> Result<CertInfo> {
+    let key = KeyPair::generate().map_err(|e| Error::internal(format!("generating the worker key: {e}")))?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, worker.as_str());
+    params.distinguished_name = dn;
+    let csr_pem = params
+        .serialize_request(&key)
+        .and_then(|csr| csr.pem())
+        .map_err(|e| Error::internal(format!("making the certificate signing request: {e}")))?;
+    let mut client = pb::enrollment_client::EnrollmentClient::new(channel)
+        .max_decoding_message_size(max_message_bytes)
+        .max_encoding_message_size(max_message_bytes);
+    let answer = client
+        .renew(pb::RenewRequest { csr_pem })
+        .await
+        .map_err(|s| {
+            let message = format!("renew: {} ({:?})", s.message(), s.code());
+            match s.code() {
+                tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Internal
+                | tonic::Code::Unknown => Error::transient(message, rollout_core::RetryHint::Backoff),
+                _ => Error::Fatal(rollout_core::Fatal::PermissionDenied(message)),
+            }
+        })?
+        .into_inner();
+    let info = check_renewed(&answer.certificate_pem, worker, &key, ca_cert)?;
+    let next = staged(files);
+    tls::write_private(&next.key, key.serialize_pem().as_bytes())?;
+    tls::write_public(&next.cert, answer.certificate_pem.as_bytes())?;
+    finish_pending_renewal(files)?;
+    let (chain, key_der) = read_pair(files)?;
+    resolver.replace(ReloadableClientCert::certified(files, chain, &key_der)?);
+    Ok(info)
+}
+
+/// The renewed certificate verifies against the CA as a client certificate, now, names
+/// `worker` and holds `key`.
+fn check_renewed(pem: &str, worker: &WorkerId, key: &KeyPair, ca_cert: &Path) -> Result<CertInfo> {
+    let refused = |why: String| Error::Fatal(rollout_core::Fatal::PermissionDenied(format!("renew: the answer {why}")));
+    let der = CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| refused(format!("is not a PEM certificate: {e}")))?;
+    let info = CertInfo::of_der(&der).ok_or_else(|| refused("does not parse as X.509".into()))?;
+    if info.role != Some(PeerRole::Worker(worker.clone())) {
+        return Err(refused(format!("names {:?}, not worker {worker}", info.role)));
+    }
+    let (_, parsed) = x509_parser::parse_x509_certificate(&der).map_err(|e| refused(format!("does not parse: {e}")))?;
+    if parsed.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(key).as_slice() {
+        return Err(refused("carries another key than the one this worker made".into()));
+    }
+    let mut roots = RootCertStore::empty();
+    for cert in tls::load_certs(ca_cert)? {
+        roots.add(cert).map_err(|e| Error::config_invalid(ca_cert.display().to_string(), format!("{e}")))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        Arc::new(rustls::crypto::ring::default_provider()),
+    )
+    .build()
+    .map_err(|e| Error::internal(format!("building the client verifier: {e}")))?;
+    verifier
+        .verify_client_cert(&der, &[], UnixTime::now())
+        .map_err(|e| refused(format!("does not verify against the CA in {}: {e}", ca_cert.display())))?;
+    Ok(info)
+}
+
+/// What the renewal task needs.
+#[derive(Debug)]
+pub struct RenewalOptions {
+    /// The worker's connection (the renewal is one more call on it).
+    pub channel: Channel,
+    /// Whose certificate.
+    pub worker: WorkerId,
+    /// Its files.
+    pub files: CertFiles,
+    /// The CA the answer must verify against.
+    pub ca_cert: PathBuf,
+    /// The certificate the connection presents, replaced on success.
+    pub resolver: Arc<ReloadableClientCert>,
+    /// Message size limit.
+    pub max_message_bytes: usize,
+    /// Seeds the jitter.
+    pub rng_seed: u64,
+}
+
+/// Renews the certificate whenever it is due, until `shutdown` turns true or the
+/// certificate expires unrenewed (then only a token gets a new one; logged as an error).
+pub async fn run(opts: RenewalOptions, mut shutdown: watch::Receiver<bool>) {
+    let RenewalOptions { channel, worker, files, ca_cert, resolver, max_message_bytes, rng_seed } = opts;
+    let mut rng = rollout_core::rng::SplitMix64::new(rng_seed);
+    let mut backoff = rollout_worker::Backoff::new(RETRY_INITIAL, RETRY_MAX);
+    let mut failures = 0u32;
+    let jitter = |rng: &mut rollout_core::rng::SplitMix64| (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    let mut due = None;
+    loop {
+        let info = match CertInfo::of_file(&files.cert) {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::error!(channel = "tls", event = "renew_stopped", %worker, error = %e, "cannot read the certificate to renew it: {e}");
+                return;
+            }
+        };
+        let now = SystemTime::now();
+        if info.expired_at(now) {
+            tracing::error!(channel = "tls", event = "certificate_expired", %worker, serial = %info.serial,
+                "the worker's certificate expired at {} unrenewed; a new one needs a token: rollout worker --join ADDR --token T",
+                crate::enroll::utc_text(info.not_after));
+            return;
+        }
+        let at = *due.get_or_insert_with(|| renew_at(info.not_before, info.not_after, jitter(&mut rng)));
+        if now < at {
+            let wait = at.duration_since(now).unwrap_or_default().min(SLEEP_MAX);
+            tokio::select! {
+                () = tokio::time::sleep(wait) => continue,
+                _ = shutdown.changed() => return,
+            }
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        match renew_once(channel.clone(), &worker, &files, &ca_cert, &resolver, max_message_bytes).await {
+            Ok(new) => {
+                tracing::info!(channel = "tls", event = "certificate_renewed", %worker, serial = %new.serial,
+                    old_serial = %info.serial, expires = %crate::enroll::utc_text(new.not_after),
+                    "renewed the worker certificate: serial {}, valid until {}", new.serial, crate::enroll::utc_text(new.not_after));
+                failures = 0;
+                backoff.reset();
+                due = None;
+            }
+            Err(e) => {
+                failures += 1;
+                let retry = backoff.next_delay(&mut rng);
+                tracing::warn!(channel = "tls", event = "renew_failed", %worker, attempt = failures, error = %e,
+                    next_attempt_ms = retry.as_millis() as u64,
+                    "renewing the worker certificate failed ({e}); next attempt in about {} ms (it expires at {})",
+                    retry.as_millis(), crate::enroll::utc_text(info.not_after));
+                due = Some(SystemTime::now() + retry);
+            }
+        }
+    }
+}
