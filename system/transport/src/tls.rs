@@ -437,6 +437,11 @@ pub fn server_config_denying(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(|e| tls_err(&server.cert, &format!("certificate and key do not fit: {e}")))?;
+    // No session resumption: a resumed TLS session is not authenticated again, so a
+    // client certificate revoked or expired since its first handshake would get back in
+    // on the old session. Connections are long-lived; a full handshake per connection is cheap.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     Ok(Arc::new(config))
 }
@@ -627,6 +632,40 @@ fn missing_pair(missing: &Path, present: &Path) -> Error {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_server_resumes_no_session_so_every_connection_authenticates_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        ensure_dev_ca(dir.path()).expect("CA");
+        issue_server_cert(dir.path(), &[]).expect("server cert");
+        let worker = issue_client_cert(dir.path(), &WorkerId::new("w1").expect("id")).expect("worker cert");
+        let server =
+            server_config(&CertFiles::ca(dir.path()).cert, &CertFiles::coordinator(dir.path())).expect("server");
+        // The client keeps sessions (rustls's default): only the server's refusal makes it a full handshake.
+        let client = client_config(&CertFiles::ca(dir.path()).cert, &worker).expect("client");
+        for round in 0..3 {
+            let name = ServerName::try_from("localhost").expect("name");
+            let mut c = rustls::ClientConnection::new(Arc::clone(&client), name).expect("client connection");
+            let mut s = rustls::ServerConnection::new(Arc::clone(&server)).expect("server connection");
+            // Handshake, then a few more flights for any session ticket.
+            for _ in 0..6 {
+                let mut wire = Vec::new();
+                c.write_tls(&mut wire).expect("client writes");
+                s.read_tls(&mut wire.as_slice()).expect("server reads");
+                s.process_new_packets().expect("server handshake");
+                let mut wire = Vec::new();
+                s.write_tls(&mut wire).expect("server writes");
+                c.read_tls(&mut wire.as_slice()).expect("client reads");
+                c.process_new_packets().expect("client handshake");
+            }
+            assert!(!c.is_handshaking() && !s.is_handshaking(), "round {round}: the handshake completes");
+            assert_eq!(c.handshake_kind(), Some(rustls::HandshakeKind::Full), "round {round}");
+            assert!(
+                s.peer_certificates().is_some_and(|chain| !chain.is_empty()),
+                "round {round}: the client authenticated"
+            );
+        }
+    }
 
     #[test]
     fn stale_temporary_files_go_and_young_ones_and_real_files_stay() {
