@@ -3,7 +3,8 @@
 - echo:  returns the payload
 - upper: returns the payload upper-cased
 - fail:  raises ValueError (the call fails with the traceback)
-- sleep: sleeps for the payload, read as milliseconds, then returns it
+- sleep: sleeps for the payload, read as milliseconds, then returns it (ignoring a cancel)
+- wait:  like sleep, but stops early, raising, when the call is cancelled (cooperative)
 - crash: exits the process at once (the worker restarts it)
 - pid:   returns this process's pid (tests use it to see a restart)
 - inputs: returns, per input blob, its SHA-256 and size ("<hex> <bytes>" lines)
@@ -16,7 +17,7 @@ import time
 from rollout_plugin import serve
 
 
-def handle(method: str, payload: bytes, inputs: list) -> bytes:
+def handle(method: str, payload: bytes, inputs: list, cancelled=None) -> bytes:
     if method == "inputs":
         lines = []
         for path in inputs:
@@ -33,6 +34,10 @@ def handle(method: str, payload: bytes, inputs: list) -> bytes:
     if method == "sleep":
         time.sleep(int(payload.decode()) / 1000)
         return payload
+    if method == "wait":
+        if cancelled is not None and cancelled.wait(int(payload.decode()) / 1000):
+            raise TimeoutError("cancelled by the worker")
+        return payload
     if method == "crash":
         os._exit(3)
     if method == "pid":
@@ -41,4 +46,4 @@ def handle(method: str, payload: bytes, inputs: list) -> bytes:
 
 
 if __name__ == "__main__":
-    serve(handle, name="echo", methods=["echo", "upper", "fail", "sleep", "crash", "pid", "inputs"])
+    serve(handle, name="echo", methods=["echo", "upper", "fail", "sleep", "wait", "crash", "pid", "inputs"])

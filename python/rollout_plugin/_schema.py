@@ -35,6 +35,7 @@ def _file() -> descriptor_pb2.FileDescriptorProto:
             ("name", _F.TYPE_STRING, {}),
             ("abi_version", _F.TYPE_UINT32, {}),
             ("methods", _F.TYPE_STRING, {"repeated": True}),
+            ("cooperative_cancel", _F.TYPE_BOOL, {}),
         ],
     )
     message(
@@ -46,6 +47,7 @@ def _file() -> descriptor_pb2.FileDescriptorProto:
             ("task_id", _F.TYPE_STRING, {}),
             ("attempt", _F.TYPE_UINT32, {}),
             ("input_paths", _F.TYPE_STRING, {"repeated": True}),
+            ("call_id", _F.TYPE_UINT64, {}),
         ],
     )
     message(
@@ -58,7 +60,7 @@ def _file() -> descriptor_pb2.FileDescriptorProto:
     )
     message("CallFailure", [("message", _F.TYPE_STRING, {}), ("traceback", _F.TYPE_STRING, {})])
     message("HealthRequest", [])
-    message("HealthResponse", [("serving", _F.TYPE_BOOL, {})])
+    message("HealthResponse", [("serving", _F.TYPE_BOOL, {}), ("running", _F.TYPE_UINT64, {"repeated": True})])
 
     service = f.service.add(name="Plugin")
     for rpc, request, response in [

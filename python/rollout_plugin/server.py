@@ -44,19 +44,58 @@ def _takes_inputs(handler) -> bool:
     try:
         params = [
             p for p in inspect.signature(handler).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name != "cancelled"
         ]
     except (TypeError, ValueError):
         return False
     return len(params) >= 3
 
 
-def _call(handler: Handler, request, context):
+def _takes_cancelled(handler) -> bool:
+    """Whether ``handler`` has a ``cancelled`` parameter (a threading.Event set when the
+    worker cancels the call or its deadline passes)."""
     try:
+        return "cancelled" in inspect.signature(handler).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class _Running:
+    """The calls running now, by call_id, for Health: the worker asks after it cancels one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ids: dict = {}
+
+    def add(self, call_id: int) -> None:
+        with self._lock:
+            self._ids[call_id] = self._ids.get(call_id, 0) + 1
+
+    def remove(self, call_id: int) -> None:
+        with self._lock:
+            left = self._ids.get(call_id, 0) - 1
+            if left > 0:
+                self._ids[call_id] = left
+            else:
+                self._ids.pop(call_id, None)
+
+    def ids(self) -> list:
+        with self._lock:
+            return sorted(self._ids)
+
+
+def _call(handler: Handler, request, context, running: "_Running"):
+    cancelled = threading.Event()
+    # Runs when the RPC ends however it ends, also when the worker cancels it (its
+    # deadline passed, or the task was cancelled): a handler taking `cancelled` can stop.
+    context.add_callback(cancelled.set)
+    running.add(request.call_id)
+    try:
+        kwargs = {"cancelled": cancelled} if _takes_cancelled(handler) else {}
         if _takes_inputs(handler):
-            result = handler(request.method, bytes(request.payload), list(request.input_paths))
+            result = handler(request.method, bytes(request.payload), list(request.input_paths), **kwargs)
         else:
-            result = handler(request.method, bytes(request.payload))
+            result = handler(request.method, bytes(request.payload), **kwargs)
         if isinstance(result, str):
             result = result.encode()
         if not isinstance(result, (bytes, bytearray, memoryview)):
@@ -66,6 +105,8 @@ def _call(handler: Handler, request, context):
         return _schema.CallResponse(
             failure=_schema.CallFailure(message=f"{type(e).__name__}: {e}", traceback=traceback.format_exc())
         )
+    finally:
+        running.remove(request.call_id)
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -104,6 +145,13 @@ def serve(
     task's input blobs as a list of local file paths (fetched by the worker, verified,
     shared by every task that names the same blob).
 
+    A handler with a ``cancelled`` keyword parameter gets a ``threading.Event`` that is
+    set when the worker cancels the call (the task was cancelled, or its deadline
+    passed): checking it (or waiting on it) lets the handler stop cooperatively. The
+    worker waits a grace period for a cancelled call to return; one that does not is
+    stopped by killing this process, and the worker re-runs the other calls it was
+    running elsewhere without charging their tasks an attempt.
+
     ``max_workers`` bounds how many calls run at once (the worker may send several).
     """
     path = socket or socket_path()
@@ -113,14 +161,24 @@ def serve(
         ("grpc.max_receive_message_length", MESSAGE_BYTES_MAX),
         ("grpc.max_send_message_length", MESSAGE_BYTES_MAX),
     ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
+    # Two threads more than calls: Health (which the worker asks after cancelling a call)
+    # and Describe must answer while every call thread is busy.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers + 2), options=options)
+    calls = threading.BoundedSemaphore(max_workers)
+
+    def bounded_call(request, context):
+        with calls:
+            return _call(handler, request, context, running)
+
     methods = list(methods)
 
+    running = _Running()
+
     def describe(_request, _context):
-        return _schema.DescribeResponse(name=name, abi_version=ABI_VERSION, methods=methods)
+        return _schema.DescribeResponse(name=name, abi_version=ABI_VERSION, methods=methods, cooperative_cancel=True)
 
     def health(_request, _context):
-        return _schema.HealthResponse(serving=True)
+        return _schema.HealthResponse(serving=True, running=running.ids())
 
     def unary(fn, request, response):
         return grpc.unary_unary_rpc_method_handler(
@@ -133,7 +191,7 @@ def serve(
                 _schema.SERVICE,
                 {
                     "Describe": unary(describe, _schema.DescribeRequest, _schema.DescribeResponse),
-                    "Call": unary(lambda r, c: _call(handler, r, c), _schema.CallRequest, _schema.CallResponse),
+                    "Call": unary(bounded_call, _schema.CallRequest, _schema.CallResponse),
                     "Health": unary(health, _schema.HealthRequest, _schema.HealthResponse),
                 },
             ),

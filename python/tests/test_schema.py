@@ -8,7 +8,7 @@ import unittest
 from google.protobuf import descriptor_pb2
 
 from rollout_plugin import _schema
-from rollout_plugin.server import _call
+from rollout_plugin.server import _call, _Running
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -47,15 +47,44 @@ class CallMapsOutcomes(unittest.TestCase):
         return payload
 
     def test_result_failure_and_bad_return(self):
-        ok = _call(self.handler, _schema.CallRequest(method="echo", payload=b"x"), None)
+        call = lambda request: _call(self.handler, request, _Context(), _Running())  # noqa: E731
+        ok = call(_schema.CallRequest(method="echo", payload=b"x"))
         self.assertEqual(ok.WhichOneof("outcome"), "result")
         self.assertEqual(ok.result, b"x")
-        self.assertEqual(_call(self.handler, _schema.CallRequest(method="text"), None).result, b"ok")
-        failed = _call(self.handler, _schema.CallRequest(method="fail"), None)
+        self.assertEqual(call(_schema.CallRequest(method="text")).result, b"ok")
+        failed = call(_schema.CallRequest(method="fail"))
         self.assertEqual(failed.failure.message, "ValueError: boom")
         self.assertIn("Traceback", failed.failure.traceback)
-        bad = _call(self.handler, _schema.CallRequest(method="int"), None)
+        bad = call(_schema.CallRequest(method="int"))
         self.assertIn("expected bytes", bad.failure.message)
+
+    def test_a_handler_taking_cancelled_gets_the_event_the_rpc_sets_and_is_listed_while_it_runs(self):
+        context, running, seen = _Context(), _Running(), {}
+
+        def handler(method, payload, cancelled):
+            seen["running"] = running.ids()
+            context.cancel()  # the worker cancels the RPC while the handler runs
+            seen["set"] = cancelled.wait(1)
+            return b"stopped"
+
+        self.assertEqual(_call(handler, _schema.CallRequest(method="m", call_id=7), context, running).result, b"stopped")
+        self.assertEqual(seen, {"running": [7], "set": True})
+        self.assertEqual(running.ids(), [], "a finished call leaves the list")
+
+
+class _Context:
+    """The part of grpc.ServicerContext that _call uses: callbacks run when the RPC ends."""
+
+    def __init__(self):
+        self.callbacks = []
+
+    def add_callback(self, callback):
+        self.callbacks.append(callback)
+        return True
+
+    def cancel(self):
+        for callback in self.callbacks:
+            callback()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,10 @@ use std::sync::Arc;
 pub use bounded::ABANDONED_CALLS_MAX;
 use rollout_core::traits::{CancelToken, PluginCall, PluginError, PluginHost};
 pub use rollout_plugin_sdk::abi::ABI_VERSION;
-pub use sidecar::{PARENT_PIPE_ENV, SIDECAR_ABI_VERSION, SIDECAR_MESSAGE_BYTES_MAX};
+pub use sidecar::{
+    CANCEL_GRACE, PARENT_PIPE_ENV, RESTART_BACKOFF_INITIAL, RESTART_BACKOFF_MAX, SIDECAR_ABI_VERSION,
+    SIDECAR_MESSAGE_BYTES_MAX,
+};
 pub use spec::{
     PluginMode, PluginSpec, SIDECAR_BASE_ENV, SidecarSpec, plugin_specs_from_config_file, plugin_specs_from_toml_str,
     validate_plugin_specs,

@@ -2,10 +2,18 @@
 //! a Unix socket, driven by a tonic client on a small tokio runtime of our own.
 //!
 //! Lifecycle: started and health-checked (Health, then Describe for the ABI version)
-//! by [`SidecarPlugin::start`]; a call that times out, is cancelled, or loses its
-//! connection kills the process (the Python code cannot be stopped any other way), and
-//! the next call starts a fresh one first. A generation number ties each failure to
-//! the process it happened on, so a late failure never kills a newer process.
+//! by [`SidecarPlugin::start`]. A call that times out or is cancelled has its RPC
+//! cancelled; a sidecar that says it cooperates (`DescribeResponse.cooperative_cancel`,
+//! as the SDK does) gets [`CANCEL_GRACE`] to stop it, watched through Health's list of
+//! running calls, and keeps running. One that does not stop in time (or a sidecar that
+//! does not cooperate) is killed, and the other calls it was running are re-run once on
+//! a fresh process within their own deadlines, so their tasks are not charged an attempt
+//! for another's timeout. A call that loses its connection otherwise (the process
+//! crashed) fails; the next call starts a fresh process first, after a backoff that
+//! doubles with each crash in a row ([`RESTART_BACKOFF_INITIAL`] to
+//! [`RESTART_BACKOFF_MAX`]) so a crashing sidecar is not restarted in a tight loop. A
+//! generation number ties each failure to the process it happened on, so a late
+//! failure never kills a newer process.
 
 use std::future::Future;
 use std::io;
@@ -61,6 +69,18 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 const EXIT_WAIT: Duration = Duration::from_millis(200);
 /// How often a running call looks at its cancel token.
 const CANCEL_POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// How long a cooperating sidecar has to stop a cancelled or timed-out call before the
+/// process is killed.
+pub const CANCEL_GRACE: Duration = Duration::from_secs(2);
+/// How often Health is asked whether a cancelled call has stopped.
+const STOPPED_POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// The pause before restarting a sidecar after its first crash in a row; it doubles per
+/// crash up to [`RESTART_BACKOFF_MAX`], and a call that succeeds resets it.
+pub const RESTART_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+/// The longest pause before a restart.
+pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Generations killed to stop another call, remembered so their other calls are re-run.
+const KILLED_REMEMBERED: usize = 16;
 
 /// The tokio runtime that drives every sidecar client of one host. `None` only while
 /// it is being dropped.
@@ -114,6 +134,8 @@ struct Running {
     child: Child,
     client: PluginClient<Channel>,
     generation: u64,
+    /// The sidecar stops a cancelled call and reports its running calls.
+    cooperative: bool,
     /// The write end of the child's stdin: dropped (with this process, or when the
     /// sidecar is replaced), it tells the child its worker is gone.
     _parent_writer: std::io::PipeWriter,
@@ -127,6 +149,12 @@ pub(crate) struct SidecarPlugin {
     runtime: Arc<SidecarRuntime>,
     running: Mutex<Option<Running>>,
     starts: AtomicU64,
+    next_call: AtomicU64,
+    /// Generations killed on purpose (to stop a call that would not): their other calls
+    /// failed through no fault of their own and are re-run.
+    killed_on_purpose: Mutex<std::collections::VecDeque<u64>>,
+    /// Crashes in a row (processes that died by themselves), for the restart backoff.
+    crashes_in_a_row: AtomicU64,
     /// The 0700 directory made for the socket (removed with the plugin).
     private_dir: Option<PathBuf>,
 }
@@ -154,6 +182,9 @@ impl SidecarPlugin {
             runtime,
             running: Mutex::new(None),
             starts: AtomicU64::new(0),
+            next_call: AtomicU64::new(1),
+            killed_on_purpose: Mutex::new(std::collections::VecDeque::new()),
+            crashes_in_a_row: AtomicU64::new(0),
         };
         match plugin.launch() {
             Ok(running) => *plugin.lock() = Some(running),
@@ -192,16 +223,33 @@ impl SidecarPlugin {
                 detail: None,
             });
         }
-        let (mut client, generation) = self.ensure_running()?;
+        self.call_once(method, payload, inputs, deadline, cancel, true)
+    }
+
+    fn call_once(
+        &self,
+        method: &str,
+        payload: &[u8],
+        inputs: &[String],
+        deadline: Duration,
+        cancel: &CancelToken,
+        may_rerun: bool,
+    ) -> Result<Vec<u8>, PluginError> {
+        let started = Instant::now();
+        let (mut client, generation, cooperative) = self.ensure_running(deadline)?;
+        let call_id = self.next_call.fetch_add(1, Ordering::AcqRel);
+        // A restart's time comes out of the call's budget; errors name the deadline given.
+        let budget = deadline.saturating_sub(started.elapsed());
         // No gRPC timeout on the request: the select below is the one deadline, so the
         // outcome does not depend on which of two timers fires first.
         let request = tonic::Request::new(CallRequest {
             method: method.to_owned(),
             payload: payload.to_vec(),
-            deadline_ms: u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
+            deadline_ms: u64::try_from(budget.as_millis()).unwrap_or(u64::MAX),
             task_id: String::new(),
             attempt: 0,
             input_paths: inputs.to_vec(),
+            call_id,
         });
         enum Ended {
             Rpc(Result<tonic::Response<rollout_proto::plugin::CallResponse>, tonic::Status>),
@@ -211,28 +259,42 @@ impl SidecarPlugin {
         let ended = self.runtime.block_on(async {
             tokio::select! {
                 reply = client.call(request) => Ended::Rpc(reply),
-                () = tokio::time::sleep(deadline) => Ended::Deadline,
+                () = tokio::time::sleep(budget) => Ended::Deadline,
                 () = cancelled(cancel) => Ended::Cancelled,
             }
         });
         match ended {
-            Ended::Rpc(Ok(reply)) => match reply.into_inner().outcome {
-                Some(Outcome::Result(bytes)) => Ok(bytes),
-                Some(Outcome::Failure(failure)) => Err(PluginError::Failed {
-                    message: failure.message,
-                    detail: Some(failure.traceback).filter(|t| !t.is_empty()),
-                }),
-                None => {
-                    self.stop(generation, "sent a reply with no outcome", false);
-                    Err(PluginError::Crashed(format!("sidecar {:?} sent a reply with no outcome", self.name)))
+            Ended::Rpc(Ok(reply)) => {
+                self.crashes_in_a_row.store(0, Ordering::Release);
+                match reply.into_inner().outcome {
+                    Some(Outcome::Result(bytes)) => Ok(bytes),
+                    Some(Outcome::Failure(failure)) => Err(PluginError::Failed {
+                        message: failure.message,
+                        detail: Some(failure.traceback).filter(|t| !t.is_empty()),
+                    }),
+                    None => {
+                        self.stop(generation, "sent a reply with no outcome", false);
+                        Err(PluginError::Crashed(format!("sidecar {:?} sent a reply with no outcome", self.name)))
+                    }
                 }
-            },
+            }
             Ended::Rpc(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => {
-                self.stop(generation, "call ran past its deadline", false);
+                self.stop_call(client, generation, cooperative, call_id, "call ran past its deadline");
                 Err(PluginError::DeadlineExceeded(deadline))
             }
             Ended::Rpc(Err(status)) => {
                 let what = self.stop(generation, "call failed", true);
+                if self.was_killed_on_purpose(generation) {
+                    // Killed to stop another call: not this call's fault, so it runs again
+                    // on a fresh process (once), and its task is not charged an attempt.
+                    let left = deadline.saturating_sub(started.elapsed());
+                    if may_rerun && !cancel.is_cancelled() && !left.is_zero() {
+                        tracing::info!(plugin = self.name, call_id, generation, "sidecar_call_rerun");
+                        return self.call_once(method, payload, inputs, left, cancel, false);
+                    }
+                } else {
+                    self.crashes_in_a_row.fetch_add(1, Ordering::AcqRel);
+                }
                 Err(PluginError::Crashed(format!(
                     "sidecar {:?} {what} during the call ({}: {})",
                     self.name,
@@ -241,14 +303,38 @@ impl SidecarPlugin {
                 )))
             }
             Ended::Deadline => {
-                self.stop(generation, "call ran past its deadline", false);
+                self.stop_call(client, generation, cooperative, call_id, "call ran past its deadline");
                 Err(PluginError::DeadlineExceeded(deadline))
             }
             Ended::Cancelled => {
-                self.stop(generation, "call was cancelled", false);
+                self.stop_call(client, generation, cooperative, call_id, "call was cancelled");
                 Err(PluginError::Cancelled)
             }
         }
+    }
+
+    /// After the select dropped a call's RPC (its HTTP/2 stream is reset, which the SDK
+    /// turns into the handler's `cancelled` event): waits up to [`CANCEL_GRACE`] for a
+    /// cooperating sidecar to stop it, else kills the process, marking it killed on
+    /// purpose so the calls it was running for others are re-run.
+    fn stop_call(&self, client: PluginClient<Channel>, generation: u64, cooperative: bool, call_id: u64, why: &str) {
+        if cooperative && self.runtime.block_on(wait_stopped(client, call_id, CANCEL_GRACE)) {
+            tracing::info!(plugin = self.name, call_id, generation, why, "sidecar_call_stopped");
+            return;
+        }
+        {
+            let mut killed = self.killed_on_purpose.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if killed.len() == KILLED_REMEMBERED {
+                killed.pop_front();
+            }
+            killed.push_back(generation);
+        }
+        let why = if cooperative { format!("{why}, and did not stop within {CANCEL_GRACE:?}") } else { why.to_owned() };
+        self.stop(generation, &why, false);
+    }
+
+    fn was_killed_on_purpose(&self, generation: u64) -> bool {
+        self.killed_on_purpose.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&generation)
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<Running>> {
@@ -257,23 +343,44 @@ impl SidecarPlugin {
         self.running.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The client of a live process, restarting the sidecar first if it is gone.
-    fn ensure_running(&self) -> Result<(PluginClient<Channel>, u64), PluginError> {
+    /// The client of a live process, restarting the sidecar first if it is gone (after
+    /// the crash backoff, waited at most `deadline`).
+    fn ensure_running(&self, deadline: Duration) -> Result<(PluginClient<Channel>, u64, bool), PluginError> {
         let mut running = self.lock();
         if let Some(current) = running.as_mut() {
             match current.child.try_wait() {
-                Ok(None) => return Ok((current.client.clone(), current.generation)),
+                Ok(None) => return Ok((current.client.clone(), current.generation, current.cooperative)),
                 Ok(Some(status)) => tracing::warn!(plugin = self.name, %status, "sidecar_exited"),
                 Err(e) => tracing::warn!(plugin = self.name, error = %e, "sidecar_wait_failed"),
             }
             if let Some(mut old) = running.take() {
                 reap(&mut old.child);
             }
+            self.crashes_in_a_row.fetch_add(1, Ordering::AcqRel);
+        }
+        let crashes = self.crashes_in_a_row.load(Ordering::Acquire);
+        if crashes > 0 {
+            // The lock stays held: every call waits for the same restart.
+            let pause = restart_backoff(crashes);
+            tracing::warn!(
+                plugin = self.name,
+                crashes_in_a_row = crashes,
+                pause_ms = pause.as_millis() as u64,
+                "sidecar_restart_backoff"
+            );
+            std::thread::sleep(pause.min(deadline));
+            if pause > deadline {
+                return Err(PluginError::Crashed(format!(
+                    "sidecar {:?} crashed {crashes} times in a row; its restart waits {pause:?}, past this call's \
+                     deadline",
+                    self.name
+                )));
+            }
         }
         tracing::info!(plugin = self.name, "sidecar_restarting");
         match self.launch() {
             Ok(fresh) => {
-                let handle = (fresh.client.clone(), fresh.generation);
+                let handle = (fresh.client.clone(), fresh.generation, fresh.cooperative);
                 *running = Some(fresh);
                 Ok(handle)
             }
@@ -376,9 +483,9 @@ impl SidecarPlugin {
             .map_err(|e| StartError::Other(format!("cannot run {}: {e}", self.spec.program.display())))?;
         let generation = self.starts.fetch_add(1, Ordering::AcqRel) + 1;
         match self.runtime.block_on(wait_healthy(&mut child, &self.socket, self.spec.startup_timeout)) {
-            Ok(client) => {
-                tracing::info!(plugin = self.name, pid = child.id(), generation, "sidecar_started");
-                Ok(Running { child, client, generation, _parent_writer: parent_writer })
+            Ok((client, cooperative)) => {
+                tracing::info!(plugin = self.name, pid = child.id(), generation, cooperative, "sidecar_started");
+                Ok(Running { child, client, generation, cooperative, _parent_writer: parent_writer })
             }
             Err(e) => {
                 reap(&mut child);
@@ -407,7 +514,7 @@ async fn wait_healthy(
     child: &mut Child,
     socket: &Path,
     timeout: Duration,
-) -> Result<PluginClient<Channel>, StartError> {
+) -> Result<(PluginClient<Channel>, bool), StartError> {
     let started = Instant::now();
     let mut last_error = String::from("the socket never appeared");
     loop {
@@ -422,8 +529,10 @@ async fn wait_healthy(
         }
         if socket.exists() {
             match probe(socket).await {
-                Ok((client, abi_version)) if abi_version == SIDECAR_ABI_VERSION => return Ok(client),
-                Ok((_, theirs)) => return Err(StartError::Abi { theirs }),
+                Ok((client, abi_version, cooperative)) if abi_version == SIDECAR_ABI_VERSION => {
+                    return Ok((client, cooperative));
+                }
+                Ok((_, theirs, _)) => return Err(StartError::Abi { theirs }),
                 Err(e) => last_error = e,
             }
         }
@@ -431,8 +540,9 @@ async fn wait_healthy(
     }
 }
 
-/// One Health + Describe round; the client and the sidecar's ABI version.
-async fn probe(socket: &Path) -> Result<(PluginClient<Channel>, u32), String> {
+/// One Health + Describe round; the client, the sidecar's ABI version and whether it
+/// stops cancelled calls.
+async fn probe(socket: &Path) -> Result<(PluginClient<Channel>, u32, bool), String> {
     // The URI only fills HTTP/2's :authority; the connector ignores it.
     let channel = Endpoint::from_static("http://plugin.sidecar")
         .connect_timeout(PROBE_TIMEOUT)
@@ -451,7 +561,33 @@ async fn probe(socket: &Path) -> Result<(PluginClient<Channel>, u32), String> {
     let mut describe = tonic::Request::new(DescribeRequest {});
     describe.set_timeout(PROBE_TIMEOUT);
     let described = client.describe(describe).await.map_err(|s| format!("describe: {}", s.message()))?.into_inner();
-    Ok((client, described.abi_version))
+    Ok((client, described.abi_version, described.cooperative_cancel))
+}
+
+/// Whether call `call_id` leaves Health's list of running calls within `grace`.
+async fn wait_stopped(mut client: PluginClient<Channel>, call_id: u64, grace: Duration) -> bool {
+    let until = Instant::now() + grace;
+    loop {
+        let mut health = tonic::Request::new(HealthRequest {});
+        health
+            .set_timeout(PROBE_TIMEOUT.min(until.saturating_duration_since(Instant::now()).max(STOPPED_POLL_INTERVAL)));
+        // An error (a busy or dying process) proves nothing either way: ask again until the grace is over.
+        if let Ok(reply) = client.health(health).await
+            && !reply.get_ref().running.contains(&call_id)
+        {
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        tokio::time::sleep(STOPPED_POLL_INTERVAL).await;
+    }
+}
+
+/// The pause before the restart after `crashes` crashes in a row.
+fn restart_backoff(crashes: u64) -> Duration {
+    let doublings = u32::try_from(crashes.saturating_sub(1)).unwrap_or(u32::MAX).min(16);
+    RESTART_BACKOFF_INITIAL.saturating_mul(1 << doublings).min(RESTART_BACKOFF_MAX)
 }
 
 async fn cancelled(cancel: &CancelToken) {

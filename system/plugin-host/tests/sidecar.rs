@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rollout_core::traits::{CancelToken, PluginCall, PluginError, PluginHost};
-use rollout_plugin_host::{LoadError, LocalPluginHost, PluginMode, PluginSpec, SIDECAR_ABI_VERSION, SidecarSpec};
+use rollout_plugin_host::{
+    CANCEL_GRACE, LoadError, LocalPluginHost, PluginMode, PluginSpec, SIDECAR_ABI_VERSION, SidecarSpec,
+};
 use tempfile::TempDir;
 
 const SECOND: Duration = Duration::from_secs(1);
@@ -149,13 +151,15 @@ fn a_sidecar_killed_mid_call_fails_that_call_and_the_retry_succeeds() {
 }
 
 #[test]
-fn a_call_past_its_deadline_kills_the_sidecar_and_the_next_call_gets_a_new_one() {
+fn a_call_past_its_deadline_that_ignores_its_cancel_is_killed_after_the_grace_and_the_next_call_gets_a_new_one() {
     let sidecar = start_echo();
     let hung = sidecar.pid();
     let deadline = Duration::from_millis(300);
     let started = Instant::now();
     assert_eq!(sidecar.call("sleep", b"10000", deadline), Err(PluginError::DeadlineExceeded(deadline)));
-    assert!(started.elapsed() < SECOND * 3, "gave up after {:?}", started.elapsed());
+    let took = started.elapsed();
+    assert!(took >= deadline + CANCEL_GRACE, "killed after {took:?}, before the grace ran out");
+    assert!(took < deadline + CANCEL_GRACE + SECOND * 2, "gave up after {took:?}");
     assert!(!alive(hung), "the hung sidecar was killed");
     assert_eq!(sidecar.call("echo", b"fresh", SECOND * 10), Ok(b"fresh".to_vec()));
     assert_eq!(sidecar.starts(), 2);
@@ -172,6 +176,73 @@ fn a_cancelled_call_returns_cancelled() {
     });
     assert_eq!(sidecar.host.call(&call("sleep", b"10000", SECOND * 30), &cancel), Err(PluginError::Cancelled));
     assert_eq!(sidecar.call("echo", b"after", SECOND * 10), Ok(b"after".to_vec()));
+}
+
+type Outcome = Result<Vec<u8>, PluginError>;
+
+/// Four calls at once on one sidecar: three of `others_ms` with a long deadline, and
+/// `method` of 10 s with a 300 ms deadline. Returns the four outcomes (the short one
+/// first) and how long the short one took.
+fn four_at_once(
+    sidecar: &Arc<Sidecar>,
+    method: &'static str,
+    others_ms: u32,
+) -> (Outcome, Duration, Vec<Outcome>) {
+    let others: Vec<_> = (0..3)
+        .map(|_| {
+            let sidecar = Arc::clone(sidecar);
+            std::thread::spawn(move || sidecar.call("sleep", others_ms.to_string().as_bytes(), SECOND * 20))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let started = Instant::now();
+    let short = sidecar.call(method, b"10000", Duration::from_millis(300));
+    let took = started.elapsed();
+    (short, took, others.into_iter().map(|t| t.join().unwrap()).collect())
+}
+
+#[test]
+fn one_of_four_calls_timing_out_and_stopping_when_cancelled_leaves_the_process_and_the_other_three_alone() {
+    let sidecar = Arc::new(start_echo());
+    let pid = sidecar.pid();
+    let (short, took, others) = four_at_once(&sidecar, "wait", 1500);
+    assert_eq!(short, Err(PluginError::DeadlineExceeded(Duration::from_millis(300))));
+    assert!(took < SECOND, "the cooperative call stopped after {took:?}");
+    assert!(others.iter().all(|r| r == &Ok(b"1500".to_vec())), "{others:?}");
+    assert_eq!(sidecar.pid(), pid, "not killed");
+    assert_eq!(sidecar.starts(), 1);
+}
+
+#[test]
+fn one_of_four_calls_timing_out_and_ignoring_its_cancel_is_killed_and_the_other_three_are_re_run() {
+    let sidecar = Arc::new(start_echo());
+    let pid = sidecar.pid();
+    // The others run 3 s, so they are in flight when the process is killed (0.3 s + grace).
+    let (short, took, others) = four_at_once(&sidecar, "sleep", 3000);
+    assert_eq!(short, Err(PluginError::DeadlineExceeded(Duration::from_millis(300))));
+    assert!(took >= CANCEL_GRACE, "killed after {took:?}");
+    assert!(!alive(pid), "the process that would not stop was killed");
+    // The other three were re-run on the new process and succeeded: no error, so no
+    // attempt is charged to their tasks.
+    assert!(others.iter().all(|r| r == &Ok(b"3000".to_vec())), "{others:?}");
+    assert_eq!(sidecar.starts(), 2);
+}
+
+#[test]
+fn a_sidecar_that_keeps_crashing_is_restarted_after_a_growing_pause() {
+    let sidecar = start_echo();
+    let started = Instant::now();
+    for _ in 0..3 {
+        assert!(matches!(sidecar.call("crash", b"", SECOND * 10), Err(PluginError::Crashed(_))));
+    }
+    // Three crashes in a row: the restarts before the second and third paused 100 and 200 ms.
+    let crashing = started.elapsed();
+    assert!(crashing >= Duration::from_millis(300), "restarted in a tight loop: {crashing:?}");
+    let started = Instant::now();
+    assert_eq!(sidecar.call("echo", b"ok", SECOND * 10), Ok(b"ok".to_vec()));
+    let after_three = started.elapsed();
+    assert!(after_three >= Duration::from_millis(400), "the fourth start paused only {after_three:?}");
+    assert_eq!(sidecar.starts(), 4);
 }
 
 fn write_script(dir: &TempDir, name: &str, body: &str) -> PathBuf {
