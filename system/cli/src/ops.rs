@@ -601,6 +601,19 @@ async fn status_pages(client: &mut OperatorClient<Channel>, view: StatusView) ->
     Ok(all)
 }
 
+/// Time left on a worker's certificate: `6.9d`, `5h`, `expired`, `-` (not known).
+fn cert_text(now: SystemTime, not_after_unix_ms: u64) -> String {
+    if not_after_unix_ms == 0 {
+        return "-".into();
+    }
+    let now_ms = rollout_core::time::unix_millis(now);
+    if not_after_unix_ms <= now_ms {
+        return "expired".into();
+    }
+    let left_h = (not_after_unix_ms - now_ms) as f64 / 3_600_000.0;
+    if left_h >= 48.0 { format!("{:.1}d", left_h / 24.0) } else { format!("{left_h:.0}h") }
+}
+
 fn offset_text(w: &pb::WorkerStatus) -> String {
     if !w.clock_offset_known {
         return "-".into();
@@ -627,6 +640,8 @@ pub async fn status(op: &OperatorArgs, json: bool, view: StatusView) -> Result<(
                 "worker_id": w.worker_id, "incarnation": w.incarnation, "state": worker_state(w.state),
                 "last_beat_unix_ms": w.last_beat_unix_ms, "due_at_unix_ms": w.due_at_unix_ms,
                 "clock_offset_ms": w.clock_offset_known.then_some(w.clock_offset_ms),
+                "cert_not_after_unix_ms": (w.cert_not_after_unix_ms > 0).then_some(w.cert_not_after_unix_ms),
+                "cert_serial": (!w.cert_serial.is_empty()).then_some(&w.cert_serial),
                 "slots": w.slots, "running": w.running, "plugins": w.plugins,
                 "cpus": w.inventory.as_ref().map(|i| i.cpus),
                 "memory_bytes": w.inventory.as_ref().map(|i| i.memory_bytes),
@@ -667,19 +682,20 @@ pub async fn status(op: &OperatorArgs, json: bool, view: StatusView) -> Result<(
     );
     println!("WORKERS");
     println!(
-        "  {:<20} {:<9} {:>6} {:>12} {:>12} {:>8} {:>9} {:>5} {:>8} {:>4}  plugins",
-        "id", "state", "inc", "last beat", "due", "clock", "running", "cpus", "mem GiB", "gpus"
+        "  {:<20} {:<9} {:>6} {:>12} {:>12} {:>8} {:>8} {:>9} {:>5} {:>8} {:>4}  plugins",
+        "id", "state", "inc", "last beat", "due", "clock", "cert", "running", "cpus", "mem GiB", "gpus"
     );
     for w in &status.workers {
         let inv = w.inventory.clone().unwrap_or_default();
         println!(
-            "  {:<20} {:<9} {:>6} {:>12} {:>12} {:>8} {:>5}/{:<3} {:>5} {:>8.1} {:>4}  {}",
+            "  {:<20} {:<9} {:>6} {:>12} {:>12} {:>8} {:>8} {:>5}/{:<3} {:>5} {:>8.1} {:>4}  {}",
             w.worker_id,
             worker_state(w.state),
             w.incarnation,
             ago(now, w.last_beat_unix_ms),
             ago(now, w.due_at_unix_ms),
             offset_text(w),
+            cert_text(now, w.cert_not_after_unix_ms),
             w.running,
             w.slots,
             inv.cpus,

@@ -183,11 +183,7 @@ type Outcome = Result<Vec<u8>, PluginError>;
 /// Four calls at once on one sidecar: three of `others_ms` with a long deadline, and
 /// `method` of 10 s with a 300 ms deadline. Returns the four outcomes (the short one
 /// first) and how long the short one took.
-fn four_at_once(
-    sidecar: &Arc<Sidecar>,
-    method: &'static str,
-    others_ms: u32,
-) -> (Outcome, Duration, Vec<Outcome>) {
+fn four_at_once(sidecar: &Arc<Sidecar>, method: &'static str, others_ms: u32) -> (Outcome, Duration, Vec<Outcome>) {
     let others: Vec<_> = (0..3)
         .map(|_| {
             let sidecar = Arc::clone(sidecar);

@@ -49,6 +49,8 @@ struct Sample {
 /// What the driver publishes and the listener serves.
 #[derive(Debug)]
 pub struct Dashboard {
+    /// Each worker's certificate as it registered (serial, expiry), for the workers table.
+    certs: Option<Arc<crate::service::WorkerCerts>>,
     snapshot: Mutex<Arc<String>>,
     samples: Mutex<VecDeque<Sample>>,
     recent: Mutex<VecDeque<Arc<String>>>,
@@ -66,11 +68,18 @@ impl Dashboard {
     pub fn new() -> Self {
         let (events, _) = broadcast::channel(EVENT_BACKLOG);
         Dashboard {
+            certs: None,
             snapshot: Mutex::new(Arc::new("{}".into())),
             samples: Mutex::new(VecDeque::new()),
             recent: Mutex::new(VecDeque::new()),
             events,
         }
+    }
+
+    /// Shows each worker's certificate expiry from `certs`.
+    pub fn with_worker_certs(mut self, certs: Arc<crate::service::WorkerCerts>) -> Self {
+        self.certs = Some(certs);
+        self
     }
 
     fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -107,7 +116,7 @@ impl Dashboard {
                 .map(|s| json!({"at_ms": s.at_ms, "committed": s.committed, "p50_us": s.p50_us, "p99_us": s.p99_us}))
                 .collect()
         };
-        let text = status_json(page, now_ms, samples).to_string();
+        let text = status_json(page, now_ms, samples, self.certs.as_deref()).to_string();
         *Self::lock(&self.snapshot) = Arc::new(text);
     }
 
@@ -203,7 +212,12 @@ fn ms(t: Option<SystemTime>) -> Value {
 }
 
 /// The snapshot's JSON (stable field names; the page and the browser test read them).
-fn status_json(page: &StatusPage, now_ms: u64, samples: Vec<Value>) -> Value {
+fn status_json(
+    page: &StatusPage,
+    now_ms: u64,
+    samples: Vec<Value>,
+    certs: Option<&crate::service::WorkerCerts>,
+) -> Value {
     let t = &page.totals;
     json!({
         "now_ms": now_ms,
@@ -225,6 +239,7 @@ fn status_json(page: &StatusPage, now_ms: u64, samples: Vec<Value>) -> Value {
             "last_beat_ms": ms(w.last_beat),
             "due_at_ms": unix_millis(w.due_at),
             "clock_offset_ms": w.clock_offset_ms,
+            "cert_not_after_ms": certs.and_then(|c| c.of(&w.id)).map(|c| unix_millis(c.not_after)),
             "running": w.leased,
             "slots": w.slots,
             "gpus": w.inventory.gpus.len(),

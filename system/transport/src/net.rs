@@ -97,6 +97,17 @@ pub struct PeerInfo {
     pub connection: ConnectionWatch,
     /// Set once the peer's certificate is revoked (every RPC is refused from then on).
     pub revoked: RevokedWatch,
+    /// The peer's verified client certificate: serial and expiry (`None`: none).
+    pub cert: Option<PeerCert>,
+}
+
+/// What a connection's client certificate says, for status and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCert {
+    /// Serial number, hex.
+    pub serial: String,
+    /// When it expires.
+    pub not_after: std::time::SystemTime,
 }
 
 /// Shared view of whether a connection's certificate has been revoked; equal only to
@@ -399,7 +410,10 @@ where
                         let certified = stream.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
                         let leaf = stream.get_ref().1.peer_certificates().and_then(|c| c.first());
                         let role = leaf.and_then(|c| peer_role(c));
-                        let live = leaf.and_then(|c| crate::revocation::serial_of(c)).map(|s| deny.register(s));
+                        let cert = leaf
+                            .and_then(|c| crate::tls::CertInfo::of_der(c))
+                            .map(|info| PeerCert { serial: info.serial, not_after: info.not_after });
+                        let live = cert.as_ref().map(|c| deny.register(c.serial.clone()));
                         let revoked = RevokedWatch(live.as_ref().map(|l| Arc::clone(&l.flag)));
                         let (extra, deadline) = if certified {
                             (None, None)
@@ -418,7 +432,7 @@ where
                         tracing::debug!(channel = "tls", event = "mtls_handshake_ok", %remote, ?role);
                         let peer = PeerStream {
                             inner: stream,
-                            info: PeerInfo { role, remote, connection, revoked },
+                            info: PeerInfo { role, remote, connection, revoked, cert },
                             _slots: (slot, extra),
                             deadline,
                             live,

@@ -308,7 +308,9 @@ pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordi
     let storage_for_sweep = Arc::clone(&storage);
     let metrics = Arc::new(CoordinatorMetrics::new());
     // The dashboard lives on the metrics listener: none without it.
-    let dashboard = (!config.metrics.listen_addr.is_empty()).then(|| Arc::new(Dashboard::new()));
+    let worker_certs = Arc::new(crate::service::WorkerCerts::new(config.limits.max_workers as usize));
+    let dashboard = (!config.metrics.listen_addr.is_empty())
+        .then(|| Arc::new(Dashboard::new().with_worker_certs(Arc::clone(&worker_certs))));
     let (handle, driver) = spawn_coordinator_driver(CoordinatorDriverOptions {
         storage,
         settings: CoordinatorSettings::from_config(&config),
@@ -389,7 +391,8 @@ pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordi
     }
     let api = CoordinatorApi::new(handle.clone(), ResultStore::new(storage_for_results), &config)
         .with_shutdown(shutdown_rx.clone())
-        .with_blobs(blobs);
+        .with_blobs(blobs)
+        .with_worker_certs(worker_certs);
     let limits = ServeLimits::from_config(&config);
     let enrollment_limits = config.limits;
     let worker_cert_lifetime = config.transport.worker_cert_lifetime;

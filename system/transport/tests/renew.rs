@@ -118,6 +118,15 @@ async fn a_worker_renews_over_its_connection_while_a_task_runs_and_reconnects_wi
     let err = probe.register(register_request("w1-probe")).await.expect_err("speaks for w1 only");
     assert!(err.message().contains("may not speak for"), "{err:?}");
 
+    // Status shows the certificate w1 registered with: still the old one.
+    let cert_of_w1 = |status: &pb::StatusResponse| {
+        let w = status.workers.iter().find(|w| w.worker_id == "w1").expect("w1 in status");
+        (w.cert_serial.clone(), w.cert_not_after_unix_ms)
+    };
+    let (serial, not_after) = cert_of_w1(&status);
+    assert_eq!(serial, old.serial);
+    assert_eq!(not_after / 1000, rollout_core::time::unix_millis(old.not_after) / 1000);
+
     // Revoking the old certificate cuts the connection the worker opened with it; the
     // worker reconnects presenting the renewed one and works on.
     let registered = |history: &MemoryEmitter| {
@@ -136,6 +145,10 @@ async fn a_worker_renews_over_its_connection_while_a_task_runs_and_reconnects_wi
         .await
         .expect("accepted");
     wait_for("the task after the reconnect commits", 20, || committed(&started.history) == 2).await;
+    let status = operator.status(pb::StatusRequest::default()).await.expect("status").into_inner();
+    let (serial, not_after) = cert_of_w1(&status);
+    assert_eq!(serial, new.serial, "status shows the certificate of the new registration");
+    assert_eq!(not_after / 1000, rollout_core::time::unix_millis(new.not_after) / 1000);
 
     stop_tx.send(true).expect("stop");
     worker.await.expect("worker task").expect("worker stops cleanly");

@@ -86,6 +86,61 @@ pub struct CoordinatorApi {
     next_conn: Arc<AtomicU64>,
     /// Operators' blobs (none: PutBlob and friends answer that there is no store).
     blobs: Option<Arc<rollout_cloud_local::FsObjectStore>>,
+    /// The client certificate each worker registered with last, for status.
+    certs: Arc<WorkerCerts>,
+}
+
+/// The certificate each worker registered with last (serial, expiry), shown by Status:
+/// at most `limits.max_workers` entries, the least recently registered going first.
+#[derive(Debug, Default)]
+pub struct WorkerCerts {
+    inner: std::sync::Mutex<WorkerCertsInner>,
+    max: usize,
+}
+
+#[derive(Debug, Default)]
+struct WorkerCertsInner {
+    by_worker: std::collections::BTreeMap<WorkerId, (u64, crate::net::PeerCert)>,
+    order: std::collections::BTreeMap<u64, WorkerId>,
+    next: u64,
+}
+
+impl WorkerCerts {
+    /// At most `max` workers' certificates.
+    pub fn new(max: usize) -> Self {
+        WorkerCerts { inner: Default::default(), max: max.max(1) }
+    }
+
+    /// `worker` registered presenting `cert`.
+    pub fn note(&self, worker: &WorkerId, cert: crate::net::PeerCert) {
+        let mut inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let stamp = inner.next;
+        inner.next += 1;
+        if let Some((old, _)) = inner.by_worker.insert(worker.clone(), (stamp, cert)) {
+            inner.order.remove(&old);
+        }
+        inner.order.insert(stamp, worker.clone());
+        while inner.by_worker.len() > self.max {
+            let Some((_, oldest)) = inner.order.pop_first() else { break };
+            inner.by_worker.remove(&oldest);
+        }
+    }
+
+    /// The certificate `worker` registered with last.
+    pub fn of(&self, worker: &WorkerId) -> Option<crate::net::PeerCert> {
+        let inner = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        inner.by_worker.get(worker).map(|(_, cert)| cert.clone())
+    }
+
+    /// How many are kept.
+    pub fn len(&self) -> usize {
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner).by_worker.len()
+    }
+
+    /// Whether none is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl std::fmt::Debug for CoordinatorApi {
@@ -106,6 +161,7 @@ impl CoordinatorApi {
             shutdown: None,
             next_conn: Arc::new(AtomicU64::new(1)),
             blobs: None,
+            certs: Arc::new(WorkerCerts::new(config.limits.max_workers as usize)),
         }
     }
 
@@ -113,6 +169,13 @@ impl CoordinatorApi {
     /// `limits.max_blob_bytes`, set by the caller).
     pub fn with_blobs(mut self, store: rollout_cloud_local::FsObjectStore) -> Self {
         self.blobs = Some(Arc::new(store));
+        self
+    }
+
+    /// Keeps the certificate each worker registers with in `certs` (shared with the
+    /// dashboard), instead of a table of its own.
+    pub fn with_worker_certs(mut self, certs: Arc<WorkerCerts>) -> Self {
+        self.certs = certs;
         self
     }
 
@@ -214,6 +277,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 impl pb::coordinator_server::Coordinator for CoordinatorApi {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
         let worker = authorize_worker(&req, "register.worker_id", &req.get_ref().worker_id)?;
+        let cert = req.extensions().get::<PeerInfo>().and_then(|p| p.cert.clone());
         let span = tracing::info_span!("rpc", channel = "register", worker = %worker);
         async move {
             let body = req.into_inner();
@@ -225,6 +289,9 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
             match answer(rx).await? {
                 ToWorker::Registered { incarnation, terms, assigns_sent } => {
                     tracing::info!(channel = "register", worker = %worker, %incarnation, "worker registered");
+                    if let Some(cert) = cert {
+                        self.certs.note(&worker, cert);
+                    }
                     Ok(Response::new(pb::RegisterResponse {
                         protocol_version: PROTOCOL_VERSION,
                         incarnation: incarnation.get(),
@@ -323,6 +390,7 @@ impl pb::coordinator_server::Coordinator for CoordinatorApi {
                     remote: String::new(),
                     connection: Default::default(),
                     revoked: Default::default(),
+                    cert: None,
                 });
             }
             authorize_worker(&probe, "work.hello.worker_id", &hello.worker_id)?
@@ -485,5 +553,29 @@ impl Drop for DetachOnDrop {
                 let _ = driver.inbox.send(msg).await;
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(serial: &str) -> crate::net::PeerCert {
+        crate::net::PeerCert { serial: serial.into(), not_after: std::time::UNIX_EPOCH }
+    }
+
+    #[test]
+    fn worker_certs_keep_the_latest_per_worker_and_at_most_their_bound() {
+        let certs = WorkerCerts::new(2);
+        let id = |s: &str| WorkerId::new(s).expect("id");
+        certs.note(&id("w1"), cert("a"));
+        certs.note(&id("w2"), cert("b"));
+        certs.note(&id("w1"), cert("c"));
+        assert_eq!(certs.of(&id("w1")).map(|c| c.serial), Some("c".into()), "the latest registration wins");
+        // A third worker evicts the least recently registered one (w2, since w1 registered again).
+        certs.note(&id("w3"), cert("d"));
+        assert_eq!(certs.len(), 2);
+        assert_eq!(certs.of(&id("w2")), None);
+        assert!(certs.of(&id("w1")).is_some() && certs.of(&id("w3")).is_some());
     }
 }

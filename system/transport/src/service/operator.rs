@@ -98,23 +98,28 @@ impl pb::operator_server::Operator for CoordinatorApi {
         let workers = page
             .workers
             .into_iter()
-            .map(|w| pb::WorkerStatus {
-                worker_id: w.id.to_string(),
-                incarnation: w.incarnation.get(),
-                state: match w.state {
-                    WorkerState::Active => pb::WorkerState::Active,
-                    WorkerState::Draining => pb::WorkerState::Draining,
-                    WorkerState::Failed => pb::WorkerState::Failed,
+            .map(|w| {
+                let cert = self.certs.of(&w.id);
+                pb::WorkerStatus {
+                    cert_not_after_unix_ms: cert.as_ref().map_or(0, |c| unix_millis(c.not_after)),
+                    cert_serial: cert.map(|c| c.serial).unwrap_or_default(),
+                    worker_id: w.id.to_string(),
+                    incarnation: w.incarnation.get(),
+                    state: match w.state {
+                        WorkerState::Active => pb::WorkerState::Active,
+                        WorkerState::Draining => pb::WorkerState::Draining,
+                        WorkerState::Failed => pb::WorkerState::Failed,
+                    }
+                    .into(),
+                    last_beat_unix_ms: w.last_beat.map(unix_millis).unwrap_or(0),
+                    due_at_unix_ms: unix_millis(w.due_at),
+                    slots: w.slots,
+                    running: w.leased,
+                    plugins: w.plugins,
+                    inventory: Some(w.inventory.into()),
+                    clock_offset_ms: w.clock_offset_ms.unwrap_or(0),
+                    clock_offset_known: w.clock_offset_ms.is_some(),
                 }
-                .into(),
-                last_beat_unix_ms: w.last_beat.map(unix_millis).unwrap_or(0),
-                due_at_unix_ms: unix_millis(w.due_at),
-                slots: w.slots,
-                running: w.leased,
-                plugins: w.plugins,
-                inventory: Some(w.inventory.into()),
-                clock_offset_ms: w.clock_offset_ms.unwrap_or(0),
-                clock_offset_known: w.clock_offset_ms.is_some(),
             })
             .collect();
         let jobs = page
