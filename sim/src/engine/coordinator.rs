@@ -21,16 +21,13 @@ use super::{Ev, Sim};
 use crate::liveness::CoordEnv;
 use crate::model_store::ModelStorage;
 
-/// The coordinator's disk: redb on a crash-faithful in-memory disk with its write-ahead
-/// log on another (as the real coordinator runs, `storage.wal_bytes`), or the model.
+/// The coordinator's disk: redb on a crash-faithful in-memory disk, with its
+/// write-ahead log on another when the scenario's config turns it on
+/// (`storage.wal_bytes`, as the real coordinator does), or the model.
 pub(super) enum Disk {
-    Redb { data: MemDisk, log: MemDisk },
+    Redb { data: MemDisk, log: Option<(MemDisk, u64)> },
     Model(ModelStorage),
 }
-
-/// The log's capacity in the simulator: the smallest a config allows, so that runs of a
-/// few simulated minutes wrap it and checkpoint many times.
-pub(super) const SIM_WAL_BYTES: u64 = rollout_storage::wal::WAL_BYTES_MIN;
 
 /// How each of the coordinator's disks comes through a crash.
 #[derive(Debug)]
@@ -52,15 +49,15 @@ impl Disk {
     pub(super) fn open(&self, fork: bool) -> Result<Arc<dyn Storage>, String> {
         match self {
             Disk::Redb { data, log } => {
-                let (data, log) = if fork {
-                    // What a restart now would find: the synced bytes, no armed power cut.
-                    (data.durable_fork(), log.durable_fork())
-                } else {
-                    (data.clone(), log.clone())
-                };
-                RedbStorage::open_in_memory_with_wal(&data, &log, SIM_WAL_BYTES)
-                    .map(|s| Arc::new(s) as Arc<dyn Storage>)
-                    .map_err(|e| e.to_string())
+                // A fork is what a restart now would find: the synced bytes, no armed power cut.
+                let copy = |d: &MemDisk| if fork { d.durable_fork() } else { d.clone() };
+                let data = copy(data);
+                match log {
+                    None => RedbStorage::open_in_memory(&data),
+                    Some((log, wal_bytes)) => RedbStorage::open_in_memory_with_wal(&data, &copy(log), *wal_bytes),
+                }
+                .map(|s| Arc::new(s) as Arc<dyn Storage>)
+                .map_err(|e| e.to_string())
             }
             Disk::Model(m) => Ok(Arc::new(m.clone())),
         }
@@ -170,7 +167,9 @@ impl Sim {
         if let Disk::Redb { data, log } = &self.coord.disk {
             // Also disarms a power cut that no commit has met yet.
             data.crash(modes.data);
-            log.crash(modes.log);
+            if let Some((log, _)) = log {
+                log.crash(modes.log);
+            }
         }
         self.liveness.coord_env(self.now, CoordEnv::Down);
         for w in 0..self.links.len() {
@@ -187,7 +186,9 @@ impl Sim {
     /// are torn or reordered, as drawn from the seed.
     fn torn_modes(&mut self) -> CrashModes {
         let (data, log) = match &self.coord.disk {
-            Disk::Redb { data, log } => (data.unsynced_write_sizes(), log.unsynced_write_sizes()),
+            Disk::Redb { data, log } => {
+                (data.unsynced_write_sizes(), log.as_ref().map(|(l, _)| l.unsynced_write_sizes()).unwrap_or_default())
+            }
             Disk::Model(_) => (Vec::new(), Vec::new()),
         };
         CrashModes { data: self.torn_mode(&data), log: self.torn_mode(&log) }

@@ -147,7 +147,9 @@ impl Sim {
                 if let Disk::Redb { data, log } = &self.coord.disk {
                     // A commit syncs the log, or (a checkpoint) the database: either may be the one cut.
                     data.cut_power_after_syncs(syncs);
-                    log.cut_power_after_syncs(syncs);
+                    if let Some((log, _)) = log {
+                        log.cut_power_after_syncs(syncs);
+                    }
                 }
                 self.coord.power_cut = Some(for_ms.unwrap_or(POWER_CUT_DOWNTIME_MS) * NS_PER_MS);
                 return;

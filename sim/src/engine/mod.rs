@@ -281,7 +281,10 @@ impl Sim {
         faults.extend(swarm::draw(&scenario, &config, &mut rng_swarm));
         let bounds = Bounds::new(&config, slack_ns(&scenario));
         let disk = match scenario.coordinator.storage {
-            StorageKind::Redb => Disk::Redb { data: MemDisk::new(), log: MemDisk::new() },
+            StorageKind::Redb => Disk::Redb {
+                data: MemDisk::new(),
+                log: (config.storage.wal_bytes > 0).then(|| (MemDisk::new(), config.storage.wal_bytes)),
+            },
             StorageKind::Model => Disk::Model(ModelStorage::new()),
         };
         let coord_clock = draw_clock(&mut rng_clock);

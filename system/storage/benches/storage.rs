@@ -71,7 +71,7 @@ fn compare(commits: u64, puts_per_commit: u64) -> (f64, f64) {
         let rate = |wal_bytes| {
             (commits * puts_per_commit) as f64 / timed_run(commits, puts_per_commit, wal_bytes).as_secs_f64()
         };
-        with.push(rate(OpenOptions::default().wal_bytes));
+        with.push(rate(rollout_storage::wal::SUGGESTED_WAL_BYTES));
         without.push(rate(0));
     }
     let runs = |rates: &[f64]| rates.iter().map(|rate| format!("{rate:.0}")).collect::<Vec<_>>().join(", ");
@@ -84,7 +84,7 @@ fn main() {
     println!(
         "rollout-storage: redb file backend, {VALUE_BYTES}-byte values, under {location}; with the write-ahead log \
          ({} MiB) and without it (Durability::Immediate on every commit), {RUNS} runs each",
-        OpenOptions::default().wal_bytes >> 20
+        rollout_storage::wal::SUGGESTED_WAL_BYTES >> 20
     );
     let (single_wal, single) = compare(SINGLE_PUT_COMMITS_PER_RUN, 1);
     println!(

@@ -170,7 +170,8 @@ fn a_failed_log_sync_refuses_every_later_commit_until_a_reopen() {
 fn a_database_file_with_its_log_survives_reopening_and_turning_the_log_off() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("rollout.db");
-    let options = rollout_storage::OpenOptions::default();
+    let options =
+        rollout_storage::OpenOptions { wal_bytes: rollout_storage::wal::SUGGESTED_WAL_BYTES, ..Default::default() };
     {
         let storage = RedbStorage::open_with(&path, options).expect("open");
         for i in 0..100u32 {

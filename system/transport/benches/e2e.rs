@@ -16,7 +16,8 @@
 //!    (default 5) seconds; submit-to-start is the time from just before a job's submit
 //!    RPC to the worker's `task_started` event of each of its tasks. p50/p99 quoted.
 //!
-//! `BENCH_NOOPS=echo|sleep0|both` (default both) picks the throughput workloads.
+//! `BENCH_NOOPS=echo|sleep0|both` (default both) picks the throughput workloads;
+//! `BENCH_WAL_BYTES` sets `storage.wal_bytes` (0: no write-ahead log).
 //!
 //! Baseline in the same run: the raw cost of a durable commit on this disk (one
 //! fsync'd empty redb transaction), so the numbers can be read against the machine.
@@ -104,6 +105,9 @@ impl Cluster {
         config.storage.data_dir = dir.path().join("data");
         config.transport.tls_dir = dir.path().join("tls");
         config.metrics.listen_addr = "127.0.0.1:0".into();
+        // BENCH_WAL_BYTES=0 runs without the write-ahead log (every commit a durable redb
+        // commit), for a same-sitting comparison.
+        config.storage.wal_bytes = env_u64("BENCH_WAL_BYTES", config.storage.wal_bytes);
         let tls = &config.transport.tls_dir;
         ensure_dev_ca(tls).expect("CA");
         issue_server_cert(tls, &[]).expect("server cert");
