@@ -95,11 +95,16 @@ say "config $cfg (heartbeat ${HEARTBEAT_MS}ms, self-fence ${SELF_FENCE_MS}ms, fa
 for w in w1 w2; do "$ROLLOUT" certs issue --config "$cfg" --worker "$w" >/dev/null; done
 
 # Incarnation N of the coordinator writes coordinator.N.jsonl and coordinator.N.log.
+# Odd incarnations run with the write-ahead log (storage.wal_bytes, 1 MiB), even ones
+# without it: the first kill is recovered by replaying the log and turning it off, the
+# second by the plain database, and the third start turns the log on again.
 incarnation=0
 start_coordinator() {
     incarnation=$((incarnation + 1))
-    "$ROLLOUT" coordinator --config "$cfg" --history "$tmp/coordinator.$incarnation.jsonl" \
-        2>"$tmp/coordinator.$incarnation.log" &
+    local wal_bytes=0
+    if ((incarnation % 2 == 1)); then wal_bytes=1048576; fi
+    ROLLOUT_STORAGE__WAL_BYTES=$wal_bytes "$ROLLOUT" coordinator --config "$cfg" \
+        --history "$tmp/coordinator.$incarnation.jsonl" 2>"$tmp/coordinator.$incarnation.log" &
     coord_pid=$!
 }
 kill_coordinator() {
@@ -276,6 +281,10 @@ done
 
 say "stopping the coordinator and the workers (SIGINT)"
 stop_all
+# The odd incarnations ran with the write-ahead log: its file is there, holding records
+# (the last start turned it on again after the even one had replayed and emptied it).
+wal=$tmp/data/rollout.db.wal
+wal_size=$(stat -c %s "$wal" 2>/dev/null || echo 0)
 # The coordinator's complete history: its audit chain, committed with every state change
 # it records. (The JSON-lines stream of each incarnation is written after each commit,
 # so a SIGKILL can cut its last batch: the streams must be a subset of this.)
@@ -477,6 +486,12 @@ if "$ROLLOUT" check --complete "${states[@]}" "$tmp/coordinator.audit.jsonl" "$t
 else
     say "rollout check found a violation: $(tr '\n' ' ' <"$tmp/check.out")"
     failed+=("rollout check")
+fi
+if ((wal_size > 0)); then
+    say "the write-ahead log was used by the odd incarnations ($wal_size bytes in $wal at the last stop)"
+else
+    say "the write-ahead log $wal is missing or empty though incarnation $incarnation ran with it"
+    failed+=("write-ahead log")
 fi
 ((${#failed[@]} == 0)) || die "$(IFS=,; echo "${failed[*]}" | sed 's/,/, /g')"
 ok=1

@@ -995,7 +995,13 @@ fn open_database(common: &CommonArgs) -> Result<(RedbStorage, std::path::PathBuf
     if !path.exists() {
         return Err(Error::invalid_input(format!("{}: no database here (storage.data_dir)", path.display())));
     }
-    Ok((RedbStorage::open(&path)?, path))
+    // With the config's log setting: a log the coordinator runs with stays on.
+    let options = rollout_storage::OpenOptions {
+        wal_bytes: config.storage.wal_bytes,
+        cache_bytes: usize::try_from(config.storage.cache_bytes).unwrap_or(usize::MAX),
+        check_integrity_on_open: config.storage.check_integrity_on_open,
+    };
+    Ok((RedbStorage::open_with(&path, options)?, path))
 }
 
 pub fn audit_verify(common: &CommonArgs, json: bool) -> Result<(), Error> {
