@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
-use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
+use rcgen::KeyPair;
 use rollout_core::{Error, Result, WorkerId};
 use rollout_proto::transport as pb;
 use rustls::client::ResolvesClientCert;
@@ -187,15 +187,7 @@ pub async fn renew_once(
     resolver: &ReloadableClientCert,
     max_message_bytes: usize,
 ) -> Result<CertInfo> {
-    let key = KeyPair::generate().map_err(|e| Error::internal(format!("generating the worker key: {e}")))?;
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, worker.as_str());
-    params.distinguished_name = dn;
-    let csr_pem = params
-        .serialize_request(&key)
-        .and_then(|csr| csr.pem())
-        .map_err(|e| Error::internal(format!("making the certificate signing request: {e}")))?;
+    let (key, csr_pem) = crate::enroll::worker_key_and_csr(worker)?;
     let mut client = pb::enrollment_client::EnrollmentClient::new(channel)
         .max_decoding_message_size(max_message_bytes)
         .max_encoding_message_size(max_message_bytes);

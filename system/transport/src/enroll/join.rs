@@ -79,15 +79,7 @@ pub async fn join(opts: JoinOptions) -> Result<Joined> {
             "the bootstrap token looks expired by this machine's clock; trying anyway");
     }
 
-    let key = KeyPair::generate().map_err(|e| Error::internal(format!("generating the worker key: {e}")))?;
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, worker.as_str());
-    params.distinguished_name = dn;
-    let csr_pem = params
-        .serialize_request(&key)
-        .and_then(|csr| csr.pem())
-        .map_err(|e| Error::internal(format!("making the certificate signing request: {e}")))?;
+    let (key, csr_pem) = worker_key_and_csr(&worker)?;
 
     let pin_refusal = PinRefusal::default();
     let connector = TlsConnector::new(
@@ -197,6 +189,21 @@ pub(super) fn refused(addr: &str, status: &Status) -> Error {
         tonic::Code::InvalidArgument => Error::invalid_input(message),
         _ => Error::Fatal(Fatal::PermissionDenied(message)),
     }
+}
+
+/// A new key pair for `worker` (made here, never sent) and its certificate signing
+/// request (PEM, CN = the worker id), for Enroll and Renew.
+pub fn worker_key_and_csr(worker: &WorkerId) -> Result<(KeyPair, String)> {
+    let key = KeyPair::generate().map_err(|e| Error::internal(format!("generating the worker key: {e}")))?;
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, worker.as_str());
+    params.distinguished_name = dn;
+    let csr_pem = params
+        .serialize_request(&key)
+        .and_then(|csr| csr.pem())
+        .map_err(|e| Error::internal(format!("making the certificate signing request: {e}")))?;
+    Ok((key, csr_pem))
 }
 
 /// A seed for retry jitter that differs between machines joining at once.

@@ -146,17 +146,8 @@ pub(super) fn renew(
     let csr = parse_csr(csr_pem)?;
     let issuer = tls::ca_issuer(tls_dir)
         .map_err(|e| Status::failed_precondition(format!("renewal needs the CA key on the coordinator ({e})")))?;
-    let cert = tls::worker_cert_params(worker)
-        .and_then(|mut params| {
-            tls::set_validity(&mut params, now, lifetime)?;
-            params.signed_by(&csr.public_key, &issuer).map_err(|e| Error::internal(format!("signing: {e}")))
-        })
-        .map_err(|e| Status::internal(format!("renewing the certificate of worker {worker}: {e}")))?;
-    let cert_pem = cert.pem();
-    let record = tls_dir.join(ENROLLED_DIR).join(format!("{worker}.pem"));
-    tls::write_public(&record, cert_pem.as_bytes()).map_err(|e| Status::internal(e.to_string()))?;
-    crate::revocation::archive_issued(tls_dir, &cert_pem, now).map_err(|e| Status::internal(e.to_string()))?;
-    let serial = tls::CertInfo::of_der(cert.der()).map(|i| i.serial).unwrap_or_default();
+    let (cert_pem, serial) = sign_worker_cert(tls_dir, worker, &csr, &issuer, now, lifetime)?;
+    let serial = serial.unwrap_or_default();
     let ca_pem = tls::read_text(&CertFiles::ca(tls_dir).cert).map_err(|e| Status::internal(e.to_string()))?;
     Ok((serial, pb::EnrollResponse { certificate_pem: cert_pem, ca_certificate_pem: ca_pem }))
 }
@@ -248,21 +239,9 @@ pub(super) fn enroll(
         }
         return Err(Status::internal(format!("claiming token {id} ({}): {e}", used_path.display())));
     }
-    // Only the CSR's public key is used (its signature was checked by the parser); the
-    // name, usages and role are the ones every worker certificate has.
-    let cert = tls::worker_cert_params(&worker)
-        .and_then(|mut params| {
-            tls::set_validity(&mut params, now, lifetime)?;
-            params.signed_by(&csr.public_key, &issuer).map_err(|e| Error::internal(format!("signing: {e}")))
-        })
-        .map_err(|e| Status::internal(format!("issuing the certificate of worker {worker}: {e}")))?;
-    let cert_pem = cert.pem();
-    let record = tls_dir.join(ENROLLED_DIR).join(format!("{worker}.pem"));
-    tls::write_public(&record, cert_pem.as_bytes()).map_err(|e| Status::internal(e.to_string()))?;
-    crate::revocation::archive_issued(tls_dir, &cert_pem, now).map_err(|e| Status::internal(e.to_string()))?;
+    let (cert_pem, new_serial) = sign_worker_cert(tls_dir, &worker, &csr, &issuer, now, lifetime)?;
     // Re-enrolling an id revokes what it held before: a worker that re-enrolls because
     // its key was lost or stolen leaves nothing behind that still gets in.
-    let new_serial = tls::CertInfo::of_der(cert.der()).map(|i| i.serial);
     let replaced =
         crate::revocation::revoke_identity(tls_dir, &PeerRole::Worker(worker.clone()), new_serial.as_deref(), now)
             .map_err(|e| Status::internal(e.to_string()))?;
@@ -272,6 +251,31 @@ pub(super) fn enroll(
     }
     let ca_pem = tls::read_text(&ca.cert).map_err(|e| Status::internal(e.to_string()))?;
     Ok((worker, id.clone(), pb::EnrollResponse { certificate_pem: cert_pem, ca_certificate_pem: ca_pem }))
+}
+
+/// Signs `worker`'s certificate for the CSR's key, valid for `lifetime` from `now`, and
+/// keeps it (`enrolled/<id>.pem`, the `issued/` archive); its PEM and serial. Only the
+/// CSR's public key is used (its signature was checked by the parser); the name, usages
+/// and role are the ones every worker certificate has.
+fn sign_worker_cert(
+    tls_dir: &Path,
+    worker: &WorkerId,
+    csr: &CertificateSigningRequestParams,
+    issuer: &rcgen::Issuer<'static, KeyPair>,
+    now: SystemTime,
+    lifetime: Duration,
+) -> std::result::Result<(String, Option<String>), Status> {
+    let cert = tls::worker_cert_params(worker)
+        .and_then(|mut params| {
+            tls::set_validity(&mut params, now, lifetime)?;
+            params.signed_by(&csr.public_key, issuer).map_err(|e| Error::internal(format!("signing: {e}")))
+        })
+        .map_err(|e| Status::internal(format!("signing the certificate of worker {worker}: {e}")))?;
+    let cert_pem = cert.pem();
+    let record = tls_dir.join(ENROLLED_DIR).join(format!("{worker}.pem"));
+    tls::write_public(&record, cert_pem.as_bytes()).map_err(|e| Status::internal(e.to_string()))?;
+    crate::revocation::archive_issued(tls_dir, &cert_pem, now).map_err(|e| Status::internal(e.to_string()))?;
+    Ok((cert_pem, tls::CertInfo::of_der(cert.der()).map(|i| i.serial)))
 }
 
 /// What an enrollment is judged on, read from the request and the TLS directory.
