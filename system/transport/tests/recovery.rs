@@ -82,7 +82,8 @@ impl Harness {
     }
 
     async fn restart_coordinator(&mut self) {
-        // An aborted server may hold its port for a moment while its tasks unwind.
+        // An aborted server may hold its port, and its database handle, for a moment while
+        // its tasks unwind.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             let started = start_coordinator(CoordinatorOptions {
@@ -96,7 +97,10 @@ impl Harness {
                     self.coordinator = Some(coordinator);
                     return;
                 }
-                Err(e) if tokio::time::Instant::now() < deadline && e.to_string().contains("in use") => {
+                Err(e)
+                    if tokio::time::Instant::now() < deadline
+                        && (e.to_string().contains("in use") || e.to_string().contains("already open")) =>
+                {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Err(e) => panic!("coordinator restarts on the same address and data: {e}"),
