@@ -28,12 +28,12 @@ use std::time::{Duration, SystemTime};
 use rcgen::KeyPair;
 use rollout_core::{Error, Result, WorkerId};
 use rollout_proto::transport as pb;
+use rustls::ClientConfig;
 use rustls::client::ResolvesClientCert;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::sign::CertifiedKey;
-use rustls::{ClientConfig, RootCertStore};
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
@@ -90,24 +90,13 @@ impl ResolvesClientCert for ReloadableClientCert {
     }
 }
 
-fn read_pair(files: &CertFiles) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
-    let chain = tls::load_certs(&files.cert)?;
-    let text = tls::read_text(&files.key)?;
-    let key = PrivateKeyDer::from_pem_slice(text.as_bytes())
-        .map_err(|e| Error::config_invalid(files.key.display().to_string(), format!("not a PEM private key: {e}")))?;
-    Ok((chain, key))
-}
-
 /// A client configuration trusting the CA at `ca_cert` and presenting `files` through a
 /// [`ReloadableClientCert`] (returned too, for [`renew_once`] to replace).
 pub fn client_config(ca_cert: &Path, files: &CertFiles) -> Result<(Arc<ClientConfig>, Arc<ReloadableClientCert>)> {
-    let (chain, key) = read_pair(files)?;
+    let (chain, key) = tls::load_pair(files)?;
     let resolver =
         Arc::new(ReloadableClientCert { current: RwLock::new(ReloadableClientCert::certified(files, chain, &key)?) });
-    let mut roots = RootCertStore::empty();
-    for cert in tls::load_certs(ca_cert)? {
-        roots.add(cert).map_err(|e| Error::config_invalid(ca_cert.display().to_string(), format!("{e}")))?;
-    }
+    let roots = tls::root_store(ca_cert)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -210,7 +199,7 @@ pub async fn renew_once(
     tls::write_private(&next.key, key.serialize_pem().as_bytes())?;
     tls::write_public(&next.cert, answer.certificate_pem.as_bytes())?;
     finish_pending_renewal(files)?;
-    let (chain, key_der) = read_pair(files)?;
+    let (chain, key_der) = tls::load_pair(files)?;
     resolver.replace(ReloadableClientCert::certified(files, chain, &key_der)?);
     Ok(info)
 }
@@ -229,10 +218,7 @@ fn check_renewed(pem: &str, worker: &WorkerId, key: &KeyPair, ca_cert: &Path) ->
     if parsed.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(key).as_slice() {
         return Err(refused("carries another key than the one this worker made".into()));
     }
-    let mut roots = RootCertStore::empty();
-    for cert in tls::load_certs(ca_cert)? {
-        roots.add(cert).map_err(|e| Error::config_invalid(ca_cert.display().to_string(), format!("{e}")))?;
-    }
+    let roots = tls::root_store(ca_cert)?;
     let verifier = WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
         Arc::new(rustls::crypto::ring::default_provider()),

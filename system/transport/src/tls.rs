@@ -474,7 +474,7 @@ pub fn server_name_of(addr: &str) -> Result<ServerName<'static>> {
         .map_err(|e| Error::config_invalid("transport.coordinator_addr", format!("{addr:?}: not a host name: {e}")))
 }
 
-fn root_store(ca_cert: &Path) -> Result<RootCertStore> {
+pub(crate) fn root_store(ca_cert: &Path) -> Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(ca_cert)? {
         roots.add(cert).map_err(|e| tls_err(ca_cert, &format!("not a usable CA certificate: {e}")))?;
@@ -493,7 +493,7 @@ pub(crate) fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
-fn load_pair(files: &CertFiles) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+pub(crate) fn load_pair(files: &CertFiles) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
     let chain = load_certs(&files.cert)?;
     let text = read_text(&files.key)?;
     let key = PrivateKeyDer::from_pem_slice(text.as_bytes())

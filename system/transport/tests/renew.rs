@@ -186,7 +186,7 @@ fn a_renewal_cut_short_is_finished_or_discarded_at_start() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn renew_answers_a_worker_only_and_names_a_bad_request() {
+async fn renew_answers_an_unexpired_worker_only_and_names_a_bad_request() {
     let started = common::start(common::fast_config(), &["w1"]).await;
     let tls_dir = started.config.transport.tls_dir.clone();
     let ca = CertFiles::ca(&tls_dir).cert;
@@ -201,5 +201,21 @@ async fn renew_answers_a_worker_only_and_names_a_bad_request() {
     let err = renew(w1, "not a CSR".into()).await.expect_err("a bad CSR");
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("csr_pem"), "{err:?}");
+
+    // A connection outlives its certificate: once that has expired, the connection
+    // opened with it may not renew it (only a token gets a new one).
+    let w2 = WorkerId::new("w2").expect("id");
+    let minute = Duration::from_secs(60);
+    let brief = issue_client_cert_at(&tls_dir, &w2, SystemTime::now() - minute + Duration::from_secs(3), minute)
+        .expect("a certificate expiring in 3 s");
+    let expires = CertInfo::of_file(&brief.cert).expect("info").not_after;
+    let mut client = EnrollmentClient::new(connect(&started.addr, &ca, &brief).expect("channel"));
+    let err = client.renew(pb::RenewRequest { csr_pem: "x".into() }).await.expect_err("a bad CSR, while valid");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "the connection is up and the certificate valid: {err:?}");
+    tokio::time::sleep(expires.duration_since(SystemTime::now()).unwrap_or_default() + Duration::from_millis(500))
+        .await;
+    let err = client.renew(pb::RenewRequest { csr_pem: "x".into() }).await.expect_err("expired since the handshake");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+    assert!(err.message().contains("expired at") && err.message().contains("--join"), "{err:?}");
     started.coordinator.shutdown().await.expect("clean shutdown");
 }

@@ -112,6 +112,18 @@ impl pb::enrollment_server::Enrollment for EnrollmentApi {
                 ));
             }
         };
+        // The handshake refuses an expired certificate, but a connection outlives it: one
+        // that expired since may not renew itself (only a token gets a new one then).
+        if let Some(cert) = peer.as_ref().and_then(|p| p.cert.as_ref())
+            && cert.not_after <= SystemTime::now()
+        {
+            return Err(Status::unauthenticated(format!(
+                "renew: worker {worker}'s certificate (serial {}) expired at {}; an expired certificate is not \
+                 renewed: re-enroll with a token (rollout worker --join ADDR --token T)",
+                cert.serial,
+                utc_text(cert.not_after)
+            )));
+        }
         let remote = peer.map(|p| p.remote).unwrap_or_default();
         let (tls_dir, lifetime) = (self.tls_dir.clone(), self.worker_cert_lifetime);
         let csr_pem = req.into_inner().csr_pem;
