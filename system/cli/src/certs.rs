@@ -1,12 +1,12 @@
-//! `rollout certs init|issue|list`.
+//! `rollout certs init|issue|revoke|rotate-ca|retire-ca|status|list`.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use rollout_core::{Error, WorkerId};
 use rollout_transport::enroll::{ENROLLED_DIR, utc_text};
-use rollout_transport::revocation;
 use rollout_transport::tls::{self, CertFiles, CertInfo, Lifetimes, PeerRole};
+use rollout_transport::{revocation, rotation};
 
 use crate::{CertsCommand, load_config};
 
@@ -102,6 +102,100 @@ pub fn run(command: CertsCommand) -> Result<(), Error> {
             }
             Ok(())
         }
+        CertsCommand::RotateCa { common } => {
+            let config = load_config(&common)?;
+            let dir = &config.transport.tls_dir;
+            let rotated = rotation::rotate_ca(dir, SystemTime::now(), &Lifetimes::of(&config.transport))?;
+            println!(
+                "new CA      {} (serial {}, expires {}) signs from now on; new tokens pin it",
+                rotated.current.common_name,
+                rotated.current.serial,
+                utc_text(rotated.current.not_after)
+            );
+            println!(
+                "old CA      {} (serial {}, expires {}) stays trusted until rollout certs retire-ca",
+                rotated.previous.common_name,
+                rotated.previous.serial,
+                utc_text(rotated.previous.not_after)
+            );
+            println!(
+                "server      {} (serial {}, from the new CA; cross-signed for clients of the old one)",
+                CertFiles::coordinator(dir).cert.display(),
+                rotated.server.serial
+            );
+            println!(
+                "next        workers move at their next renewal; operators: rollout certs issue --operator NAME; \
+                 watch rollout certs status, then rollout certs retire-ca"
+            );
+            Ok(())
+        }
+        CertsCommand::RetireCa { common } => {
+            let config = load_config(&common)?;
+            for ca in rotation::retire_ca(&config.transport.tls_dir, SystemTime::now())? {
+                println!(
+                    "retired {} (serial {}): certificates it signed are refused from now on",
+                    ca.common_name, ca.serial
+                );
+            }
+            Ok(())
+        }
+        CertsCommand::Status { common, json } => {
+            let config = load_config(&common)?;
+            let now = SystemTime::now();
+            let status = rotation::trust_status(&config.transport.tls_dir, now)?;
+            let identity = |i: &rotation::Identity| serde_json::json!({"who": i.who, "serial": i.cert.serial, "not_after": utc_text(i.cert.not_after)});
+            if json {
+                let cas: Vec<_> = status
+                    .cas
+                    .iter()
+                    .map(|ca| {
+                        serde_json::json!({
+                            "name": ca.info.common_name,
+                            "serial": ca.info.serial,
+                            "not_after": utc_text(ca.info.not_after),
+                            "current": ca.current,
+                            "identities": ca.identities.iter().map(identity).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                let untrusted: Vec<_> = status.untrusted.iter().map(identity).collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"cas": cas, "on_previous": status.on_previous().len(), "untrusted": untrusted})
+                );
+                return Ok(());
+            }
+            for ca in &status.cas {
+                println!(
+                    "{} CA {} (serial {}, expires {}): {} identit{}",
+                    if ca.current { "current " } else { "previous" },
+                    ca.info.common_name,
+                    ca.info.serial,
+                    utc_text(ca.info.not_after),
+                    ca.identities.len(),
+                    if ca.identities.len() == 1 { "y" } else { "ies" }
+                );
+                if !ca.current {
+                    for i in &ca.identities {
+                        println!("    {:<28} serial {} expires {}", i.who, i.cert.serial, utc_text(i.cert.not_after));
+                    }
+                }
+            }
+            for i in &status.untrusted {
+                println!(
+                    "untrusted   {:<28} serial {} (no trusted CA signed it; it cannot connect)",
+                    i.who, i.cert.serial
+                );
+            }
+            match status.on_previous().len() {
+                _ if status.cas.len() < 2 => println!("no rotation under way (rollout certs rotate-ca starts one)"),
+                0 => println!(
+                    "nobody holds a certificate from the previous CA: rollout certs retire-ca ends the rotation"
+                ),
+                n => println!("{n} identit{} still on the previous CA", if n == 1 { "y" } else { "ies" }),
+            }
+            Ok(())
+        }
         CertsCommand::List { common, json } => {
             let config = load_config(&common)?;
             let now = SystemTime::now();
@@ -170,7 +264,18 @@ fn list(dir: &Path) -> Result<Vec<(PathBuf, CertInfo)>, Error> {
         }
     }
     paths.sort();
-    paths.into_iter().map(|p| CertInfo::of_file(&p).map(|info| (p, info))).collect()
+    let mut rows = Vec::with_capacity(paths.len() + 1);
+    for path in paths {
+        if path == CertFiles::ca(dir).cert {
+            // The bundle: the current CA, then (during a rotation) the previous one.
+            for info in CertInfo::all_of_file(&path)? {
+                rows.push((path.clone(), info));
+            }
+        } else {
+            rows.push((path.clone(), CertInfo::of_file(&path)?));
+        }
+    }
+    Ok(rows)
 }
 
 fn kind_and_name(path: &Path, info: &CertInfo) -> (&'static str, String) {
@@ -178,9 +283,19 @@ fn kind_and_name(path: &Path, info: &CertInfo) -> (&'static str, String) {
     match &info.role {
         Some(PeerRole::Worker(id)) => (if enrolled { "enrolled" } else { "worker" }, id.to_string()),
         Some(PeerRole::Operator(name)) => ("operator", name.clone()),
-        None if path.file_name().is_some_and(|n| n == "ca.pem") => ("ca", info.common_name.clone()),
+        None if path.file_name().is_some_and(|n| n == "ca.pem") && info.issuer == info.subject => {
+            (if is_current_ca(path, info) { "ca" } else { "ca-old" }, info.common_name.clone())
+        }
+        None if path.file_name().is_some_and(|n| n == rollout_transport::trust::CROSS_FILE) => {
+            ("ca-cross", info.common_name.clone())
+        }
         None => ("server", info.common_name.clone()),
     }
+}
+
+/// Whether `info` is the first certificate of the bundle at `path`.
+fn is_current_ca(path: &Path, info: &CertInfo) -> bool {
+    CertInfo::of_file(path).is_ok_and(|first| first.serial == info.serial)
 }
 
 fn state(info: &CertInfo, now: SystemTime, revoked: bool) -> String {

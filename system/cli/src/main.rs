@@ -360,6 +360,31 @@ enum CertsCommand {
         #[arg(long, value_name = "HEX", group = "who")]
         serial: Option<String>,
     },
+    /// Start a CA rotation: a new CA signs from now on (and new bootstrap tokens pin
+    /// it), the old one stays trusted, the coordinator gets a server certificate from
+    /// the new CA that clients trusting only the old one still verify (through a
+    /// cross-signed certificate, ca.cross.pem). A running coordinator picks it up within
+    /// a second. Workers move to the new CA, and get the new bundle, at their next
+    /// renewal; then `certs retire-ca`.
+    RotateCa {
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// End a CA rotation: stop trusting the previous CA. Refused, with the list, while
+    /// any worker, operator or the coordinator still holds a certificate from it.
+    RetireCa {
+        #[command(flatten)]
+        common: CommonArgs,
+    },
+    /// The trusted CAs (the current one first) and, for each, which identities hold a
+    /// certificate from it (their newest unexpired, unrevoked one).
+    Status {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// One JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the certificates in transport.tls_dir (the CA, the coordinator's, workers'
     /// and operators', and those enrollment issued) with serial number, expiry and
     /// whether each is still valid.

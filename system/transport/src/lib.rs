@@ -40,11 +40,13 @@ pub mod pipeline;
 pub mod plugins;
 pub mod renewal;
 pub mod revocation;
+pub mod rotation;
 pub mod server;
 pub mod service;
 #[cfg(test)]
 mod test_storage;
 pub mod tls;
+pub mod trust;
 pub mod wire;
 pub mod worker;
 

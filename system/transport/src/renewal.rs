@@ -38,6 +38,7 @@ use tokio::sync::watch;
 use tonic::transport::Channel;
 
 use crate::tls::{self, ALPN_H2, CertFiles, CertInfo, PeerRole};
+use crate::trust::WorkerTrust;
 
 /// First delay before retrying a failed renewal.
 pub const RETRY_INITIAL: Duration = Duration::from_secs(5);
@@ -90,26 +91,40 @@ impl ResolvesClientCert for ReloadableClientCert {
     }
 }
 
-/// A client configuration trusting the CA at `ca_cert` and presenting `files` through a
-/// [`ReloadableClientCert`] (returned too, for [`renew_once`] to replace).
-pub fn client_config(ca_cert: &Path, files: &CertFiles) -> Result<(Arc<ClientConfig>, Arc<ReloadableClientCert>)> {
+/// What a worker's connections use: the rustls configuration, the certificate it
+/// presents and the CAs it trusts, both replaced by a renewal.
+#[derive(Debug, Clone)]
+pub struct WorkerTls {
+    /// The client configuration (resumption off).
+    pub config: Arc<ClientConfig>,
+    /// The certificate presented, replaced on renewal.
+    pub cert: Arc<ReloadableClientCert>,
+    /// The CAs the coordinator's certificate must chain to, replaced when a renewal
+    /// brings a new bundle (a CA rotation).
+    pub trust: Arc<WorkerTrust>,
+}
+
+/// A client configuration trusting the CAs at `ca_cert` and presenting `files`, both
+/// replaceable (see [`WorkerTls`]).
+pub fn client_config(ca_cert: &Path, files: &CertFiles) -> Result<WorkerTls> {
     let (chain, key) = tls::load_pair(files)?;
-    let resolver =
+    let cert =
         Arc::new(ReloadableClientCert { current: RwLock::new(ReloadableClientCert::certified(files, chain, &key)?) });
-    let roots = tls::root_store(ca_cert)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let trust = WorkerTrust::new(&tls::load_certs(ca_cert)?, ca_cert, Arc::clone(&provider))?;
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::internal(format!("TLS versions: {e}")))?
-        .with_root_certificates(roots)
-        .with_client_cert_resolver(Arc::clone(&resolver) as Arc<dyn ResolvesClientCert>);
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::clone(&trust) as Arc<dyn rustls::client::danger::ServerCertVerifier>)
+        .with_client_cert_resolver(Arc::clone(&cert) as Arc<dyn ResolvesClientCert>);
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
     // No session resumption: a TLS 1.3 resumption does not authenticate the client again,
     // so a reconnect after a renewal would carry the old certificate's identity (and,
     // once that one is revoked, be refused). A worker reconnects rarely; a full
     // handshake then costs a millisecond.
     config.resumption = rustls::client::Resumption::disabled();
-    Ok((Arc::new(config), resolver))
+    Ok(WorkerTls { config: Arc::new(config), cert, trust })
 }
 
 /// Where a renewal stages its files before renaming them into place.
@@ -166,14 +181,35 @@ pub fn renew_at(not_before: SystemTime, not_after: SystemTime, jitter: f64) -> S
     (not_before + span.mul_f64(2.0 / 3.0)).checked_sub(early).unwrap_or(not_before)
 }
 
+fn unit_jitter(rng: &mut rollout_core::rng::SplitMix64) -> f64 {
+    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// When [`run`] started with `rng_seed` first renews a certificate valid from
+/// `not_before` to `not_after` (deterministic in the seed; later renewals draw on).
+pub fn first_renewal_at(not_before: SystemTime, not_after: SystemTime, rng_seed: u64) -> SystemTime {
+    renew_at(not_before, not_after, unit_jitter(&mut rollout_core::rng::SplitMix64::new(rng_seed)))
+}
+
+/// The seed [`crate::run_worker_process`] gives the renewal task of a worker whose
+/// options carry `worker_seed`.
+pub fn renewal_seed(worker_seed: u64) -> u64 {
+    worker_seed ^ 0x5245_4e45_5741_4c00
+}
+
 /// One renewal: a new key and CSR, `Enrollment/Renew` over `channel`, the answer
-/// checked against the CA at `ca_cert`, the files swapped, `resolver` updated.
+/// checked, the files swapped, `tls` updated. The answer carries the coordinator's CA
+/// bundle; during a CA rotation it holds a CA this worker does not trust yet, which
+/// signed the new certificate. The bundle is taken when it shares a CA with the one at
+/// `ca_cert` (it came over a connection that CA authenticated) and the new certificate
+/// verifies against it; it is written to `ca_cert` before the certificate is renamed
+/// into place, so a crash leaves a bundle that verifies whichever certificate is there.
 pub async fn renew_once(
     channel: Channel,
     worker: &WorkerId,
     files: &CertFiles,
     ca_cert: &Path,
-    resolver: &ReloadableClientCert,
+    tls: &WorkerTls,
     max_message_bytes: usize,
 ) -> Result<CertInfo> {
     let (key, csr_pem) = crate::enroll::worker_key_and_csr(worker)?;
@@ -189,24 +225,53 @@ pub async fn renew_once(
                 tonic::Code::Unavailable
                 | tonic::Code::DeadlineExceeded
                 | tonic::Code::Internal
-                | tonic::Code::Unknown => Error::transient(message, rollout_core::RetryHint::Backoff),
+                | tonic::Code::Unknown
+                | tonic::Code::FailedPrecondition => Error::transient(message, rollout_core::RetryHint::Backoff),
                 _ => Error::Fatal(rollout_core::Fatal::PermissionDenied(message)),
             }
         })?
         .into_inner();
-    let info = check_renewed(&answer.certificate_pem, worker, &key, ca_cert)?;
+    let bundle = accepted_bundle(&answer.ca_certificate_pem, ca_cert)?;
+    let info = check_renewed(&answer.certificate_pem, worker, &key, &bundle)?;
     let next = staged(files);
     tls::write_private(&next.key, key.serialize_pem().as_bytes())?;
     tls::write_public(&next.cert, answer.certificate_pem.as_bytes())?;
+    let bundle_changed = tls::read_text(ca_cert).ok().as_deref() != Some(answer.ca_certificate_pem.as_str());
+    if bundle_changed {
+        tls::write_public(ca_cert, answer.ca_certificate_pem.as_bytes())?;
+    }
     finish_pending_renewal(files)?;
     let (chain, key_der) = tls::load_pair(files)?;
-    resolver.replace(ReloadableClientCert::certified(files, chain, &key_der)?);
+    tls.cert.replace(ReloadableClientCert::certified(files, chain, &key_der)?);
+    if bundle_changed {
+        tls.trust.replace(&bundle, ca_cert)?;
+        tracing::info!(channel = "tls", event = "ca_bundle_updated", %worker, cas = bundle.len(),
+            file = %ca_cert.display(), "took the coordinator's CA bundle ({} CA(s)) with the renewal", bundle.len());
+    }
     Ok(info)
 }
 
-/// The renewed certificate verifies against the CA as a client certificate, now, names
+/// The CA bundle of a renewal's answer, if it may replace the one at `ca_cert`: PEM,
+/// at most [`crate::trust::BUNDLE_CAS_MAX`] CAs, at least one of them already trusted.
+fn accepted_bundle(pem: &str, ca_cert: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let refused = |why: String| {
+        Error::Fatal(rollout_core::Fatal::PermissionDenied(format!("renew: the answer's CA bundle {why}")))
+    };
+    let bundle =
+        tls::parse_certs(Path::new("ca_certificate_pem"), pem.as_bytes()).map_err(|e| refused(e.to_string()))?;
+    if bundle.len() > crate::trust::BUNDLE_CAS_MAX {
+        return Err(refused(format!("holds {} CAs, more than {}", bundle.len(), crate::trust::BUNDLE_CAS_MAX)));
+    }
+    let trusted = tls::load_certs(ca_cert)?;
+    if !bundle.iter().any(|ca| trusted.contains(ca)) {
+        return Err(refused(format!("shares no CA with {}; refusing to trust it", ca_cert.display())));
+    }
+    Ok(bundle)
+}
+
+/// The renewed certificate verifies against `cas` as a client certificate, now, names
 /// `worker` and holds `key`.
-fn check_renewed(pem: &str, worker: &WorkerId, key: &KeyPair, ca_cert: &Path) -> Result<CertInfo> {
+fn check_renewed(pem: &str, worker: &WorkerId, key: &KeyPair, cas: &[CertificateDer<'static>]) -> Result<CertInfo> {
     let refused = |why: String| Error::Fatal(rollout_core::Fatal::PermissionDenied(format!("renew: the answer {why}")));
     let der = CertificateDer::from_pem_slice(pem.as_bytes())
         .map_err(|e| refused(format!("is not a PEM certificate: {e}")))?;
@@ -218,7 +283,10 @@ fn check_renewed(pem: &str, worker: &WorkerId, key: &KeyPair, ca_cert: &Path) ->
     if parsed.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(key).as_slice() {
         return Err(refused("carries another key than the one this worker made".into()));
     }
-    let roots = tls::root_store(ca_cert)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in cas {
+        roots.add(ca.clone()).map_err(|e| refused(format!("bundle holds an unusable CA: {e}")))?;
+    }
     let verifier = WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
         Arc::new(rustls::crypto::ring::default_provider()),
@@ -227,7 +295,7 @@ fn check_renewed(pem: &str, worker: &WorkerId, key: &KeyPair, ca_cert: &Path) ->
     .map_err(|e| Error::internal(format!("building the client verifier: {e}")))?;
     verifier
         .verify_client_cert(&der, &[], UnixTime::now())
-        .map_err(|e| refused(format!("does not verify against the CA in {}: {e}", ca_cert.display())))?;
+        .map_err(|e| refused(format!("does not verify against the coordinator's CA bundle: {e}")))?;
     Ok(info)
 }
 
@@ -242,8 +310,8 @@ pub struct RenewalOptions {
     pub files: CertFiles,
     /// The CA the answer must verify against.
     pub ca_cert: PathBuf,
-    /// The certificate the connection presents, replaced on success.
-    pub resolver: Arc<ReloadableClientCert>,
+    /// The certificate the connection presents and the CAs it trusts, replaced on success.
+    pub tls: WorkerTls,
     /// Message size limit.
     pub max_message_bytes: usize,
     /// Seeds the jitter.
@@ -253,11 +321,10 @@ pub struct RenewalOptions {
 /// Renews the certificate whenever it is due, until `shutdown` turns true or the
 /// certificate expires unrenewed (then only a token gets a new one; logged as an error).
 pub async fn run(opts: RenewalOptions, mut shutdown: watch::Receiver<bool>) {
-    let RenewalOptions { channel, worker, files, ca_cert, resolver, max_message_bytes, rng_seed } = opts;
+    let RenewalOptions { channel, worker, files, ca_cert, tls, max_message_bytes, rng_seed } = opts;
     let mut rng = rollout_core::rng::SplitMix64::new(rng_seed);
     let mut backoff = rollout_worker::Backoff::new(RETRY_INITIAL, RETRY_MAX);
     let mut failures = 0u32;
-    let jitter = |rng: &mut rollout_core::rng::SplitMix64| (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
     let mut due = None;
     loop {
         let info = match CertInfo::of_file(&files.cert) {
@@ -274,7 +341,7 @@ pub async fn run(opts: RenewalOptions, mut shutdown: watch::Receiver<bool>) {
                 crate::enroll::utc_text(info.not_after));
             return;
         }
-        let at = *due.get_or_insert_with(|| renew_at(info.not_before, info.not_after, jitter(&mut rng)));
+        let at = *due.get_or_insert_with(|| renew_at(info.not_before, info.not_after, unit_jitter(&mut rng)));
         if now < at {
             let wait = at.duration_since(now).unwrap_or_default().min(SLEEP_MAX);
             tokio::select! {
@@ -285,7 +352,7 @@ pub async fn run(opts: RenewalOptions, mut shutdown: watch::Receiver<bool>) {
         if *shutdown.borrow() {
             return;
         }
-        match renew_once(channel.clone(), &worker, &files, &ca_cert, &resolver, max_message_bytes).await {
+        match renew_once(channel.clone(), &worker, &files, &ca_cert, &tls, max_message_bytes).await {
             Ok(new) => {
                 tracing::info!(channel = "tls", event = "certificate_renewed", %worker, serial = %new.serial,
                     old_serial = %info.serial, expires = %crate::enroll::utc_text(new.not_after),

@@ -278,6 +278,10 @@ pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordi
     let storage: Arc<dyn Storage> = Arc::new(RedbStorage::open_with(data_dir.join(DATABASE_FILE), options)?);
     let tls_dir = &config.transport.tls_dir;
     let now = std::time::SystemTime::now();
+    // A rotation or certificate replacement a crash cut short is finished first.
+    for files in [CertFiles::ca(tls_dir), CertFiles::coordinator(tls_dir)] {
+        crate::renewal::finish_pending_renewal(&files)?;
+    }
     tls::check_own_certificate(&CertFiles::ca(tls_dir), now, "make a new CA (rollout certs init in a fresh tls_dir)")?;
     tls::check_own_certificate(
         &CertFiles::coordinator(tls_dir),
@@ -285,16 +289,24 @@ pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordi
         "issue a new one: rollout certs issue --server [--san NAME]",
     )?;
     let deny = crate::revocation::DenyList::load(tls_dir)?;
-    let server_tls = ServerTls {
-        config: tls::server_config_denying(
-            &CertFiles::ca(tls_dir).cert,
-            &CertFiles::coordinator(tls_dir),
-            Arc::clone(&deny),
-        )?,
-        deny: Arc::clone(&deny),
-    };
+    let (server_config, trust) = tls::server_config_reloading(
+        &CertFiles::ca(tls_dir).cert,
+        &CertFiles::coordinator(tls_dir),
+        Arc::clone(&deny),
+    )?;
+    let server_tls = ServerTls { config: server_config, deny: Arc::clone(&deny) };
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     deny.spawn_poll(shutdown_rx.clone());
+    trust.spawn_poll(shutdown_rx.clone());
+    if trust.cas() > 1 {
+        tracing::info!(
+            channel = "tls",
+            event = "ca_rotation_open",
+            cas = trust.cas(),
+            "{} CAs are trusted: a CA rotation is under way (rollout certs status; rollout certs retire-ca ends it)",
+            trust.cas()
+        );
+    }
     if !deny.is_empty() {
         tracing::info!(
             channel = "tls",
@@ -512,9 +524,12 @@ pub async fn run_worker_process(opts: WorkerOptions, shutdown: watch::Receiver<b
             crate::enroll::utc_text(own.not_after));
     }
     let ca_cert = CertFiles::ca(&dir).cert;
-    let (client_tls, resolver) = crate::renewal::client_config(&ca_cert, &cert)?;
-    let channel =
-        lazy_channel(TlsConnector::new(TcpDialer::new(addr.clone()), client_tls, tls::server_name_of(&addr)?));
+    let client_tls = crate::renewal::client_config(&ca_cert, &cert)?;
+    let channel = lazy_channel(TlsConnector::new(
+        TcpDialer::new(addr.clone()),
+        Arc::clone(&client_tls.config),
+        tls::server_name_of(&addr)?,
+    ));
     let inventory = rollout_cloud_local::LocalComputeHint::new().inventory().unwrap_or_default();
     let settings = WorkerSettings::from_config(opts.id.clone(), opts.slots, opts.plugins.plugins(), inventory, &config);
     let rng_seed = opts.rng_seed.unwrap_or_else(|| {
@@ -547,9 +562,9 @@ pub async fn run_worker_process(opts: WorkerOptions, shutdown: watch::Receiver<b
             worker: opts.id.clone(),
             files: cert.clone(),
             ca_cert,
-            resolver,
+            tls: client_tls,
             max_message_bytes: config.limits.max_message_bytes as usize,
-            rng_seed: rng_seed ^ 0x5245_4e45_5741_4c00,
+            rng_seed: crate::renewal::renewal_seed(rng_seed),
         },
         shutdown.clone(),
     ));

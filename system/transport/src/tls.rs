@@ -6,7 +6,8 @@
 //!
 //! | file | what |
 //! |---|---|
-//! | `ca.pem`, `ca.key.pem` | the CA (key mode 0600), created once by [`ensure_dev_ca`] |
+//! | `ca.pem`, `ca.key.pem` | the CA (key mode 0600), created once by [`ensure_dev_ca`]; during a rotation `ca.pem` is the bundle `[current, previous]` and the key the current one's (`crate::rotation`) |
+//! | `ca.cross.pem` | during a rotation: the current CA cross-signed by the previous one |
 //! | `coordinator.pem`, `coordinator.key.pem` | the coordinator's server certificate |
 //! | `worker.<id>.pem`, `worker.<id>.key.pem` | a worker's client certificate (CN = worker id) |
 //! | `operator.<name>.pem`, `operator.<name>.key.pem` | an operator's client certificate |
@@ -138,14 +139,20 @@ pub(crate) fn set_validity(params: &mut CertificateParams, now: SystemTime, life
     Ok(())
 }
 
+/// `N` bytes from the system's random source.
+pub(crate) fn random_bytes<const N: usize>() -> Result<[u8; N]> {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; N];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| Error::internal("the system's random source failed (certificate serial or name)"))?;
+    Ok(bytes)
+}
+
 /// 16 random bytes, the first below 0x80 and not zero (a positive DER integer of
 /// exactly 16 bytes).
 fn random_serial() -> Result<[u8; 16]> {
-    use ring::rand::SecureRandom;
-    let mut serial = [0u8; 16];
-    ring::rand::SystemRandom::new()
-        .fill(&mut serial)
-        .map_err(|_| Error::internal("the system's random source failed (certificate serial)"))?;
+    let mut serial = random_bytes::<16>()?;
     serial[0] = (serial[0] & 0x7f).max(1);
     Ok(serial)
 }
@@ -166,6 +173,9 @@ pub struct CertInfo {
     pub not_after: SystemTime,
     /// SHA-256 of the issuer's distinguished name (DER), hex: which CA signed it.
     pub issuer: String,
+    /// SHA-256 of the subject's distinguished name (DER), hex: for a CA, what the
+    /// `issuer` of the certificates it signed says.
+    pub subject: String,
 }
 
 impl CertInfo {
@@ -189,6 +199,7 @@ impl CertInfo {
             not_before: unix(validity.not_before),
             not_after: unix(validity.not_after),
             issuer: hex::encode(ring::digest::digest(&ring::digest::SHA256, cert.issuer().as_raw()).as_ref()),
+            subject: hex::encode(ring::digest::digest(&ring::digest::SHA256, cert.subject().as_raw()).as_ref()),
         })
     }
 
@@ -196,6 +207,18 @@ impl CertInfo {
     pub fn of_file(path: &Path) -> Result<CertInfo> {
         let certs = load_certs(path)?;
         CertInfo::of_der(&certs[0]).ok_or_else(|| tls_err(path, "not a readable X.509 certificate"))
+    }
+
+    /// Reads every certificate of a PEM file (a CA bundle), in order.
+    pub fn all_of_file(path: &Path) -> Result<Vec<CertInfo>> {
+        load_certs(path)?
+            .iter()
+            .enumerate()
+            .map(|(i, der)| {
+                CertInfo::of_der(der)
+                    .ok_or_else(|| tls_err(path, &format!("certificate {} is not readable X.509", i + 1)))
+            })
+            .collect()
     }
 
     /// Whether it has expired at `now`.
@@ -248,6 +271,7 @@ pub fn ensure_ca(dir: &Path, lifetime: Duration) -> Result<DevCa> {
 /// date issues its certificates at that date).
 pub fn ensure_ca_at(dir: &Path, at: SystemTime, lifetime: Duration) -> Result<DevCa> {
     let files = CertFiles::ca(dir);
+    crate::renewal::finish_pending_renewal(&files)?;
     match (files.cert.exists(), files.key.exists()) {
         (true, true) => {
             // Prove they load, so a broken CA is reported here rather than at first use.
@@ -262,14 +286,9 @@ pub fn ensure_ca_at(dir: &Path, at: SystemTime, lifetime: Duration) -> Result<De
     }
     fs::create_dir_all(dir).map_err(|e| io_err("creating TLS directory", dir, &e))?;
     let key = KeyPair::generate().map_err(|e| rcgen_err("generating the CA key", &e))?;
-    let mut params = CertificateParams::default();
-    params.distinguished_name = name("rollout development CA", "rollout-ca");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    set_validity(&mut params, at, lifetime)?;
+    let params = ca_params("rollout development CA", at, lifetime)?;
     let cert = params.self_signed(&key).map_err(|e| rcgen_err("self-signing the CA", &e))?;
-    write_private(&files.key, key.serialize_pem().as_bytes())?;
-    write_public(&files.cert, cert.pem().as_bytes())?;
+    write_pair(&files, &key.serialize_pem(), &cert.pem())?;
     tracing::info!(channel = "tls", event = "mtls_handshake_bootstrap", dir = %dir.display(), created = true,
         "mtls_handshake_bootstrap: created development CA");
     Ok(DevCa { files, created: true })
@@ -365,29 +384,51 @@ fn issue(dir: &Path, params: CertificateParams, files: CertFiles) -> Result<Cert
     let issuer = ca_issuer(dir)?;
     let key = KeyPair::generate().map_err(|e| rcgen_err("generating a key", &e))?;
     let cert = params.signed_by(&key, &issuer).map_err(|e| rcgen_err("signing a certificate", &e))?;
-    write_private(&files.key, key.serialize_pem().as_bytes())?;
-    write_public(&files.cert, cert.pem().as_bytes())?;
+    write_pair(&files, &key.serialize_pem(), &cert.pem())?;
     crate::revocation::archive_issued(dir, &cert.pem(), SystemTime::now())?;
     Ok(files)
 }
 
-/// The CA in `dir` as an rcgen issuer (needs `ca.key.pem`).
+/// Replaces a key and its certificate as a pair: both are staged beside their final
+/// names (`*.next`), then renamed, key first. A crash in between is finished at the
+/// next start by [`crate::renewal::finish_pending_renewal`] (the certificate staged:
+/// roll forward; only the key: discard it), so the pair on disk always fits, and a
+/// coordinator reading them meanwhile sees the old pair or the new one (or, for the
+/// instant between the two renames, a pair that does not fit, which it refuses and
+/// reads again).
+pub(crate) fn write_pair(files: &CertFiles, key_pem: &str, cert_pem: &str) -> Result<()> {
+    let next = crate::renewal::staged(files);
+    write_private(&next.key, key_pem.as_bytes())?;
+    write_public(&next.cert, cert_pem.as_bytes())?;
+    crate::renewal::finish_pending_renewal(files)?;
+    Ok(())
+}
+
+/// The CA in `dir` as an rcgen issuer (needs `ca.key.pem`): the first certificate of
+/// `ca.pem` (the current CA; after `rollout certs rotate-ca` the previous one follows it,
+/// trusted but no longer signing).
 pub(crate) fn ca_issuer(dir: &Path) -> Result<Issuer<'static, KeyPair>> {
-    let (ca_key, ca_pem) = load_issuer(dir)?;
-    Issuer::from_ca_cert_pem(&ca_pem, ca_key)
+    let (ca_key, ca_der) = load_issuer(dir)?;
+    Issuer::from_ca_cert_der(&ca_der, ca_key)
         .map_err(|e| Error::Fatal(Fatal::Corrupt { path: CertFiles::ca(dir).cert, reason: e.to_string() }))
 }
 
-fn load_issuer(dir: &Path) -> Result<(KeyPair, String)> {
+/// The current CA's key and certificate (the first of `ca.pem`), checked to fit.
+pub(crate) fn load_issuer(dir: &Path) -> Result<(KeyPair, CertificateDer<'static>)> {
     let files = CertFiles::ca(dir);
     let key_pem = read_text(&files.key)?;
     let key = KeyPair::from_pem(&key_pem)
         .map_err(|e| Error::Fatal(Fatal::Corrupt { path: files.key.clone(), reason: format!("not a key: {e}") }))?;
-    let cert_pem = read_text(&files.cert)?;
-    CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| {
-        Error::Fatal(Fatal::Corrupt { path: files.cert.clone(), reason: format!("not a PEM certificate: {e}") })
-    })?;
-    Ok((key, cert_pem))
+    let ca = load_certs(&files.cert)?.swap_remove(0);
+    let fits = x509_parser::parse_x509_certificate(&ca)
+        .is_ok_and(|(_, cert)| cert.public_key().raw == rcgen::PublicKeyData::subject_public_key_info(&key).as_slice());
+    if !fits {
+        return Err(Error::Fatal(Fatal::Corrupt {
+            path: files.key.clone(),
+            reason: format!("is not the key of the first certificate in {}", files.cert.display()),
+        }));
+    }
+    Ok((key, ca))
 }
 
 fn name(common_name: &str, unit: &str) -> DistinguishedName {
@@ -396,6 +437,20 @@ fn name(common_name: &str, unit: &str) -> DistinguishedName {
     dn.push(DnType::OrganizationalUnitName, unit);
     dn.push(DnType::CommonName, common_name);
     dn
+}
+
+/// The parameters of a CA certificate named `common_name`, valid from `at` for `lifetime`.
+pub(crate) fn ca_params(common_name: &str, at: SystemTime, lifetime: Duration) -> Result<CertificateParams> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name(common_name, "rollout-ca");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    set_validity(&mut params, at, lifetime)?;
+    Ok(params)
+}
+
+pub(crate) fn generate_key(what: &str) -> Result<KeyPair> {
+    KeyPair::generate().map_err(|e| rcgen_err(what, &e))
 }
 
 // ------------------------------------------------------------------ rustls configs
@@ -417,33 +472,49 @@ pub fn server_config_denying(
     server: &CertFiles,
     deny: Arc<crate::revocation::DenyList>,
 ) -> Result<Arc<ServerConfig>> {
+    Ok(server_config_reloading(ca_cert, server, deny)?.0)
+}
+
+/// [`server_config_denying`] whose CAs and certificate are read again when their files
+/// change ([`crate::trust::ServerTrust::spawn_poll`] on the handle returned): a CA
+/// rotation or a new server certificate takes effect on the next handshake.
+pub fn server_config_reloading(
+    ca_cert: &Path,
+    server: &CertFiles,
+    deny: Arc<crate::revocation::DenyList>,
+) -> Result<(Arc<ServerConfig>, Arc<crate::trust::ServerTrust>)> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let ca_chain = load_certs(ca_cert)?;
-    let roots = Arc::new(root_store(ca_cert)?);
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots, Arc::clone(&provider))
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| tls_err(ca_cert, &format!("building the client verifier: {e}")))?;
-    let verifier = Arc::new(crate::revocation::DenyingVerifier::new(verifier, deny));
-    let (mut chain, key) = load_pair(server)?;
-    for ca in ca_chain {
-        if !chain.contains(&ca) {
-            chain.push(ca);
-        }
-    }
+    let trust = crate::trust::ServerTrust::load(ca_cert, server, Arc::clone(&provider))?;
+    let verifier = Arc::new(crate::revocation::DenyingVerifier::new(
+        Arc::clone(&trust) as Arc<dyn rustls::server::danger::ClientCertVerifier>,
+        deny,
+    ));
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| tls_err(&server.cert, &e.to_string()))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|e| tls_err(&server.cert, &format!("certificate and key do not fit: {e}")))?;
+        .with_cert_resolver(Arc::clone(&trust) as Arc<dyn rustls::server::ResolvesServerCert>);
     // No session resumption: a resumed TLS session is not authenticated again, so a
     // client certificate revoked or expired since its first handshake would get back in
     // on the old session. Connections are long-lived; a full handshake per connection is cheap.
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     config.alpn_protocols = vec![ALPN_H2.to_vec()];
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), trust))
+}
+
+/// The client-certificate verifier of a coordinator trusting the CAs in `roots`: a
+/// certificate, when presented, must chain to one of them; a client without one is let
+/// in for `Enrollment/Enroll` only.
+pub(crate) fn client_verifier(
+    roots: RootCertStore,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    ca_cert: &Path,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>> {
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| tls_err(ca_cert, &format!("building the client verifier: {e}")))
 }
 
 /// A client's rustls configuration: trusts only the CA at `ca_cert`, presents the
@@ -483,8 +554,12 @@ pub(crate) fn root_store(ca_cert: &Path) -> Result<RootCertStore> {
 }
 
 pub(crate) fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
-    let text = read_text(path)?;
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(text.as_bytes())
+    parse_certs(path, read_text(path)?.as_bytes())
+}
+
+/// The PEM certificates in `bytes`, read from `path` (named in errors); at least one.
+pub(crate) fn parse_certs(path: &Path, bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>> {
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(bytes)
         .collect::<std::result::Result<_, _>>()
         .map_err(|e| tls_err(path, &format!("not a PEM certificate: {e}")))?;
     if certs.is_empty() {
@@ -493,11 +568,14 @@ pub(crate) fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
+/// The PEM private key in `bytes`, read from `path` (named in errors).
+pub(crate) fn parse_key(path: &Path, bytes: &[u8]) -> Result<PrivateKeyDer<'static>> {
+    PrivateKeyDer::from_pem_slice(bytes).map_err(|e| tls_err(path, &format!("not a PEM private key: {e}")))
+}
+
 pub(crate) fn load_pair(files: &CertFiles) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
     let chain = load_certs(&files.cert)?;
-    let text = read_text(&files.key)?;
-    let key = PrivateKeyDer::from_pem_slice(text.as_bytes())
-        .map_err(|e| tls_err(&files.key, &format!("not a PEM private key: {e}")))?;
+    let key = parse_key(&files.key, read_text(&files.key)?.as_bytes())?;
     Ok((chain, key))
 }
 
@@ -610,11 +688,11 @@ pub(crate) fn io_err(what: &str, path: &Path, e: &std::io::Error) -> Error {
     Error::config_invalid(path.display().to_string(), format!("{what}: {e}"))
 }
 
-fn tls_err(path: &Path, reason: &str) -> Error {
+pub(crate) fn tls_err(path: &Path, reason: &str) -> Error {
     Error::Fatal(Fatal::Corrupt { path: path.to_owned(), reason: reason.to_owned() })
 }
 
-fn rcgen_err(what: &str, e: &rcgen::Error) -> Error {
+pub(crate) fn rcgen_err(what: &str, e: &rcgen::Error) -> Error {
     Error::internal(format!("{what}: {e}"))
 }
 
