@@ -32,7 +32,7 @@ trap stop_all EXIT
 echo "== certificates ($ROLLOUT_TRANSPORT__TLS_DIR)"
 "$ROLLOUT" certs init
 for w in w1 w2; do
-    [ -f "$ROLLOUT_TRANSPORT__TLS_DIR/worker.$w.pem" ] || "$ROLLOUT" certs issue --worker "$w" >/dev/null
+    [ -f "$ROLLOUT_TRANSPORT__TLS_DIR/workers/$w/cert.pem" ] || [ -f "$ROLLOUT_TRANSPORT__TLS_DIR/worker.$w.pem" ] || "$ROLLOUT" certs issue --worker "$w" >/dev/null
 done
 
 echo "== coordinator and two workers (logs and histories in $LOGS)"

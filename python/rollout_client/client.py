@@ -10,7 +10,7 @@
     print(client.status().totals)
 
 It speaks the Operator service over gRPC with mutual TLS, reading the same files the
-CLI reads (``ca.pem`` and ``operator.<name>.pem`` / ``.key.pem`` in ``tls_dir``), and
+CLI reads (``ca.pem`` and ``operators/<name>/cert.pem`` / ``key.pem`` in ``tls_dir``), and
 takes the schema from the coordinator itself (gRPC reflection), so it needs only grpcio
 and protobuf.
 """
@@ -246,11 +246,15 @@ class Client:
         self.addr = addr
         self.tls_dir = tls_dir
         self.timeout = timeout
-        files = {
-            "ca": os.path.join(tls_dir, "ca.pem"),
-            "cert": os.path.join(tls_dir, f"operator.{operator}.pem"),
-            "key": os.path.join(tls_dir, f"operator.{operator}.key.pem"),
-        }
+        own = os.path.join(tls_dir, "operators", operator)
+        if not os.path.exists(os.path.join(own, "cert.pem")) and os.path.exists(
+            os.path.join(tls_dir, f"operator.{operator}.pem")
+        ):
+            # The flat layout of earlier releases (any rollout command migrates it).
+            cert, key = (os.path.join(tls_dir, f"operator.{operator}{s}") for s in (".pem", ".key.pem"))
+        else:
+            cert, key = os.path.join(own, "cert.pem"), os.path.join(own, "key.pem")
+        files = {"ca": os.path.join(tls_dir, "ca.pem"), "cert": cert, "key": key}
         for what, path in files.items():
             if not os.path.exists(path):
                 hint = " (rollout certs issue --operator NAME makes one)" if what != "ca" else ""

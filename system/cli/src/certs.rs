@@ -14,6 +14,16 @@ use crate::{CertsCommand, load_config};
 pub const DEFAULT_OPERATOR: &str = "admin";
 
 pub fn run(command: CertsCommand) -> Result<(), Error> {
+    let common = match &command {
+        CertsCommand::Init { common, .. }
+        | CertsCommand::Issue { common, .. }
+        | CertsCommand::Revoke { common, .. }
+        | CertsCommand::RotateCa { common }
+        | CertsCommand::RetireCa { common }
+        | CertsCommand::Status { common, .. }
+        | CertsCommand::List { common, .. } => common,
+    };
+    tls::migrate_layout(&load_config(common)?.transport.tls_dir)?;
     match command {
         CertsCommand::Init { common, sans } => {
             let config = load_config(&common)?;
@@ -222,7 +232,7 @@ pub fn run(command: CertsCommand) -> Result<(), Error> {
     }
 }
 
-/// `issued  data/tls/worker.w1.pem (serial …, expires …)`.
+/// `issued  data/tls/workers/w1/cert.pem (serial …, expires …)`.
 fn report(verb: &str, cert: &Path) {
     match CertInfo::of_file(cert) {
         Ok(info) => {
@@ -263,6 +273,7 @@ fn list(dir: &Path) -> Result<Vec<(PathBuf, CertInfo)>, Error> {
             }
         }
     }
+    paths.extend(tls::identity_certs(dir));
     paths.sort();
     let mut rows = Vec::with_capacity(paths.len() + 1);
     for path in paths {

@@ -659,6 +659,9 @@ pub async fn status(op: &OperatorArgs, json: bool, view: StatusView) -> Result<(
                 "plugin": l.plugin, "count": l.count, "p50_us": l.p50_us, "p90_us": l.p90_us,
                 "p99_us": l.p99_us, "max_us": l.max_us,
             })).collect::<Vec<_>>(),
+            "plugin_restarts": status.plugin_restarts.iter().map(|p| serde_json::json!({
+                "plugin": p.plugin, "count": p.count,
+            })).collect::<Vec<_>>(),
         });
         println!("{value:#}");
         return Ok(());
@@ -745,6 +748,12 @@ pub async fn status(op: &OperatorArgs, json: bool, view: StatusView) -> Result<(
             "  {:<20} n={:<8} p50={}us p90={}us p99={}us max={}us",
             l.plugin, l.count, l.p50_us, l.p90_us, l.p99_us, l.max_us
         );
+    }
+    if !status.plugin_restarts.is_empty() {
+        println!("PLUGIN RESTARTS (sidecars started again after a crash or a kill, fleet-wide)");
+        for p in &status.plugin_restarts {
+            println!("  {:<20} {}", p.plugin, p.count);
+        }
     }
     Ok(())
 }

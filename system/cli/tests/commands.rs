@@ -42,7 +42,7 @@ fn certs_init_is_idempotent_and_keys_are_private() {
 
     let issued = rollout(&["certs", "issue", "--worker", "w1"], dir.path());
     assert!(issued.status.success(), "{issued:?}");
-    assert!(tls.join("worker.w1.pem").exists());
+    assert!(tls.join("workers/w1/cert.pem").exists() && tls.join("workers/w1/key.pem").exists());
     let bad = rollout(&["certs", "issue", "--worker", "not valid"], dir.path());
     assert_eq!(bad.status.code(), Some(2), "{bad:?}");
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--worker"), "{bad:?}");

@@ -160,13 +160,24 @@ pub struct StatusPage {
     pub totals: ClusterTotals,
     /// Latency percentiles from merged histograms.
     pub latencies: Vec<LatencySummary>,
+    /// Sidecar restarts the workers reported, by plugin (only plugins with any).
+    pub plugin_restarts: Vec<(String, u64)>,
 }
 
 impl Coordinator {
     /// A status page: `O(workers + jobs shown)`, never `O(tasks)`.
     pub fn status(&self, query: &StatusQuery) -> StatusPage {
-        let mut page =
-            StatusPage { totals: self.totals(), latencies: self.metrics.latencies(), ..StatusPage::default() };
+        let mut page = StatusPage {
+            totals: self.totals(),
+            latencies: self.metrics.latencies(),
+            plugin_restarts: self
+                .metrics
+                .counters()
+                .filter(|(name, _, n)| *name == rollout_core::protocol::metric::PLUGIN_RESTARTS && *n > 0)
+                .map(|(_, plugin, n)| (plugin.to_owned(), n))
+                .collect(),
+            ..StatusPage::default()
+        };
         let range = match &query.workers_after {
             Some(after) => {
                 self.workers.range::<WorkerId, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))

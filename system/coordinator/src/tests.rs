@@ -974,6 +974,15 @@ fn metrics_from_beats_are_merged() {
     };
     beat(&mut h, &foreign);
     assert_eq!(h.coord().metrics().counter("tasks_succeeded", "someone-else"), 0);
+    // Sidecar restarts are a counter like the others, and the status page lists them.
+    assert!(h.coord().status(&StatusQuery::default()).plugin_restarts.is_empty());
+    h.advance(h.settings.health.heartbeat_interval);
+    let restarts = rollout_core::protocol::MetricDeltas {
+        counters: vec![("plugin_restarts".into(), "echo".into(), 2)],
+        histograms: vec![],
+    };
+    beat(&mut h, &restarts);
+    assert_eq!(h.coord().status(&StatusQuery::default()).plugin_restarts, [("echo".to_owned(), 2)]);
 }
 
 #[test]

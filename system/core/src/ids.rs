@@ -51,14 +51,6 @@ impl WorkerId {
         if !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
             return Err(parse_err("worker id", &name, "only letters, digits, '.', '_' and '-' are allowed"));
         }
-        if name.ends_with(".key") {
-            // worker.<id>.pem of "w1.key" would be worker.w1.key.pem: w1's private key.
-            return Err(parse_err(
-                "worker id",
-                &name,
-                "must not end in \".key\" (its certificate file would be another worker's key file)",
-            ));
-        }
         Ok(WorkerId(name))
     }
 
@@ -403,13 +395,6 @@ mod tests {
         let err = "nope".parse::<TaskId>().expect_err("not a task id");
         let text = err.to_string();
         assert!(text.contains("task id") && text.contains("nope"), "{text}");
-    }
-
-    #[test]
-    fn a_worker_id_that_would_name_another_workers_key_file_is_refused() {
-        let err = WorkerId::new("w1.key").expect_err("would overwrite worker.w1.key.pem");
-        assert!(err.to_string().contains(".key"), "{err}");
-        assert!(WorkerId::new("w1.keys").is_ok() && WorkerId::new("key.w1").is_ok());
     }
 
     #[test]

@@ -49,6 +49,9 @@ pub mod metric {
     pub const TASKS_FAILED: &str = "tasks_failed";
     /// Counter: tasks the worker cancelled (control channel or fencing) that have stopped.
     pub const TASKS_CANCELLED: &str = "tasks_cancelled";
+    /// Counter: sidecar processes started again (after a crash, or a kill of a call that
+    /// would not stop), as the plugin host counts them.
+    pub const PLUGIN_RESTARTS: &str = "plugin_restarts";
     /// Histogram: task latency from `StartTask` to `TaskFinished`, in microseconds, of
     /// tasks that succeeded or failed, in HdrHistogram V2 encoding (not deflated).
     pub const TASK_LATENCY_US: &str = "task_latency_us";
@@ -56,7 +59,7 @@ pub mod metric {
     /// worker did not advertise.
     pub const UNKNOWN_PLUGIN: &str = "_unknown";
     /// Every counter name.
-    pub const COUNTERS: [&str; 4] = [TASKS_STARTED, TASKS_SUCCEEDED, TASKS_FAILED, TASKS_CANCELLED];
+    pub const COUNTERS: [&str; 5] = [TASKS_STARTED, TASKS_SUCCEEDED, TASKS_FAILED, TASKS_CANCELLED, PLUGIN_RESTARTS];
     /// Every histogram name.
     pub const HISTOGRAMS: [&str; 1] = [TASK_LATENCY_US];
     /// Significant digits of every shipped histogram (0.1% relative error).

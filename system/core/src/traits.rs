@@ -245,6 +245,13 @@ pub trait PluginHost: Send + Sync {
         let _ = plugin;
         false
     }
+    /// How many times each plugin's process has been started again since the host
+    /// began (a sidecar after a crash, or after a kill of a call that would not stop),
+    /// cumulative, for plugins that have any. Cheap and non-blocking: the worker's
+    /// driver reads it every beat. Default: none.
+    fn restarts(&self) -> Vec<(String, u64)> {
+        Vec::new()
+    }
 }
 
 /// Receives history events (registered, leased, committed, ...) for logs, the audit

@@ -245,4 +245,15 @@ impl PluginHost for LocalPluginHost {
             Plugin::Sidecar(p) => p.call(&call.method, &call.payload, &inputs, call.deadline, cancel),
         }
     }
+
+    fn restarts(&self) -> Vec<(String, u64)> {
+        self.plugins
+            .iter()
+            .filter_map(|(name, plugin)| match plugin {
+                Plugin::Sidecar(p) => Some((name.clone(), p.starts().saturating_sub(1))),
+                _ => None,
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
 }

@@ -239,6 +239,8 @@ fn a_sidecar_that_keeps_crashing_is_restarted_after_a_growing_pause() {
     let after_three = started.elapsed();
     assert!(after_three >= Duration::from_millis(400), "the fourth start paused only {after_three:?}");
     assert_eq!(sidecar.starts(), 4);
+    // Reported to the worker's driver, which ships it to the coordinator (status, metrics).
+    assert_eq!(sidecar.host.restarts(), [("echo-py".to_owned(), 3)]);
 }
 
 fn write_script(dir: &TempDir, name: &str, body: &str) -> PathBuf {

@@ -50,6 +50,7 @@ pub struct CoordinatorMetrics {
     tasks: Family<Label, Gauge>,
     jobs: Family<Label, Gauge>,
     task_run_seconds: Family<[(&'static str, String); 2], FloatGauge>,
+    plugin_restarts: Family<Label, Gauge>,
     leases: Counter,
     requeued: Family<Label, Counter>,
     dead_lettered: Counter,
@@ -78,6 +79,7 @@ impl CoordinatorMetrics {
             tasks: Family::default(),
             jobs: Family::default(),
             task_run_seconds: Family::default(),
+            plugin_restarts: Family::default(),
             leases: Counter::default(),
             requeued: Family::default(),
             dead_lettered: Counter::default(),
@@ -98,6 +100,12 @@ impl CoordinatorMetrics {
             "task_run_seconds",
             "Task run time (worker side, start to finish) by plugin and quantile, from the merged histograms",
             m.task_run_seconds.clone(),
+        );
+        registry.register(
+            "plugin_restarts",
+            "Sidecar processes started again (after a crash, or a kill of a call that would not stop), by plugin, \
+             as the workers reported them since the coordinator's counters began",
+            m.plugin_restarts.clone(),
         );
         registry.register("leases", "Leases granted", m.leases.clone());
         registry.register(
@@ -208,6 +216,9 @@ impl CoordinatorMetrics {
         for (phase, n) in [("open", t.jobs_open), ("active", t.jobs_active), ("finished", t.jobs_finished)] {
             self.jobs.get_or_create(&label("phase", phase)).set(i64::from(n));
         }
+        for (plugin, n) in &page.plugin_restarts {
+            self.plugin_restarts.get_or_create(&label("plugin", plugin)).set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
         for l in page.latencies.iter().filter(|l| l.metric == rollout_core::protocol::metric::TASK_LATENCY_US) {
             for (q, us) in [("0.5", l.p50_us), ("0.9", l.p90_us), ("0.99", l.p99_us), ("1", l.max_us)] {
                 let labels = [("plugin", l.plugin.clone()), ("quantile", q.to_owned())];
@@ -268,6 +279,7 @@ pub struct WorkerMetrics {
     blob_fetches: Counter,
     blob_fetch_bytes: Counter,
     blob_cache_bytes: Gauge,
+    plugin_restarts: Family<Label, Counter>,
 }
 
 impl WorkerMetrics {
@@ -289,6 +301,7 @@ impl WorkerMetrics {
             blob_fetches: Counter::default(),
             blob_fetch_bytes: Counter::default(),
             blob_cache_bytes: Gauge::default(),
+            plugin_restarts: Family::default(),
         };
         m.slots.set(i64::from(slots));
         registry.register("slots", "Tasks this worker runs at once", m.slots.clone());
@@ -318,7 +331,16 @@ impl WorkerMetrics {
         registry.register("blob_fetches", "Input blobs downloaded into the cache", m.blob_fetches.clone());
         registry.register("blob_fetch_bytes", "Bytes of input blobs downloaded", m.blob_fetch_bytes.clone());
         registry.register("blob_cache_bytes", "Bytes of blobs in the cache now", m.blob_cache_bytes.clone());
+        registry.register(
+            "plugin_restarts",
+            "Sidecar processes started again (after a crash, or a kill of a call that would not stop), by plugin",
+            m.plugin_restarts.clone(),
+        );
         WorkerMetrics { registry, ..m }
+    }
+
+    pub(crate) fn plugin_restarted(&self, plugin: &str, count: u64) {
+        self.plugin_restarts.get_or_create(&label("plugin", plugin)).inc_by(count);
     }
 
     pub(crate) fn blob_fetched(&self, bytes: u64) {

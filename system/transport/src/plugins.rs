@@ -90,6 +90,26 @@ impl PluginHost for PluginRouter {
     fn runs_in_place(&self, plugin: &str) -> bool {
         self.routes.get(plugin).is_some_and(|host| host.runs_in_place(plugin))
     }
+
+    /// Each routed plugin's restarts, from the host it is routed to.
+    fn restarts(&self) -> Vec<(String, u64)> {
+        let mut hosts: Vec<&Arc<dyn PluginHost>> = Vec::new();
+        for host in self.routes.values() {
+            if !hosts.iter().any(|h| Arc::ptr_eq(h, host)) {
+                hosts.push(host);
+            }
+        }
+        let mut out: Vec<(String, u64)> = hosts
+            .into_iter()
+            .flat_map(|host| {
+                host.restarts()
+                    .into_iter()
+                    .filter(|(name, _)| self.routes.get(name).is_some_and(|h| Arc::ptr_eq(h, host)))
+            })
+            .collect();
+        out.sort();
+        out
+    }
 }
 
 fn sleep_cancellable(duration: Duration, deadline: Duration, cancel: &CancelToken) -> Result<(), PluginError> {

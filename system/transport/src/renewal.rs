@@ -12,7 +12,7 @@
 //!   in the certificate that connection presents). The answer must verify against the
 //!   worker's CA as a client certificate, name this worker and carry this key.
 //! - **Atomically and durably.** The new key and certificate are written as
-//!   `worker.<id>.key.pem.next` and `worker.<id>.pem.next` (each synced, the directory
+//!   `workers/<id>/key.pem.next` and `workers/<id>/cert.pem.next` (each synced, the directory
 //!   too), then the key and then the certificate are renamed into place. A crash in
 //!   between is finished at the next start by [`finish_pending_renewal`]: a `.next`
 //!   certificate means both were written, so both go into place; a lone `.next` key is

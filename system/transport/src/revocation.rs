@@ -150,6 +150,11 @@ pub fn known_certificates(tls_dir: &Path) -> Result<BTreeMap<String, (PathBuf, C
     for (path, info) in issued(tls_dir)? {
         add(path, info);
     }
+    for path in tls::identity_certs(tls_dir) {
+        if let Ok(info) = CertInfo::of_file(&path) {
+            add(path, info);
+        }
+    }
     for dir in [tls_dir.to_path_buf(), tls_dir.join(crate::enroll::ENROLLED_DIR)] {
         let Ok(entries) = fs::read_dir(&dir) else { continue };
         for entry in entries.flatten() {

@@ -278,7 +278,9 @@ pub async fn start_coordinator(opts: CoordinatorOptions) -> Result<RunningCoordi
     let storage: Arc<dyn Storage> = Arc::new(RedbStorage::open_with(data_dir.join(DATABASE_FILE), options)?);
     let tls_dir = &config.transport.tls_dir;
     let now = std::time::SystemTime::now();
-    // A rotation or certificate replacement a crash cut short is finished first.
+    // Certificates of the flat layout move into per-identity directories; a rotation
+    // or certificate replacement a crash cut short is finished.
+    tls::migrate_layout(tls_dir)?;
     for files in [CertFiles::ca(tls_dir), CertFiles::coordinator(tls_dir)] {
         crate::renewal::finish_pending_renewal(&files)?;
     }
@@ -445,10 +447,11 @@ pub fn connect(addr: &str, ca_cert: &Path, client: &CertFiles) -> Result<Channel
     Ok(lazy_channel(connector))
 }
 
-/// An operator client using `operator.<name>.pem` from `transport.tls_dir`.
+/// An operator client using `operators/<name>/cert.pem` from `transport.tls_dir`.
 pub fn operator_client(config: &Config, name: &str, addr: Option<&str>) -> Result<OperatorClient<Channel>> {
     let dir = &config.transport.tls_dir;
     let addr = addr.unwrap_or(&config.transport.coordinator_addr);
+    tls::migrate_layout(dir)?;
     let files = CertFiles::operator(dir, name);
     if files.cert.exists() {
         tls::check_own_certificate(
@@ -466,7 +469,7 @@ pub fn operator_client(config: &Config, name: &str, addr: Option<&str>) -> Resul
 pub struct WorkerOptions {
     /// The effective config.
     pub config: Config,
-    /// Its id (its certificate must be `worker.<id>.pem` in `transport.tls_dir`).
+    /// Its id (its certificate must be `workers/<id>/cert.pem` in `transport.tls_dir`).
     pub id: WorkerId,
     /// Concurrent tasks.
     pub slots: u32,
@@ -494,6 +497,7 @@ pub async fn run_worker_process(opts: WorkerOptions, shutdown: watch::Receiver<b
     use rollout_core::traits::ComputeHint;
     let config = opts.config;
     let dir: PathBuf = config.transport.tls_dir.clone();
+    tls::migrate_layout(&dir)?;
     let cert = opts.cert.unwrap_or_else(|| CertFiles::worker(&dir, &opts.id));
     let addr = opts.coordinator_addr.unwrap_or_else(|| config.transport.coordinator_addr.clone());
     match crate::renewal::finish_pending_renewal(&cert)? {

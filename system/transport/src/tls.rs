@@ -9,8 +9,8 @@
 //! | `ca.pem`, `ca.key.pem` | the CA (key mode 0600), created once by [`ensure_dev_ca`]; during a rotation `ca.pem` is the bundle `[current, previous]` and the key the current one's (`crate::rotation`) |
 //! | `ca.cross.pem` | during a rotation: the current CA cross-signed by the previous one |
 //! | `coordinator.pem`, `coordinator.key.pem` | the coordinator's server certificate |
-//! | `worker.<id>.pem`, `worker.<id>.key.pem` | a worker's client certificate (CN = worker id) |
-//! | `operator.<name>.pem`, `operator.<name>.key.pem` | an operator's client certificate |
+//! | `workers/<id>/cert.pem`, `workers/<id>/key.pem` | a worker's client certificate (CN = worker id) |
+//! | `operators/<name>/cert.pem`, `operators/<name>/key.pem` | an operator's client certificate |
 //! | `tokens/<id>.json`, `tokens/<id>.used` | bootstrap token records and their use (see `crate::enroll`) |
 //! | `enrolled/<id>.pem` | certificates the coordinator issued through Enroll (public part) |
 //!
@@ -49,6 +49,11 @@ pub const OPERATOR_CN_PREFIX: &str = "operator:";
 /// ALPN protocol spoken on every connection.
 pub const ALPN_H2: &[u8] = b"h2";
 
+/// Where workers' certificates live in a TLS directory, one directory per id.
+pub const WORKERS_DIR: &str = "workers";
+/// Where operators' certificates live in a TLS directory, one directory per name.
+pub const OPERATORS_DIR: &str = "operators";
+
 /// A certificate and its private key, as files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertFiles {
@@ -73,14 +78,19 @@ impl CertFiles {
         Self::in_dir(dir, "coordinator")
     }
 
-    /// A worker's client certificate in `dir`.
+    /// A worker's client certificate in `dir`: `workers/<id>/cert.pem` and `key.pem`.
+    /// One directory per identity, so no id can name another's file.
     pub fn worker(dir: &Path, worker: &WorkerId) -> Self {
-        Self::in_dir(dir, &format!("worker.{worker}"))
+        Self::of_identity(&dir.join(WORKERS_DIR).join(worker.as_str()))
     }
 
-    /// An operator's client certificate in `dir`.
+    /// An operator's client certificate in `dir`: `operators/<name>/cert.pem` and `key.pem`.
     pub fn operator(dir: &Path, name: &str) -> Self {
-        Self::in_dir(dir, &format!("operator.{name}"))
+        Self::of_identity(&dir.join(OPERATORS_DIR).join(name))
+    }
+
+    fn of_identity(dir: &Path) -> Self {
+        CertFiles { cert: dir.join("cert.pem"), key: dir.join("key.pem") }
     }
 
     /// Whether both files exist.
@@ -647,9 +657,88 @@ fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     Ok(())
 }
 
+/// The certificate files of every worker and operator identity directory in `dir`
+/// (`workers/*/cert.pem`, `operators/*/cert.pem`), in name order.
+pub fn identity_certs(dir: &Path) -> Vec<PathBuf> {
+    let mut certs = Vec::new();
+    for kind in [WORKERS_DIR, OPERATORS_DIR] {
+        let Ok(entries) = fs::read_dir(dir.join(kind)) else { continue };
+        for entry in entries.flatten() {
+            let cert = entry.path().join("cert.pem");
+            if cert.is_file() {
+                certs.push(cert);
+            }
+        }
+    }
+    certs.sort();
+    certs
+}
+
+/// Moves worker and operator certificates of the flat layout of earlier releases
+/// (`worker.<id>.pem`, `worker.<id>.key.pem`, `operator.<name>.*`, and renewals staged
+/// as `*.next`) into the per-identity layout ([`CertFiles::worker`]). Each file moves
+/// on its own (a rename, the directories synced), so a migration a crash cut short
+/// goes on at the next call; a file whose new place is taken is left where it is, with
+/// a warning. Returns how many files moved. Every process that reads identity files
+/// calls it first: the coordinator, a worker, `--join`, the CLI.
+pub fn migrate_layout(dir: &Path) -> Result<usize> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(io_err("listing", dir, &e)),
+    };
+    let mut moves = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some((kind, rest)) = name
+            .strip_prefix("worker.")
+            .map(|rest| (WORKERS_DIR, rest))
+            .or_else(|| name.strip_prefix("operator.").map(|rest| (OPERATORS_DIR, rest)))
+        else {
+            continue;
+        };
+        // Longest suffix first: ids of the flat layout could not end in ".key".
+        let parsed = [
+            (".key.pem.next", "key.pem.next"),
+            (".pem.next", "cert.pem.next"),
+            (".key.pem", "key.pem"),
+            (".pem", "cert.pem"),
+        ]
+        .into_iter()
+        .find_map(|(suffix, file)| rest.strip_suffix(suffix).map(|id| (id, file)));
+        let Some((id, file)) = parsed else { continue };
+        if WorkerId::new(id).is_err() || !entry.path().is_file() {
+            continue;
+        }
+        moves.push((entry.path(), dir.join(kind).join(id).join(file)));
+    }
+    moves.sort();
+    let mut moved = 0;
+    for (from, to) in &moves {
+        if to.exists() {
+            tracing::warn!(channel = "tls", event = "layout_migration_skipped", from = %from.display(), to = %to.display(),
+                "not moving {} into the per-identity layout: {} exists already (remove the one that is stale)",
+                from.display(), to.display());
+            continue;
+        }
+        let parent = to.parent().unwrap_or(dir);
+        fs::create_dir_all(parent).map_err(|e| io_err("creating directory", parent, &e))?;
+        fs::rename(from, to).map_err(|e| io_err("moving into the per-identity layout", from, &e))?;
+        for d in [parent, dir] {
+            fs::File::open(d).and_then(|f| f.sync_all()).map_err(|e| io_err("syncing directory", d, &e))?;
+        }
+        moved += 1;
+    }
+    if moved > 0 {
+        tracing::info!(channel = "tls", event = "layout_migrated", dir = %dir.display(), files = moved,
+            "moved {moved} certificate file(s) into the per-identity layout (workers/<id>/, operators/<name>/)");
+    }
+    Ok(moved)
+}
+
 /// Removes the temporary files of [`write_atomic`] (`.<name>.<pid>.<n>.tmp`) last modified
-/// more than `older_than` ago, in `dir` and its subdirectories one level down (enrolled,
-/// revoked, issued, tokens): writes a crash cut short. Returns how many went.
+/// more than `older_than` ago, in `dir` and its subdirectories two levels down (enrolled,
+/// revoked, issued, tokens, workers/<id>, operators/<name>): writes a crash cut short. Returns how many went.
 pub fn remove_stale_tmp(dir: &Path, older_than: std::time::Duration) -> Result<usize> {
     let cutoff = std::time::SystemTime::now().checked_sub(older_than).unwrap_or(std::time::UNIX_EPOCH);
     let mut removed = 0;
@@ -665,7 +754,7 @@ pub fn remove_stale_tmp(dir: &Path, older_than: std::time::Duration) -> Result<u
             let path = entry.path();
             let meta = entry.metadata().map_err(|e| io_err("reading", &path, &e))?;
             if meta.is_dir() {
-                if depth == 0 {
+                if depth < 2 {
                     dirs.push((path, depth + 1));
                 }
                 continue;
@@ -758,17 +847,59 @@ mod tests {
             }
             path
         };
-        let stale = [make(".worker.w1.key.pem.41.0.tmp", true), make("enrolled/.w2.pem.41.1.tmp", true)];
+        let stale = [
+            make(".worker.w1.key.pem.41.0.tmp", true),
+            make("enrolled/.w2.pem.41.1.tmp", true),
+            make("workers/w3/.key.pem.41.2.tmp", true),
+        ];
         let kept = [
             make(".ca.pem.42.0.tmp", false),
-            make("worker.w1.pem", true),
-            make("a/b/.deep.pem.1.0.tmp", true),
+            make("workers/w1/cert.pem", true),
+            make("a/b/c/.deep.pem.1.0.tmp", true),
             make("notes.tmp", true),
         ];
-        assert_eq!(remove_stale_tmp(dir.path(), std::time::Duration::from_secs(3600)).expect("sweep"), 2);
+        assert_eq!(remove_stale_tmp(dir.path(), std::time::Duration::from_secs(3600)).expect("sweep"), 3);
         assert!(stale.iter().all(|p| !p.exists()), "the crashed writes are gone");
         assert!(kept.iter().all(|p| p.exists()), "young, real, too deep or not ours: kept");
         assert_eq!(remove_stale_tmp(&dir.path().join("absent"), std::time::Duration::ZERO).expect("no dir"), 0);
+    }
+
+    #[test]
+    fn ids_cannot_name_each_others_files_and_the_flat_layout_is_migrated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = dir.path();
+        ensure_dev_ca(dir).expect("ca");
+        // "w1.key" was refused once because worker.w1.key.pem was w1's key; now each id
+        // has a directory of its own.
+        let w1 = WorkerId::new("w1").expect("id");
+        let w1_key = WorkerId::new("w1.key").expect("any id is a directory name");
+        let a = issue_client_cert(dir, &w1).expect("w1");
+        let b = issue_client_cert(dir, &w1_key).expect("w1.key");
+        let files = [&a.cert, &a.key, &b.cert, &b.key];
+        for (i, x) in files.iter().enumerate() {
+            assert!(files[i + 1..].iter().all(|y| x != y), "{x:?} is used twice");
+        }
+        assert_eq!(CertInfo::of_file(&a.cert).expect("w1").role, Some(PeerRole::Worker(w1.clone())));
+        load_pair(&a).expect("w1's key is still w1's");
+
+        // The flat layout of earlier releases, with a renewal staged, moves on first use.
+        let w2 = WorkerId::new("w2").expect("id");
+        let new = issue_client_cert(dir, &w2).expect("w2");
+        let ops = issue_operator_cert(dir, "ops").expect("ops");
+        let flat = |stem: &str, suffix: &str| dir.join(format!("{stem}{suffix}"));
+        for (files, stem) in [(&new, "worker.w2"), (&ops, "operator.ops")] {
+            fs::rename(&files.cert, flat(stem, ".pem")).expect("flat cert");
+            fs::rename(&files.key, flat(stem, ".key.pem")).expect("flat key");
+        }
+        fs::write(flat("worker.w2", ".pem.next"), b"staged").expect("staged");
+        fs::write(dir.join("worker.bad id.pem"), b"not an id").expect("junk");
+        assert_eq!(migrate_layout(dir).expect("migrate"), 5);
+        assert_eq!(CertInfo::of_file(&new.cert).expect("moved").role, Some(PeerRole::Worker(w2.clone())));
+        load_pair(&new).expect("w2's pair fits");
+        load_pair(&ops).expect("ops's pair fits");
+        assert_eq!(fs::read(crate::renewal::staged(&new).cert).expect("staged moved"), b"staged");
+        assert!(dir.join("worker.bad id.pem").exists(), "what is not an identity's file stays");
+        assert_eq!(migrate_layout(dir).expect("again"), 0, "idempotent");
     }
 
     #[test]

@@ -177,6 +177,7 @@ pub async fn run_worker(opts: WorkerRuntimeOptions, channel: Channel) -> Result<
         results: BTreeMap::new(),
         frame: pb::WorkerFrame::default(),
         finished_in_place: VecDeque::new(),
+        restarts_seen: BTreeMap::new(),
         link: Link::Connecting,
         metrics,
         blob_cache,
@@ -207,7 +208,10 @@ pub async fn run_worker(opts: WorkerRuntimeOptions, channel: Channel) -> Result<
                     }
                 }
             }
-            () = tokio::time::sleep_until(deadline) => driver.input(WorkerInput::Tick)?,
+            () = tokio::time::sleep_until(deadline) => {
+                driver.report_restarts()?;
+                driver.input(WorkerInput::Tick)?;
+            }
         }
         while let Some(event) = driver.finished_in_place.pop_front() {
             driver.event(event)?;
@@ -244,6 +248,8 @@ struct WorkerDriver {
     /// Ends of calls run in place ([`PluginHost::runs_in_place`]), fed to the machine
     /// after the input that started them.
     finished_in_place: VecDeque<Event>,
+    /// Each plugin's restarts as last reported to the machine.
+    restarts_seen: BTreeMap<String, u64>,
     /// The link as last logged.
     link: Link,
     metrics: Arc<WorkerMetrics>,
@@ -413,6 +419,25 @@ impl WorkerDriver {
                 configured_max_result_bytes = configured.max_result_bytes,
                 "following the coordinator's health settings and result limit, which differ from this worker's config");
         }
+    }
+
+    /// Tells the machine (and this worker's `/metrics`) of plugin restarts since the
+    /// last look. Bounded by the host's plugins; a count that went down (a host
+    /// replaced) is taken as the new base.
+    fn report_restarts(&mut self) -> Result<()> {
+        for (plugin, total) in self.plugins.restarts() {
+            let seen = self.restarts_seen.entry(plugin.clone()).or_insert(0);
+            let count = total.saturating_sub(*seen);
+            *seen = total;
+            if count > 0 {
+                tracing::warn!(channel = "plugin", event = "plugin_restarted", %plugin, count, total,
+                    "plugin {plugin} was started again {count} time(s) ({total} in all): see its sidecar_exited / \
+                     sidecar_restart_backoff lines");
+                self.metrics.plugin_restarted(&plugin, count);
+                self.input(WorkerInput::PluginRestarted { plugin, count })?;
+            }
+        }
+        Ok(())
     }
 
     /// Feeds one input, then carries out the outputs in order.

@@ -139,6 +139,79 @@ async fn the_coordinators_and_the_workers_metrics_match_what_the_cluster_did() {
     started.coordinator.shutdown().await.expect("clean shutdown");
 }
 
+/// The built-in plugins, with sidecar restarts of `echo` that a test sets.
+struct Restarting {
+    inner: BuiltinPlugins,
+    echo_restarts: std::sync::atomic::AtomicU64,
+}
+
+impl rollout_core::traits::PluginHost for Restarting {
+    fn plugins(&self) -> Vec<String> {
+        self.inner.plugins()
+    }
+
+    fn call(
+        &self,
+        call: &rollout_core::traits::PluginCall,
+        cancel: &rollout_core::traits::CancelToken,
+    ) -> Result<Vec<u8>, rollout_core::traits::PluginError> {
+        self.inner.call(call, cancel)
+    }
+
+    fn restarts(&self) -> Vec<(String, u64)> {
+        vec![("echo".into(), self.echo_restarts.load(std::sync::atomic::Ordering::Relaxed))]
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_restarts_reach_the_workers_metrics_the_coordinators_metrics_and_status() {
+    let started = common::start(common::fast_config(), &["w1"]).await;
+    let metrics_addr = started.coordinator.metrics_addr.expect("metrics served").to_string();
+    let mut config = started.config.clone();
+    let worker_metrics = free_port();
+    config.metrics.worker_listen_addr = worker_metrics.clone();
+    let plugins = Arc::new(Restarting { inner: BuiltinPlugins, echo_restarts: 0.into() });
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let opts = WorkerOptions {
+        config,
+        id: WorkerId::new("w1").expect("id"),
+        slots: 1,
+        plugins: plugins.clone(),
+        emitter: Arc::new(MemoryEmitter::new()),
+        coordinator_addr: Some(started.addr.clone()),
+        cert: None,
+        rng_seed: Some(3),
+    };
+    let worker = tokio::spawn(run_worker_process(opts, stop_rx));
+    let mut operator = operator_client(&started.config, "ops", Some(&started.addr)).expect("operator");
+    plugins.echo_restarts.store(2, std::sync::atomic::Ordering::Relaxed);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = operator.status(pb::StatusRequest::default()).await.expect("status").into_inner();
+        let shown: Vec<(String, u64)> = status.plugin_restarts.iter().map(|p| (p.plugin.clone(), p.count)).collect();
+        if shown == [("echo".to_owned(), 2)] {
+            break;
+        }
+        assert!(shown.is_empty(), "only ever nothing or echo's 2: {shown:?}");
+        assert!(tokio::time::Instant::now() < deadline, "status never showed echo's restarts");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (text, _) = scrape(&metrics_addr).await;
+        if samples(&text).get("rollout_plugin_restarts{plugin=\"echo\"}") == Some(&2.0) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the coordinator's scrape never showed them:\n{text}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (text, _) = scrape(&worker_metrics).await;
+    assert_eq!(samples(&text).get("rollout_worker_plugin_restarts_total{plugin=\"echo\"}"), Some(&2.0), "{text}");
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), worker).await;
+    started.coordinator.shutdown().await.expect("clean shutdown");
+}
+
 #[test]
 fn a_metrics_address_beyond_loopback_is_a_config_error_naming_the_field() {
     let text = "[metrics]\nlisten_addr = \"0.0.0.0:9464\"\n";

@@ -132,7 +132,7 @@ async fn an_expired_certificate_is_refused_naming_its_expiry() {
     let text = err.to_string();
     let expiry = rollout_transport::enroll::utc_text(info.not_after);
     assert!(text.contains("expired at") && text.contains(&expiry), "{text}");
-    assert!(text.contains("worker.w3.pem") && text.contains("--join"), "{text}");
+    assert!(text.contains("workers/w3/cert.pem") && text.contains("--join"), "{text}");
 
     // Used anyway, the coordinator refuses it at the handshake: no RPC gets through.
     let mut client = worker_client(&cluster, &expired);

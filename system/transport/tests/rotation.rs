@@ -46,6 +46,7 @@ fn worker_dir(ca_dir: &Path, root: &Path, worker: &WorkerId, seed: u64, due_in: 
     let dir = root.join(format!("machine-{worker}"));
     std::fs::create_dir_all(&dir).expect("worker dir");
     let mine = CertFiles::worker(&dir, worker);
+    std::fs::create_dir_all(mine.cert.parent().expect("identity dir")).expect("identity dir");
     std::fs::copy(&issued.cert, &mine.cert).expect("cert");
     std::fs::copy(&issued.key, &mine.key).expect("key");
     std::fs::copy(CertFiles::ca(ca_dir).cert, CertFiles::ca(&dir).cert).expect("ca");

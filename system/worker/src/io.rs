@@ -33,6 +33,15 @@ pub enum WorkerInput {
         /// How it ended.
         outcome: TaskOutcome,
     },
+    /// The plugin host started `plugin`'s process again `count` more times since the
+    /// last report (the driver reads [`rollout_core::traits::PluginHost::restarts`]).
+    /// Counted in the shipped metrics; changes nothing else.
+    PluginRestarted {
+        /// The plugin.
+        plugin: String,
+        /// Restarts since the last report.
+        count: u64,
+    },
 }
 
 /// How a task's run ended, as the plugin host saw it.

@@ -198,6 +198,11 @@ impl Worker {
             WorkerInput::TaskFinished { task, token, outcome } => {
                 self.on_task_finished(now, (task, token), outcome, out)
             }
+            WorkerInput::PluginRestarted { plugin, count } => {
+                let plugin =
+                    if self.settings.plugins.contains(&plugin) { plugin } else { metrics::UNKNOWN_PLUGIN.into() };
+                self.metrics.add(metrics::PLUGIN_RESTARTS, &plugin, count);
+            }
         }
     }
 

@@ -12,7 +12,7 @@ use rollout_core::protocol::metric::{
     HISTOGRAM_SIGNIFICANT_DIGITS as LATENCY_SIGNIFICANT_DIGITS, HISTOGRAM_VALUE_MAX as LATENCY_US_MAX,
 };
 pub use rollout_core::protocol::metric::{
-    TASK_LATENCY_US, TASKS_CANCELLED, TASKS_FAILED, TASKS_STARTED, TASKS_SUCCEEDED, UNKNOWN_PLUGIN,
+    PLUGIN_RESTARTS, TASK_LATENCY_US, TASKS_CANCELLED, TASKS_FAILED, TASKS_STARTED, TASKS_SUCCEEDED, UNKNOWN_PLUGIN,
 };
 
 /// Deltas since the last shipment. Keys are bounded by the advertised plugins
@@ -26,8 +26,16 @@ pub(crate) struct Metrics {
 impl Metrics {
     /// Adds one to `counter` of `plugin`.
     pub(crate) fn count(&mut self, counter: &'static str, plugin: &str) {
+        self.add(counter, plugin, 1);
+    }
+
+    /// Adds `n` to `counter` of `plugin` (nothing for 0).
+    pub(crate) fn add(&mut self, counter: &'static str, plugin: &str, n: u64) {
+        if n == 0 {
+            return;
+        }
         let value = self.counters.entry((counter, plugin.to_owned())).or_insert(0);
-        *value = value.saturating_add(1);
+        *value = value.saturating_add(n);
     }
 
     /// Records one task latency of `plugin`.

@@ -14,7 +14,7 @@ use rollout_core::protocol::{
 use rollout_core::{ContentId, FencingToken, Incarnation, JobId, PROTOCOL_VERSION};
 use rollout_worker::{
     CANCELLED_BY_HOST_MESSAGE, Phase, TaskOutcome, UNACKED_SUBMITS_PER_SLOT, WorkerInput, WorkerOutput,
-    metrics::{TASK_LATENCY_US, TASKS_CANCELLED, TASKS_FAILED, TASKS_STARTED, TASKS_SUCCEEDED},
+    metrics::{PLUGIN_RESTARTS, TASK_LATENCY_US, TASKS_CANCELLED, TASKS_FAILED, TASKS_STARTED, TASKS_SUCCEEDED},
 };
 
 fn succeeded(bytes: &[u8]) -> TaskOutcome {
@@ -656,6 +656,26 @@ fn metrics_ship_at_most_once_per_interval_and_decode_with_hdrhistogram() {
         "only the new delta"
     );
     assert_eq!(counter(beat, TASKS_CANCELLED), None);
+}
+
+#[test]
+fn plugin_restarts_ship_with_the_next_metrics_and_name_only_offered_plugins() {
+    let mut h = Harness::registered(2, 1);
+    h.at(100);
+    h.input(WorkerInput::PluginRestarted { plugin: "echo".into(), count: 2 });
+    h.input(WorkerInput::PluginRestarted { plugin: "echo".into(), count: 1 });
+    h.input(WorkerInput::PluginRestarted { plugin: "not-offered".into(), count: 4 });
+    h.input(WorkerInput::PluginRestarted { plugin: "echo".into(), count: 0 });
+    h.tick_at_timeout();
+    let out = h.tick_at_timeout();
+    let beat = beats(&out)[0];
+    assert_eq!(counter(beat, PLUGIN_RESTARTS), Some(3));
+    let metrics = beat.metrics.as_ref().expect("shipped");
+    assert!(
+        metrics.counters.iter().any(|(n, p, v)| n == PLUGIN_RESTARTS && p == "_unknown" && *v == 4),
+        "a plugin the worker does not offer is filed under _unknown: {metrics:?}"
+    );
+    assert!(!metrics.counters.iter().any(|(_, p, _)| p == "not-offered"));
 }
 
 // ---------------------------------------------------------------- determinism

@@ -11,7 +11,7 @@ pub struct JoinOptions {
     pub token: BootstrapToken,
     /// The worker id to enroll as.
     pub worker: WorkerId,
-    /// Where `ca.pem`, `worker.<id>.pem` and `worker.<id>.key.pem` are written.
+    /// Where `ca.pem`, `workers/<id>/cert.pem` and `workers/<id>/key.pem` are written.
     pub tls_dir: PathBuf,
     /// Message size limit.
     pub max_message_bytes: usize,
@@ -34,7 +34,7 @@ pub enum Joined {
     Enrolled(CertFiles),
 }
 
-/// Obtains a worker certificate through Enroll unless `worker.<id>.pem`, its key and
+/// Obtains a worker certificate through Enroll unless `workers/<id>/cert.pem`, its key and
 /// `ca.pem` are already in the TLS directory (then it does nothing: `--join` is
 /// idempotent).
 ///
@@ -51,6 +51,7 @@ pub enum Joined {
 /// without the pinned CA) ends it at once with the reason.
 pub async fn join(opts: JoinOptions) -> Result<Joined> {
     let JoinOptions { addr, token, worker, tls_dir, max_message_bytes, retry_initial, retry_max, attempts_max } = opts;
+    tls::migrate_layout(&tls_dir)?;
     let files = CertFiles::worker(&tls_dir, &worker);
     let ca_files = CertFiles::ca(&tls_dir);
     if files.exist() && ca_files.cert.exists() {

@@ -9,7 +9,7 @@
 //!                                             chain must contain the CA the token pins
 //! coordinator  ◀──────── Enrollment/Enroll(token, w7, CSR) ─────────
 //!   checks the token, claims it (tokens/<id>.used),
-//!   signs the CSR's public key as worker w7   ──▶  ca.pem, worker.w7.pem, worker.w7.key.pem
+//!   signs the CSR's public key as worker w7   ──▶  ca.pem, workers/w7/{cert,key}.pem
 //! ```
 //!
 //! # The token
@@ -36,7 +36,7 @@
 //! records while the coordinator claims old ones); no file is ever rewritten in place.
 //!
 //! An unbound token cannot take over a worker id that already has a certificate from
-//! this CA (`enrolled/<id>.pem`, or `worker.<id>.pem` in the TLS directory); replacing
+//! this CA (`enrolled/<id>.pem`, or `workers/<id>/cert.pem` in the TLS directory); replacing
 //! one (a worker whose disk was lost) needs a token bound to that id. An unbound token
 //! also claims the id (`enrolled/<id>.claimed`, `O_EXCL`) before the token itself, so
 //! two unbound tokens racing for one new id cannot both win.

@@ -155,6 +155,9 @@ impl pb::operator_server::Operator for CoordinatorApi {
                 max_us: l.max_us,
             })
             .collect();
+        let plugin_restarts = if jobs_only { Vec::new() } else { page.plugin_restarts };
+        let plugin_restarts =
+            plugin_restarts.into_iter().map(|(plugin, count)| pb::PluginCount { plugin, count }).collect();
         let t = page.totals;
         let totals = pb::ClusterTotals {
             workers_active: t.workers_active,
@@ -177,6 +180,7 @@ impl pb::operator_server::Operator for CoordinatorApi {
             jobs_more: page.jobs_more,
             totals: Some(totals),
             job_retention_ms: self.job_retention_ms,
+            plugin_restarts,
         }))
     }
 
