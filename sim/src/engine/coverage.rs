@@ -40,11 +40,15 @@ pub struct Coverage {
     pub work_closed: u64,
     /// Resets only the coordinator's end saw (the worker ran on, half-open).
     pub half_open: u64,
+    /// Certificates renewed over the worker's link.
+    pub certificates_renewed: u64,
+    /// Workers stopped because their certificate expired unrenewed.
+    pub certificates_expired: u64,
 }
 
 impl Coverage {
     /// Every name a scenario's `exercises` may use.
-    pub const NAMES: [&'static str; 16] = [
+    pub const NAMES: [&'static str; 18] = [
         "held_messages",
         "keepalive_resets",
         "lost_unsynced",
@@ -61,6 +65,8 @@ impl Coverage {
         "unary_lost_or_duplicated",
         "work_closed",
         "half_open",
+        "certificates_renewed",
+        "certificates_expired",
     ];
 
     /// The count of `name` (`None`: no such name).
@@ -82,6 +88,8 @@ impl Coverage {
             "unary_lost_or_duplicated" => self.unary_lost_or_duplicated,
             "work_closed" => self.work_closed,
             "half_open" => self.half_open,
+            "certificates_renewed" => self.certificates_renewed,
+            "certificates_expired" => self.certificates_expired,
             _ => return None,
         })
     }

@@ -113,6 +113,13 @@ enum Ev {
         period: u64,
         until: u64,
     },
+    /// The answer to worker `w`'s certificate renewal (of process epoch `epoch`):
+    /// renewed as `credential`, or failed (`None`).
+    Renewal {
+        w: usize,
+        epoch: u64,
+        credential: Option<rollout_worker::Credential>,
+    },
     /// The coordinator comes back after a power cut.
     PowerRestore {
         epoch: u64,
@@ -381,6 +388,7 @@ impl Sim {
             Ev::Resume { w, epoch } => ("resume", *w as u64, *epoch),
             Ev::Flap { w, cut, .. } => ("flap", *w as u64, u64::from(*cut)),
             Ev::PowerRestore { epoch } => ("power_restore", *epoch, 0),
+            Ev::Renewal { w, epoch, .. } => ("renewal", *w as u64, *epoch),
             Ev::Keepalive { w, generation, .. } => ("keepalive", *w as u64, *generation),
             Ev::SubmitJob { job } => ("submit", u64::from(*job), 0),
             Ev::SubmitJobRetry { job } => ("submit_retry", u64::from(*job), 0),
@@ -437,6 +445,7 @@ impl Sim {
             | Ev::Deliver { w, msg: Wire::Down(_), .. }
             | Ev::PluginFinish { w, .. }
             | Ev::StreamBroken { w, .. }
+            | Ev::Renewal { w, .. }
                 if self.workers[w].paused_since.is_some() =>
             {
                 // A suspended host reads nothing and runs nothing: it all happens on resume.
@@ -445,6 +454,7 @@ impl Sim {
             Ev::Resume { w, epoch } => self.resume(w, epoch),
             Ev::WorkerTimer { w, generation } => self.worker_timer(w, generation),
             Ev::WorkerStart { w } => self.worker_start(w),
+            Ev::Renewal { w, epoch, credential } => self.worker_renewed(w, epoch, credential),
             Ev::Deliver { w, conn, msg, rec } => self.deliver(w, conn, msg, rec),
             Ev::PluginFinish { w, epoch, task, token, run, outcome } => {
                 self.plugin_finish(w, epoch, (task, token), run, outcome)

@@ -145,7 +145,7 @@ impl Link {
 }
 
 impl Sim {
-    fn latency(&mut self) -> u64 {
+    pub(super) fn latency(&mut self) -> u64 {
         let [lo, hi] = self.scenario.network.latency_us;
         (lo + self.rng_net.below(hi - lo + 1)) * 1_000
     }

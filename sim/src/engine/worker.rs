@@ -4,14 +4,15 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use rollout_core::config::CERT_NOT_BEFORE_SLACK;
 use rollout_core::history::HistoryEvent;
 use rollout_core::protocol::{Assignment, Channel};
 use rollout_core::traits::Inventory;
 use rollout_core::{ContentId, FencingToken, Incarnation, TaskId, WorkerId};
-use rollout_worker::{TaskOutcome, Worker, WorkerInput, WorkerOutput, WorkerSettings, plugin_stop_after};
+use rollout_worker::{Credential, TaskOutcome, Worker, WorkerInput, WorkerOutput, WorkerSettings, plugin_stop_after};
 
 use super::clock::Clock;
-use super::network::Wire;
+use super::network::{Dir, Wire};
 use super::{Ev, NS_PER_MS, Sim};
 use crate::liveness::Env;
 use rollout_core::oracle::SelfFenceOracle;
@@ -45,6 +46,9 @@ pub(super) struct WorkerNode {
     /// Work streams of ended incarnations, held open (like the driver) until the runs
     /// they had stopped.
     retiring: Vec<Retiring>,
+    /// The certificate on this host's disk (issued at its first start, replaced by each
+    /// renewal; a restarted process starts with it).
+    credential: Option<Credential>,
 }
 
 /// What every simulated worker host offers (the simulator schedules no GPU work).
@@ -67,6 +71,7 @@ impl WorkerNode {
             oracle: SelfFenceOracle::default(),
             work_stream: None,
             retiring: Vec::new(),
+            credential: None,
         }
     }
 }
@@ -77,13 +82,22 @@ impl Sim {
         if node.machine.is_some() {
             return;
         }
-        let settings = WorkerSettings::from_config(
+        let mut settings = WorkerSettings::from_config(
             node.id.clone(),
             self.scenario.cluster.slots,
             vec!["sim".into()],
             sim_inventory(),
             &self.worker_config,
         );
+        // The certificate: issued at the first start for transport.worker_cert_lifetime
+        // (valid from an hour before, as the CA writes it), renewed through the
+        // coordinator from then on, kept across crashes.
+        let lifetime = self.worker_config.transport.worker_cert_lifetime;
+        let wall = node.clock.now(self.now).wall;
+        let credential = *node
+            .credential
+            .get_or_insert(Credential { not_before: wall - CERT_NOT_BEFORE_SLACK, not_after: wall + lifetime });
+        settings.credential = Some(credential);
         node.machine = Some(Worker::new(settings, self.rng_worker_seeds.next_u64()));
         node.oracle = SelfFenceOracle::default();
         let id = node.id.clone();
@@ -154,6 +168,7 @@ impl Sim {
         }
         // Like the driver: unary calls go at once, Work messages as one burst at the end.
         let mut work = Vec::new();
+        let mut expired = false;
         for o in out {
             match o {
                 WorkerOutput::Send(msg) if msg.channel() == Channel::Work => work.push(Wire::Up(msg)),
@@ -170,6 +185,8 @@ impl Sim {
                 }
                 WorkerOutput::Event(e) => self.record(id.as_str(), now.wall, e),
                 WorkerOutput::Fatal(message) => self.fail("worker_fatal", format!("{id}: {message}")),
+                WorkerOutput::RenewCertificate => self.renew_certificate(w),
+                WorkerOutput::CertificateExpired { .. } => expired = true,
                 // A simulated link breaks whole (reported as its Work stream), so no
                 // Control stream breaks alone and none is re-opened.
                 WorkerOutput::OpenControl { .. } => {
@@ -179,6 +196,48 @@ impl Sim {
         }
         self.send_work(w, work);
         self.worker_set_timer(w);
+        if expired {
+            // The process exits (its runs were cancelled just now): like a crash from
+            // here on, and a restart finds the same expired certificate.
+            self.coverage.certificates_expired += 1;
+            self.worker_crash(w);
+        }
+    }
+
+    /// `Enrollment/Renew` over worker `w`'s link: answered (a certificate issued on the
+    /// coordinator's clock) after a round trip if both directions are open and the
+    /// coordinator runs, failed after the register timeout otherwise. The crypto is
+    /// the transport's (tested there); this is the outcome.
+    fn renew_certificate(&mut self, w: usize) {
+        let link_open = !self.links[w].blocked(Dir::Up) && !self.links[w].blocked(Dir::Down);
+        let epoch = self.workers[w].epoch;
+        if link_open && self.coord.machine.is_some() {
+            let rtt = self.latency() + self.latency();
+            let wall = self.coord.clock.now(self.now).wall;
+            let credential = Credential {
+                not_before: wall - CERT_NOT_BEFORE_SLACK,
+                not_after: wall + self.worker_config.transport.worker_cert_lifetime,
+            };
+            self.push(self.now + rtt, Ev::Renewal { w, epoch, credential: Some(credential) });
+        } else {
+            let timeout = self.worker_config.health.heartbeat_interval.saturating_mul(2);
+            let after = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
+            self.push(self.now + after, Ev::Renewal { w, epoch, credential: None });
+        }
+    }
+
+    pub(super) fn worker_renewed(&mut self, w: usize, epoch: u64, credential: Option<Credential>) {
+        if self.workers[w].epoch != epoch || self.workers[w].machine.is_none() {
+            return;
+        }
+        match credential {
+            Some(c) => {
+                self.workers[w].credential = Some(c);
+                self.coverage.certificates_renewed += 1;
+                self.worker_input(w, WorkerInput::CertificateRenewed(c));
+            }
+            None => self.worker_input(w, WorkerInput::RenewalFailed),
+        }
     }
 
     /// The simulated plugin: how long the call of `a` takes and how it ends, drawn from

@@ -188,6 +188,7 @@ impl WorkerNode {
             },
             metrics: Arc::new(rollout_transport::metrics::WorkerMetrics::new(0)),
             blob_cache: None,
+            renewal: None,
         };
         run_worker(options, lazy_channel(connector)).await?;
         Ok(())

@@ -2,11 +2,14 @@
 //! certificate over its authenticated connection before it expires, with no person
 //! involved.
 //!
-//! - **When.** At about two thirds of the certificate's validity ([`renew_at`]), less a
-//!   jitter of up to a twelfth of it so a fleet issued together does not renew together.
-//!   A failed attempt is retried with jittered exponential backoff
-//!   ([`RETRY_INITIAL`] doubling to [`RETRY_MAX`]) until the certificate expires; after
-//!   that only `rollout worker --join` with a token gets a new one.
+//! - **When.** The worker machine decides (`rollout_worker::WorkerSettings::credential`):
+//!   at about two thirds of the certificate's validity ([`renew_at`]), less a jitter of
+//!   up to a twelfth of it so a fleet issued together does not renew together, it emits
+//!   `WorkerOutput::RenewCertificate`; the driver runs [`renew_once`] and reports the
+//!   outcome. A failed attempt is retried with jittered exponential backoff (5 s
+//!   doubling to 10 min) until the certificate expires; then the machine stops the
+//!   worker (`WorkerOutput::CertificateExpired`) and only `rollout worker --join` with a
+//!   token gets a new one. Being the machine's, the schedule runs in the simulator too.
 //! - **How.** A new key pair is made here and never leaves; its CSR goes to
 //!   `Enrollment/Renew` on the worker's connection (the coordinator signs it for the id
 //!   in the certificate that connection presents). The answer must verify against the
@@ -23,7 +26,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use rcgen::KeyPair;
 use rollout_core::{Error, Result, WorkerId};
@@ -34,18 +37,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::sign::CertifiedKey;
-use tokio::sync::watch;
 use tonic::transport::Channel;
 
 use crate::tls::{self, ALPN_H2, CertFiles, CertInfo, PeerRole};
 use crate::trust::WorkerTrust;
-
-/// First delay before retrying a failed renewal.
-pub const RETRY_INITIAL: Duration = Duration::from_secs(5);
-/// Longest delay between two renewal attempts.
-pub const RETRY_MAX: Duration = Duration::from_secs(600);
-/// The longest single sleep before re-reading the wall clock (it may be stepped).
-const SLEEP_MAX: Duration = Duration::from_secs(3600);
 
 /// The client certificate a worker presents, replaceable while connections use the
 /// configuration that holds it.
@@ -173,28 +168,12 @@ fn sync_dir(file: &Path) -> Result<()> {
     std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| tls::io_err("syncing directory", dir, &e))
 }
 
-/// When a certificate valid from `not_before` to `not_after` is due for renewal: two
-/// thirds of the way, less `jitter` (0..1) of a twelfth of its validity.
-pub fn renew_at(not_before: SystemTime, not_after: SystemTime, jitter: f64) -> SystemTime {
-    let span = not_after.duration_since(not_before).unwrap_or_default();
-    let early = span.div_f64(12.0).mul_f64(jitter.clamp(0.0, 1.0));
-    (not_before + span.mul_f64(2.0 / 3.0)).checked_sub(early).unwrap_or(not_before)
-}
+pub use rollout_worker::renew_at;
 
-fn unit_jitter(rng: &mut rollout_core::rng::SplitMix64) -> f64 {
-    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-}
-
-/// When [`run`] started with `rng_seed` first renews a certificate valid from
-/// `not_before` to `not_after` (deterministic in the seed; later renewals draw on).
+/// When a worker whose machine was seeded with `rng_seed` first asks to renew a
+/// certificate valid from `not_before` to `not_after` (deterministic in the seed).
 pub fn first_renewal_at(not_before: SystemTime, not_after: SystemTime, rng_seed: u64) -> SystemTime {
-    renew_at(not_before, not_after, unit_jitter(&mut rollout_core::rng::SplitMix64::new(rng_seed)))
-}
-
-/// The seed [`crate::run_worker_process`] gives the renewal task of a worker whose
-/// options carry `worker_seed`.
-pub fn renewal_seed(worker_seed: u64) -> u64 {
-    worker_seed ^ 0x5245_4e45_5741_4c00
+    rollout_worker::Worker::first_renewal_at(rollout_worker::Credential { not_before, not_after }, rng_seed)
 }
 
 /// One renewal: a new key and CSR, `Enrollment/Renew` over `channel`, the answer
@@ -299,77 +278,46 @@ fn check_renewed(pem: &str, worker: &WorkerId, key: &KeyPair, cas: &[Certificate
     Ok(info)
 }
 
-/// What the renewal task needs.
-#[derive(Debug)]
-pub struct RenewalOptions {
+/// What the worker driver needs to carry out `WorkerOutput::RenewCertificate`.
+#[derive(Debug, Clone)]
+pub struct RenewalContext {
     /// The worker's connection (the renewal is one more call on it).
     pub channel: Channel,
     /// Whose certificate.
     pub worker: WorkerId,
     /// Its files.
     pub files: CertFiles,
-    /// The CA the answer must verify against.
+    /// The CA bundle the worker trusts (replaced when the answer brings a new one).
     pub ca_cert: PathBuf,
-    /// The certificate the connection presents and the CAs it trusts, replaced on success.
+    /// The certificate the connections present and the CAs they trust.
     pub tls: WorkerTls,
     /// Message size limit.
     pub max_message_bytes: usize,
-    /// Seeds the jitter.
-    pub rng_seed: u64,
 }
 
-/// Renews the certificate whenever it is due, until `shutdown` turns true or the
-/// certificate expires unrenewed (then only a token gets a new one; logged as an error).
-pub async fn run(opts: RenewalOptions, mut shutdown: watch::Receiver<bool>) {
-    let RenewalOptions { channel, worker, files, ca_cert, tls, max_message_bytes, rng_seed } = opts;
-    let mut rng = rollout_core::rng::SplitMix64::new(rng_seed);
-    let mut backoff = rollout_worker::Backoff::new(RETRY_INITIAL, RETRY_MAX);
-    let mut failures = 0u32;
-    let mut due = None;
-    loop {
-        let info = match CertInfo::of_file(&files.cert) {
-            Ok(info) => info,
-            Err(e) => {
-                tracing::error!(channel = "tls", event = "renew_stopped", %worker, error = %e, "cannot read the certificate to renew it: {e}");
-                return;
-            }
-        };
-        let now = SystemTime::now();
-        if info.expired_at(now) {
-            tracing::error!(channel = "tls", event = "certificate_expired", %worker, serial = %info.serial,
-                "the worker's certificate expired at {} unrenewed; a new one needs a token: rollout worker --join ADDR --token T",
-                crate::enroll::utc_text(info.not_after));
-            return;
+impl RenewalContext {
+    /// One renewal ([`renew_once`]), logged: the new certificate's facts, or the error.
+    pub async fn renew(&self) -> Result<CertInfo> {
+        let old = CertInfo::of_file(&self.files.cert).ok();
+        let outcome = renew_once(
+            self.channel.clone(),
+            &self.worker,
+            &self.files,
+            &self.ca_cert,
+            &self.tls,
+            self.max_message_bytes,
+        )
+        .await;
+        let worker = &self.worker;
+        match &outcome {
+            Ok(new) => tracing::info!(channel = "tls", event = "certificate_renewed", %worker, serial = %new.serial,
+                old_serial = %old.as_ref().map(|o| o.serial.as_str()).unwrap_or(""),
+                expires = %crate::enroll::utc_text(new.not_after),
+                "renewed the worker certificate: serial {}, valid until {}", new.serial, crate::enroll::utc_text(new.not_after)),
+            Err(e) => tracing::warn!(channel = "tls", event = "renew_failed", %worker, error = %e,
+                expires = %old.as_ref().map(|o| crate::enroll::utc_text(o.not_after)).unwrap_or_default(),
+                "renewing the worker certificate failed ({e}); it is tried again after a backoff until it expires"),
         }
-        let at = *due.get_or_insert_with(|| renew_at(info.not_before, info.not_after, unit_jitter(&mut rng)));
-        if now < at {
-            let wait = at.duration_since(now).unwrap_or_default().min(SLEEP_MAX);
-            tokio::select! {
-                () = tokio::time::sleep(wait) => continue,
-                _ = shutdown.changed() => return,
-            }
-        }
-        if *shutdown.borrow() {
-            return;
-        }
-        match renew_once(channel.clone(), &worker, &files, &ca_cert, &tls, max_message_bytes).await {
-            Ok(new) => {
-                tracing::info!(channel = "tls", event = "certificate_renewed", %worker, serial = %new.serial,
-                    old_serial = %info.serial, expires = %crate::enroll::utc_text(new.not_after),
-                    "renewed the worker certificate: serial {}, valid until {}", new.serial, crate::enroll::utc_text(new.not_after));
-                failures = 0;
-                backoff.reset();
-                due = None;
-            }
-            Err(e) => {
-                failures += 1;
-                let retry = backoff.next_delay(&mut rng);
-                tracing::warn!(channel = "tls", event = "renew_failed", %worker, attempt = failures, error = %e,
-                    next_attempt_ms = retry.as_millis() as u64,
-                    "renewing the worker certificate failed ({e}); next attempt in about {} ms (it expires at {})",
-                    retry.as_millis(), crate::enroll::utc_text(info.not_after));
-                due = Some(SystemTime::now() + retry);
-            }
-        }
+        outcome
     }
 }

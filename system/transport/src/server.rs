@@ -535,7 +535,11 @@ pub async fn run_worker_process(opts: WorkerOptions, shutdown: watch::Receiver<b
         tls::server_name_of(&addr)?,
     ));
     let inventory = rollout_cloud_local::LocalComputeHint::new().inventory().unwrap_or_default();
-    let settings = WorkerSettings::from_config(opts.id.clone(), opts.slots, opts.plugins.plugins(), inventory, &config);
+    let mut settings =
+        WorkerSettings::from_config(opts.id.clone(), opts.slots, opts.plugins.plugins(), inventory, &config);
+    // The machine keeps the certificate alive: it says when to renew, and stops the
+    // worker if it expires unrenewed.
+    settings.credential = Some(rollout_worker::Credential { not_before: own.not_before, not_after: own.not_after });
     let rng_seed = opts.rng_seed.unwrap_or_else(|| {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -560,18 +564,6 @@ pub async fn run_worker_process(opts: WorkerOptions, shutdown: watch::Receiver<b
         .map_err(|e| Error::config_invalid("storage.data_dir", format!("blob cache {}: {e}", cache_dir.display())))?;
     tracing::info!(channel = "register", event = "connecting", worker = %opts.id, coordinator = %addr,
         "connecting to the coordinator at {addr}");
-    let renewal = tokio::spawn(crate::renewal::run(
-        crate::renewal::RenewalOptions {
-            channel: channel.clone(),
-            worker: opts.id.clone(),
-            files: cert.clone(),
-            ca_cert,
-            tls: client_tls,
-            max_message_bytes: config.limits.max_message_bytes as usize,
-            rng_seed: crate::renewal::renewal_seed(rng_seed),
-        },
-        shutdown.clone(),
-    ));
     let ran = run_worker(
         WorkerRuntimeOptions {
             settings,
@@ -583,11 +575,18 @@ pub async fn run_worker_process(opts: WorkerOptions, shutdown: watch::Receiver<b
             env: NodeEnv::default(),
             metrics,
             blob_cache: Some(Arc::new(blob_cache)),
+            renewal: Some(crate::renewal::RenewalContext {
+                channel: channel.clone(),
+                worker: opts.id.clone(),
+                files: cert.clone(),
+                ca_cert,
+                tls: client_tls,
+                max_message_bytes: config.limits.max_message_bytes as usize,
+            }),
         },
         channel,
     )
     .await;
-    renewal.abort();
     if let Some(task) = metrics_server {
         task.abort();
     }

@@ -132,7 +132,7 @@ impl Default for Lifetimes {
 
 /// How far before its issue a certificate's validity starts, so that a verifier whose
 /// clock is behind the issuer's accepts it (the clock skew tolerated at issue).
-pub const NOT_BEFORE_SLACK: Duration = Duration::from_secs(3600);
+pub const NOT_BEFORE_SLACK: Duration = rollout_core::config::CERT_NOT_BEFORE_SLACK;
 
 /// Sets `params` valid from [`NOT_BEFORE_SLACK`] before `now` for `lifetime`, with a
 /// random 128-bit serial number (never chosen by the requester, unlike rcgen's default

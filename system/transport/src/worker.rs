@@ -75,6 +75,9 @@ pub struct WorkerRuntimeOptions {
     pub metrics: Arc<WorkerMetrics>,
     /// Where tasks' input blobs are kept (none: tasks that name inputs fail, saying so).
     pub blob_cache: Option<Arc<BlobCache>>,
+    /// How to renew the worker's certificate when the machine asks (`settings.credential`
+    /// says when); none: a renewal asked for fails.
+    pub renewal: Option<crate::renewal::RenewalContext>,
 }
 
 impl std::fmt::Debug for WorkerRuntimeOptions {
@@ -110,6 +113,7 @@ enum Event {
     Control(u64, pb::ControlMessage),
     StreamEnded(u64, StreamChannel, String),
     TaskFinished(RunKey, TaskOutcome, Option<Vec<u8>>),
+    Renewed(Result<crate::tls::CertInfo>),
 }
 
 /// Which of an incarnation's streams an event is about.
@@ -153,6 +157,7 @@ pub async fn run_worker(opts: WorkerRuntimeOptions, channel: Channel) -> Result<
         env,
         metrics,
         blob_cache,
+        renewal,
     } = opts;
     let client = CoordinatorClient::new(channel)
         .max_decoding_message_size(max_message_bytes)
@@ -181,6 +186,7 @@ pub async fn run_worker(opts: WorkerRuntimeOptions, channel: Channel) -> Result<
         link: Link::Connecting,
         metrics,
         blob_cache,
+        renewal,
     };
     driver.input(WorkerInput::Start)?;
     loop {
@@ -254,6 +260,7 @@ struct WorkerDriver {
     link: Link,
     metrics: Arc<WorkerMetrics>,
     blob_cache: Option<Arc<BlobCache>>,
+    renewal: Option<crate::renewal::RenewalContext>,
 }
 
 impl WorkerDriver {
@@ -396,6 +403,11 @@ impl WorkerDriver {
                 }
                 self.input(WorkerInput::TaskFinished { task: key.0, token: key.1, outcome })
             }
+            Event::Renewed(Ok(info)) => self.input(WorkerInput::CertificateRenewed(rollout_worker::Credential {
+                not_before: info.not_before,
+                not_after: info.not_after,
+            })),
+            Event::Renewed(Err(_)) => self.input(WorkerInput::RenewalFailed),
         }
     }
 
@@ -550,6 +562,32 @@ impl WorkerDriver {
                     tracing::error!(channel = "register", %message, "the coordinator refused this worker");
                     self.stop();
                     return Err(Error::Fatal(rollout_core::Fatal::InvalidInput(message)));
+                }
+                WorkerOutput::RenewCertificate => match self.renewal.clone() {
+                    Some(renewal) => {
+                        let tx = self.events.clone();
+                        tokio::spawn(async move {
+                            let _ = tx.send(Event::Renewed(renewal.renew().await)).await;
+                        });
+                    }
+                    None => {
+                        let tx = self.events.clone();
+                        let refused = Error::internal("this worker has no certificate files to renew");
+                        tokio::spawn(async move {
+                            let _ = tx.send(Event::Renewed(Err(refused))).await;
+                        });
+                    }
+                },
+                WorkerOutput::CertificateExpired { not_after } => {
+                    let message = format!(
+                        "the worker's certificate expired at {} unrenewed; it stopped its tasks. A new certificate \
+                         needs a token: rollout worker --join ADDR --token T (rollout token create --worker {})",
+                        crate::enroll::utc_text(not_after),
+                        self.id
+                    );
+                    tracing::error!(channel = "tls", event = "certificate_expired", worker = %self.id, "{message}");
+                    self.stop();
+                    return Err(Error::Fatal(rollout_core::Fatal::PermissionDenied(message)));
                 }
             }
         }

@@ -219,3 +219,37 @@ async fn renew_answers_an_unexpired_worker_only_and_names_a_bad_request() {
     assert!(err.message().contains("expired at") && err.message().contains("--join"), "{err:?}");
     started.coordinator.shutdown().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_certificate_expires_unrenewed_stops_saying_how_to_get_a_new_one() {
+    let started = common::start(common::fast_config(), &[]).await;
+    let tls_dir = started.config.transport.tls_dir.clone();
+    let w4 = WorkerId::new("w4").expect("id");
+    // A minute's certificate issued 57 s ago: due for renewal at once, expired in 3 s.
+    let files =
+        issue_client_cert_at(&tls_dir, &w4, SystemTime::now() - Duration::from_secs(57), Duration::from_secs(60))
+            .expect("cert");
+    let expires = CertInfo::of_file(&files.cert).expect("info").not_after;
+    // The coordinator cannot sign (its CA key is away), so every renewal fails.
+    let key = CertFiles::ca(&tls_dir).key;
+    std::fs::rename(&key, key.with_extension("away")).expect("move the CA key");
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    let opts = WorkerOptions {
+        config: started.config.clone(),
+        id: w4.clone(),
+        slots: 1,
+        plugins: Arc::new(BuiltinPlugins),
+        emitter: Arc::new(MemoryEmitter::new()),
+        coordinator_addr: Some(started.addr.clone()),
+        cert: None,
+        rng_seed: Some(5),
+    };
+    let ran = tokio::time::timeout(Duration::from_secs(20), run_worker_process(opts, stop_rx))
+        .await
+        .expect("the worker stops by itself");
+    let err = ran.expect_err("an expired certificate ends the worker");
+    let text = err.to_string();
+    assert!(text.contains("expired at") && text.contains("--join") && text.contains("w4"), "{text}");
+    assert!(SystemTime::now() >= expires, "not before the expiry");
+    started.coordinator.shutdown().await.expect("clean shutdown");
+}

@@ -15,7 +15,7 @@ use rollout_core::history::HistoryEvent;
 use rollout_proto::transport as pb;
 use rollout_proto::transport::coordinator_client::CoordinatorClient;
 use rollout_transport::enroll::{self, JoinOptions, create_token};
-use rollout_transport::renewal::{first_renewal_at, renewal_seed};
+use rollout_transport::renewal::first_renewal_at;
 use rollout_transport::rotation::{retire_ca, rotate_ca, trust_status};
 use rollout_transport::tls::{self, CertFiles, CertInfo, Lifetimes, NOT_BEFORE_SLACK};
 use rollout_transport::{BuiltinPlugins, MemoryEmitter, WorkerOptions, connect, operator_client, run_worker_process};
@@ -38,7 +38,7 @@ fn worker_dir(ca_dir: &Path, root: &Path, worker: &WorkerId, seed: u64, due_in: 
     let lifetime = 2 * HOUR;
     // The due time moves with the issue time one for one: find the offset once.
     let probe = SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 30);
-    let offset = first_renewal_at(probe - NOT_BEFORE_SLACK, probe + lifetime, renewal_seed(seed))
+    let offset = first_renewal_at(probe - NOT_BEFORE_SLACK, probe + lifetime, seed)
         .duration_since(probe)
         .expect("due after issue");
     let at = SystemTime::now() + due_in - offset;

@@ -33,6 +33,12 @@ pub enum WorkerInput {
         /// How it ended.
         outcome: TaskOutcome,
     },
+    /// The renewal asked for by [`WorkerOutput::RenewCertificate`] succeeded: the new
+    /// certificate is in place, valid as given (the issuer's clock).
+    CertificateRenewed(crate::Credential),
+    /// The renewal failed (unreachable, refused, a bad answer); the machine tries
+    /// again after a backoff while the certificate is valid.
+    RenewalFailed,
     /// The plugin host started `plugin`'s process again `count` more times since the
     /// last report (the driver reads [`rollout_core::traits::PluginHost::restarts`]).
     /// Counted in the shipped metrics; changes nothing else.
@@ -86,6 +92,18 @@ pub enum WorkerOutput {
     /// Registration was refused for good (e.g. protocol version mismatch): the worker
     /// process should exit with this message. The machine does nothing more.
     Fatal(String),
+    /// Renew the worker's certificate (a new key and CSR, `Enrollment/Renew` over the
+    /// connection) and report [`WorkerInput::CertificateRenewed`] or
+    /// [`WorkerInput::RenewalFailed`]. At most one is outstanding.
+    RenewCertificate,
+    /// The certificate expired unrenewed at `not_after` (the worker's wall clock): the
+    /// worker has stopped all its runs, withholds their results and does nothing more,
+    /// as after [`WorkerOutput::Fatal`]; the process should exit. Only a bootstrap token
+    /// gets it a new certificate.
+    CertificateExpired {
+        /// When it expired.
+        not_after: std::time::SystemTime,
+    },
     /// Open the Control stream of `incarnation` again (it broke, and its backoff
     /// passed); stale if the worker registered anew meanwhile.
     OpenControl {

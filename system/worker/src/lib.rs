@@ -52,5 +52,6 @@ pub use backoff::Backoff;
 pub use io::{TaskOutcome, WorkerInput, WorkerOutput};
 pub use machine::{CANCELLED_BY_HOST_MESSAGE, OUTSTANDING_BEATS_MAX, Phase, UNACKED_SUBMITS_PER_SLOT, Worker};
 pub use settings::{
-    MAX_ERROR_MESSAGE_BYTES_DEFAULT, METRICS_INTERVAL_DEFAULT, PLUGIN_DEADLINE_GRACE, WorkerSettings, plugin_stop_after,
+    Credential, MAX_ERROR_MESSAGE_BYTES_DEFAULT, METRICS_INTERVAL_DEFAULT, PLUGIN_DEADLINE_GRACE,
+    RENEW_RETRY_INITIAL_DEFAULT, RENEW_RETRY_MAX_DEFAULT, WorkerSettings, plugin_stop_after, renew_at,
 };

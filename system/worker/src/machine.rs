@@ -1,7 +1,7 @@
 //! The worker state machine.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rollout_core::health::next_due_at;
 use rollout_core::history::HistoryEvent;
@@ -15,7 +15,7 @@ use rollout_core::{FencingToken, Incarnation, JobId, Mono, Now, PROTOCOL_VERSION
 use crate::backoff::Backoff;
 use crate::io::{TaskOutcome, WorkerInput, WorkerOutput};
 use crate::metrics::{self, Metrics};
-use crate::settings::WorkerSettings;
+use crate::settings::{Credential, WorkerSettings, renew_at};
 
 /// Finished-but-unacknowledged submits allowed per slot. When the backlog reaches
 /// `slots ×` this, the worker reports no free slots until acks arrive: a coordinator
@@ -29,6 +29,8 @@ pub const OUTSTANDING_BEATS_MAX: usize = 256;
 const REGISTER_SENDS_MAX: usize = 64;
 /// Mixed into the seed for [`Worker::boot`], so drawing it leaves the jitter sequence as it was.
 const BOOT_SALT: u64 = 0xb007_1d5e_ed00_0001;
+/// Mixed into the seed for the renewal's jitter, a sequence of its own for the same reason.
+const RENEW_SALT: u64 = 0x5245_4e45_5741_4c00;
 /// The failure message submitted when the plugin host cancels a run on its own.
 pub const CANCELLED_BY_HOST_MESSAGE: &str = "cancelled by the plugin host";
 
@@ -79,6 +81,38 @@ pub struct Worker {
     resend_order: BTreeSet<(Mono, RunKey)>,
     metrics: Metrics,
     metrics_shipped_at: Mono,
+    /// The certificate's upkeep, when the settings carry one.
+    renewal: Option<Renewal>,
+}
+
+/// Keeping the worker's certificate alive: when to ask for a new one, and what is
+/// outstanding. Due times live on the wall clock (a certificate's validity is wall
+/// time); their monotonic equivalents, for [`Worker::poll_timeout`], are refreshed from
+/// each input's `now`.
+#[derive(Debug)]
+struct Renewal {
+    credential: Credential,
+    due: SystemTime,
+    step: RenewStep,
+    backoff: Backoff,
+    rng: SplitMix64,
+    /// `due` (while waiting) or the retry, and the expiry, as monotonic instants.
+    next_mono: Option<Mono>,
+    expires_mono: Mono,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RenewStep {
+    /// Until `due`.
+    Waiting,
+    /// A [`WorkerOutput::RenewCertificate`] is out.
+    InFlight,
+    /// The last attempt failed; the next one goes out then.
+    RetryAt(Mono),
+}
+
+fn unit_jitter(rng: &mut SplitMix64) -> f64 {
+    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[derive(Debug)]
@@ -141,6 +175,8 @@ impl Worker {
     /// same outputs.
     pub fn new(settings: WorkerSettings, rng_seed: u64) -> Self {
         let backoff = Backoff::new(settings.reconnect_backoff_initial, settings.reconnect_backoff_max);
+        let settings_credential = settings.credential;
+        let renew_retry = (settings.renew_retry_initial, settings.renew_retry_max);
         Worker {
             terms: settings.terms(),
             settings,
@@ -156,7 +192,31 @@ impl Worker {
             resend_order: BTreeSet::new(),
             metrics: Metrics::default(),
             metrics_shipped_at: Mono::ZERO,
+            renewal: settings_credential.map(|credential| {
+                let mut rng = SplitMix64::new(rng_seed ^ RENEW_SALT);
+                Renewal {
+                    credential,
+                    due: renew_at(credential.not_before, credential.not_after, unit_jitter(&mut rng)),
+                    step: RenewStep::Waiting,
+                    backoff: Backoff::new(renew_retry.0, renew_retry.1),
+                    rng,
+                    next_mono: None,
+                    expires_mono: Mono::ZERO,
+                }
+            }),
         }
+    }
+
+    /// When a worker made with `rng_seed` first asks to renew `credential`
+    /// (deterministic in the seed; later renewals draw on).
+    pub fn first_renewal_at(credential: Credential, rng_seed: u64) -> SystemTime {
+        let mut rng = SplitMix64::new(rng_seed ^ RENEW_SALT);
+        renew_at(credential.not_before, credential.not_after, unit_jitter(&mut rng))
+    }
+
+    /// The certificate the machine looks after, as last renewed.
+    pub fn credential(&self) -> Option<Credential> {
+        self.renewal.as_ref().map(|r| r.credential)
     }
 
     /// Applies one input at time `now`; appends the outputs, in the order the driver
@@ -181,8 +241,19 @@ impl Worker {
             }
             State::Unregistered(_) | State::Registered(_) => {}
         }
+        if self.enforce_expiry(now, out) {
+            if let WorkerInput::TaskFinished { task, token, outcome } = input {
+                self.on_task_finished(now, (task, token), outcome, out);
+            }
+            return;
+        }
         self.enforce_self_fence(now, out);
         self.fire_timers(now, out);
+        self.apply(now, input, out);
+        self.fire_renewal(now, out);
+    }
+
+    fn apply(&mut self, now: Now, input: WorkerInput, out: &mut Vec<WorkerOutput>) {
         match input {
             WorkerInput::Start | WorkerInput::Tick => {}
             WorkerInput::StreamBroken(Channel::Work | Channel::Unary) => self.end_incarnation(now, true, out),
@@ -203,7 +274,68 @@ impl Worker {
                     if self.settings.plugins.contains(&plugin) { plugin } else { metrics::UNKNOWN_PLUGIN.into() };
                 self.metrics.add(metrics::PLUGIN_RESTARTS, &plugin, count);
             }
+            WorkerInput::CertificateRenewed(credential) => {
+                if let Some(r) = self.renewal.as_mut() {
+                    r.credential = credential;
+                    r.due = renew_at(credential.not_before, credential.not_after, unit_jitter(&mut r.rng));
+                    r.step = RenewStep::Waiting;
+                    r.backoff.reset();
+                }
+            }
+            WorkerInput::RenewalFailed => {
+                if let Some(r) = self.renewal.as_mut()
+                    && r.step == RenewStep::InFlight
+                {
+                    let delay = r.backoff.next_delay(&mut r.rng);
+                    r.step = RenewStep::RetryAt(later(now.mono, delay));
+                }
+            }
         }
+    }
+
+    /// Stops the worker for good if its certificate has expired (its wall clock):
+    /// every run cancelled, results withheld, [`WorkerOutput::CertificateExpired`].
+    /// Returns whether it did.
+    fn enforce_expiry(&mut self, now: Now, out: &mut Vec<WorkerOutput>) -> bool {
+        let Some(r) = &self.renewal else { return false };
+        let not_after = r.credential.not_after;
+        if now.wall < not_after {
+            return false;
+        }
+        for (key, run) in std::mem::take(&mut self.running) {
+            out.push(WorkerOutput::CancelTask { task: key.0, token: key.1 });
+            self.stopping.insert(key, run.metrics_plugin);
+        }
+        self.unacked.clear();
+        self.resend_order.clear();
+        self.renewal = None;
+        self.state = State::Stopped;
+        out.push(WorkerOutput::CertificateExpired { not_after });
+        true
+    }
+
+    /// Asks for a renewal when one is due, and refreshes the monotonic due times.
+    fn fire_renewal(&mut self, now: Now, out: &mut Vec<WorkerOutput>) {
+        if !matches!(self.state, State::Unregistered(_) | State::Registered(_)) {
+            return;
+        }
+        let Some(r) = self.renewal.as_mut() else { return };
+        let fire = match r.step {
+            RenewStep::Waiting => now.wall >= r.due,
+            RenewStep::RetryAt(at) => now.mono >= at,
+            RenewStep::InFlight => false,
+        };
+        if fire {
+            r.step = RenewStep::InFlight;
+            out.push(WorkerOutput::RenewCertificate);
+        }
+        let from_now = |at: SystemTime| later(now.mono, at.duration_since(now.wall).unwrap_or_default());
+        r.next_mono = match r.step {
+            RenewStep::Waiting => Some(from_now(r.due)),
+            RenewStep::RetryAt(at) => Some(at),
+            RenewStep::InFlight => None,
+        };
+        r.expires_mono = from_now(r.credential.not_after);
     }
 
     /// The monotonic instant at which the driver must deliver [`WorkerInput::Tick`]
@@ -225,6 +357,10 @@ impl Worker {
                 Some(session.control_reopen_at.map_or(first, |at| at.min(first)))
             }
         }
+        .map(|at| match &self.renewal {
+            Some(r) => r.next_mono.map_or(at, |n| n.min(at)).min(r.expires_mono),
+            None => at,
+        })
     }
 
     /// The settings the worker was created with.
@@ -336,7 +472,11 @@ impl Worker {
         self.metrics_shipped_at = now.mono;
         self.state =
             State::Unregistered(Registering { step: RegisterStep::SendAt(now.mono), sent_at: VecDeque::new() });
+        if self.enforce_expiry(now, out) {
+            return;
+        }
         self.fire_timers(now, out);
+        self.fire_renewal(now, out);
     }
 
     fn enforce_self_fence(&mut self, now: Now, out: &mut Vec<WorkerOutput>) {

@@ -678,6 +678,107 @@ fn plugin_restarts_ship_with_the_next_metrics_and_name_only_offered_plugins() {
     assert!(!metrics.counters.iter().any(|(_, p, _)| p == "not-offered"));
 }
 
+// ---------------------------------------------------------------- certificate renewal
+
+fn credential(from_ms: u64, to_ms: u64) -> rollout_worker::Credential {
+    rollout_worker::Credential {
+        not_before: wall_origin() + Duration::from_millis(from_ms),
+        not_after: wall_origin() + Duration::from_millis(to_ms),
+    }
+}
+
+fn renewals(out: &[WorkerOutput]) -> usize {
+    out.iter().filter(|o| matches!(o, WorkerOutput::RenewCertificate)).count()
+}
+
+/// Ticks at every timer until an output is a renewal request; the test time then.
+fn until_renewal_asked(h: &mut Harness, by_ms: u64) -> u64 {
+    while h.ms() <= by_ms {
+        if renewals(&h.tick_at_timeout()) > 0 {
+            return h.ms();
+        }
+    }
+    panic!("no renewal asked for by {by_ms} ms");
+}
+
+#[test]
+fn the_certificate_is_renewed_at_two_thirds_of_its_life_once_at_a_time_and_again_after_renewal() {
+    let cred = credential(0, 60_000);
+    let settings = rollout_worker::WorkerSettings { credential: Some(cred), ..settings(1) };
+    let mut h = Harness::with(settings, 7);
+    h.input(WorkerInput::Start);
+    let due = rollout_worker::Worker::first_renewal_at(cred, 7);
+    let due_ms = due.duration_since(wall_origin()).expect("after origin").as_millis() as u64;
+    assert!((35_000..=40_000).contains(&due_ms), "2/3 of 60 s, less up to 1/12: {due_ms}");
+    assert_eq!(until_renewal_asked(&mut h, 41_000), due_ms, "asked exactly when due (a timer, not a later tick)");
+    let out = h.run_until(due_ms + 10_000);
+    assert_eq!(renewals(&out), 0, "one renewal outstanding at a time");
+    // Renewed at 50 s for another minute: the next falls 35–40 s later.
+    h.input(WorkerInput::CertificateRenewed(credential(50_000, 110_000)));
+    assert_eq!(h.worker.credential(), Some(credential(50_000, 110_000)));
+    let next = until_renewal_asked(&mut h, 91_000);
+    assert!((85_000..=90_000).contains(&next), "{next}");
+}
+
+#[test]
+fn a_failed_renewal_is_retried_after_a_backoff_and_a_late_failure_report_is_ignored() {
+    let cred = credential(0, 600_000);
+    let settings = rollout_worker::WorkerSettings { credential: Some(cred), ..settings(1) };
+    let mut h = Harness::with(settings, 3);
+    h.input(WorkerInput::RenewalFailed);
+    h.input(WorkerInput::Start);
+    let first = until_renewal_asked(&mut h, 401_000);
+    h.at(first + 100);
+    assert_eq!(renewals(&h.input(WorkerInput::RenewalFailed)), 0, "not at once");
+    let second = until_renewal_asked(&mut h, first + 120_000);
+    assert!(second >= first + 100 + 2_500, "a backoff of about 5 s (jittered) at least halves: {second} vs {first}");
+    h.input(WorkerInput::CertificateRenewed(credential(second, second + 600_000)));
+    assert_eq!(renewals(&h.input(WorkerInput::RenewalFailed)), 0);
+    let out = h.run_until(second + 300_000);
+    assert_eq!(renewals(&out), 0, "a failure reported when none is out changes nothing");
+}
+
+#[test]
+fn a_certificate_that_expires_unrenewed_stops_the_worker_and_withholds_its_results() {
+    let settings = rollout_worker::WorkerSettings { credential: Some(credential(0, 3_000)), ..settings(2) };
+    let mut h = Harness::with(settings, 1);
+    h.input(WorkerInput::Start);
+    h.at(30);
+    h.message(ToWorker::Registered { incarnation: Incarnation(1), terms: terms(), assigns_sent: 0 });
+    h.message(ToWorker::Assign(assignment(1, 1, task(1, 0), 10)));
+    h.message(ToWorker::Assign(assignment(1, 2, task(1, 1), 11)));
+    h.at(500);
+    finish(&mut h, task(1, 0), 10, succeeded(b"a"));
+    let asked = until_renewal_asked(&mut h, 2_500);
+    h.at(asked + 10);
+    h.input(WorkerInput::RenewalFailed);
+    let mut out = Vec::new();
+    while h.ms() < 3_000 {
+        out.extend(h.tick_at_timeout());
+    }
+    assert_eq!(h.ms(), 3_000, "stopped exactly at the expiry");
+    let at = out.iter().position(|o| matches!(o, WorkerOutput::CertificateExpired { .. })).expect("expired: {out:?}");
+    assert!(
+        out[..at].iter().any(|o| matches!(o, WorkerOutput::CancelTask { task: t, .. } if *t == task(1, 1))),
+        "the running task is stopped first: {out:?}"
+    );
+    assert_eq!(h.worker.phase(), Phase::Stopped);
+    assert_eq!(h.worker.poll_timeout(), None);
+    let after = finish(&mut h, task(1, 1), 11, succeeded(b"b"));
+    assert!(sends(&after).is_empty(), "nothing is sent after expiry: {after:?}");
+    assert!(sends(&h.message(ack(1, 1))).is_empty());
+}
+
+#[test]
+fn a_worker_started_with_an_expired_certificate_stops_at_once() {
+    let settings = rollout_worker::WorkerSettings { credential: Some(credential(0, 1_000)), ..settings(1) };
+    let mut h = Harness::with(settings, 1);
+    h.at(1_000);
+    let out = h.input(WorkerInput::Start);
+    assert!(matches!(out.as_slice(), [WorkerOutput::CertificateExpired { .. }]), "{out:?}");
+    assert_eq!(h.worker.phase(), Phase::Stopped);
+}
+
 // ---------------------------------------------------------------- determinism
 
 fn scripted_run(seed: u64) -> Vec<String> {

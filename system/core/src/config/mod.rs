@@ -31,6 +31,10 @@ pub const ENV_SEPARATOR: &str = "__";
 pub const PLUGINS_KEY: &str = "plugins";
 /// The shortest lifetime `transport.*_cert_lifetime` may give a certificate.
 pub const CERT_LIFETIME_MIN: Duration = Duration::from_secs(60);
+/// How far before its issue a certificate's validity starts, so that a verifier whose
+/// clock is behind the issuer's accepts it (the clock skew tolerated at issue). Every
+/// certificate rollout signs has it; a worker's renewal schedule leaves it out.
+pub const CERT_NOT_BEFORE_SLACK: Duration = Duration::from_secs(3600);
 
 /// Everything that can be configured. Each section has the seed defaults.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]

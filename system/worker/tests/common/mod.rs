@@ -38,6 +38,9 @@ pub fn settings(slots: u32) -> WorkerSettings {
         metrics_interval: 1_000 * MS,
         max_error_message_bytes: 4096,
         max_result_bytes: 1 << 20,
+        credential: None,
+        renew_retry_initial: 5_000 * MS,
+        renew_retry_max: 60_000 * MS,
     }
 }
 
