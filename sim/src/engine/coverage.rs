@@ -137,6 +137,8 @@ mod tests {
             &mut c.unary_lost_or_duplicated,
             &mut c.work_closed,
             &mut c.half_open,
+            &mut c.certificates_renewed,
+            &mut c.certificates_expired,
         ];
         for (i, field) in fields.into_iter().enumerate() {
             *field = 100 + i as u64;
