@@ -333,27 +333,9 @@ impl DenyList {
 
     /// Refreshes every [`DENY_LIST_POLL`] until `stop` turns true. A list that fails to
     /// read keeps the last one read (and says so, once per failure streak).
-    pub fn spawn_poll(self: &Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    pub fn spawn_poll(self: &Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
         let list = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut failing = false;
-            loop {
-                tokio::select! {
-                    () = tokio::time::sleep(DENY_LIST_POLL) => {}
-                    _ = stop.changed() => return,
-                }
-                let for_read = Arc::clone(&list);
-                match tokio::task::spawn_blocking(move || for_read.refresh()).await {
-                    Ok(Ok(_)) => failing = false,
-                    Ok(Err(e)) if !failing => {
-                        failing = true;
-                        tracing::error!(channel = "tls", error = %e,
-                            "the deny list could not be read; the last one read stays in force");
-                    }
-                    _ => {}
-                }
-            }
-        });
+        crate::trust::spawn_refresh(DENY_LIST_POLL, stop, "the deny list", move || list.refresh().map(drop));
     }
 }
 

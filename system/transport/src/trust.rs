@@ -99,30 +99,43 @@ impl ServerTrust {
         Ok(true)
     }
 
-    /// Refreshes every [`TRUST_POLL`] until `stop` turns true, on the blocking pool.
-    /// A failure is logged once per streak; the last good state stays in force.
-    pub fn spawn_poll(self: &Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    /// Refreshes every [`TRUST_POLL`] until `stop` turns true (see [`spawn_refresh`]).
+    pub fn spawn_poll(self: &Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
         let trust = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut failing = false;
-            loop {
-                tokio::select! {
-                    () = tokio::time::sleep(TRUST_POLL) => {}
-                    _ = stop.changed() => return,
-                }
-                let for_read = Arc::clone(&trust);
-                match tokio::task::spawn_blocking(move || for_read.refresh()).await {
-                    Ok(Ok(_)) => failing = false,
-                    Ok(Err(e)) if !failing => {
-                        failing = true;
-                        tracing::warn!(channel = "tls", event = "trust_reload_failed", error = %e,
-                            "the TLS files could not be read again ({e}); the last good ones stay in force, retrying");
-                    }
-                    _ => {}
-                }
-            }
-        });
+        spawn_refresh(TRUST_POLL, stop, "the TLS files", move || trust.refresh().map(drop));
     }
+}
+
+/// Calls `refresh` on the blocking pool every `every` until `stop` turns true: how the
+/// coordinator follows files another process changes (the deny list, its TLS files). A
+/// failure is logged once per streak, naming `what`; whatever `refresh` last loaded
+/// stays in force.
+pub(crate) fn spawn_refresh(
+    every: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    what: &'static str,
+    refresh: impl Fn() -> Result<()> + Send + Sync + 'static,
+) {
+    let refresh = Arc::new(refresh);
+    tokio::spawn(async move {
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                _ = stop.changed() => return,
+            }
+            let call = Arc::clone(&refresh);
+            match tokio::task::spawn_blocking(move || call()).await {
+                Ok(Ok(())) => failing = false,
+                Ok(Err(e)) if !failing => {
+                    failing = true;
+                    tracing::warn!(channel = "tls", event = "reload_failed", what, error = %e,
+                        "{what} could not be read again ({e}); the last ones read stay in force, retrying");
+                }
+                _ => {}
+            }
+        }
+    });
 }
 
 struct FileBytes {
