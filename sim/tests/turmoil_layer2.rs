@@ -323,6 +323,7 @@ fn a_scenario_layer_2_cannot_reproduce_is_refused_naming_the_fault() {
     assert!(refused("process_pause").contains("(pause)"));
     assert!(refused("partition_heal").contains("one-way"), "its w2 and w3 partitions are one-way");
     assert!(refused("large_messages").contains("limits.max_message_bytes"));
+    assert!(refused("certificate_renewal").contains("worker_cert_lifetime"));
     // Every shipped scenario is either played or refused for a named reason.
     for entry in std::fs::read_dir(&dir).expect("scenarios") {
         let path = entry.expect("entry").path();

@@ -69,6 +69,14 @@ pub fn plan(scenario: &Scenario) -> Result<Vec<(u64, Step)>, String> {
             wl.tasks_per_job, wl.payload_bytes, config.limits.max_message_bytes
         ));
     }
+    let run = std::time::Duration::from_secs(scenario.duration_s);
+    if config.transport.worker_cert_lifetime < run {
+        return Err(format!(
+            "[config.transport] worker_cert_lifetime ({:?}) ends within the run ({:?}): layer 2's workers have no \
+             certificate files, so they neither renew nor expire; layer 1 plays renewal",
+            config.transport.worker_cert_lifetime, run
+        ));
+    }
     let mut steps = Vec::new();
     for job in 0..u64::from(wl.jobs) {
         let payload_bytes = wl.payload_bytes as usize;
